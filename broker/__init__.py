@@ -1,0 +1,1 @@
+"""The zkv broker (the master): routing, sharding, membership, replication fan-out, metadata."""

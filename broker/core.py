@@ -1,0 +1,878 @@
+"""The broker's decision logic, free of sockets and clocks: ``BrokerCore``.
+
+The socket loop (broker/server.py) hands it client messages, worker messages and ticks, calls
+``persist()`` and then sends what the outboxes hold, in that order: nothing leaves the broker
+before the metadata that explains it is written.
+
+Write path: a client write is validated, de-duplicated by (client id, request number), split by
+slot, stamped (slot, epoch, seq) and published; it is acknowledged when W replicas of the slot
+have acknowledged a position at or past its seq (``Slot.committed``).
+
+Read path: a read goes to a live replica whose acknowledged position is at or past the slot's
+committed seq; the replica answers with the version it read, and an answer newer than the
+committed seq is held back until that version commits. So a read never misses an acknowledged
+write and never shows one that could still be lost.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from broker.meta import MetaStore
+from broker.placement import slot_map
+from protocol.errors import ErrorCode
+from protocol.wire import (
+    C_FINAL,
+    C_REQUEST,
+    DEFAULT_MAX_VALUE_BYTES,
+    DEFAULT_SLOTS,
+    MAX_KEY_BYTES,
+    MDPC,
+    MDPW,
+    MMI_SERVICE,
+    MMI_STATUS,
+    OP_DELETE,
+    OP_PUT,
+    SERVICE,
+    W_ACK,
+    W_ASSIGN,
+    W_DISCONNECT,
+    W_FINAL,
+    W_HEARTBEAT,
+    W_NACK,
+    W_READY,
+    W_REPLAY,
+    W_REQUEST,
+    W_SNAPSHOT_DELIVER,
+    W_SNAPSHOT_PART,
+    W_SNAPSHOT_REQUEST,
+    Replicate,
+    WriteOp,
+    pack,
+    slot_for_key,
+    unpack,
+)
+
+log = structlog.get_logger("zkv.broker")
+
+MAX_KEYS_PER_REQUEST = 10_000
+TAIL_ENTRIES = 512  # per slot, kept in memory for gap repair
+TAIL_BYTES = 256 * 1024  # per slot
+REPAIR_RETRY = 2.0  # s before a repair that has not finished is started again
+LAG_GRACE = 1.0  # s a replica may trail the slot's last write before the broker repairs it
+DEDUP_MEMORY = 100_000
+
+
+class BadRequest(Exception):
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(slots=True, frozen=True, order=True)
+class Pos:
+    seq: int = 0
+    epoch: int = 0
+
+
+@dataclass
+class BrokerConfig:
+    slots: int = DEFAULT_SLOTS
+    rf: int = 3
+    w: int = 2
+    heartbeat: float = 1.0
+    liveness: int = 3
+    request_timeout: float = 5.0
+    max_value: int = DEFAULT_MAX_VALUE_BYTES
+    max_key: int = MAX_KEY_BYTES
+
+
+@dataclass
+class Worker:
+    id: str
+    data_id: bytes = b""
+    process: bytes = b""
+    identity: bytes | None = None
+    alive: bool = False
+    last_seen: float = 0.0
+    last_seen_wall: float = 0.0
+    last_sent: float = 0.0
+    keys: int = 0
+    disk_bytes: int = 0
+    slots: set[int] = field(default_factory=set)
+
+    def record(self) -> dict[str, Any]:
+        return {"data_id": self.data_id, "state": "alive" if self.alive else "dead",
+                "last_seen": self.last_seen_wall, "keys": self.keys, "disk_bytes": self.disk_bytes}
+
+
+@dataclass
+class Request:
+    id: int  # client's request number (echoed)
+    identity: bytes
+    cid: bytes
+    op: str
+    deadline: float
+    keys: list[bytes]
+    results: list[Any]
+    outstanding: int = 0
+    done: bool = False
+    parts: list[list[int]] = field(default_factory=list)  # writes: [slot, epoch, seq]
+    dedup_key: tuple[bytes, int] | None = None
+
+
+@dataclass
+class ReadPart:
+    request: Request
+    slot: int
+    indices: list[int]
+    need: int = 0  # highest version in the answer; released once committed >= need
+
+
+@dataclass
+class WriteBatch:
+    request: Request
+    indices: list[int]
+    existed: list[bool] | None = None
+
+
+@dataclass
+class TailEntry:
+    seq: int
+    epoch: int
+    prev_epoch: int
+    frames: list[bytes]  # [header, *values], without the topic
+    size: int
+
+
+@dataclass
+class Slot:
+    id: int
+    replicas: list[str]
+    last: Pos = Pos()
+    committed: int = 0
+    applied: dict[str, Pos | None] = field(default_factory=dict)
+    pending: dict[int, WriteBatch] = field(default_factory=dict)
+    tail: deque[TailEntry] = field(default_factory=deque)
+    tail_bytes: int = 0
+    recovering: bool = False
+    reported: dict[str, Pos] = field(default_factory=dict)
+    waiting_reads: list[ReadPart] = field(default_factory=list)  # no replica qualifies yet
+    held_reads: list[ReadPart] = field(default_factory=list)  # answered, waiting for commit
+    last_write: float = 0.0
+    repairs: dict[str, float] = field(default_factory=dict)  # worker -> when started
+
+
+@dataclass
+class WorkerRead:
+    worker: str
+    parts: list[ReadPart]
+    keys: list[tuple[int, int]]  # (part index, key index in request)
+
+
+class BrokerCore:
+    def __init__(self, cfg: BrokerConfig, meta: MetaStore, clock: Any = time.monotonic,
+                 wall_ms: Any = None) -> None:
+        self.cfg = cfg
+        self.meta = meta
+        self.clock = clock
+        self.wall_ms = wall_ms or (lambda: int(time.time() * 1000))
+        self.epoch = meta.next_epoch()
+        self.out_client: list[tuple[bytes, list[bytes]]] = []
+        self.out_worker: list[tuple[bytes, list[bytes]]] = []
+        self.out_pub: list[list[bytes]] = []
+        self.workers: dict[str, Worker] = {}
+        self.by_identity: dict[bytes, str] = {}
+        self.slots: dict[int, Slot] = {}
+        self.requests: dict[int, Request] = {}
+        self.worker_reads: dict[bytes, WorkerRead] = {}
+        self.snapshots: dict[bytes, tuple[str, int]] = {}  # token -> (receiver, slot)
+        self.dedup: OrderedDict[tuple[bytes, int], Request] = OrderedDict()
+        self._ids = itertools.count(1)
+        self._rr = itertools.count()
+        self.dirty_slots: set[int] = set()
+        self.dirty_workers: set[str] = set()
+        self.dirty_dedup: list[tuple[bytes, int, list[list[int]]]] = []
+        self.stats = {"writes_committed": 0, "reads_served": 0, "bad_requests": 0,
+                      "snapshots_sent": 0, "replays_sent": 0}
+        self._load()
+
+    # -- metadata -------------------------------------------------------------------------------
+
+    def _load(self) -> None:
+        cluster = self.meta.load_cluster()
+        if cluster.get("formed"):
+            if cluster["slots"] != self.cfg.slots or cluster["rf"] != self.cfg.rf:
+                log.warning("cluster_settings_from_metadata", slots=cluster["slots"], rf=cluster["rf"])
+            self.cfg.slots, self.cfg.rf = cluster["slots"], cluster["rf"]
+        for wid, info in self.meta.load_workers().items():
+            self.workers[wid] = Worker(id=wid, data_id=info["data_id"], keys=info.get("keys", 0),
+                                       disk_bytes=info.get("disk_bytes", 0),
+                                       last_seen_wall=info.get("last_seen", 0.0))
+        for sid, info in self.meta.load_slots().items():
+            last = Pos(info["last"][1], info["last"][0])
+            slot = Slot(sid, list(info["replicas"]), last=last, committed=info["committed"],
+                        recovering=True)
+            self.slots[sid] = slot
+            for wid in slot.replicas:
+                if wid in self.workers:
+                    self.workers[wid].slots.add(sid)
+        log.info("broker_started", epoch=self.epoch, formed=bool(self.slots), workers=len(self.workers),
+                 slots=self.cfg.slots, rf=self.cfg.rf, w=self.cfg.w)
+
+    def persist(self) -> None:
+        """Write what changed this turn. Called by the loop before it sends anything."""
+        if not (self.dirty_slots or self.dirty_workers or self.dirty_dedup):
+            return
+        slots = {s: {"replicas": self.slots[s].replicas,
+                     "last": [self.slots[s].last.epoch, self.slots[s].last.seq],
+                     "committed": self.slots[s].committed} for s in self.dirty_slots}
+        workers = {w: self.workers[w].record() for w in self.dirty_workers}
+        self.meta.write(workers=workers, slots=slots, dedup=self.dirty_dedup)
+        self.dirty_slots.clear()
+        self.dirty_workers.clear()
+        self.dirty_dedup = []
+
+    # -- output helpers -------------------------------------------------------------------------
+
+    def _to_worker(self, w: Worker, frames: list[bytes]) -> None:
+        if w.identity is None:
+            return
+        w.last_sent = self.clock()
+        self.out_worker.append((w.identity, [MDPW, *frames]))
+
+    def _reply(self, identity: bytes, header: dict[str, Any], values: list[bytes] | None = None,
+               service: bytes = SERVICE) -> None:
+        self.out_client.append((identity, [MDPC, C_FINAL, service, pack(header), *(values or [])]))
+
+    def _error(self, identity: bytes, rid: Any, code: ErrorCode, message: str) -> None:
+        self._reply(identity, {"id": rid, "ok": False, "code": code.value, "message": message})
+
+    # -- clients --------------------------------------------------------------------------------
+
+    def on_client(self, identity: bytes, frames: list[bytes]) -> None:
+        if len(frames) < 3 or frames[0] != MDPC or frames[1] != C_REQUEST:
+            self.stats["bad_requests"] += 1
+            self._error(identity, None, ErrorCode.BAD_REQUEST,
+                        "expected frames [MDPC02, 0x01, service, header, *values]")
+            return
+        service = frames[2]
+        if service == MMI_SERVICE:
+            name = frames[3] if len(frames) > 3 else b""
+            code = b"200" if name == SERVICE and self.serving() else b"404" if name == SERVICE else b"404"
+            self.out_client.append((identity, [MDPC, C_FINAL, MMI_SERVICE, code]))
+            return
+        if service == MMI_STATUS:
+            self.out_client.append((identity, [MDPC, C_FINAL, MMI_STATUS, pack(self.status())]))
+            return
+        if service.startswith(b"mmi."):
+            self.out_client.append((identity, [MDPC, C_FINAL, service, b"501"]))
+            return
+        if service != SERVICE:
+            self.stats["bad_requests"] += 1
+            self._error(identity, None, ErrorCode.BAD_REQUEST, f"unknown service {service!r}")
+            return
+        rid: Any = None
+        try:
+            if len(frames) < 4:
+                raise BadRequest(ErrorCode.BAD_REQUEST, "missing header frame")
+            try:
+                header = unpack(frames[3])
+            except Exception as e:
+                raise BadRequest(ErrorCode.BAD_REQUEST, f"header is not msgpack: {e}") from None
+            if not isinstance(header, dict):
+                raise BadRequest(ErrorCode.BAD_REQUEST, "header must be a msgpack map")
+            rid = header.get("id")
+            if not isinstance(rid, int) or isinstance(rid, bool):
+                rid = None
+                raise BadRequest(ErrorCode.BAD_REQUEST, "header field 'id' must be an integer")
+            self._handle(identity, rid, header, frames[4:])
+        except BadRequest as e:
+            self.stats["bad_requests"] += 1
+            self._error(identity, rid, e.code, str(e))
+
+    def _key(self, k: Any) -> bytes:
+        if isinstance(k, str):
+            k = k.encode()
+        if not isinstance(k, bytes):
+            raise BadRequest(ErrorCode.BAD_REQUEST, "keys must be bytes (msgpack bin) or strings")
+        if not k:
+            raise BadRequest(ErrorCode.BAD_REQUEST, "empty key")
+        if len(k) > self.cfg.max_key:
+            raise BadRequest(ErrorCode.KEY_TOO_LARGE, f"key of {len(k)} bytes; the limit is {self.cfg.max_key}")
+        return k
+
+    def _keys(self, header: dict[str, Any]) -> list[bytes]:
+        keys = header.get("keys")
+        if not isinstance(keys, list) or not keys:
+            raise BadRequest(ErrorCode.BAD_REQUEST, "field 'keys' must be a non-empty list")
+        if len(keys) > MAX_KEYS_PER_REQUEST:
+            raise BadRequest(ErrorCode.BAD_REQUEST, f"more than {MAX_KEYS_PER_REQUEST} keys")
+        return [self._key(k) for k in keys]
+
+    def _handle(self, identity: bytes, rid: int, header: dict[str, Any], values: list[bytes]) -> None:
+        op = header.get("op")
+        if op in ("get", "exists", "delete", "put"):
+            keys = [self._key(header.get("key"))]
+        elif op in ("mget", "mset"):
+            keys = self._keys(header)
+        else:
+            raise BadRequest(ErrorCode.UNKNOWN_COMMAND, f"unknown op {op!r}")
+        if op in ("put", "mset"):
+            if len(values) != len(keys):
+                raise BadRequest(ErrorCode.BAD_REQUEST,
+                                 f"{op} needs one value frame per key ({len(keys)}), got {len(values)}")
+            for v in values:
+                if len(v) > self.cfg.max_value:
+                    raise BadRequest(ErrorCode.VALUE_TOO_LARGE,
+                                     f"value of {len(v)} bytes; the limit is {self.cfg.max_value}")
+        ttl = header.get("ttl")
+        if ttl is not None and (not isinstance(ttl, int) or isinstance(ttl, bool) or ttl <= 0):
+            raise BadRequest(ErrorCode.BAD_REQUEST, "ttl must be a positive integer (milliseconds)")
+        cid = header.get("cid", b"")
+        if not isinstance(cid, bytes) or len(cid) > 64:
+            raise BadRequest(ErrorCode.BAD_REQUEST, "cid must be bytes of at most 64")
+        if not self.slots:
+            raise BadRequest(ErrorCode.UNAVAILABLE,
+                             f"cluster not formed: waiting for {self.cfg.rf} workers to register")
+        now = self.clock()
+        req = Request(rid, identity, cid, op, now + self.cfg.request_timeout, keys, [None] * len(keys))
+        if op in ("get", "exists", "mget"):
+            self._start_read(req)
+        else:
+            self._start_write(req, values, ttl)
+
+    # -- writes ---------------------------------------------------------------------------------
+
+    def live_replicas(self, slot: Slot) -> int:
+        return sum(1 for w in slot.replicas
+                   if self.workers.get(w) is not None and self.workers[w].alive
+                   and slot.applied.get(w) is not None)
+
+    def _start_write(self, req: Request, values: list[bytes], ttl: int | None) -> None:
+        if req.cid:
+            key = (req.cid, req.id)
+            prior = self.dedup.get(key)
+            if prior is not None:
+                if prior.done:
+                    self._send_reply(prior, req.identity)
+                else:
+                    prior.identity = req.identity  # answer the retry when the original commits
+                    prior.deadline = req.deadline
+                    self.requests.setdefault(id(prior), prior)
+                return
+            parts = self.meta.lookup_dedup(req.cid, req.id)
+            if parts is not None and self._settle_from_before_restart(req, parts):
+                return
+            req.dedup_key = key
+        by_slot: dict[int, list[int]] = {}
+        for i, k in enumerate(req.keys):
+            by_slot.setdefault(slot_for_key(k, self.cfg.slots), []).append(i)
+        for s in by_slot:  # check every slot first: an MSET is refused whole or sent whole
+            slot = self.slots[s]
+            if slot.recovering:
+                raise BadRequest(ErrorCode.UNAVAILABLE, f"slot {s} is recovering after a broker restart")
+            live = self.live_replicas(slot)
+            if live < self.cfg.w:
+                raise BadRequest(ErrorCode.NOT_ENOUGH_REPLICAS,
+                                 f"slot {s} has {live} live replicas; writes need {self.cfg.w}")
+        now_ms = self.wall_ms()
+        expire_at = now_ms + ttl if ttl else 0
+        code = OP_DELETE if req.op == "delete" else OP_PUT
+        for s, idx in by_slot.items():
+            slot = self.slots[s]
+            ops = [WriteOp(code, req.keys[i], expire_at if code == OP_PUT else 0) for i in idx]
+            vals = [values[i] for i in idx] if code == OP_PUT else [b""] * len(idx)
+            seq = self._publish(slot, ops, vals, now_ms)
+            slot.pending[seq] = WriteBatch(req, idx)
+            req.parts.append([s, self.epoch, seq])
+            req.outstanding += 1
+        if req.dedup_key:
+            self.dedup[req.dedup_key] = req
+            if len(self.dedup) > DEDUP_MEMORY:
+                self.dedup.popitem(last=False)
+            self.dirty_dedup.append((req.cid, req.id, req.parts))
+        self.requests[id(req)] = req
+
+    def _settle_from_before_restart(self, req: Request, parts: list[list[int]]) -> bool:
+        """A retried write that an earlier broker incarnation sequenced. True if answered."""
+        for s, _epoch, seq in parts:
+            slot = self.slots.get(s)
+            if slot is None or slot.recovering:
+                raise BadRequest(ErrorCode.UNAVAILABLE, f"slot {s} is recovering after a broker restart")
+            if seq > slot.last.seq:
+                return False  # it did not survive the restart: apply it now
+            if seq > slot.committed:
+                raise BadRequest(ErrorCode.UNAVAILABLE, "an earlier attempt of this write is committing")
+        req.parts, req.done = parts, True
+        req.results = [True] * len(req.keys)
+        self._send_reply(req, req.identity)
+        return True
+
+    def _publish(self, slot: Slot, ops: list[WriteOp], values: list[bytes], now_ms: int) -> int:
+        seq = slot.last.seq + 1
+        rep = Replicate(slot.id, self.epoch, seq, slot.last.epoch, slot.committed, now_ms, ops, values)
+        frames = rep.frames()
+        self.out_pub.append(frames)
+        entry = TailEntry(seq, self.epoch, slot.last.epoch, frames[1:], sum(len(f) for f in frames))
+        slot.tail.append(entry)
+        slot.tail_bytes += entry.size
+        while len(slot.tail) > 1 and (len(slot.tail) > TAIL_ENTRIES or slot.tail_bytes > TAIL_BYTES):
+            slot.tail_bytes -= slot.tail.popleft().size
+        slot.last = Pos(seq, self.epoch)
+        slot.last_write = self.clock()
+        self.dirty_slots.add(slot.id)
+        return seq
+
+    def _advance_commit(self, slot: Slot) -> None:
+        seqs = sorted((p.seq for w, p in slot.applied.items() if p is not None and w in slot.replicas),
+                      reverse=True)
+        if len(seqs) < self.cfg.w:
+            return
+        new = min(seqs[self.cfg.w - 1], slot.last.seq)
+        if new <= slot.committed:
+            return
+        slot.committed = new
+        self.dirty_slots.add(slot.id)
+        while slot.pending:
+            seq = next(iter(slot.pending))
+            if seq > new:
+                break
+            batch = slot.pending.pop(seq)
+            self.stats["writes_committed"] += 1
+            req = batch.request
+            if batch.existed is not None:
+                for i, e in zip(batch.indices, batch.existed, strict=False):
+                    req.results[i] = e
+            else:
+                for i in batch.indices:
+                    req.results[i] = True
+            req.outstanding -= 1
+            if req.outstanding == 0 and not req.done:
+                req.done = True
+                self._send_reply(req, req.identity)
+        if slot.held_reads:
+            ready = [p for p in slot.held_reads if p.need <= new]
+            slot.held_reads = [p for p in slot.held_reads if p.need > new]
+            for p in ready:
+                self._read_part_done(p)
+
+    def _send_reply(self, req: Request, identity: bytes) -> None:
+        self.requests.pop(id(req), None)
+        if req.op == "put":
+            self._reply(identity, {"id": req.id, "ok": True, "version": req.parts[0][2]})
+        elif req.op == "delete":
+            self._reply(identity, {"id": req.id, "ok": True, "deleted": bool(req.results[0])})
+        elif req.op == "mset":
+            self._reply(identity, {"id": req.id, "ok": True, "count": len(req.keys)})
+        elif req.op == "get":
+            found, version, value = req.results[0]
+            hdr = {"id": req.id, "ok": True, "found": found}
+            if found:
+                hdr["version"] = version
+            self._reply(identity, hdr, [value] if found else [])
+        elif req.op == "exists":
+            self._reply(identity, {"id": req.id, "ok": True, "exists": req.results[0][0]})
+        elif req.op == "mget":
+            self._reply(identity, {"id": req.id, "ok": True, "found": [r[0] for r in req.results],
+                                   "versions": [r[1] if r[0] else 0 for r in req.results]},
+                        [r[2] if r[0] else b"" for r in req.results])
+
+    # -- reads ----------------------------------------------------------------------------------
+
+    def _start_read(self, req: Request) -> None:
+        by_slot: dict[int, list[int]] = {}
+        for i, k in enumerate(req.keys):
+            by_slot.setdefault(slot_for_key(k, self.cfg.slots), []).append(i)
+        for s in by_slot:
+            if self.slots[s].recovering:
+                raise BadRequest(ErrorCode.UNAVAILABLE, f"slot {s} is recovering after a broker restart")
+        parts = [ReadPart(req, s, idx) for s, idx in by_slot.items()]
+        req.outstanding = len(parts)
+        self.requests[id(req)] = req
+        self._dispatch_reads(parts)
+
+    def _qualifies(self, slot: Slot, wid: str) -> bool:
+        w = self.workers.get(wid)
+        p = slot.applied.get(wid)
+        return w is not None and w.alive and p is not None and p.seq >= slot.committed
+
+    def _dispatch_reads(self, parts: list[ReadPart]) -> None:
+        per_worker: dict[str, list[ReadPart]] = {}
+        for part in parts:
+            if part.request.done:
+                continue
+            slot = self.slots[part.slot]
+            cands = [w for w in slot.replicas if self._qualifies(slot, w)]
+            if not cands:
+                if not any(self.workers.get(w) and self.workers[w].alive for w in slot.replicas):
+                    self._fail(part.request, ErrorCode.UNAVAILABLE,
+                               f"no live replica of slot {part.slot}")
+                else:
+                    slot.waiting_reads.append(part)
+                continue
+            wid = cands[next(self._rr) % len(cands)]
+            per_worker.setdefault(wid, []).append(part)
+        now_ms = self.wall_ms()
+        for wid, wparts in per_worker.items():
+            keys: list[tuple[int, int]] = []
+            wire_keys = []
+            for pi, part in enumerate(wparts):
+                for i in part.indices:
+                    keys.append((pi, i))
+                    wire_keys.append([part.slot, part.request.keys[i]])
+            token = next(self._ids).to_bytes(8, "big")
+            self.worker_reads[token] = WorkerRead(wid, wparts, keys)
+            op = "exists" if all(p.request.op == "exists" for p in wparts) else "get"
+            self._to_worker(self.workers[wid], [W_REQUEST, token, b"",
+                                                pack({"op": op, "keys": wire_keys, "now": now_ms})])
+
+    def _on_read_reply(self, wid: str, token: bytes, body: list[bytes]) -> None:
+        wr = self.worker_reads.pop(token, None)
+        if wr is None or wr.worker != wid:
+            return
+        hdr = unpack(body[0])
+        values = body[1:]
+        for n, (pi, i) in enumerate(wr.keys):
+            part = wr.parts[pi]
+            found, version = hdr["found"][n], hdr["versions"][n]
+            part.request.results[i] = (found, version, values[n] if found else b"")
+            part.need = max(part.need, version)
+        for part in wr.parts:
+            slot = self.slots[part.slot]
+            if part.need > slot.committed:
+                slot.held_reads.append(part)  # seen on this replica, not yet committed
+            else:
+                self._read_part_done(part)
+
+    def _read_part_done(self, part: ReadPart) -> None:
+        req = part.request
+        if req.done:
+            return
+        req.outstanding -= 1
+        if req.outstanding == 0:
+            req.done = True
+            self.stats["reads_served"] += 1
+            self._send_reply(req, req.identity)
+
+    def _fail(self, req: Request, code: ErrorCode, message: str) -> None:
+        if req.done:
+            return
+        req.done = True
+        self.requests.pop(id(req), None)
+        self._error(req.identity, req.id, code, message)
+
+    # -- workers --------------------------------------------------------------------------------
+
+    def on_worker(self, identity: bytes, frames: list[bytes]) -> None:
+        if len(frames) < 2 or frames[0] != MDPW:
+            log.warning("bad_worker_message", frames=len(frames))
+            return
+        cmd, body = frames[1], frames[2:]
+        if cmd == W_READY:
+            try:
+                self._on_ready(identity, body)
+            except Exception as e:
+                log.warning("bad_ready", error=str(e))
+                self.out_worker.append((identity, [MDPW, W_DISCONNECT]))
+            return
+        wid = self.by_identity.get(identity)
+        if wid is None:
+            if cmd != W_DISCONNECT:
+                # A worker we do not know (we restarted, or it was declared dead): make it re-register.
+                self.out_worker.append((identity, [MDPW, W_DISCONNECT]))
+            return
+        w = self.workers[wid]
+        w.last_seen = self.clock()
+        w.last_seen_wall = time.time()
+        try:
+            if cmd == W_ACK:
+                self._on_ack(w, unpack(body[0]))
+            elif cmd == W_FINAL:
+                self._on_read_reply(wid, body[0], body[2:])
+            elif cmd == W_HEARTBEAT:
+                if body:
+                    st = unpack(body[0])
+                    w.keys, w.disk_bytes = int(st.get("keys", 0)), int(st.get("disk_bytes", 0))
+            elif cmd == W_NACK:
+                info = unpack(body[0])
+                self._on_nack(w, int(info["slot"]), Pos(int(info["seq"]), int(info["epoch"])))
+            elif cmd == W_SNAPSHOT_PART:
+                self._on_snapshot_part(w, body)
+            elif cmd == W_DISCONNECT:
+                self._worker_lost(w, "disconnected")
+            else:
+                log.warning("unexpected_worker_command", worker=wid, command=cmd.hex())
+                self._to_worker(w, [W_DISCONNECT])
+                self._worker_lost(w, "protocol error")
+        except Exception as e:
+            log.warning("bad_worker_message", worker=wid, command=cmd.hex(), error=str(e))
+
+    def _on_ready(self, identity: bytes, body: list[bytes]) -> None:
+        if len(body) < 2 or body[0] != SERVICE:
+            raise ValueError("READY must name service 'kv' and carry an info frame")
+        info = unpack(body[1])
+        wid = str(info["id"])
+        data_id, process = bytes(info["data_id"]), bytes(info.get("process", b""))
+        w = self.workers.get(wid)
+        if w is not None and w.alive and w.identity != identity and w.data_id != data_id:
+            log.error("duplicate_worker_id_refused", worker=wid,
+                      detail="a live worker with this id holds other data")
+            self.out_worker.append((identity, [MDPW, W_DISCONNECT]))
+            return
+        if w is None:
+            w = self.workers[wid] = Worker(id=wid)
+        if w.identity is not None and w.identity != identity:
+            self.by_identity.pop(w.identity, None)
+            self._worker_lost(w, "replaced by a new connection")
+        if w.data_id and w.data_id != data_id:
+            log.warning("worker_data_replaced", worker=wid,
+                        detail="same id, different data directory: its slots are re-filled")
+        w.data_id, w.process, w.identity, w.alive = data_id, process, identity, True
+        w.last_seen, w.last_seen_wall = self.clock(), time.time()
+        w.keys, w.disk_bytes = int(info.get("keys", 0)), int(info.get("disk_bytes", 0))
+        self.by_identity[identity] = wid
+        self.dirty_workers.add(wid)
+        reported = {int(s): Pos(int(q), int(e)) for s, e, q in info.get("positions", [])}
+        log.info("worker_ready", worker=wid, slots_with_data=len(reported))
+        if not self.slots:
+            self._maybe_form_cluster()
+            return
+        self._send_assign(w)
+        for s in w.slots:
+            self._take_position(self.slots[s], wid, reported.get(s, Pos()))
+
+    def _maybe_form_cluster(self) -> None:
+        alive = sorted(w.id for w in self.workers.values() if w.alive)
+        if len(alive) < self.cfg.rf:
+            log.info("waiting_for_workers", alive=len(alive), need=self.cfg.rf)
+            return
+        placement = slot_map(self.cfg.slots, alive, self.cfg.rf)
+        for s, reps in placement.items():
+            slot = Slot(s, reps)
+            for wid in reps:
+                slot.applied[wid] = Pos()
+                self.workers[wid].slots.add(s)
+            self.slots[s] = slot
+        self.meta.write(slots={s: {"replicas": sl.replicas, "last": [0, 0], "committed": 0}
+                               for s, sl in self.slots.items()},
+                        workers={w: self.workers[w].record() for w in alive}, durable=True)
+        self.meta.save_cluster({"formed": True, "slots": self.cfg.slots, "rf": self.cfg.rf})
+        log.info("cluster_formed", workers=alive, slots=self.cfg.slots, rf=self.cfg.rf)
+        for wid in alive:
+            self._send_assign(self.workers[wid])
+
+    def _send_assign(self, w: Worker) -> None:
+        self._to_worker(w, [W_ASSIGN, pack({"slots": sorted(w.slots), "epoch": self.epoch})])
+
+    def _in_history(self, slot: Slot, pos: Pos) -> bool:
+        """Is this replica position a prefix of the broker's history of the slot?"""
+        if pos.seq == 0 or pos == slot.last:
+            return True
+        if pos.seq > slot.last.seq:
+            return False
+        for e in slot.tail:
+            if e.seq == pos.seq:
+                return e.epoch == pos.epoch
+            if e.seq == pos.seq + 1:
+                return e.prev_epoch == pos.epoch
+        return False
+
+    def _take_position(self, slot: Slot, wid: str, pos: Pos) -> None:
+        """A replica told us where it is (READY after a restart or reconnect)."""
+        if slot.recovering:
+            slot.reported[wid] = pos
+            self._try_recover(slot)
+            return
+        slot.applied[wid] = pos if self._in_history(slot, pos) else None
+        slot.repairs.pop(wid, None)
+        if slot.applied[wid] != slot.last:
+            self._repair(slot, wid)
+
+    def _try_recover(self, slot: Slot) -> None:
+        """After a broker restart: serve the slot again once enough replicas have reported that
+        every acknowledged write is among them (RF - W + 1 of them: any W overlap with those)."""
+        need = max(1, len(slot.replicas) - self.cfg.w + 1)
+        if len(slot.reported) < need:
+            return
+        best = max(slot.reported.values())
+        if best.seq < slot.committed:
+            if len(slot.reported) < len(slot.replicas):
+                return  # the replicas that hold the committed writes have not reported yet
+            log.error("slot_lost_committed_writes", slot=slot.id, committed=slot.committed, best=best.seq)
+        slot.last = best
+        slot.recovering = False
+        for wid, pos in slot.reported.items():
+            slot.applied[wid] = pos if pos == best else None
+        slot.reported.clear()
+        self.dirty_slots.add(slot.id)
+        self._advance_commit(slot)
+        for wid, pos in list(slot.applied.items()):
+            if pos != best and self.workers.get(wid) and self.workers[wid].alive:
+                self._repair(slot, wid)
+
+    def _on_ack(self, w: Worker, ack: dict[str, Any]) -> None:
+        for s, e, q in ack.get("pos", []):
+            slot = self.slots.get(int(s))
+            if slot is None or w.id not in slot.replicas or slot.recovering:
+                continue
+            pos = Pos(int(q), int(e))
+            if not (pos.epoch == self.epoch and pos.seq <= slot.last.seq) and not self._in_history(slot, pos):
+                slot.applied[w.id] = None
+                continue
+            cur = slot.applied.get(w.id)
+            if cur is None or pos.seq > cur.seq:
+                slot.applied[w.id] = pos
+            if pos == slot.last:
+                slot.repairs.pop(w.id, None)
+        for s, q, existed in ack.get("res", []):
+            slot = self.slots.get(int(s))
+            if slot is not None:
+                batch = slot.pending.get(int(q))
+                if batch is not None and batch.existed is None:
+                    batch.existed = list(existed)
+        for s, _e, _q in ack.get("pos", []):
+            slot = self.slots.get(int(s))
+            if slot is not None and not slot.recovering:
+                self._advance_commit(slot)
+                if slot.waiting_reads:
+                    waiting, slot.waiting_reads = slot.waiting_reads, []
+                    self._dispatch_reads(waiting)
+
+    def _on_nack(self, w: Worker, s: int, pos: Pos) -> None:
+        slot = self.slots.get(s)
+        if slot is None or w.id not in slot.replicas or slot.recovering:
+            return
+        slot.applied[w.id] = pos if self._in_history(slot, pos) else None
+        self._repair(slot, w.id, force=True)
+
+    def _repair(self, slot: Slot, wid: str, force: bool = False) -> None:
+        """Bring one replica up to the slot's last write: replay the tail if it reaches back far
+        enough, otherwise a snapshot from an up-to-date replica."""
+        now = self.clock()
+        started = slot.repairs.get(wid)
+        if started is not None and now - started < (REPAIR_RETRY / 4 if force else REPAIR_RETRY):
+            return
+        w = self.workers.get(wid)
+        if w is None or not w.alive:
+            return
+        pos = slot.applied.get(wid)
+        if pos is not None and (not slot.tail or slot.tail[0].seq <= pos.seq + 1):
+            entries = [e for e in slot.tail if e.seq > pos.seq]
+            if not entries or entries[0].prev_epoch == pos.epoch:
+                slot.repairs[wid] = now
+                for e in entries:
+                    self._to_worker(w, [W_REPLAY, *e.frames])
+                self.stats["replays_sent"] += len(entries)
+                return
+        donors = [d for d in slot.replicas if d != wid and self.workers.get(d) and self.workers[d].alive
+                  and slot.applied.get(d) is not None and slot.applied[d].seq >= slot.committed]
+        if not donors:
+            log.warning("no_snapshot_donor", slot=slot.id, worker=wid)
+            slot.repairs[wid] = now
+            return
+        donor = max(donors, key=lambda d: slot.applied[d])
+        token = next(self._ids).to_bytes(8, "big")
+        self.snapshots[token] = (wid, slot.id)
+        slot.repairs[wid] = now
+        slot.applied[wid] = None  # its data is being replaced; it counts again once installed
+        self.stats["snapshots_sent"] += 1
+        log.info("snapshot_repair", slot=slot.id, to=wid, donor=donor)
+        self._to_worker(self.workers[donor], [W_SNAPSHOT_REQUEST, pack({"slot": slot.id, "token": token})])
+
+    def _on_snapshot_part(self, donor: Worker, body: list[bytes]) -> None:
+        hdr = unpack(body[0])
+        token = bytes(hdr["token"])
+        target = self.snapshots.get(token)
+        if target is None:
+            return
+        if hdr.get("last"):
+            del self.snapshots[token]
+        w = self.workers.get(target[0])
+        if w is not None and w.alive:
+            self._to_worker(w, [W_SNAPSHOT_DELIVER, *body])
+
+    def _worker_lost(self, w: Worker, why: str) -> None:
+        if not w.alive:
+            return
+        log.warning("worker_lost", worker=w.id, reason=why)
+        w.alive = False
+        if w.identity is not None:
+            self.by_identity.pop(w.identity, None)
+        w.identity = None
+        self.dirty_workers.add(w.id)
+        redo: list[ReadPart] = []
+        for token, wr in list(self.worker_reads.items()):
+            if wr.worker == w.id:
+                del self.worker_reads[token]
+                redo.extend(wr.parts)
+        for token, (recv, _s) in list(self.snapshots.items()):
+            if recv == w.id:
+                del self.snapshots[token]
+        for s in w.slots:
+            self.slots[s].repairs.pop(w.id, None) if s in self.slots else None
+        if redo:
+            self._dispatch_reads(redo)
+
+    # -- time -----------------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        now = self.clock()
+        expiry = self.cfg.heartbeat * self.cfg.liveness
+        hb = [W_HEARTBEAT, pack({"now": self.wall_ms()})]
+        for w in self.workers.values():
+            if not w.alive:
+                continue
+            if now - w.last_seen > expiry:
+                self._worker_lost(w, f"silent for {now - w.last_seen:.1f}s")
+                continue
+            if now - w.last_sent >= self.cfg.heartbeat:
+                self._to_worker(w, hb)
+        for req in list(self.requests.values()):
+            if not req.done and now > req.deadline:
+                what = "write not acknowledged by enough replicas in time; it may still be applied" \
+                    if req.op in ("put", "delete", "mset") else "read not answered in time"
+                self._fail(req, ErrorCode.TIMEOUT, what)
+        for slot in self.slots.values():
+            if slot.waiting_reads:
+                slot.waiting_reads = [p for p in slot.waiting_reads if not p.request.done]
+            if slot.held_reads:
+                slot.held_reads = [p for p in slot.held_reads if not p.request.done]
+            if slot.recovering:
+                continue
+            for wid in slot.replicas:
+                p = slot.applied.get(wid)
+                if (p is None or p.seq < slot.last.seq) and now - slot.last_write > LAG_GRACE:
+                    self._repair(slot, wid)
+
+    # -- status ---------------------------------------------------------------------------------
+
+    def serving(self) -> bool:
+        return bool(self.slots) and any(w.alive for w in self.workers.values())
+
+    def status(self) -> dict[str, Any]:
+        now_wall = time.time()
+        under = [s.id for s in self.slots.values() if s.recovering or self.live_replicas(s) < len(s.replicas)]
+        return {
+            "epoch": self.epoch,
+            "formed": bool(self.slots),
+            "slots": self.cfg.slots,
+            "rf": self.cfg.rf,
+            "w": self.cfg.w,
+            "workers": [
+                {"id": w.id, "state": "alive" if w.alive else "dead",
+                 "last_heartbeat_ago": round(now_wall - w.last_seen_wall, 3) if w.last_seen_wall else None,
+                 "slots": len(w.slots), "keys": w.keys, "disk_bytes": w.disk_bytes}
+                for w in sorted(self.workers.values(), key=lambda w: w.id)
+            ],
+            "under_replicated_slots": under,
+            "recovering_slots": sum(1 for s in self.slots.values() if s.recovering),
+            "committed_writes": sum(s.committed for s in self.slots.values()),
+            **self.stats,
+        }

@@ -1,0 +1,158 @@
+"""The broker's socket loop: ROUTER frontend (clients), ROUTER backend (workers), PUB replication.
+
+Each turn: take what is waiting on both ROUTERs, let ``BrokerCore`` decide, tick its timers,
+persist the metadata that changed, then publish, send to workers, and answer clients.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+
+import structlog
+import zmq
+
+from broker.core import BrokerConfig, BrokerCore
+from broker.meta import MetaStore
+
+log = structlog.get_logger("zkv.broker")
+
+DRAIN_LIMIT = 1000
+TICK = 0.1  # s
+SYNC_INTERVAL = 1.0  # s between fsyncs of the metadata written without one
+DEDUP_PRUNE_INTERVAL = 300.0
+
+
+@dataclass
+class BrokerEndpoints:
+    frontend: str = "tcp://127.0.0.1:5555"
+    backend: str = "tcp://127.0.0.1:5556"
+    replication: str = "tcp://127.0.0.1:5557"
+
+
+@dataclass
+class BrokerServerConfig:
+    data_dir: str = "./data/broker"
+    endpoints: BrokerEndpoints = field(default_factory=BrokerEndpoints)
+    core: BrokerConfig = field(default_factory=BrokerConfig)
+
+
+class BrokerServer:
+    def __init__(self, cfg: BrokerServerConfig) -> None:
+        self.cfg = cfg
+        self.meta = MetaStore(os.path.join(cfg.data_dir))
+        self.core = BrokerCore(cfg.core, self.meta)
+        self.ctx = zmq.Context()
+        self.frontend = self._router(cfg.endpoints.frontend)
+        # A value a little over the limit gets a clear error; a far larger one disconnects its sender
+        # before the broker buffers it.
+        self.frontend.setsockopt(zmq.MAXMSGSIZE, cfg.core.max_value + (1 << 20))
+        self.backend = self._router(cfg.endpoints.backend)
+        self.pub = self.ctx.socket(zmq.PUB)
+        self.pub.setsockopt(zmq.SNDHWM, 100_000)
+        self.pub.setsockopt(zmq.LINGER, 0)
+        self.pub.bind(cfg.endpoints.replication)
+        self.poller = zmq.Poller()
+        self.poller.register(self.frontend, zmq.POLLIN)
+        self.poller.register(self.backend, zmq.POLLIN)
+        self.stopping = False
+        self.dropped_replies = 0
+
+    def _router(self, endpoint: str) -> zmq.Socket:
+        s = self.ctx.socket(zmq.ROUTER)
+        s.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.SNDHWM, 100_000)
+        s.setsockopt(zmq.RCVHWM, 100_000)
+        s.bind(endpoint)
+        return s
+
+    def run(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        log.info("broker_listening", frontend=self.cfg.endpoints.frontend, backend=self.cfg.endpoints.backend,
+                 replication=self.cfg.endpoints.replication, data=self.cfg.data_dir)
+        last_tick = last_sync = last_prune = time.monotonic()
+        try:
+            while not self.stopping:
+                try:
+                    events = dict(self.poller.poll(int(TICK * 1000)))
+                except zmq.ZMQError as e:
+                    if e.errno == zmq.EINTR:
+                        continue
+                    raise
+                if self.backend in events:
+                    self._drain(self.backend, self.core.on_worker)
+                if self.frontend in events:
+                    self._drain(self.frontend, self.core.on_client)
+                now = time.monotonic()
+                if now - last_tick >= TICK:
+                    last_tick = now
+                    self.core.tick()
+                self.core.persist()
+                self._send_all()
+                if now - last_sync >= SYNC_INTERVAL:
+                    last_sync = now
+                    self.meta.sync()
+                if now - last_prune >= DEDUP_PRUNE_INTERVAL:
+                    last_prune = now
+                    self.meta.prune_dedup()
+        finally:
+            self.shutdown()
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.stopping = True
+
+    def _drain(self, sock: zmq.Socket, handle) -> None:  # type: ignore[no-untyped-def]
+        for _ in range(DRAIN_LIMIT):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) < 1:
+                continue
+            try:
+                handle(frames[0], frames[1:])
+            except Exception:  # one bad message must never stop the broker
+                log.exception("message_handling_failed")
+
+    def _send_all(self) -> None:
+        core = self.core
+        if core.out_pub:
+            out, core.out_pub = core.out_pub, []
+            for frames in out:
+                self.pub.send_multipart(frames, copy=False)
+        if core.out_worker:
+            out, core.out_worker = core.out_worker, []
+            for identity, frames in out:
+                self._route(self.backend, identity, frames)
+        if core.out_client:
+            out, core.out_client = core.out_client, []
+            for identity, frames in out:
+                self._route(self.frontend, identity, frames)
+
+    def _route(self, sock: zmq.Socket, identity: bytes, frames: list[bytes]) -> None:
+        try:
+            sock.send_multipart([identity, *frames], zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            self.dropped_replies += 1  # the peer does not read its replies; it is its loss alone
+        except zmq.ZMQError as e:
+            if e.errno != zmq.EHOSTUNREACH:
+                raise
+
+    def shutdown(self) -> None:
+        try:
+            self.core.persist()
+            self._send_all()
+        finally:
+            self.meta.close()
+            for s in (self.frontend, self.backend, self.pub):
+                s.close(linger=0)
+            self.ctx.term()
+            log.info("broker_stopped", epoch=self.core.epoch)
+
+
+def run_broker(cfg: BrokerServerConfig) -> None:
+    BrokerServer(cfg).run()

@@ -1,0 +1,218 @@
+"""``zkv``: one command for running and using a cluster.
+
+Every option can also be set through an environment variable ``ZKV_<OPTION>`` (for example
+``ZKV_BROKER``, ``ZKV_DATA``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from protocol.errors import ZkvError
+from protocol.logs import configure_logging
+
+# Exit codes: 1 generic failure, 2 usage (click), 3 not found, 4 not enough replicas,
+# 5 timeout or unavailable.
+EXIT_NOT_FOUND = 3
+
+
+def _exit_code(err: ZkvError) -> int:
+    from protocol.errors import ErrorCode
+
+    return {ErrorCode.NOT_ENOUGH_REPLICAS: 4, ErrorCode.TIMEOUT: 5, ErrorCode.UNAVAILABLE: 5}.get(err.code, 1)
+
+
+class ZkvCommandError(click.ClickException):
+    def __init__(self, err: ZkvError) -> None:
+        super().__init__(f"{err.code.value}: {err}")
+        self.exit_code = _exit_code(err)
+
+
+@click.group(context_settings={"auto_envvar_prefix": "ZKV", "help_option_names": ["-h", "--help"]})
+@click.option("--log-json", is_flag=True, help="Log JSON lines instead of key=value.")
+@click.option("--log-level", default="info", show_default=True)
+@click.version_option(package_name="zkv")
+def main(log_json: bool, log_level: str) -> None:
+    """zkv: a sharded, replicated key-value store (ZeroMQ broker, LMDB workers)."""
+    configure_logging(json=log_json, level=log_level)
+
+
+@main.command()
+@click.option("--data", default="./data/broker", show_default=True, help="Metadata directory (LMDB).")
+@click.option("--frontend", default="tcp://127.0.0.1:5555", show_default=True, help="Clients connect here.")
+@click.option("--backend", default="tcp://127.0.0.1:5556", show_default=True, help="Workers connect here.")
+@click.option("--replication", default="tcp://127.0.0.1:5557", show_default=True,
+              help="Replication PUB endpoint.")
+@click.option("--slots", default=1024, show_default=True, help="Hash slots (fixed when the cluster forms).")
+@click.option("--rf", default=3, show_default=True, help="Replicas per slot.")
+@click.option("-w", "--write-quorum", "w", default=2, show_default=True,
+              help="Replicas that must have a write on disk before it is acknowledged.")
+@click.option("--heartbeat", default=1.0, show_default=True, help="Heartbeat interval, seconds.")
+@click.option("--request-timeout", default=5.0, show_default=True, help="Seconds before a request times out.")
+@click.option("--max-value", default=64 * 1024 * 1024, show_default=True, help="Largest value, bytes.")
+def broker(data: str, frontend: str, backend: str, replication: str, slots: int, rf: int, w: int,
+           heartbeat: float, request_timeout: float, max_value: int) -> None:
+    """Run the broker (the master)."""
+    from broker.core import BrokerConfig
+    from broker.server import BrokerEndpoints, BrokerServerConfig, run_broker
+
+    if not 1 <= w <= rf:
+        raise click.BadParameter("need 1 <= W <= RF", param_hint="-w")
+    run_broker(BrokerServerConfig(
+        data_dir=data,
+        endpoints=BrokerEndpoints(frontend, backend, replication),
+        core=BrokerConfig(slots=slots, rf=rf, w=w, heartbeat=heartbeat, request_timeout=request_timeout,
+                          max_value=max_value),
+    ))
+
+
+@main.command()
+@click.option("--id", "worker_id", required=True, help="Stable worker id (keep it across restarts).")
+@click.option("--data", required=True, help="Data directory (LMDB).")
+@click.option("--broker", default="tcp://127.0.0.1:5556", show_default=True, help="Broker backend.")
+@click.option("--replication", default="tcp://127.0.0.1:5557", show_default=True,
+              help="Broker replication PUB.")
+@click.option("--heartbeat", default=1.0, show_default=True, help="Heartbeat interval, seconds.")
+@click.option("--map-size", default=1 << 36, show_default=True, help="LMDB map size, bytes.")
+@click.option("--test-drop-replication", default="", hidden=True,
+              help="Test hook: drop replication messages (every=N or prob=P).")
+@click.option("--test-clock-skew-ms", default=0, hidden=True, help="Test hook: offset this worker's clock.")
+def worker(worker_id: str, data: str, broker: str, replication: str, heartbeat: float, map_size: int,
+           test_drop_replication: str, test_clock_skew_ms: int) -> None:
+    """Run a storage worker."""
+    from worker.server import WorkerConfig, run_worker
+
+    run_worker(WorkerConfig(worker_id=worker_id, data_dir=data, broker=broker, replication=replication,
+                            heartbeat=heartbeat, map_size=map_size,
+                            drop_replication=test_drop_replication, clock_skew_ms=test_clock_skew_ms))
+
+
+def _client(url: str, timeout: float) -> Any:
+    from client.client import Client
+
+    return Client(url, timeout=timeout, attempt_timeout=min(timeout, 6.0))
+
+
+url_option = click.option("--url", default="tcp://127.0.0.1:5555", show_default=True, envvar="ZKV_URL",
+                          help="Broker frontend.")
+timeout_option = click.option("--timeout", default=10.0, show_default=True, help="Seconds, retries included.")
+
+
+@main.command()
+@url_option
+@timeout_option
+@click.option("--ttl", type=int, default=None, help="Time to live, milliseconds.")
+@click.argument("key")
+@click.argument("value", required=False)
+@click.option("--file", "file_", type=click.File("rb"), help="Read the value from a file ('-' = stdin).")
+def put(url: str, timeout: float, ttl: int | None, key: str, value: str | None, file_: Any) -> None:
+    """Store VALUE (or --file) under KEY."""
+    if (value is None) == (file_ is None):
+        raise click.UsageError("give either VALUE or --file")
+    data = file_.read() if file_ is not None else value.encode()  # type: ignore[union-attr]
+    with _client(url, timeout) as c:
+        try:
+            version = c.put(key, data, ttl=ttl)
+        except ZkvError as e:
+            raise ZkvCommandError(e) from None
+    click.echo(f"OK version={version}")
+
+
+@main.command()
+@url_option
+@timeout_option
+@click.argument("key")
+@click.option("-o", "--output", type=click.File("wb"), help="Write the value to a file.")
+def get(url: str, timeout: float, key: str, output: Any) -> None:
+    """Print the value of KEY (exit code 3 if it does not exist)."""
+    with _client(url, timeout) as c:
+        try:
+            found = c.get_versioned(key)
+        except ZkvError as e:
+            raise ZkvCommandError(e) from None
+    if found is None:
+        click.echo(f"(not found) {key}", err=True)
+        sys.exit(EXIT_NOT_FOUND)
+    out = output or click.get_binary_stream("stdout")
+    out.write(found[0])
+    if output is None and sys.stdout.isatty():
+        out.write(b"\n")
+
+
+@main.command(name="del")
+@url_option
+@timeout_option
+@click.argument("key")
+def delete(url: str, timeout: float, key: str) -> None:
+    """Delete KEY (exit code 3 if it did not exist)."""
+    with _client(url, timeout) as c:
+        try:
+            existed = c.delete(key)
+        except ZkvError as e:
+            raise ZkvCommandError(e) from None
+    click.echo("deleted" if existed else "(not found)")
+    if not existed:
+        sys.exit(EXIT_NOT_FOUND)
+
+
+def _human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return str(n)
+
+
+@main.command()
+@url_option
+@timeout_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def status(url: str, timeout: float, as_json: bool) -> None:
+    """Show workers, slots and replication state."""
+    with _client(url, timeout) as c:
+        try:
+            st = c.status()
+        except ZkvError as e:
+            raise ZkvCommandError(e) from None
+    if as_json:
+        click.echo(json.dumps(st, indent=2, default=lambda b: b.hex()))
+        return
+    click.echo(f"epoch {st['epoch']}  slots {st['slots']}  RF {st['rf']}  W {st['w']}  "
+               f"formed {'yes' if st['formed'] else 'no'}  committed writes {st['committed_writes']}")
+    rows = [("WORKER", "STATE", "LAST HEARTBEAT", "SLOTS", "KEYS", "DISK")]
+    for w in st["workers"]:
+        ago = "-" if w["last_heartbeat_ago"] is None else f"{w['last_heartbeat_ago']:.1f}s ago"
+        rows.append((w["id"], w["state"], ago, str(w["slots"]), str(w["keys"]), _human_bytes(w["disk_bytes"])))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  ".join(c.ljust(widths[i]) for i, c in enumerate(r)).rstrip())
+    under = st["under_replicated_slots"]
+    click.echo(f"under-replicated slots: {len(under)}" + (f" ({_slot_ranges(under)})" if under else ""))
+    if st["recovering_slots"]:
+        click.echo(f"recovering slots: {st['recovering_slots']}")
+
+
+def _slot_ranges(slots: list[int]) -> str:
+    out: list[str] = []
+    start = prev = None
+    for s in sorted(slots):
+        if start is None:
+            start = prev = s
+        elif s == prev + 1:  # type: ignore[operator]
+            prev = s
+        else:
+            out.append(f"{start}-{prev}" if start != prev else str(start))
+            start = prev = s
+    if start is not None:
+        out.append(f"{start}-{prev}" if start != prev else str(start))
+    text = ",".join(out)
+    return text if len(text) < 80 else text[:77] + "..."
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""``Client``: a synchronous zkv client over one DEALER socket (MDP/0.2 client framing).
+
+Every request carries the client's id and a request number; a retry reuses both, so the broker
+applies a retried write once. Retries happen on a missing reply (the broker restarted, the
+network dropped), on TIMEOUT and on UNAVAILABLE, with backoff, until ``timeout`` runs out.
+A Client is not thread-safe (neither are ZeroMQ sockets): use one per thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import zmq
+
+from protocol.errors import (
+    ErrorCode,
+    InvalidRequest,
+    ZkvError,
+    ZkvTimeout,
+    error_from_reply,
+)
+from protocol.wire import C_FINAL, C_REQUEST, MDPC, MMI_SERVICE, MMI_STATUS, SERVICE, pack, unpack
+
+Key = bytes | str
+
+
+def _key(k: Key) -> bytes:
+    if isinstance(k, str):
+        return k.encode()
+    if isinstance(k, bytes | bytearray | memoryview):
+        return bytes(k)
+    raise InvalidRequest(f"keys must be bytes or str, not {type(k).__name__}")
+
+
+def _value(v: Any) -> bytes:
+    if isinstance(v, bytes | bytearray | memoryview):
+        return bytes(v)
+    raise InvalidRequest(f"values must be bytes, not {type(v).__name__}")
+
+
+class Client:
+    def __init__(
+        self,
+        url: str = "tcp://127.0.0.1:5555",
+        timeout: float = 10.0,
+        attempt_timeout: float = 6.0,
+        context: zmq.Context | None = None,
+    ) -> None:
+        """``timeout``: the most one call may take, retries included (seconds).
+        ``attempt_timeout``: how long one attempt waits for a reply before it is sent again."""
+        self.url = url
+        self.timeout = timeout
+        self.attempt_timeout = attempt_timeout
+        self.client_id = uuid.uuid4().bytes
+        self._ids = itertools.count(1)
+        self._ctx = context or zmq.Context.instance()
+        self._sock: zmq.Socket | None = None
+        self._open()
+
+    def _open(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(self.url)
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- transport ------------------------------------------------------------------------------
+
+    def _roundtrip(self, service: bytes, body: list[bytes], match: Any, wait: float) -> list[bytes] | None:
+        """Send once, wait up to ``wait`` s for the reply whose header id is ``match``."""
+        if self._sock is None:
+            raise ZkvError("client is closed")
+        self._sock.send_multipart([MDPC, C_REQUEST, service, *body], copy=len(body) < 2)
+        deadline = time.monotonic() + wait
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._sock.poll(int(left * 1000) + 1):
+                if time.monotonic() >= deadline:
+                    return None
+                continue
+            frames = self._sock.recv_multipart()
+            if len(frames) < 4 or frames[0] != MDPC or frames[1] != C_FINAL or frames[2] != service:
+                continue
+            if service != SERVICE:
+                return frames[3:]
+            hdr = unpack(frames[3])
+            if hdr.get("id") == match or (hdr.get("id") is None and not hdr.get("ok")):
+                return frames[3:]
+            # A late reply to an earlier attempt or request: not ours, drop it.
+
+    def request(self, op: str, header: dict[str, Any], values: list[bytes] | None = None) -> tuple[dict, list]:
+        """Send one kv request with retries; returns (reply header, value frames) or raises."""
+        rid = next(self._ids)
+        hdr = {"op": op, "id": rid, "cid": self.client_id, **header}
+        body = [pack(hdr), *(values or [])]
+        deadline = time.monotonic() + self.timeout
+        backoff = 0.05
+        last_error: ZkvError | None = None
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise last_error or ZkvTimeout(f"no reply from {self.url} within {self.timeout}s")
+            reply = self._roundtrip(SERVICE, body, rid, min(left, self.attempt_timeout))
+            if reply is None:
+                self._open()  # drop whatever the old socket still queues for a dead broker
+                last_error = ZkvTimeout(f"no reply from {self.url} within {self.timeout}s")
+                continue
+            rh = unpack(reply[0])
+            if rh.get("ok"):
+                return rh, reply[1:]
+            err = error_from_reply(str(rh.get("code")), str(rh.get("message", "")))
+            if err.code not in (ErrorCode.TIMEOUT, ErrorCode.UNAVAILABLE):
+                raise err
+            last_error = err
+            time.sleep(min(backoff, max(0.0, deadline - time.monotonic())))
+            backoff = min(backoff * 2, 1.0)
+
+    # -- commands -------------------------------------------------------------------------------
+
+    def put(self, key: Key, value: bytes, ttl: int | None = None) -> int:
+        """Store ``value`` under ``key``; ``ttl`` in milliseconds. Returns the new version."""
+        hdr: dict[str, Any] = {"key": _key(key)}
+        if ttl is not None:
+            hdr["ttl"] = ttl
+        rh, _ = self.request("put", hdr, [_value(value)])
+        return int(rh["version"])
+
+    def get(self, key: Key) -> bytes | None:
+        found = self.get_versioned(key)
+        return None if found is None else found[0]
+
+    def get_versioned(self, key: Key) -> tuple[bytes, int] | None:
+        """(value, version), or None if the key does not exist."""
+        rh, values = self.request("get", {"key": _key(key)})
+        return (values[0], int(rh["version"])) if rh["found"] else None
+
+    def delete(self, key: Key) -> bool:
+        """Delete ``key``; True if it existed."""
+        rh, _ = self.request("delete", {"key": _key(key)})
+        return bool(rh["deleted"])
+
+    def exists(self, key: Key) -> bool:
+        rh, _ = self.request("exists", {"key": _key(key)})
+        return bool(rh["exists"])
+
+    def mget(self, keys: Iterable[Key]) -> list[bytes | None]:
+        ks = [_key(k) for k in keys]
+        if not ks:
+            return []
+        rh, values = self.request("mget", {"keys": ks})
+        return [v if f else None for f, v in zip(rh["found"], values, strict=True)]
+
+    def mset(self, items: Mapping[Key, bytes] | Iterable[tuple[Key, bytes]]) -> None:
+        pairs = list(items.items()) if isinstance(items, Mapping) else list(items)
+        if not pairs:
+            return
+        self.request("mset", {"keys": [_key(k) for k, _ in pairs]}, [_value(v) for _, v in pairs])
+
+    # -- management -----------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        reply = self._roundtrip(MMI_STATUS, [], None, self.timeout)
+        if reply is None:
+            raise ZkvTimeout(f"no reply from {self.url} within {self.timeout}s")
+        return unpack(reply[0])
+
+    def service_available(self, wait: float = 1.0) -> bool:
+        """MMI: does the broker answer and have the ``kv`` service ready? (200 / 404)"""
+        reply = self._roundtrip(MMI_SERVICE, [SERVICE], None, wait)
+        if reply is None:
+            self._open()
+            return False
+        return reply[0] == b"200"

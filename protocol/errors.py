@@ -1,0 +1,104 @@
+"""Error codes carried in error replies, and the exception tree the client raises.
+
+Every error reply's header has ``ok: false``, a ``code`` from ``ErrorCode`` and a
+human ``message``. The client maps each code to one exception class.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class ErrorCode(str, Enum):
+    BAD_REQUEST = "BAD_REQUEST"  # malformed frames, wrong types, missing fields
+    UNKNOWN_COMMAND = "UNKNOWN_COMMAND"  # op the broker does not know
+    KEY_TOO_LARGE = "KEY_TOO_LARGE"
+    VALUE_TOO_LARGE = "VALUE_TOO_LARGE"
+    NOT_ENOUGH_REPLICAS = "NOT_ENOUGH_REPLICAS"  # fewer than W live replicas: nothing was written
+    TIMEOUT = "TIMEOUT"  # outcome unknown: the write may or may not have been applied
+    UNAVAILABLE = "UNAVAILABLE"  # cluster not formed yet, or slot recovering; retry later
+    INTERNAL = "INTERNAL"
+
+
+# Codes after which repeating the same request (same client id and request number) is safe
+# and may succeed.
+RETRYABLE = frozenset({ErrorCode.TIMEOUT, ErrorCode.UNAVAILABLE, ErrorCode.NOT_ENOUGH_REPLICAS})
+
+
+class ZkvError(Exception):
+    """Base class of every error zkv raises."""
+
+    code: ErrorCode = ErrorCode.INTERNAL
+
+    def __init__(self, message: str = "", code: ErrorCode | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+    @property
+    def retryable(self) -> bool:
+        return self.code in RETRYABLE
+
+
+class InvalidRequest(ZkvError):
+    """The request was malformed or out of limits; retrying it will not help."""
+
+    code = ErrorCode.BAD_REQUEST
+
+
+class UnknownCommand(InvalidRequest):
+    code = ErrorCode.UNKNOWN_COMMAND
+
+
+class KeyTooLarge(InvalidRequest):
+    code = ErrorCode.KEY_TOO_LARGE
+
+
+class ValueTooLarge(InvalidRequest):
+    code = ErrorCode.VALUE_TOO_LARGE
+
+
+class NotEnoughReplicas(ZkvError):
+    """Fewer than W replicas of the key's slot are alive; the write was not applied."""
+
+    code = ErrorCode.NOT_ENOUGH_REPLICAS
+
+
+class Unavailable(ZkvError):
+    """The cluster cannot serve this key right now (not formed yet, or recovering)."""
+
+    code = ErrorCode.UNAVAILABLE
+
+
+class ZkvTimeout(ZkvError):
+    """No answer in time. For a write the outcome is unknown; a retry is applied at most once."""
+
+    code = ErrorCode.TIMEOUT
+
+
+class InternalError(ZkvError):
+    code = ErrorCode.INTERNAL
+
+
+_BY_CODE: dict[ErrorCode, type[ZkvError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidRequest,
+        UnknownCommand,
+        KeyTooLarge,
+        ValueTooLarge,
+        NotEnoughReplicas,
+        Unavailable,
+        ZkvTimeout,
+        InternalError,
+    )
+}
+
+
+def error_from_reply(code: str, message: str) -> ZkvError:
+    """The exception for an error reply; unknown codes (a newer broker) map to ZkvError."""
+    try:
+        ec = ErrorCode(code)
+    except ValueError:
+        return ZkvError(f"{code}: {message}")
+    return _BY_CODE.get(ec, ZkvError)(message, ec)

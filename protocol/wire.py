@@ -1,0 +1,157 @@
+"""Frame layouts and codecs of the three zkv conversations.
+
+1. Client <-> broker: MDP/0.2 client framing, service ``kv``.
+   request  ``[MDPC02, 0x01, service, header, *values]``
+   reply    ``[MDPC02, 0x03, service, header, *values]``
+2. Worker <-> broker: MDP/0.2 worker framing plus zkv extension commands (>= 0x10).
+3. Replication (broker PUB -> worker SUB): ``[topic, header, *values]``.
+
+Headers are msgpack maps (client, worker requests) or arrays (replication, hot path).
+Values always travel as frames of their own so that the broker never decodes or copies them.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+MDPC = b"MDPC02"
+MDPW = b"MDPW02"
+
+# Client commands (RFC 18).
+C_REQUEST = b"\x01"
+C_PARTIAL = b"\x02"
+C_FINAL = b"\x03"
+
+# Worker commands (RFC 18).
+W_READY = b"\x01"
+W_REQUEST = b"\x02"
+W_PARTIAL = b"\x03"
+W_FINAL = b"\x04"
+W_HEARTBEAT = b"\x05"
+W_DISCONNECT = b"\x06"
+# zkv extensions, worker -> broker.
+W_ACK = b"\x10"  # cumulative applied positions (and results of conditional ops)
+W_NACK = b"\x11"  # "I am at (epoch, seq) in this slot and need what follows"
+W_SNAPSHOT_PART = b"\x12"  # a part of a slot snapshot, sent by the donor
+# zkv extensions, broker -> worker.
+W_ASSIGN = b"\x20"  # the slots this worker holds
+W_REPLAY = b"\x21"  # a replication message resent point-to-point (gap repair)
+W_SNAPSHOT_REQUEST = b"\x22"  # donor: send a snapshot of this slot
+W_SNAPSHOT_DELIVER = b"\x23"  # receiver: a snapshot part (forwarded from the donor)
+
+SERVICE = b"kv"
+MMI_SERVICE = b"mmi.service"
+MMI_STATUS = b"mmi.status"
+
+DEFAULT_SLOTS = 1024
+MAX_KEY_BYTES = 4096
+DEFAULT_MAX_VALUE_BYTES = 64 * 1024 * 1024
+
+OP_PUT = 1
+OP_DELETE = 2
+
+# Client ops (the ``op`` field of a client request header).
+READ_OPS = frozenset({"get", "exists", "mget"})
+WRITE_OPS = frozenset({"put", "delete", "mset"})
+
+
+def pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def unpack(data: bytes) -> Any:
+    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
+def slot_for_key(key: bytes, slots: int) -> int:
+    """The hash slot of a key: CRC-32 (IEEE, as zlib) of the key bytes, modulo the slot count."""
+    return (zlib.crc32(key) & 0xFFFFFFFF) % slots
+
+
+def slot_topic(slot: int) -> bytes:
+    """PUB/SUB topic of a slot: ``b"s"`` and the slot as 2 bytes big-endian."""
+    return b"s" + struct.pack(">H", slot)
+
+
+def topic_slot(topic: bytes) -> int:
+    return struct.unpack(">H", topic[1:3])[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Replication messages
+
+
+@dataclass(slots=True)
+class WriteOp:
+    op: int  # OP_PUT or OP_DELETE
+    key: bytes
+    expire_at: int = 0  # broker wall clock, ms since the epoch; 0 = no TTL
+
+
+@dataclass(slots=True)
+class Replicate:
+    """One sequenced write batch of one slot.
+
+    ``prev_epoch`` is the epoch of the write at ``seq - 1`` in the broker's history: a replica
+    applies the batch only if its own last position is exactly ``(prev_epoch, seq - 1)``, which
+    keeps every replica's history a prefix of the broker's (the log matching rule of Raft).
+    """
+
+    slot: int
+    epoch: int
+    seq: int
+    prev_epoch: int
+    committed: int  # the slot's committed seq when sent (lets replicas reclaim safely)
+    now: int  # broker wall clock, ms; decides expiry of conditional deletes
+    ops: list[WriteOp]
+    values: list[bytes] = field(default_factory=list)  # one per op (b"" for deletes)
+
+    def header(self) -> bytes:
+        return pack(
+            [
+                self.slot,
+                self.epoch,
+                self.seq,
+                self.prev_epoch,
+                self.committed,
+                self.now,
+                [[o.op, o.key, o.expire_at] for o in self.ops],
+            ]
+        )
+
+    def frames(self) -> list[bytes]:
+        """Frames published on PUB (topic first)."""
+        return [slot_topic(self.slot), self.header(), *self.values]
+
+    @classmethod
+    def decode(cls, header: bytes, values: list[Any]) -> Replicate:
+        slot, epoch, seq, prev_epoch, committed, now, ops = unpack(header)
+        wops = [WriteOp(int(o[0]), bytes(o[1]), int(o[2])) for o in ops]
+        if len(values) != len(wops):
+            raise ValueError("replication message: value frame count does not match ops")
+        return cls(slot, epoch, seq, prev_epoch, committed, now, wops, list(values))
+
+
+# ---------------------------------------------------------------------------------------------
+# Stored record layout (worker LMDB), kept here because snapshots carry records verbatim.
+
+RECORD_HEADER = struct.Struct(">QQ")  # version (slot seq of the last write), expire_at ms (0 = none)
+
+
+def encode_record(version: int, expire_at: int, value: bytes) -> bytes:
+    return RECORD_HEADER.pack(version, expire_at) + value
+
+
+def decode_record_header(record: bytes) -> tuple[int, int]:
+    version, expire_at = RECORD_HEADER.unpack_from(record)
+    return version, expire_at
+
+
+def storage_key(slot: int, key: bytes) -> bytes:
+    """Worker LMDB key: slot (2 bytes BE) then the user key, so a slot is one key range."""
+    return struct.pack(">H", slot) + key

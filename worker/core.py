@@ -1,0 +1,192 @@
+"""The worker's decision logic, free of sockets: which replication messages to apply, when a gap
+needs repair, how snapshots are installed, what to acknowledge.
+
+The I/O loop (worker/server.py) feeds messages in and sends what ``outbox`` collects. Rule: the
+store commits a batch (fsync) *before* the ACK for it is queued; an ACK never runs ahead of the disk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import structlog
+
+from protocol.wire import (
+    W_ACK,
+    W_NACK,
+    W_SNAPSHOT_PART,
+    Replicate,
+    pack,
+)
+from worker.store import Position, SlotStore
+
+log = structlog.get_logger("zkv.worker")
+
+NACK_INTERVAL = 0.5  # s between repair requests for one slot
+MAX_HELD_PER_SLOT = 10_000  # out-of-order messages kept while a gap is repaired
+SNAPSHOT_PART_BYTES = 1 << 20
+
+
+@dataclass
+class SnapshotInProgress:
+    token: bytes
+    pos: Position
+    records: list[tuple[bytes, bytes]] = field(default_factory=list)
+    next_part: int = 0
+
+
+class WorkerCore:
+    def __init__(self, worker_id: str, store: SlotStore) -> None:
+        self.worker_id = worker_id
+        self.store = store
+        # Positions including messages accepted into the batch that is not yet committed.
+        self.pos: dict[int, Position] = dict(store.positions)
+        self.assigned: set[int] = set()
+        self.batch: list[Replicate] = []
+        self.held: dict[int, dict[int, Replicate]] = {}
+        self.last_nack: dict[int, float] = {}
+        self.snapshots: dict[int, SnapshotInProgress] = {}
+        self.outbox: list[list[bytes]] = []  # frames after the MDPW02 header
+        self.broker_now = 0  # latest broker wall clock seen (ms); decides reclaiming of TTLs
+        self.applied_total = 0
+
+    def position(self, slot: int) -> Position:
+        return self.pos.get(slot, Position())
+
+    # -- replication ----------------------------------------------------------------------------
+
+    def on_replicate(self, rep: Replicate, now: float) -> None:
+        if rep.now > self.broker_now:
+            self.broker_now = rep.now
+        if rep.slot not in self.assigned:
+            return
+        cur = self.position(rep.slot)
+        if rep.seq <= cur.seq:
+            return  # already have it (a replay crossing the live stream)
+        if rep.seq == cur.seq + 1 and rep.prev_epoch == cur.epoch and rep.slot not in self.snapshots:
+            self._accept(rep)
+            self._drain_held(rep.slot)
+            return
+        # A gap, a diverged history, or a snapshot being installed: hold it and ask for repair.
+        held = self.held.setdefault(rep.slot, {})
+        if len(held) < MAX_HELD_PER_SLOT:
+            held[rep.seq] = rep
+        if rep.slot not in self.snapshots:
+            self._request_repair(rep.slot, now)
+
+    def _accept(self, rep: Replicate) -> None:
+        self.batch.append(rep)
+        self.pos[rep.slot] = Position(rep.epoch, rep.seq)
+
+    def _drain_held(self, slot: int) -> None:
+        held = self.held.get(slot)
+        while held:
+            cur = self.position(slot)
+            for seq in [s for s in held if s <= cur.seq]:
+                del held[seq]
+            nxt = held.pop(cur.seq + 1, None)
+            if nxt is None:
+                break
+            if nxt.prev_epoch != cur.epoch:
+                held[nxt.seq] = nxt
+                break
+            self._accept(nxt)
+        if held is not None and not held:
+            del self.held[slot]
+
+    def _request_repair(self, slot: int, now: float) -> None:
+        if now - self.last_nack.get(slot, -1e9) < NACK_INTERVAL:
+            return
+        self.last_nack[slot] = now
+        cur = self.position(slot)
+        self.outbox.append([W_NACK, pack({"slot": slot, "epoch": cur.epoch, "seq": cur.seq})])
+
+    def retry_stalled_repairs(self, now: float) -> None:
+        """Ask again for slots still holding messages past a gap (a lost NACK or replay)."""
+        for slot in list(self.held):
+            if slot not in self.snapshots:
+                self._request_repair(slot, now)
+
+    def flush(self) -> int:
+        """Commit the waiting batch (one transaction, one fsync) and queue one cumulative ACK."""
+        if not self.batch:
+            return 0
+        batch, self.batch = self.batch, []
+        results = self.store.apply_batch(batch)
+        touched = {rep.slot for rep in batch}
+        self.applied_total += len(batch)
+        ack = {
+            "pos": [[s, self.store.position(s).epoch, self.store.position(s).seq] for s in touched],
+            "res": [[s, q, r] for s, q, r in results],
+        }
+        self.outbox.append([W_ACK, pack(ack)])
+        return len(batch)
+
+    # -- assignment -----------------------------------------------------------------------------
+
+    def on_assign(self, slots: list[int]) -> tuple[set[int], set[int]]:
+        """New slot set; returns (added, removed) so the loop can change its subscriptions."""
+        new = set(slots)
+        added, removed = new - self.assigned, self.assigned - new
+        self.assigned = new
+        for s in removed:
+            self.held.pop(s, None)
+            self.snapshots.pop(s, None)
+        return added, removed
+
+    # -- snapshots ------------------------------------------------------------------------------
+
+    def snapshot_parts(self, slot: int, token: bytes) -> list[list[bytes]]:
+        """Donor side: the slot's snapshot as W_SNAPSHOT_PART messages of about 1 MiB each."""
+        pos, records = self.store.snapshot(slot)
+        parts: list[list[bytes]] = []
+        frames: list[bytes] = []
+        size = 0
+        for key, record in records:
+            frames += [key, record]
+            size += len(key) + len(record)
+            if size >= SNAPSHOT_PART_BYTES:
+                parts.append(frames)
+                frames, size = [], 0
+        parts.append(frames)
+        out = []
+        for i, fr in enumerate(parts):
+            hdr = {"slot": slot, "token": token, "part": i, "last": i == len(parts) - 1,
+                   "epoch": pos.epoch, "seq": pos.seq}
+            out.append([W_SNAPSHOT_PART, pack(hdr), *fr])
+        return out
+
+    def on_snapshot_part(self, hdr: dict, frames: list[bytes], now: float) -> None:
+        slot = int(hdr["slot"])
+        if slot not in self.assigned:
+            return
+        token = bytes(hdr["token"])
+        part = int(hdr["part"])
+        snap = self.snapshots.get(slot)
+        if part == 0:
+            snap = SnapshotInProgress(token, Position(int(hdr["epoch"]), int(hdr["seq"])))
+            self.snapshots[slot] = snap
+        if snap is None or snap.token != token or snap.next_part != part or len(frames) % 2:
+            # A part of an abandoned or broken transfer: drop it; the repair is asked for again.
+            self.snapshots.pop(slot, None)
+            self._request_repair(slot, now)
+            return
+        snap.records.extend(zip(frames[0::2], frames[1::2], strict=True))
+        snap.next_part += 1
+        if not hdr["last"]:
+            return
+        del self.snapshots[slot]
+        # Writes accepted into the current batch for this slot are older than or part of the
+        # snapshot's history; commit everything first so the snapshot replaces a settled state.
+        self.flush()
+        self.store.install_snapshot(slot, snap.pos, snap.records)
+        self.pos[slot] = snap.pos
+        log.info("snapshot_installed", slot=slot, epoch=snap.pos.epoch, seq=snap.pos.seq,
+                 keys=len(snap.records))
+        self.outbox.append([W_ACK, pack({"pos": [[slot, snap.pos.epoch, snap.pos.seq]], "res": []})])
+        self._drain_held(slot)
+        if self.held.get(slot):
+            self._request_repair(slot, now)
+
+    def abandon_snapshots(self) -> None:
+        self.snapshots.clear()

@@ -1,0 +1,278 @@
+"""The worker's socket loop: SUB for the replication stream, DEALER to the broker.
+
+One thread. Each turn: take everything waiting on both sockets, answer reads, commit the write
+batch (group commit: one transaction, one fsync), send one cumulative ACK, heartbeat.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+import uuid
+from dataclasses import dataclass
+
+import structlog
+import zmq
+
+from protocol.wire import (
+    MDPW,
+    SERVICE,
+    W_ASSIGN,
+    W_DISCONNECT,
+    W_FINAL,
+    W_HEARTBEAT,
+    W_READY,
+    W_REPLAY,
+    W_REQUEST,
+    W_SNAPSHOT_DELIVER,
+    W_SNAPSHOT_REQUEST,
+    Replicate,
+    pack,
+    slot_topic,
+    unpack,
+)
+from worker.core import WorkerCore
+from worker.store import SlotStore
+
+log = structlog.get_logger("zkv.worker")
+
+DRAIN_LIMIT = 2000  # messages taken from one socket per turn, so neither starves the other
+RECLAIM_INTERVAL = 1.0
+
+
+@dataclass
+class WorkerConfig:
+    worker_id: str
+    data_dir: str
+    broker: str = "tcp://127.0.0.1:5556"
+    replication: str = "tcp://127.0.0.1:5557"
+    heartbeat: float = 1.0
+    liveness: int = 3
+    map_size: int = 1 << 36
+    # Test hooks, set only by tests: drop replication messages; offset this process's clock.
+    drop_replication: str = ""
+    clock_skew_ms: int = 0
+
+
+class ReplicationDropper:
+    """Test hook: drops chosen replication messages (``every=N`` or ``prob=P``)."""
+
+    def __init__(self, spec: str) -> None:
+        self.every = 0
+        self.prob = 0.0
+        self.count = 0
+        self.dropped = 0
+        self.rng = random.Random(os.getpid())
+        for part in filter(None, spec.split(",")):
+            name, _, val = part.partition("=")
+            if name == "every":
+                self.every = int(val)
+            elif name == "prob":
+                self.prob = float(val)
+            else:
+                raise ValueError(f"unknown drop spec {part!r}")
+
+    def drop(self) -> bool:
+        self.count += 1
+        hit = (self.every and self.count % self.every == 0) or (self.prob and self.rng.random() < self.prob)
+        if hit:
+            self.dropped += 1
+        return bool(hit)
+
+
+class WorkerServer:
+    def __init__(self, cfg: WorkerConfig) -> None:
+        self.cfg = cfg
+        self.ctx = zmq.Context()
+        self.store = SlotStore(cfg.data_dir, map_size=cfg.map_size)
+        self.core = WorkerCore(cfg.worker_id, self.store)
+        self.dropper = ReplicationDropper(cfg.drop_replication) if cfg.drop_replication else None
+        self.sub = self.ctx.socket(zmq.SUB)
+        self.sub.setsockopt(zmq.RCVHWM, 0)  # queue at the subscriber rather than drop at the PUB
+        self.sub.setsockopt(zmq.SNDHWM, 100_000)  # >1000 subscriptions resent on reconnect
+        self.sub.setsockopt(zmq.LINGER, 0)
+        self.sub.connect(cfg.replication)
+        self.subscribed: set[int] = set()
+        self.dealer: zmq.Socket | None = None
+        self.poller = zmq.Poller()
+        self.poller.register(self.sub, zmq.POLLIN)
+        self.broker_seen = 0.0
+        self.last_sent = 0.0
+        self.stopping = False
+        self.process_id = uuid.uuid4().bytes
+
+    # -- connection to the broker ---------------------------------------------------------------
+
+    def connect(self) -> None:
+        if self.dealer is not None:
+            self.poller.unregister(self.dealer)
+            self.dealer.close(linger=0)
+        self.dealer = self.ctx.socket(zmq.DEALER)
+        self.dealer.setsockopt(zmq.LINGER, 0)
+        self.dealer.setsockopt(zmq.SNDHWM, 100_000)
+        self.dealer.setsockopt(zmq.RCVHWM, 0)
+        self.dealer.connect(self.cfg.broker)
+        self.poller.register(self.dealer, zmq.POLLIN)
+        self.core.abandon_snapshots()
+        info = {
+            "id": self.cfg.worker_id,
+            "data_id": self.store.data_id,
+            "process": self.process_id,
+            "positions": [[s, p.epoch, p.seq] for s, p in self.store.positions.items()],
+            **self.store.stats(),
+        }
+        self.send([W_READY, SERVICE, pack(info)])
+        self.broker_seen = time.monotonic()
+        log.info("ready_sent", broker=self.cfg.broker, id=self.cfg.worker_id,
+                 slots_with_data=len(self.store.positions))
+
+    def send(self, frames: list[bytes]) -> None:
+        assert self.dealer is not None
+        self.dealer.send_multipart([MDPW, *frames], copy=False)
+        self.last_sent = time.monotonic()
+
+    def flush_outbox(self) -> None:
+        out, self.core.outbox = self.core.outbox, []
+        for frames in out:
+            self.send(frames)
+
+    # -- loop -----------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        self.connect()
+        last_reclaim = time.monotonic()
+        try:
+            while not self.stopping:
+                try:
+                    events = dict(self.poller.poll(int(self.cfg.heartbeat * 1000 / 4)))
+                except zmq.ZMQError as e:
+                    if e.errno == zmq.EINTR:
+                        continue
+                    raise
+                now = time.monotonic()
+                if self.sub in events:
+                    self._drain_sub(now)
+                if self.dealer in events:
+                    self._drain_dealer(now)
+                self.core.flush()
+                self.flush_outbox()
+                if now - self.last_sent >= self.cfg.heartbeat:
+                    self.send([W_HEARTBEAT, pack(self.store.stats())])
+                if now - self.broker_seen > self.cfg.heartbeat * self.cfg.liveness:
+                    log.warning("broker_silent_reconnecting", silent_s=round(now - self.broker_seen, 1))
+                    self.connect()
+                if now - last_reclaim >= RECLAIM_INTERVAL:
+                    last_reclaim = now
+                    self.core.retry_stalled_repairs(now)
+                    self.flush_outbox()
+                    if self.core.broker_now:
+                        n = self.store.reclaim_expired(self.core.broker_now)
+                        if n:
+                            log.debug("expired_reclaimed", keys=n)
+        finally:
+            self.shutdown()
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.stopping = True
+
+    def shutdown(self) -> None:
+        try:
+            self.core.flush()
+            self.flush_outbox()
+            if self.dealer is not None:
+                self.send([W_DISCONNECT])
+        except zmq.ZMQError:
+            pass
+        self.store.close()
+        if self.dealer is not None:
+            self.dealer.close(linger=100)
+        self.sub.close(linger=0)
+        self.ctx.term()
+        log.info("worker_stopped", id=self.cfg.worker_id)
+
+    def _drain_sub(self, now: float) -> None:
+        for _ in range(DRAIN_LIMIT):
+            try:
+                frames = self.sub.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if self.dropper and self.dropper.drop():
+                continue
+            try:
+                rep = Replicate.decode(frames[1], frames[2:])
+            except Exception as e:  # a malformed message must not stop the worker
+                log.warning("bad_replication_message", error=str(e))
+                continue
+            self.core.on_replicate(rep, now)
+
+    def _drain_dealer(self, now: float) -> None:
+        assert self.dealer is not None
+        for _ in range(DRAIN_LIMIT):
+            try:
+                frames = self.dealer.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.broker_seen = now
+            if len(frames) < 2 or frames[0] != MDPW:
+                log.warning("bad_broker_message", frames=len(frames))
+                continue
+            try:
+                self._on_command(frames[1], frames[2:], now)
+            except Exception as e:
+                log.exception("broker_command_failed", command=frames[1].hex(), error=str(e))
+            if self.dealer is None:
+                return
+
+    def _on_command(self, cmd: bytes, body: list[bytes], now: float) -> None:
+        if cmd == W_REQUEST:
+            token = body[0]
+            self.send([W_FINAL, token, b"", *self._serve_read(body[2], body[3:])])
+        elif cmd == W_REPLAY:
+            rep = Replicate.decode(body[0], body[1:])
+            self.core.on_replicate(rep, now)
+        elif cmd == W_HEARTBEAT:
+            if body:
+                broker_now = int(unpack(body[0]).get("now", 0))
+                self.core.broker_now = max(self.core.broker_now, broker_now)
+        elif cmd == W_ASSIGN:
+            info = unpack(body[0])
+            added, removed = self.core.on_assign(list(info["slots"]))
+            for s in added - self.subscribed:
+                self.sub.setsockopt(zmq.SUBSCRIBE, slot_topic(s))
+                self.subscribed.add(s)
+            for s in removed & self.subscribed:
+                self.sub.setsockopt(zmq.UNSUBSCRIBE, slot_topic(s))
+                self.subscribed.discard(s)
+            log.info("slots_assigned", slots=len(self.core.assigned), added=len(added), removed=len(removed))
+        elif cmd == W_SNAPSHOT_REQUEST:
+            info = unpack(body[0])
+            for part in self.core.snapshot_parts(int(info["slot"]), bytes(info["token"])):
+                self.send(part)
+        elif cmd == W_SNAPSHOT_DELIVER:
+            self.core.on_snapshot_part(unpack(body[0]), body[1:], now)
+        elif cmd == W_DISCONNECT:
+            log.warning("broker_disconnected_us_reconnecting")
+            time.sleep(0.2)  # do not spin if the broker keeps refusing (duplicate id)
+            self.connect()
+        else:
+            log.warning("unknown_broker_command", command=cmd.hex())
+
+    def _serve_read(self, header: bytes, _values: list[bytes]) -> list[bytes]:
+        req = unpack(header)
+        slots_keys = [(int(s), bytes(k)) for s, k in req["keys"]]
+        results = self.store.read(slots_keys, int(req["now"]), with_values=req.get("op") != "exists")
+        hdr = {
+            "ok": True,
+            "found": [r.found for r in results],
+            "versions": [r.version for r in results],
+            "expire": [r.expire_at for r in results],
+        }
+        return [pack(hdr), *[r.value for r in results]]
+
+
+def run_worker(cfg: WorkerConfig) -> None:
+    WorkerServer(cfg).run()

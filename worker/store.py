@@ -1,0 +1,217 @@
+"""The worker's LMDB engine: records per slot, applied positions, the expiry index.
+
+Everything one replication batch changes (records, expiry index, the slot positions) is written
+in one LMDB write transaction, and the transaction's commit is the fsync: a position on disk
+always describes exactly the data on disk.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import lmdb
+
+from protocol.wire import (
+    OP_DELETE,
+    OP_PUT,
+    RECORD_HEADER,
+    Replicate,
+    decode_record_header,
+    encode_record,
+    storage_key,
+)
+
+POSITION = struct.Struct(">QQ")  # epoch, seq
+EXPIRY_KEY = struct.Struct(">QH")  # expire_at, slot (then the user key)
+SLOT_PREFIX = struct.Struct(">H")
+
+
+@dataclass(slots=True, frozen=True)
+class Position:
+    epoch: int = 0
+    seq: int = 0
+
+
+@dataclass(slots=True)
+class ReadResult:
+    found: bool
+    version: int  # record version if found, else the slot's applied seq
+    expire_at: int
+    value: bytes
+
+
+class SlotStore:
+    """Records of every slot a worker holds, in one LMDB environment."""
+
+    def __init__(self, path: str, map_size: int = 1 << 36, sync: bool = True) -> None:
+        os.makedirs(path, exist_ok=True)
+        self.path = path
+        self.env = lmdb.open(
+            path, map_size=map_size, max_dbs=4, sync=sync, metasync=sync, writemap=False
+        )
+        self.data = self.env.open_db(b"data")
+        self.meta = self.env.open_db(b"meta")
+        self.expiry = self.env.open_db(b"expiry")
+        self.positions: dict[int, Position] = {}
+        with self.env.begin(write=True) as txn:
+            data_id = txn.get(b"uuid", db=self.meta)
+            if data_id is None:
+                data_id = uuid.uuid4().bytes
+                txn.put(b"uuid", data_id, db=self.meta)
+            self.data_id: bytes = data_id
+            cur = txn.cursor(db=self.meta)
+            if cur.set_range(b"p"):
+                for k, v in cur:
+                    if not k.startswith(b"p"):
+                        break
+                    (slot,) = SLOT_PREFIX.unpack(k[1:3])
+                    self.positions[slot] = Position(*POSITION.unpack(v))
+
+    def close(self) -> None:
+        self.env.sync(True)
+        self.env.close()
+
+    def position(self, slot: int) -> Position:
+        return self.positions.get(slot, Position())
+
+    # -- writes ---------------------------------------------------------------------------------
+
+    def apply_batch(self, batch: list[Replicate]) -> list[tuple[int, int, list[bool]]]:
+        """Apply sequenced writes in one transaction (one fsync). The caller has checked order.
+
+        Returns, for batches that contain deletes, ``(slot, seq, existed per op)``: every replica
+        computes the same answers because expiry is judged by the broker's clock in the batch.
+        """
+        results: list[tuple[int, int, list[bool]]] = []
+        new_positions: dict[int, Position] = {}
+        with self.env.begin(write=True) as txn:
+            for rep in batch:
+                existed: list[bool] = []
+                for op, value in zip(rep.ops, rep.values, strict=True):
+                    sk = storage_key(rep.slot, op.key)
+                    old = txn.get(sk, db=self.data)
+                    was_live = False
+                    if old is not None:
+                        _, old_exp = decode_record_header(old)
+                        was_live = old_exp == 0 or old_exp > rep.now
+                        if old_exp:
+                            txn.delete(EXPIRY_KEY.pack(old_exp, rep.slot) + op.key, db=self.expiry)
+                    if op.op == OP_PUT:
+                        txn.put(sk, encode_record(rep.seq, op.expire_at, value), db=self.data)
+                        if op.expire_at:
+                            txn.put(EXPIRY_KEY.pack(op.expire_at, rep.slot) + op.key, b"", db=self.expiry)
+                    elif op.op == OP_DELETE:
+                        if old is not None:
+                            txn.delete(sk, db=self.data)
+                    existed.append(was_live)
+                if any(op.op == OP_DELETE for op in rep.ops):
+                    results.append((rep.slot, rep.seq, existed))
+                pos = Position(rep.epoch, rep.seq)
+                new_positions[rep.slot] = pos
+                txn.put(b"p" + SLOT_PREFIX.pack(rep.slot), POSITION.pack(pos.epoch, pos.seq), db=self.meta)
+        self.positions.update(new_positions)
+        return results
+
+    def install_snapshot(self, slot: int, pos: Position, records: list[tuple[bytes, bytes]]) -> None:
+        """Replace a slot's content with a donor's snapshot taken at ``pos`` (one transaction)."""
+        prefix = SLOT_PREFIX.pack(slot)
+        with self.env.begin(write=True) as txn:
+            self._delete_slot(txn, slot)
+            for key, record in records:
+                txn.put(prefix + key, record, db=self.data)
+                _, exp = decode_record_header(record)
+                if exp:
+                    txn.put(EXPIRY_KEY.pack(exp, slot) + key, b"", db=self.expiry)
+            txn.put(b"p" + prefix, POSITION.pack(pos.epoch, pos.seq), db=self.meta)
+        self.positions[slot] = pos
+
+    def _delete_slot(self, txn: lmdb.Transaction, slot: int) -> None:
+        prefix = SLOT_PREFIX.pack(slot)
+        cur = txn.cursor(db=self.data)
+        if cur.set_range(prefix):
+            while cur.key().startswith(prefix):
+                record = cur.value()
+                _, exp = decode_record_header(record)
+                if exp:
+                    txn.delete(EXPIRY_KEY.pack(exp, slot) + cur.key()[2:], db=self.expiry)
+                if not cur.delete():
+                    break
+
+    def reclaim_expired(self, broker_now: int, limit: int = 10_000) -> int:
+        """Delete records whose TTL ran out by the broker's clock. Positions do not change: an
+        expired record is already invisible to every read, this only frees its space."""
+        removed = 0
+        with self.env.begin(write=True) as txn:
+            cur = txn.cursor(db=self.expiry)
+            if not cur.first():
+                return 0
+            while removed < limit:
+                ek = cur.key()
+                exp, slot = EXPIRY_KEY.unpack_from(ek)
+                if exp > broker_now:
+                    break
+                sk = SLOT_PREFIX.pack(slot) + ek[EXPIRY_KEY.size :]
+                rec = txn.get(sk, db=self.data)
+                if rec is not None and decode_record_header(rec)[1] == exp:
+                    txn.delete(sk, db=self.data)
+                    removed += 1
+                if not cur.delete():
+                    break
+        return removed
+
+    # -- reads ----------------------------------------------------------------------------------
+
+    def read(
+        self, slots_keys: list[tuple[int, bytes]], now: int, with_values: bool = True
+    ) -> list[ReadResult]:
+        out: list[ReadResult] = []
+        with self.env.begin(buffers=False) as txn:
+            for slot, key in slots_keys:
+                rec = txn.get(storage_key(slot, key), db=self.data)
+                if rec is not None:
+                    version, exp = decode_record_header(rec)
+                    if exp == 0 or exp > now:
+                        value = rec[RECORD_HEADER.size :] if with_values else b""
+                        out.append(ReadResult(True, version, exp, value))
+                        continue
+                out.append(ReadResult(False, self.position(slot).seq, 0, b""))
+        return out
+
+    def snapshot(self, slot: int) -> tuple[Position, Iterator[tuple[bytes, bytes]]]:
+        """A consistent snapshot of one slot: its position and (user key, record) pairs.
+
+        The read transaction stays open until the iterator is exhausted or closed.
+        """
+        txn = self.env.begin()
+        raw = txn.get(b"p" + SLOT_PREFIX.pack(slot), db=self.meta)
+        pos = Position(*POSITION.unpack(raw)) if raw else Position()
+
+        def records() -> Iterator[tuple[bytes, bytes]]:
+            prefix = SLOT_PREFIX.pack(slot)
+            try:
+                cur = txn.cursor(db=self.data)
+                if cur.set_range(prefix):
+                    for k, v in cur:
+                        if not k.startswith(prefix):
+                            break
+                        yield k[2:], v
+            finally:
+                txn.abort()
+
+        return pos, records()
+
+    def stats(self) -> dict[str, int]:
+        with self.env.begin() as txn:
+            keys = txn.stat(self.data)["entries"]
+        info = self.env.info()
+        disk = 0
+        for name in ("data.mdb",):
+            try:
+                disk += os.stat(os.path.join(self.path, name)).st_blocks * 512
+            except OSError:
+                pass
+        return {"keys": keys, "disk_bytes": disk, "map_used": info["last_pgno"] * self.env.stat()["psize"]}
