@@ -103,6 +103,7 @@ class Worker:
     last_seen: float = 0.0
     last_seen_wall: float = 0.0
     last_sent: float = 0.0
+    clock_offset_ms: int = 0  # the worker's wall clock minus ours, as last reported
     keys: int = 0
     disk_bytes: int = 0
     slots: set[int] = field(default_factory=set)
@@ -122,7 +123,8 @@ class Request:
     keys: list[bytes]
     results: list[Any]
     outstanding: int = 0
-    done: bool = False
+    done: bool = False  # the current waiter has been answered (reply or error)
+    committed: bool = False  # writes: every part committed; a retry gets the stored answer
     parts: list[list[int]] = field(default_factory=list)  # writes: [slot, epoch, seq]
     dedup_key: tuple[bytes, int] | None = None
 
@@ -360,12 +362,12 @@ class BrokerCore:
             key = (req.cid, req.id)
             prior = self.dedup.get(key)
             if prior is not None:
-                if prior.done:
+                if prior.committed:
                     self._send_reply(prior, req.identity)
                 else:
-                    prior.identity = req.identity  # answer the retry when the original commits
-                    prior.deadline = req.deadline
-                    self.requests.setdefault(id(prior), prior)
+                    # Still committing (perhaps after a TIMEOUT answer): answer this retry when it does.
+                    prior.identity, prior.deadline, prior.done = req.identity, req.deadline, False
+                    self.requests[id(prior)] = prior
                 return
             parts = self.meta.lookup_dedup(req.cid, req.id)
             if parts is not None and self._settle_from_before_restart(req, parts):
@@ -410,7 +412,7 @@ class BrokerCore:
                 return False  # it did not survive the restart: apply it now
             if seq > slot.committed:
                 raise BadRequest(ErrorCode.UNAVAILABLE, "an earlier attempt of this write is committing")
-        req.parts, req.done = parts, True
+        req.parts, req.done, req.committed = parts, True, True
         req.results = [True] * len(req.keys)
         self._send_reply(req, req.identity)
         return True
@@ -454,9 +456,11 @@ class BrokerCore:
                 for i in batch.indices:
                     req.results[i] = True
             req.outstanding -= 1
-            if req.outstanding == 0 and not req.done:
-                req.done = True
-                self._send_reply(req, req.identity)
+            if req.outstanding == 0:
+                req.committed = True
+                if not req.done:
+                    req.done = True
+                    self._send_reply(req, req.identity)
         if slot.held_reads:
             ready = [p for p in slot.held_reads if p.need <= new]
             slot.held_reads = [p for p in slot.held_reads if p.need > new]
@@ -600,6 +604,8 @@ class BrokerCore:
                 if body:
                     st = unpack(body[0])
                     w.keys, w.disk_bytes = int(st.get("keys", 0)), int(st.get("disk_bytes", 0))
+                    if "clock_ms" in st:
+                        w.clock_offset_ms = int(st["clock_ms"]) - self.wall_ms()
             elif cmd == W_NACK:
                 info = unpack(body[0])
                 self._on_nack(w, int(info["slot"]), Pos(int(info["seq"]), int(info["epoch"])))
@@ -763,14 +769,16 @@ class BrokerCore:
         if w is None or not w.alive:
             return
         pos = slot.applied.get(wid)
-        if pos is not None and (not slot.tail or slot.tail[0].seq <= pos.seq + 1):
+        if pos is not None and pos.seq < slot.last.seq and slot.tail and slot.tail[0].seq <= pos.seq + 1:
             entries = [e for e in slot.tail if e.seq > pos.seq]
-            if not entries or entries[0].prev_epoch == pos.epoch:
+            if entries[0].seq == pos.seq + 1 and entries[0].prev_epoch == pos.epoch:
                 slot.repairs[wid] = now
                 for e in entries:
                     self._to_worker(w, [W_REPLAY, *e.frames])
                 self.stats["replays_sent"] += len(entries)
                 return
+        if pos is not None and pos == slot.last:
+            return
         donors = [d for d in slot.replicas if d != wid and self.workers.get(d) and self.workers[d].alive
                   and slot.applied.get(d) is not None and slot.applied[d].seq >= slot.committed]
         if not donors:
@@ -856,6 +864,16 @@ class BrokerCore:
     def serving(self) -> bool:
         return bool(self.slots) and any(w.alive for w in self.workers.values())
 
+    def _behind(self, w: Worker) -> int:
+        """Slots of this worker that have not applied everything committed (or await a snapshot)."""
+        n = 0
+        for s in w.slots:
+            slot = self.slots.get(s)
+            if slot is not None:
+                p = slot.applied.get(w.id)
+                n += p is None or p.seq < slot.committed
+        return n
+
     def status(self) -> dict[str, Any]:
         now_wall = time.time()
         under = [s.id for s in self.slots.values() if s.recovering or self.live_replicas(s) < len(s.replicas)]
@@ -868,7 +886,8 @@ class BrokerCore:
             "workers": [
                 {"id": w.id, "state": "alive" if w.alive else "dead",
                  "last_heartbeat_ago": round(now_wall - w.last_seen_wall, 3) if w.last_seen_wall else None,
-                 "slots": len(w.slots), "keys": w.keys, "disk_bytes": w.disk_bytes}
+                 "slots": len(w.slots), "keys": w.keys, "disk_bytes": w.disk_bytes,
+                 "behind_slots": self._behind(w), "clock_offset_ms": w.clock_offset_ms}
                 for w in sorted(self.workers.values(), key=lambda w: w.id)
             ],
             "under_replicated_slots": under,

@@ -6,10 +6,10 @@ human ``message``. The client maps each code to one exception class.
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 
-class ErrorCode(str, Enum):
+class ErrorCode(StrEnum):
     BAD_REQUEST = "BAD_REQUEST"  # malformed frames, wrong types, missing fields
     UNKNOWN_COMMAND = "UNKNOWN_COMMAND"  # op the broker does not know
     KEY_TOO_LARGE = "KEY_TOO_LARGE"

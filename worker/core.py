@@ -13,10 +13,19 @@ import structlog
 
 from protocol.wire import (
     W_ACK,
+    W_ASSIGN,
+    W_DISCONNECT,
+    W_FINAL,
+    W_HEARTBEAT,
     W_NACK,
+    W_REPLAY,
+    W_REQUEST,
+    W_SNAPSHOT_DELIVER,
     W_SNAPSHOT_PART,
+    W_SNAPSHOT_REQUEST,
     Replicate,
     pack,
+    unpack,
 )
 from worker.store import Position, SlotStore
 
@@ -49,6 +58,51 @@ class WorkerCore:
         self.outbox: list[list[bytes]] = []  # frames after the MDPW02 header
         self.broker_now = 0  # latest broker wall clock seen (ms); decides reclaiming of TTLs
         self.applied_total = 0
+        self.subscriptions_changed = False  # ASSIGN changed the slot set: the loop resubscribes
+        self.reconnect_requested = False  # the broker sent DISCONNECT: the loop re-registers
+
+    # -- commands from the broker ---------------------------------------------------------------
+
+    def on_broker(self, cmd: bytes, body: list[bytes], now: float) -> None:
+        """One command from the broker's DEALER conversation (after the MDPW02 frame)."""
+        if cmd == W_REQUEST:
+            token = body[0]
+            try:
+                reply = self.serve_read(unpack(body[2]))
+            except Exception as e:  # a malformed read request gets an error answer, nothing else
+                reply = [pack({"ok": False, "code": "BAD_REQUEST", "message": str(e)})]
+            self.outbox.append([W_FINAL, token, b"", *reply])
+        elif cmd == W_REPLAY:
+            self.on_replicate(Replicate.decode(body[0], body[1:]), now)
+        elif cmd == W_HEARTBEAT:
+            if body:
+                self.broker_now = max(self.broker_now, int(unpack(body[0]).get("now", 0)))
+        elif cmd == W_ASSIGN:
+            added, removed = self.on_assign(list(unpack(body[0])["slots"]))
+            self.subscriptions_changed = True
+            log.info("slots_assigned", slots=len(self.assigned), added=len(added), removed=len(removed))
+        elif cmd == W_SNAPSHOT_REQUEST:
+            info = unpack(body[0])
+            self.outbox.extend(self.snapshot_parts(int(info["slot"]), bytes(info["token"])))
+        elif cmd == W_SNAPSHOT_DELIVER:
+            self.on_snapshot_part(unpack(body[0]), body[1:], now)
+        elif cmd == W_DISCONNECT:
+            self.reconnect_requested = True
+        else:
+            log.warning("unknown_broker_command", command=cmd.hex())
+
+    def serve_read(self, req: dict) -> list[bytes]:
+        """Answer a read from committed state. A miss reports the slot's applied seq as its version,
+        so the broker can hold the answer back until that position is committed."""
+        slots_keys = [(int(s), bytes(k)) for s, k in req["keys"]]
+        results = self.store.read(slots_keys, int(req["now"]), with_values=req.get("op") != "exists")
+        hdr = {
+            "ok": True,
+            "found": [r.found for r in results],
+            "versions": [r.version for r in results],
+            "expire": [r.expire_at for r in results],
+        }
+        return [pack(hdr), *[r.value for r in results]]
 
     def position(self, slot: int) -> Position:
         return self.pos.get(slot, Position())

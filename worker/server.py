@@ -19,19 +19,12 @@ import zmq
 from protocol.wire import (
     MDPW,
     SERVICE,
-    W_ASSIGN,
     W_DISCONNECT,
-    W_FINAL,
     W_HEARTBEAT,
     W_READY,
-    W_REPLAY,
-    W_REQUEST,
-    W_SNAPSHOT_DELIVER,
-    W_SNAPSHOT_REQUEST,
     Replicate,
     pack,
     slot_topic,
-    unpack,
 )
 from worker.core import WorkerCore
 from worker.store import SlotStore
@@ -128,6 +121,11 @@ class WorkerServer:
         log.info("ready_sent", broker=self.cfg.broker, id=self.cfg.worker_id,
                  slots_with_data=len(self.store.positions))
 
+    def wall_clock_ms(self) -> int:
+        """This worker's wall clock (with the test offset). Reported to the broker, which shows the
+        skew in status; it decides nothing: expiry follows the broker's clock alone."""
+        return int(time.time() * 1000) + self.cfg.clock_skew_ms
+
     def send(self, frames: list[bytes]) -> None:
         assert self.dealer is not None
         self.dealer.send_multipart([MDPW, *frames], copy=False)
@@ -161,7 +159,7 @@ class WorkerServer:
                 self.core.flush()
                 self.flush_outbox()
                 if now - self.last_sent >= self.cfg.heartbeat:
-                    self.send([W_HEARTBEAT, pack(self.store.stats())])
+                    self.send([W_HEARTBEAT, pack({**self.store.stats(), "clock_ms": self.wall_clock_ms()})])
                 if now - self.broker_seen > self.cfg.heartbeat * self.cfg.liveness:
                     log.warning("broker_silent_reconnecting", silent_s=round(now - self.broker_seen, 1))
                     self.connect()
@@ -228,50 +226,20 @@ class WorkerServer:
                 return
 
     def _on_command(self, cmd: bytes, body: list[bytes], now: float) -> None:
-        if cmd == W_REQUEST:
-            token = body[0]
-            self.send([W_FINAL, token, b"", *self._serve_read(body[2], body[3:])])
-        elif cmd == W_REPLAY:
-            rep = Replicate.decode(body[0], body[1:])
-            self.core.on_replicate(rep, now)
-        elif cmd == W_HEARTBEAT:
-            if body:
-                broker_now = int(unpack(body[0]).get("now", 0))
-                self.core.broker_now = max(self.core.broker_now, broker_now)
-        elif cmd == W_ASSIGN:
-            info = unpack(body[0])
-            added, removed = self.core.on_assign(list(info["slots"]))
-            for s in added - self.subscribed:
+        self.core.on_broker(cmd, body, now)
+        if self.core.subscriptions_changed:
+            self.core.subscriptions_changed = False
+            for s in self.core.assigned - self.subscribed:
                 self.sub.setsockopt(zmq.SUBSCRIBE, slot_topic(s))
-                self.subscribed.add(s)
-            for s in removed & self.subscribed:
+            for s in self.subscribed - self.core.assigned:
                 self.sub.setsockopt(zmq.UNSUBSCRIBE, slot_topic(s))
-                self.subscribed.discard(s)
-            log.info("slots_assigned", slots=len(self.core.assigned), added=len(added), removed=len(removed))
-        elif cmd == W_SNAPSHOT_REQUEST:
-            info = unpack(body[0])
-            for part in self.core.snapshot_parts(int(info["slot"]), bytes(info["token"])):
-                self.send(part)
-        elif cmd == W_SNAPSHOT_DELIVER:
-            self.core.on_snapshot_part(unpack(body[0]), body[1:], now)
-        elif cmd == W_DISCONNECT:
+            self.subscribed = set(self.core.assigned)
+        self.flush_outbox()
+        if self.core.reconnect_requested:
+            self.core.reconnect_requested = False
             log.warning("broker_disconnected_us_reconnecting")
             time.sleep(0.2)  # do not spin if the broker keeps refusing (duplicate id)
             self.connect()
-        else:
-            log.warning("unknown_broker_command", command=cmd.hex())
-
-    def _serve_read(self, header: bytes, _values: list[bytes]) -> list[bytes]:
-        req = unpack(header)
-        slots_keys = [(int(s), bytes(k)) for s, k in req["keys"]]
-        results = self.store.read(slots_keys, int(req["now"]), with_values=req.get("op") != "exists")
-        hdr = {
-            "ok": True,
-            "found": [r.found for r in results],
-            "versions": [r.version for r in results],
-            "expire": [r.expire_at for r in results],
-        }
-        return [pack(hdr), *[r.value for r in results]]
 
 
 def run_worker(cfg: WorkerConfig) -> None:

@@ -151,6 +151,8 @@ class SlotStore:
                 return 0
             while removed < limit:
                 ek = cur.key()
+                if not ek:  # past the last entry
+                    break
                 exp, slot = EXPIRY_KEY.unpack_from(ek)
                 if exp > broker_now:
                     break

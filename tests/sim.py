@@ -1,0 +1,231 @@
+"""An in-memory network for the sans-I/O cores: one ``BrokerCore``, several ``WorkerCore``s with
+real LMDB stores in a temporary directory, and a test-controlled clock. Tests decide which
+messages are delivered, dropped or delayed; no sockets, no sleeping, fully repeatable.
+"""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from broker.core import BrokerConfig, BrokerCore
+from broker.meta import MetaStore
+from protocol.wire import (
+    C_REQUEST,
+    MDPC,
+    MDPW,
+    SERVICE,
+    W_HEARTBEAT,
+    W_READY,
+    Replicate,
+    pack,
+    unpack,
+)
+from worker.core import WorkerCore
+from worker.store import SlotStore
+
+DropRule = Callable[[str, Replicate], bool]
+
+
+@dataclass
+class SimWorker:
+    wid: str
+    path: Path
+    core: WorkerCore | None = None
+    identity: bytes = b""
+    up: bool = False
+    process: bytes = b""
+
+    def start(self, incarnation: int) -> None:
+        store = SlotStore(str(self.path), map_size=1 << 28, sync=False)
+        self.core = WorkerCore(self.wid, store)
+        self.identity = f"{self.wid}#{incarnation}".encode()
+        self.process = uuid.uuid4().bytes
+        self.up = True
+
+    def stop(self) -> None:
+        if self.core is not None:
+            self.core.store.close()
+        self.core = None
+        self.up = False
+
+    def ready_frames(self) -> list[bytes]:
+        assert self.core is not None
+        st = self.core.store
+        info = {"id": self.wid, "data_id": st.data_id, "process": self.process,
+                "positions": [[s, p.epoch, p.seq] for s, p in st.positions.items()], **st.stats()}
+        return [MDPW, W_READY, SERVICE, pack(info)]
+
+
+@dataclass
+class SimCluster:
+    root: Path
+    n_workers: int = 3
+    slots: int = 8
+    rf: int = 3
+    w: int = 2
+    t: float = 0.0
+    wall: int = 1_700_000_000_000
+    drop: DropRule | None = None
+    replies: dict[bytes, list[dict[str, Any]]] = field(default_factory=dict)
+    reply_values: dict[bytes, list[list[bytes]]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._inc = itertools.count(1)
+        self._rid = itertools.count(1)
+        self.broker = self._new_broker()
+        self.workers = {f"w{i}": SimWorker(f"w{i}", self.root / f"w{i}") for i in range(1, self.n_workers + 1)}
+        for w in self.workers.values():
+            self.start_worker(w.wid)
+        self.settle()
+
+    def _new_broker(self) -> BrokerCore:
+        self.meta = MetaStore(str(self.root / "broker"))
+        cfg = BrokerConfig(slots=self.slots, rf=self.rf, w=self.w, heartbeat=1.0, request_timeout=5.0)
+        return BrokerCore(cfg, self.meta, clock=lambda: self.t, wall_ms=lambda: self.wall)
+
+    # -- faults ---------------------------------------------------------------------------------
+
+    def start_worker(self, wid: str) -> None:
+        w = self.workers[wid]
+        w.start(next(self._inc))
+        self.broker.on_worker(w.identity, w.ready_frames())
+
+    def kill_worker(self, wid: str) -> None:
+        self.workers[wid].stop()
+
+    def restart_broker(self) -> None:
+        """The broker process dies (its outboxes with it) and starts again on the same metadata."""
+        self.meta.close()
+        self.broker = self._new_broker()
+        for w in self.workers.values():  # workers notice and re-register
+            if w.up:
+                assert w.core is not None
+                w.identity = f"{w.wid}#{next(self._inc)}".encode()
+                w.core.abandon_snapshots()
+                self.broker.on_worker(w.identity, w.ready_frames())
+
+    # -- delivery -------------------------------------------------------------------------------
+
+    def _by_identity(self, identity: bytes) -> SimWorker | None:
+        for w in self.workers.values():
+            if w.up and w.identity == identity:
+                return w
+        return None
+
+    def step(self) -> bool:
+        """Deliver everything queued once. Returns whether anything moved."""
+        b = self.broker
+        b.persist()
+        moved = False
+        pub, b.out_pub = b.out_pub, []
+        for frames in pub:
+            rep = Replicate.decode(frames[1], frames[2:])
+            for w in self.workers.values():
+                if w.up and w.core is not None and not (self.drop and self.drop(w.wid, rep)):
+                    w.core.on_replicate(rep, self.t)
+            moved = True
+        out, b.out_worker = b.out_worker, []
+        for identity, frames in out:
+            w = self._by_identity(identity)
+            if w is not None and w.core is not None:
+                w.core.on_broker(frames[1], frames[2:], self.t)
+            moved = True
+        cl, b.out_client = b.out_client, []
+        for identity, frames in cl:
+            self.replies.setdefault(identity, []).append(unpack(frames[3]))
+            self.reply_values.setdefault(identity, []).append(frames[4:])
+            moved = True
+        for w in self.workers.values():
+            if w.up and w.core is not None:
+                w.core.flush()
+                outbox, w.core.outbox = w.core.outbox, []
+                for frames in outbox:
+                    b.on_worker(w.identity, [MDPW, *frames])
+                    moved = True
+        return moved
+
+    def settle(self, max_steps: int = 1000) -> None:
+        for _ in range(max_steps):
+            if not self.step():
+                return
+        raise AssertionError("network did not settle")
+
+    def advance(self, seconds: float, tick: float = 0.1) -> None:
+        """Let time pass: ticks, heartbeats from the live workers, deliveries."""
+        steps = max(1, int(round(seconds / tick)))
+        for _ in range(steps):
+            self.t += tick
+            self.wall += int(tick * 1000)
+            for w in self.workers.values():
+                if w.up and w.core is not None and w.core.reconnect_requested:
+                    # As the real worker does: a new socket (identity) and READY again.
+                    w.core.reconnect_requested = False
+                    w.identity = f"{w.wid}#{next(self._inc)}".encode()
+                    w.core.abandon_snapshots()
+                    self.broker.on_worker(w.identity, w.ready_frames())
+                if w.up and w.core is not None:
+                    w.core.retry_stalled_repairs(self.t)
+                    self.broker.on_worker(w.identity, [MDPW, W_HEARTBEAT])
+            self.broker.tick()
+            self.settle()
+
+    # -- client ---------------------------------------------------------------------------------
+
+    def send(self, client: bytes, op: str, values: list[bytes] | None = None, cid: bytes = b"",
+             rid: int | None = None, **fields: Any) -> int:
+        rid = next(self._rid) if rid is None else rid
+        hdr = {"op": op, "id": rid, "cid": cid or client, **fields}
+        self.broker.on_client(client, [MDPC, C_REQUEST, SERVICE, pack(hdr), *(values or [])])
+        return rid
+
+    def reply(self, client: bytes, rid: int) -> tuple[dict[str, Any], list[bytes]] | None:
+        for hdr, vals in zip(self.replies.get(client, []), self.reply_values.get(client, []), strict=True):
+            if hdr.get("id") == rid:
+                return hdr, vals
+        return None
+
+    def call(self, op: str, values: list[bytes] | None = None, client: bytes = b"c1", settle_time: float = 0.0,
+             **fields: Any) -> tuple[dict[str, Any], list[bytes]]:
+        rid = self.send(client, op, values, **fields)
+        self.settle()
+        if settle_time:
+            self.advance(settle_time)
+        got = self.reply(client, rid)
+        assert got is not None, f"no reply to {op} {fields}"
+        return got
+
+    def put(self, key: bytes, value: bytes, **kw: Any) -> dict[str, Any]:
+        return self.call("put", [value], key=key, **kw)[0]
+
+    def get(self, key: bytes, **kw: Any) -> bytes | None:
+        hdr, vals = self.call("get", key=key, **kw)
+        assert hdr["ok"], hdr
+        return vals[0] if hdr["found"] else None
+
+    def positions(self, slot: int) -> dict[str, tuple[int, int]]:
+        out = {}
+        for w in self.workers.values():
+            if w.up and w.core is not None:
+                p = w.core.store.position(slot)
+                out[w.wid] = (p.epoch, p.seq)
+        return out
+
+    def worker_data(self, wid: str) -> dict[bytes, bytes]:
+        """Every live record of one worker: user key -> value."""
+        w = self.workers[wid]
+        assert w.core is not None
+        out = {}
+        with w.core.store.env.begin() as txn:
+            for k, v in txn.cursor(db=w.core.store.data):
+                out[k[2:]] = v[16:]
+        return out
+
+    def close(self) -> None:
+        for w in self.workers.values():
+            w.stop()
+        self.meta.close()
