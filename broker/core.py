@@ -104,6 +104,8 @@ class Worker:
     last_seen_wall: float = 0.0
     last_sent: float = 0.0
     clock_offset_ms: int = 0  # the worker's wall clock minus ours, as last reported
+    applied: int = 0  # write batches applied since the worker started
+    commits: int = 0  # LMDB commits (fsyncs) since the worker started
     keys: int = 0
     disk_bytes: int = 0
     slots: set[int] = field(default_factory=set)
@@ -604,6 +606,7 @@ class BrokerCore:
                 if body:
                     st = unpack(body[0])
                     w.keys, w.disk_bytes = int(st.get("keys", 0)), int(st.get("disk_bytes", 0))
+                    w.applied, w.commits = int(st.get("applied", 0)), int(st.get("commits", 0))
                     if "clock_ms" in st:
                         w.clock_offset_ms = int(st["clock_ms"]) - self.wall_ms()
             elif cmd == W_NACK:
@@ -887,7 +890,8 @@ class BrokerCore:
                 {"id": w.id, "state": "alive" if w.alive else "dead",
                  "last_heartbeat_ago": round(now_wall - w.last_seen_wall, 3) if w.last_seen_wall else None,
                  "slots": len(w.slots), "keys": w.keys, "disk_bytes": w.disk_bytes,
-                 "behind_slots": self._behind(w), "clock_offset_ms": w.clock_offset_ms}
+                 "behind_slots": self._behind(w), "clock_offset_ms": w.clock_offset_ms,
+                 "applied": w.applied, "commits": w.commits}
                 for w in sorted(self.workers.values(), key=lambda w: w.id)
             ],
             "under_replicated_slots": under,

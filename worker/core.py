@@ -57,7 +57,8 @@ class WorkerCore:
         self.snapshots: dict[int, SnapshotInProgress] = {}
         self.outbox: list[list[bytes]] = []  # frames after the MDPW02 header
         self.broker_now = 0  # latest broker wall clock seen (ms); decides reclaiming of TTLs
-        self.applied_total = 0
+        self.applied_total = 0  # replication batches applied (for status: group commit at work)
+        self.commits = 0  # LMDB write transactions (each one fsync)
         self.subscriptions_changed = False  # ASSIGN changed the slot set: the loop resubscribes
         self.reconnect_requested = False  # the broker sent DISCONNECT: the loop re-registers
 
@@ -169,6 +170,7 @@ class WorkerCore:
         results = self.store.apply_batch(batch)
         touched = {rep.slot for rep in batch}
         self.applied_total += len(batch)
+        self.commits += 1
         ack = {
             "pos": [[s, self.store.position(s).epoch, self.store.position(s).seq] for s in touched],
             "res": [[s, q, r] for s, q, r in results],

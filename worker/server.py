@@ -159,7 +159,9 @@ class WorkerServer:
                 self.core.flush()
                 self.flush_outbox()
                 if now - self.last_sent >= self.cfg.heartbeat:
-                    self.send([W_HEARTBEAT, pack({**self.store.stats(), "clock_ms": self.wall_clock_ms()})])
+                    self.send([W_HEARTBEAT, pack({**self.store.stats(), "clock_ms": self.wall_clock_ms(),
+                                                      "applied": self.core.applied_total,
+                                                      "commits": self.core.commits})])
                 if now - self.broker_seen > self.cfg.heartbeat * self.cfg.liveness:
                     log.warning("broker_silent_reconnecting", silent_s=round(now - self.broker_seen, 1))
                     self.connect()
