@@ -61,7 +61,10 @@ from protocol.wire import (
 
 log = structlog.get_logger("zkv.broker")
 
+INVALID_INPUT = frozenset({ErrorCode.BAD_REQUEST, ErrorCode.UNKNOWN_COMMAND, ErrorCode.KEY_TOO_LARGE,
+                           ErrorCode.VALUE_TOO_LARGE})
 MAX_KEYS_PER_REQUEST = 10_000
+MAX_TTL_MS = 100 * 365 * 24 * 3600 * 1000  # a century
 TAIL_ENTRIES = 512  # per slot, kept in memory for gap repair
 TAIL_BYTES = 256 * 1024  # per slot
 REPAIR_RETRY = 2.0  # s before a repair that has not finished is started again
@@ -165,6 +168,9 @@ class Slot:
     pending: dict[int, WriteBatch] = field(default_factory=dict)
     tail: deque[TailEntry] = field(default_factory=deque)
     tail_bytes: int = 0
+    # (epoch, first seq) for each broker incarnation that wrote this slot: which epoch wrote any
+    # seq in the history. Persisted, so it outlives the in-memory tail and broker restarts.
+    epochs: list[tuple[int, int]] = field(default_factory=list)
     recovering: bool = False
     reported: dict[str, Pos] = field(default_factory=dict)
     waiting_reads: list[ReadPart] = field(default_factory=list)  # no replica qualifies yet
@@ -203,7 +209,7 @@ class BrokerCore:
         self.dirty_slots: set[int] = set()
         self.dirty_workers: set[str] = set()
         self.dirty_dedup: list[tuple[bytes, int, list[list[int]]]] = []
-        self.stats = {"writes_committed": 0, "reads_served": 0, "bad_requests": 0,
+        self.stats = {"writes_committed": 0, "reads_served": 0, "bad_requests": 0, "rejected_requests": 0,
                       "snapshots_sent": 0, "replays_sent": 0}
         self._load()
 
@@ -222,7 +228,7 @@ class BrokerCore:
         for sid, info in self.meta.load_slots().items():
             last = Pos(info["last"][1], info["last"][0])
             slot = Slot(sid, list(info["replicas"]), last=last, committed=info["committed"],
-                        recovering=True)
+                        epochs=[(int(e), int(q)) for e, q in info.get("epochs", [])], recovering=True)
             self.slots[sid] = slot
             for wid in slot.replicas:
                 if wid in self.workers:
@@ -236,7 +242,8 @@ class BrokerCore:
             return
         slots = {s: {"replicas": self.slots[s].replicas,
                      "last": [self.slots[s].last.epoch, self.slots[s].last.seq],
-                     "committed": self.slots[s].committed} for s in self.dirty_slots}
+                     "committed": self.slots[s].committed,
+                     "epochs": self.slots[s].epochs} for s in self.dirty_slots}
         workers = {w: self.workers[w].record() for w in self.dirty_workers}
         self.meta.write(workers=workers, slots=slots, dedup=self.dirty_dedup)
         self.dirty_slots.clear()
@@ -255,16 +262,17 @@ class BrokerCore:
                service: bytes = SERVICE) -> None:
         self.out_client.append((identity, [MDPC, C_FINAL, service, pack(header), *(values or [])]))
 
-    def _error(self, identity: bytes, rid: Any, code: ErrorCode, message: str) -> None:
-        self._reply(identity, {"id": rid, "ok": False, "code": code.value, "message": message})
+    def _error(self, identity: bytes, rid: Any, code: ErrorCode, message: str, service: bytes = SERVICE) -> None:
+        self.stats["bad_requests" if code in INVALID_INPUT else "rejected_requests"] += 1
+        self._reply(identity, {"id": rid, "ok": False, "code": code.value, "message": message}, service=service)
 
     # -- clients --------------------------------------------------------------------------------
 
     def on_client(self, identity: bytes, frames: list[bytes]) -> None:
         if len(frames) < 3 or frames[0] != MDPC or frames[1] != C_REQUEST:
-            self.stats["bad_requests"] += 1
             self._error(identity, None, ErrorCode.BAD_REQUEST,
-                        "expected frames [MDPC02, 0x01, service, header, *values]")
+                        "expected frames [MDPC02, 0x01, service, header, *values]",
+                        service=frames[2] if len(frames) >= 3 and len(frames[2]) <= 64 else SERVICE)
             return
         service = frames[2]
         if service == MMI_SERVICE:
@@ -279,8 +287,8 @@ class BrokerCore:
             self.out_client.append((identity, [MDPC, C_FINAL, service, b"501"]))
             return
         if service != SERVICE:
-            self.stats["bad_requests"] += 1
-            self._error(identity, None, ErrorCode.BAD_REQUEST, f"unknown service {service!r}")
+            self._error(identity, None, ErrorCode.BAD_REQUEST, f"unknown service {service[:64]!r}",
+                        service=service[:64])
             return
         rid: Any = None
         try:
@@ -298,7 +306,6 @@ class BrokerCore:
                 raise BadRequest(ErrorCode.BAD_REQUEST, "header field 'id' must be an integer")
             self._handle(identity, rid, header, frames[4:])
         except BadRequest as e:
-            self.stats["bad_requests"] += 1
             self._error(identity, rid, e.code, str(e))
 
     def _key(self, k: Any) -> bytes:
@@ -332,13 +339,18 @@ class BrokerCore:
             if len(values) != len(keys):
                 raise BadRequest(ErrorCode.BAD_REQUEST,
                                  f"{op} needs one value frame per key ({len(keys)}), got {len(values)}")
+            total = 0
             for v in values:
                 if len(v) > self.cfg.max_value:
                     raise BadRequest(ErrorCode.VALUE_TOO_LARGE,
                                      f"value of {len(v)} bytes; the limit is {self.cfg.max_value}")
+                total += len(v)
+            if total > self.cfg.max_value:
+                raise BadRequest(ErrorCode.VALUE_TOO_LARGE,
+                                 f"values of {total} bytes in one request; the limit is {self.cfg.max_value}")
         ttl = header.get("ttl")
-        if ttl is not None and (not isinstance(ttl, int) or isinstance(ttl, bool) or ttl <= 0):
-            raise BadRequest(ErrorCode.BAD_REQUEST, "ttl must be a positive integer (milliseconds)")
+        if ttl is not None and (not isinstance(ttl, int) or isinstance(ttl, bool) or not 0 < ttl <= MAX_TTL_MS):
+            raise BadRequest(ErrorCode.BAD_REQUEST, f"ttl must be an integer from 1 to {MAX_TTL_MS} (milliseconds)")
         cid = header.get("cid", b"")
         if not isinstance(cid, bytes) or len(cid) > 64:
             raise BadRequest(ErrorCode.BAD_REQUEST, "cid must be bytes of at most 64")
@@ -371,13 +383,16 @@ class BrokerCore:
                     prior.identity, prior.deadline, prior.done = req.identity, req.deadline, False
                     self.requests[id(prior)] = prior
                 return
-            parts = self.meta.lookup_dedup(req.cid, req.id)
-            if parts is not None and self._settle_from_before_restart(req, parts):
-                return
             req.dedup_key = key
         by_slot: dict[int, list[int]] = {}
         for i, k in enumerate(req.keys):
             by_slot.setdefault(slot_for_key(k, self.cfg.slots), []).append(i)
+        if req.cid:
+            parts = self.meta.lookup_dedup(req.cid, req.id)
+            if parts is not None:
+                by_slot = self._settle_from_before_restart(req, parts, by_slot)
+                if not by_slot:
+                    return
         for s in by_slot:  # check every slot first: an MSET is refused whole or sent whole
             slot = self.slots[s]
             if slot.recovering:
@@ -404,23 +419,36 @@ class BrokerCore:
             self.dirty_dedup.append((req.cid, req.id, req.parts))
         self.requests[id(req)] = req
 
-    def _settle_from_before_restart(self, req: Request, parts: list[list[int]]) -> bool:
-        """A retried write that an earlier broker incarnation sequenced. True if answered."""
-        for s, _epoch, seq in parts:
+    def _settle_from_before_restart(self, req: Request, parts: list[list[int]],
+                                    by_slot: dict[int, list[int]]) -> dict[int, list[int]]:
+        """A retried write that an earlier broker incarnation sequenced (found in the persisted
+        de-duplication entries). Parts that are in the slot's committed history are done; parts
+        that did not survive the restart (their seq is not in the history with their epoch) must
+        be applied now: returns those slots' key indices, and answers the request if none is left."""
+        todo: dict[int, list[int]] = {}
+        survived: list[list[int]] = []
+        for s, epoch, seq in parts:
             slot = self.slots.get(s)
             if slot is None or slot.recovering:
                 raise BadRequest(ErrorCode.UNAVAILABLE, f"slot {s} is recovering after a broker restart")
-            if seq > slot.last.seq:
-                return False  # it did not survive the restart: apply it now
-            if seq > slot.committed:
-                raise BadRequest(ErrorCode.UNAVAILABLE, "an earlier attempt of this write is committing")
-        req.parts, req.done, req.committed = parts, True, True
-        req.results = [True] * len(req.keys)
+            if seq <= slot.last.seq and self._epoch_of(slot, seq) == epoch:
+                if seq > slot.committed:
+                    raise BadRequest(ErrorCode.UNAVAILABLE, "an earlier attempt of this write is committing")
+                survived.append([s, epoch, seq])
+            elif s in by_slot:
+                todo[s] = by_slot[s]
+        req.parts = survived
+        if todo:
+            return todo
+        req.done = req.committed = True
+        req.results = [True] * len(req.keys)  # a retried delete cannot tell any more whether the key existed
         self._send_reply(req, req.identity)
-        return True
+        return {}
 
     def _publish(self, slot: Slot, ops: list[WriteOp], values: list[bytes], now_ms: int) -> int:
         seq = slot.last.seq + 1
+        if not slot.epochs or slot.epochs[-1][0] != self.epoch:
+            slot.epochs.append((self.epoch, seq))
         rep = Replicate(slot.id, self.epoch, seq, slot.last.epoch, slot.committed, now_ms, ops, values)
         frames = rep.frames()
         self.out_pub.append(frames)
@@ -544,6 +572,11 @@ class BrokerCore:
         if wr is None or wr.worker != wid:
             return
         hdr = unpack(body[0])
+        if not hdr.get("ok"):
+            log.error("worker_read_failed", worker=wid, code=hdr.get("code"), message=hdr.get("message"))
+            for part in wr.parts:
+                self._fail(part.request, ErrorCode.INTERNAL, f"worker {wid}: {hdr.get('message')}")
+            return
         values = body[1:]
         for n, (pi, i) in enumerate(wr.keys):
             part = wr.parts[pi]
@@ -680,18 +713,24 @@ class BrokerCore:
     def _send_assign(self, w: Worker) -> None:
         self._to_worker(w, [W_ASSIGN, pack({"slots": sorted(w.slots), "epoch": self.epoch})])
 
+    @staticmethod
+    def _epoch_of(slot: Slot, seq: int) -> int | None:
+        """The epoch that wrote ``seq`` in the slot's history (None if unknown)."""
+        found = None
+        for epoch, first in slot.epochs:
+            if first > seq:
+                break
+            found = epoch
+        return found
+
     def _in_history(self, slot: Slot, pos: Pos) -> bool:
-        """Is this replica position a prefix of the broker's history of the slot?"""
+        """Is this replica position a prefix of the broker's history of the slot? Replicas apply a
+        write only on top of the position it names, so equal (epoch, seq) means equal history."""
         if pos.seq == 0 or pos == slot.last:
             return True
         if pos.seq > slot.last.seq:
             return False
-        for e in slot.tail:
-            if e.seq == pos.seq:
-                return e.epoch == pos.epoch
-            if e.seq == pos.seq + 1:
-                return e.prev_epoch == pos.epoch
-        return False
+        return self._epoch_of(slot, pos.seq) == pos.epoch
 
     def _take_position(self, slot: Slot, wid: str, pos: Pos) -> None:
         """A replica told us where it is (READY after a restart or reconnect)."""
@@ -716,6 +755,11 @@ class BrokerCore:
                 return  # the replicas that hold the committed writes have not reported yet
             log.error("slot_lost_committed_writes", slot=slot.id, committed=slot.committed, best=best.seq)
         slot.last = best
+        slot.epochs = [(e, q) for e, q in slot.epochs if q <= best.seq]
+        if best.seq and self._epoch_of(slot, best.seq) != best.epoch:
+            # Only after a power loss ate the broker's unsynced metadata: trust the replicas.
+            log.warning("slot_epoch_history_rebuilt", slot=slot.id, epoch=best.epoch, seq=best.seq)
+            slot.epochs = [(best.epoch, 1)]
         slot.recovering = False
         for wid, pos in slot.reported.items():
             slot.applied[wid] = pos if pos == best else None
