@@ -22,6 +22,7 @@ from protocol.wire import (
     W_HEARTBEAT,
     W_READY,
     Replicate,
+    decode_record,
     pack,
     unpack,
 )
@@ -222,7 +223,8 @@ class SimCluster:
         out = {}
         with w.core.store.env.begin() as txn:
             for k, v in txn.cursor(db=w.core.store.data):
-                out[k[2:]] = v[16:]
+                r = decode_record(v)
+                out[r.long_key or bytes(k[2:])] = r.value
         return out
 
     def close(self) -> None:

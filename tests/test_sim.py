@@ -323,3 +323,26 @@ def test_retried_mset_reapplies_only_the_parts_lost_in_a_restart(sim: SimCluster
     assert [h for h in sim.replies[b"c1"] if h["id"] == rid][-1]["ok"]
     assert sim.get(survivor) == b"later"
     assert sim.get(keys[0]) == b"first"
+
+
+def test_a_write_a_worker_cannot_store_does_not_crash_it(sim: SimCluster) -> None:
+    """LMDB refuses the batch (here: the map is full); the worker acknowledges nothing of it,
+    keeps running, and stores it once it can."""
+    import lmdb
+
+    w1 = sim.workers["w1"].core
+    assert w1 is not None
+    real = w1.store.apply_batch
+    failing = True
+
+    def apply_batch(batch):  # type: ignore[no-untyped-def]
+        if failing:
+            raise lmdb.MapFullError("mdb_put: MDB_MAP_FULL")
+        return real(batch)
+
+    w1.store.apply_batch = apply_batch  # type: ignore[method-assign]
+    assert sim.put(b"k", b"v")["ok"]  # w2 and w3 make W=2
+    assert w1.store.position(slot_for_key(b"k", sim.slots)).seq == 0
+    failing = False
+    sim.advance(3.0)
+    assert sim.worker_data("w1")[b"k"] == b"v"

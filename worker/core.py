@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import lmdb
 import structlog
 
 from protocol.wire import (
@@ -167,7 +168,17 @@ class WorkerCore:
         if not self.batch:
             return 0
         batch, self.batch = self.batch, []
-        results = self.store.apply_batch(batch)
+        try:
+            results = self.store.apply_batch(batch)
+        except lmdb.Error as e:
+            # Nothing of the batch is on disk (the transaction aborted) and nothing is acknowledged:
+            # forget it, so the broker's repair sends it again, and keep serving reads meanwhile.
+            # A write this worker can never store (a full disk) then stays visible as a lagging
+            # replica in `zkv status` and in these logs, not as a crash loop.
+            for rep in batch:
+                self.pos[rep.slot] = self.store.position(rep.slot)
+            log.error("apply_failed", error=str(e), batches=len(batch))
+            return 0
         touched = {rep.slot for rep in batch}
         self.applied_total += len(batch)
         self.commits += 1

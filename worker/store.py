@@ -18,10 +18,11 @@ import lmdb
 from protocol.wire import (
     OP_DELETE,
     OP_PUT,
-    RECORD_HEADER,
     Replicate,
+    decode_record,
     decode_record_header,
     encode_record,
+    key_suffix,
     storage_key,
 )
 
@@ -92,18 +93,19 @@ class SlotStore:
             for rep in batch:
                 existed: list[bool] = []
                 for op, value in zip(rep.ops, rep.values, strict=True):
-                    sk = storage_key(rep.slot, op.key)
+                    suffix = key_suffix(op.key)
+                    sk = SLOT_PREFIX.pack(rep.slot) + suffix
                     old = txn.get(sk, db=self.data)
                     was_live = False
                     if old is not None:
                         _, old_exp = decode_record_header(old)
                         was_live = old_exp == 0 or old_exp > rep.now
                         if old_exp:
-                            txn.delete(EXPIRY_KEY.pack(old_exp, rep.slot) + op.key, db=self.expiry)
+                            txn.delete(EXPIRY_KEY.pack(old_exp, rep.slot) + suffix, db=self.expiry)
                     if op.op == OP_PUT:
-                        txn.put(sk, encode_record(rep.seq, op.expire_at, value), db=self.data)
+                        txn.put(sk, encode_record(rep.seq, op.expire_at, op.key, value), db=self.data)
                         if op.expire_at:
-                            txn.put(EXPIRY_KEY.pack(op.expire_at, rep.slot) + op.key, b"", db=self.expiry)
+                            txn.put(EXPIRY_KEY.pack(op.expire_at, rep.slot) + suffix, b"", db=self.expiry)
                     elif op.op == OP_DELETE:
                         if old is not None:
                             txn.delete(sk, db=self.data)
@@ -175,10 +177,9 @@ class SlotStore:
             for slot, key in slots_keys:
                 rec = txn.get(storage_key(slot, key), db=self.data)
                 if rec is not None:
-                    version, exp = decode_record_header(rec)
-                    if exp == 0 or exp > now:
-                        value = rec[RECORD_HEADER.size :] if with_values else b""
-                        out.append(ReadResult(True, version, exp, value))
+                    r = decode_record(rec)
+                    if r.expire_at == 0 or r.expire_at > now:
+                        out.append(ReadResult(True, r.version, r.expire_at, r.value if with_values else b""))
                         continue
                 out.append(ReadResult(False, self.position(slot).seq, 0, b""))
         return out
