@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import time
+import uuid
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +26,7 @@ from typing import Any
 import structlog
 
 from broker.meta import MetaStore
-from broker.placement import slot_map
+from broker.placement import replicas_for_slot, slot_map
 from protocol.errors import ErrorCode
 from protocol.wire import (
     C_FINAL,
@@ -92,6 +93,8 @@ class BrokerConfig:
     heartbeat: float = 1.0
     liveness: int = 3
     request_timeout: float = 5.0
+    grace: float = 30.0  # s a dead worker keeps its slots before they are given new replicas
+    initial_workers: int = 0  # workers to wait for before forming the cluster (at least RF)
     max_value: int = DEFAULT_MAX_VALUE_BYTES
     max_key: int = MAX_KEY_BYTES
 
@@ -103,6 +106,7 @@ class Worker:
     process: bytes = b""
     identity: bytes | None = None
     alive: bool = False
+    dead_since: float = 0.0  # monotonic; when it was declared dead (or when this broker started)
     last_seen: float = 0.0
     last_seen_wall: float = 0.0
     last_sent: float = 0.0
@@ -204,13 +208,15 @@ class BrokerCore:
         self.worker_reads: dict[bytes, WorkerRead] = {}
         self.snapshots: dict[bytes, tuple[str, int]] = {}  # token -> (receiver, slot)
         self.dedup: OrderedDict[tuple[bytes, int], Request] = OrderedDict()
+        self.cluster_id = b""
+        self.last_rereplication = 0.0
         self._ids = itertools.count(1)
         self._rr = itertools.count()
         self.dirty_slots: set[int] = set()
         self.dirty_workers: set[str] = set()
         self.dirty_dedup: list[tuple[bytes, int, list[list[int]]]] = []
         self.stats = {"writes_committed": 0, "reads_served": 0, "bad_requests": 0, "rejected_requests": 0,
-                      "snapshots_sent": 0, "replays_sent": 0}
+                      "snapshots_sent": 0, "replays_sent": 0, "slots_rereplicated": 0}
         self._load()
 
     # -- metadata -------------------------------------------------------------------------------
@@ -221,8 +227,10 @@ class BrokerCore:
             if cluster["slots"] != self.cfg.slots or cluster["rf"] != self.cfg.rf:
                 log.warning("cluster_settings_from_metadata", slots=cluster["slots"], rf=cluster["rf"])
             self.cfg.slots, self.cfg.rf = cluster["slots"], cluster["rf"]
+            self.cluster_id = bytes(cluster.get("id", b""))
         for wid, info in self.meta.load_workers().items():
             self.workers[wid] = Worker(id=wid, data_id=info["data_id"], keys=info.get("keys", 0),
+                                       dead_since=self.clock(),
                                        disk_bytes=info.get("disk_bytes", 0),
                                        last_seen_wall=info.get("last_seen", 0.0))
         for sid, info in self.meta.load_slots().items():
@@ -692,8 +700,9 @@ class BrokerCore:
 
     def _maybe_form_cluster(self) -> None:
         alive = sorted(w.id for w in self.workers.values() if w.alive)
-        if len(alive) < self.cfg.rf:
-            log.info("waiting_for_workers", alive=len(alive), need=self.cfg.rf)
+        need = max(self.cfg.rf, self.cfg.initial_workers)
+        if len(alive) < need:
+            log.info("waiting_for_workers", alive=len(alive), need=need)
             return
         placement = slot_map(self.cfg.slots, alive, self.cfg.rf)
         for s, reps in placement.items():
@@ -705,13 +714,15 @@ class BrokerCore:
         self.meta.write(slots={s: {"replicas": sl.replicas, "last": [0, 0], "committed": 0}
                                for s, sl in self.slots.items()},
                         workers={w: self.workers[w].record() for w in alive}, durable=True)
-        self.meta.save_cluster({"formed": True, "slots": self.cfg.slots, "rf": self.cfg.rf})
+        self.cluster_id = uuid.uuid4().bytes
+        self.meta.save_cluster({"formed": True, "slots": self.cfg.slots, "rf": self.cfg.rf, "id": self.cluster_id})
         log.info("cluster_formed", workers=alive, slots=self.cfg.slots, rf=self.cfg.rf)
         for wid in alive:
             self._send_assign(self.workers[wid])
 
     def _send_assign(self, w: Worker) -> None:
-        self._to_worker(w, [W_ASSIGN, pack({"slots": sorted(w.slots), "epoch": self.epoch})])
+        self._to_worker(w, [W_ASSIGN, pack({"slots": sorted(w.slots), "epoch": self.epoch,
+                                            "cluster": self.cluster_id})])
 
     @staticmethod
     def _epoch_of(slot: Slot, seq: int) -> int | None:
@@ -858,6 +869,7 @@ class BrokerCore:
             return
         log.warning("worker_lost", worker=w.id, reason=why)
         w.alive = False
+        w.dead_since = self.clock()
         if w.identity is not None:
             self.by_identity.pop(w.identity, None)
         w.identity = None
@@ -877,8 +889,49 @@ class BrokerCore:
 
     # -- time -----------------------------------------------------------------------------------
 
+    def _rereplicate(self, now: float) -> None:
+        """Give the slots of workers dead for longer than the grace period new replicas: the best
+        placed live worker not yet holding the slot, filled by snapshot from a healthy replica.
+        The dead worker is told to drop those slots if it ever comes back."""
+        alive = [w.id for w in self.workers.values() if w.alive]
+        changed: set[str] = set()
+        for dead in self.workers.values():
+            if dead.alive or not dead.slots or now - dead.dead_since < self.cfg.grace:
+                continue
+            for s in sorted(dead.slots):
+                slot = self.slots[s]
+                if slot.recovering:
+                    continue
+                spare = [w for w in replicas_for_slot(s, alive, len(alive)) if w not in slot.replicas]
+                if not spare:
+                    continue
+                new = spare[0]
+                slot.replicas[slot.replicas.index(dead.id)] = new
+                slot.applied.pop(dead.id, None)
+                slot.applied[new] = None  # counts toward W once the snapshot is installed
+                slot.repairs.pop(new, None)
+                dead.slots.discard(s)
+                self.workers[new].slots.add(s)
+                self.dirty_slots.add(s)
+                changed.add(new)
+                self.stats["slots_rereplicated"] += 1
+                log.info("slot_rereplicated", slot=s, dead=dead.id, to=new)
+        if not changed:
+            return
+        self.persist()
+        self.meta.sync()  # the new slot map is durable before any worker acts on it
+        for wid in sorted(changed):
+            w = self.workers[wid]
+            self._send_assign(w)
+            for s in w.slots:
+                if self.slots[s].applied.get(wid) is None:
+                    self._repair(self.slots[s], wid)
+
     def tick(self) -> None:
         now = self.clock()
+        if now - self.last_rereplication >= 1.0:
+            self.last_rereplication = now
+            self._rereplicate(now)
         expiry = self.cfg.heartbeat * self.cfg.liveness
         hb = [W_HEARTBEAT, pack({"now": self.wall_ms()})]
         for w in self.workers.values():

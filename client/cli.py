@@ -54,8 +54,12 @@ def main(log_json: bool, log_level: str) -> None:
 @click.option("--heartbeat", default=1.0, show_default=True, help="Heartbeat interval, seconds.")
 @click.option("--request-timeout", default=5.0, show_default=True, help="Seconds before a request times out.")
 @click.option("--max-value", default=64 * 1024 * 1024, show_default=True, help="Largest value, bytes.")
+@click.option("--grace", default=30.0, show_default=True,
+              help="Seconds a dead worker keeps its slots before they get new replicas.")
+@click.option("--initial-workers", default=0, show_default=True,
+              help="Workers to wait for before the cluster forms (at least RF).")
 def broker(data: str, frontend: str, backend: str, replication: str, slots: int, rf: int, w: int,
-           heartbeat: float, request_timeout: float, max_value: int) -> None:
+           heartbeat: float, request_timeout: float, max_value: int, grace: float, initial_workers: int) -> None:
     """Run the broker (the master)."""
     from broker.core import BrokerConfig
     from broker.server import BrokerEndpoints, BrokerServerConfig, run_broker
@@ -66,7 +70,7 @@ def broker(data: str, frontend: str, backend: str, replication: str, slots: int,
         data_dir=data,
         endpoints=BrokerEndpoints(frontend, backend, replication),
         core=BrokerConfig(slots=slots, rf=rf, w=w, heartbeat=heartbeat, request_timeout=request_timeout,
-                          max_value=max_value),
+                          max_value=max_value, grace=grace, initial_workers=initial_workers),
     ))
 
 
@@ -195,6 +199,30 @@ def status(url: str, timeout: float, as_json: bool) -> None:
     click.echo(f"under-replicated slots: {len(under)}" + (f" ({_slot_ranges(under)})" if under else ""))
     if st["recovering_slots"]:
         click.echo(f"recovering slots: {st['recovering_slots']}")
+
+
+@main.command()
+@url_option
+@click.option("-c", "--clients", default=50, show_default=True, help="Requests in flight (all processes).")
+@click.option("-n", "--requests", default=100_000, show_default=True, help="Requests per test.")
+@click.option("-d", "--data-size", default=3, show_default=True, help="Value size, bytes.")
+@click.option("--key-size", default=16, show_default=True, help="Key size, bytes (zero-padded).")
+@click.option("-r", "--keyspace", default=0, show_default=True,
+              help="Draw keys at random from this many (0: a new key per request).")
+@click.option("-t", "--tests", default="put,get", show_default=True,
+              help="Comma list, run in order: put,get,mget,mset,delete,exists.")
+@click.option("-b", "--batch", default=10, show_default=True, help="Keys per MGET/MSET request.")
+@click.option("-P", "--procs", default=1, show_default=True, help="Client processes sharing -c.")
+@click.option("--timeout", default=10.0, show_default=True, help="Seconds before a request counts as failed.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def bench(url: str, clients: int, requests: int, data_size: int, key_size: int, keyspace: int, tests: str,
+          batch: int, procs: int, timeout: float, as_json: bool) -> None:
+    """Benchmark a cluster in the manner of redis-benchmark."""
+    from client.bench import BenchConfig, run_cli
+
+    run_cli(BenchConfig(url=url, clients=clients, requests=requests, data_size=data_size, key_size=key_size,
+                        keyspace=keyspace, tests=tuple(t.strip() for t in tests.split(",") if t.strip()),
+                        procs=procs, batch=batch, timeout=timeout), as_json)
 
 
 def _slot_ranges(slots: list[int]) -> str:

@@ -69,6 +69,8 @@ class SimCluster:
     slots: int = 8
     rf: int = 3
     w: int = 2
+    grace: float = 30.0
+    initial_workers: int = 0
     t: float = 0.0
     wall: int = 1_700_000_000_000
     drop: DropRule | None = None
@@ -86,7 +88,8 @@ class SimCluster:
 
     def _new_broker(self) -> BrokerCore:
         self.meta = MetaStore(str(self.root / "broker"))
-        cfg = BrokerConfig(slots=self.slots, rf=self.rf, w=self.w, heartbeat=1.0, request_timeout=5.0)
+        cfg = BrokerConfig(slots=self.slots, rf=self.rf, w=self.w, heartbeat=1.0, request_timeout=5.0,
+                           grace=self.grace, initial_workers=self.initial_workers)
         return BrokerCore(cfg, self.meta, clock=lambda: self.t, wall_ms=lambda: self.wall)
 
     # -- faults ---------------------------------------------------------------------------------

@@ -231,7 +231,8 @@ def test_random_fault_schedules_lose_no_acknowledged_write(tmp_path: Path, seed:
     returns (the simulation serialises clients, so the last acknowledged write of a key wins
     unless a later, unacknowledged one of it may have landed), and replicas converge."""
     rng = random.Random(seed)
-    sim = SimCluster(tmp_path, slots=4)
+    n = 3 + seed % 2  # with a fourth worker, slots of a worker gone too long move to it
+    sim = SimCluster(tmp_path, slots=4, n_workers=n, initial_workers=n, grace=5.0)
     try:
         acked: dict[bytes, bytes] = {}
         maybe: dict[bytes, set[bytes]] = {}
@@ -243,15 +244,15 @@ def test_random_fault_schedules_lose_no_acknowledged_write(tmp_path: Path, seed:
             if r < 0.04 and down is None:
                 down = rng.choice(sorted(sim.workers))
                 sim.kill_worker(down)
-            elif r < 0.08 and down is not None:
+            elif r < 0.06 and down is not None:
                 sim.start_worker(down)
                 down = None
-            elif r < 0.10:
+            elif r < 0.08:
                 lossy = rng.choice([None, *sorted(sim.workers)])
-            elif r < 0.12:
+            elif r < 0.09:
                 sim.restart_broker()
             elif r < 0.2:
-                sim.advance(rng.choice([0.2, 1.0, 3.5]))
+                sim.advance(rng.choice([0.2, 1.0, 3.5, 6.0]))
             key = b"k%d" % rng.randrange(12)
             if rng.random() < 0.6:
                 value = b"s%d-%d" % (seed, step)
@@ -281,8 +282,11 @@ def test_random_fault_schedules_lose_no_acknowledged_write(tmp_path: Path, seed:
         for key, value in acked.items():
             got = sim.get(key)
             assert got in {value} | maybe.get(key, set()), (seed, key, got, value)
-        datas = [sim.worker_data(w) for w in sorted(sim.workers)]
-        assert datas[0] == datas[1] == datas[2], seed
+        for s, slot in sim.broker.slots.items():
+            assert len(slot.replicas) == 3
+            copies = [{k: v for k, v in sim.worker_data(w).items() if slot_for_key(k, sim.slots) == s}
+                      for w in slot.replicas]
+            assert copies[0] == copies[1] == copies[2], (seed, s)
     finally:
         sim.close()
 
@@ -346,3 +350,35 @@ def test_a_write_a_worker_cannot_store_does_not_crash_it(sim: SimCluster) -> Non
     failing = False
     sim.advance(3.0)
     assert sim.worker_data("w1")[b"k"] == b"v"
+
+
+def test_slots_of_a_worker_gone_past_the_grace_period_get_new_replicas(tmp_path: Path) -> None:
+    sim = SimCluster(tmp_path, n_workers=4, initial_workers=4, grace=10.0)
+    try:
+        for i in range(60):
+            assert sim.put(b"k%d" % i, b"v%d" % i)["ok"]
+        held = set(sim.broker.workers["w1"].slots)
+        assert held
+        sim.kill_worker("w1")
+        sim.advance(5.0)
+        assert sim.broker.workers["w1"].slots == held  # within the grace period nothing moves
+        sim.advance(12.0)  # dead after 3 s of silence, then 10 s of grace, then the snapshots
+        st = sim.broker.status()
+        assert st["under_replicated_slots"] == []
+        assert sim.broker.workers["w1"].slots == set()
+        for s, slot in sim.broker.slots.items():
+            assert len(slot.replicas) == 3 and "w1" not in slot.replicas
+            data = [sim.worker_data(w) for w in slot.replicas]
+            keys = {k for k in data[0] if slot_for_key(k, sim.slots) == s}
+            for d in data[1:]:
+                assert {k for k in d if slot_for_key(k, sim.slots) == s} == keys
+        for i in range(60):
+            assert sim.get(b"k%d" % i) == b"v%d" % i
+        # The old worker comes back: its copies of the moved slots are stale and are dropped.
+        sim.start_worker("w1")
+        sim.advance(1.0)
+        w1 = sim.workers["w1"].core
+        assert w1 is not None and w1.assigned == set()
+        assert sim.worker_data("w1") == {}
+    finally:
+        sim.close()

@@ -80,9 +80,7 @@ class WorkerCore:
             if body:
                 self.broker_now = max(self.broker_now, int(unpack(body[0]).get("now", 0)))
         elif cmd == W_ASSIGN:
-            added, removed = self.on_assign(list(unpack(body[0])["slots"]))
-            self.subscriptions_changed = True
-            log.info("slots_assigned", slots=len(self.assigned), added=len(added), removed=len(removed))
+            self.on_assign_message(unpack(body[0]))
         elif cmd == W_SNAPSHOT_REQUEST:
             info = unpack(body[0])
             self.outbox.extend(self.snapshot_parts(int(info["slot"]), bytes(info["token"])))
@@ -190,6 +188,28 @@ class WorkerCore:
         return len(batch)
 
     # -- assignment -----------------------------------------------------------------------------
+
+    def on_assign_message(self, info: dict) -> None:
+        cluster = bytes(info.get("cluster", b""))
+        mine = self.store.cluster_id
+        if mine and cluster != mine:
+            # A broker that does not know this worker's cluster (its metadata was lost or it is
+            # another cluster): taking its slot map would drop this worker's data. Refuse.
+            log.error("assignment_from_another_cluster_refused", ours=mine.hex(), theirs=cluster.hex())
+            return
+        if not mine and cluster:
+            self.store.set_cluster_id(cluster)
+        added, removed = self.on_assign(list(info["slots"]))
+        self.subscriptions_changed = True
+        # Slots given to other workers while this one was away: its copies are stale, drop them.
+        stale = (removed | set(self.store.positions)) - self.assigned
+        if stale:
+            self.flush()
+            for s in stale:
+                self.store.drop_slot(s)
+                self.pos.pop(s, None)
+        log.info("slots_assigned", slots=len(self.assigned), added=len(added), removed=len(removed),
+                 dropped=len(stale))
 
     def on_assign(self, slots: list[int]) -> tuple[set[int], set[int]]:
         """New slot set; returns (added, removed) so the loop can change its subscriptions."""

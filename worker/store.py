@@ -131,6 +131,22 @@ class SlotStore:
             txn.put(b"p" + prefix, POSITION.pack(pos.epoch, pos.seq), db=self.meta)
         self.positions[slot] = pos
 
+    def drop_slot(self, slot: int) -> None:
+        """Forget a slot this worker no longer holds: its records and its position."""
+        with self.env.begin(write=True) as txn:
+            self._delete_slot(txn, slot)
+            txn.delete(b"p" + SLOT_PREFIX.pack(slot), db=self.meta)
+        self.positions.pop(slot, None)
+
+    @property
+    def cluster_id(self) -> bytes:
+        with self.env.begin() as txn:
+            return bytes(txn.get(b"cluster", b"", db=self.meta))
+
+    def set_cluster_id(self, cluster_id: bytes) -> None:
+        with self.env.begin(write=True) as txn:
+            txn.put(b"cluster", cluster_id, db=self.meta)
+
     def _delete_slot(self, txn: lmdb.Transaction, slot: int) -> None:
         prefix = SLOT_PREFIX.pack(slot)
         cur = txn.cursor(db=self.data)
