@@ -24,6 +24,7 @@ import json
 import multiprocessing as mp
 import queue
 import random
+import signal
 import threading
 import time
 import traceback
@@ -34,6 +35,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
+import click
 import msgpack
 import zmq
 
@@ -296,6 +298,9 @@ class Pipeline:
                         if header.get("id") is None and not header.get("ok"):
                             raise BenchError(f"the broker refused a request: {header}")
                         continue  # a reply after its request timed out: already counted
+                    if t1 - t0 > timeout_ns:  # answered, but later than the timeout: as if unanswered
+                        errors[CLIENT_TIMEOUT_KIND] = errors.get(CLIENT_TIMEOUT_KIND, 0) + 1
+                        continue
                     if latencies is not None:
                         latencies.append((t1 - t0) // 1000)
                     if header.get("ok"):
@@ -303,8 +308,6 @@ class Pipeline:
                     else:
                         kind = str(header.get("code", "UNKNOWN"))
                         errors[kind] = errors.get(kind, 0) + 1
-                    if t1 - t0 > timeout_ns:  # answered, but later than the bench's timeout
-                        errors[CLIENT_TIMEOUT_KIND] = errors.get(CLIENT_TIMEOUT_KIND, 0) + 1
             now = time.monotonic()
             if now >= next_check:
                 next_check = now + CHECK_INTERVAL
@@ -330,11 +333,11 @@ class Workload:
             return [self.rng.randrange(self.cfg.keyspace) for _ in range(n)]
         return list(range(first, first + n))
 
-    def requests(self, op: str, count: int) -> Iterator[Request]:
-        """``count`` requests of ``op``: this process takes every procs-th request number."""
+    def requests(self, op: str) -> Iterator[Request]:
+        """This process's requests of ``op``: every procs-th of the run's request numbers."""
         cfg = self.cfg
         per = cfg.batch if op in BATCH_OPS else 1
-        for j in range(self.proc, count * cfg.procs, cfg.procs):
+        for j in range(self.proc, cfg.requests, cfg.procs):
             keys = [make_key(i, cfg.key_size) for i in self._indices(j * per, per)]
             if op == "put":
                 yield Request({"op": op, "key": keys[0]}, [self.value])
@@ -394,7 +397,7 @@ def run_process(cfg: BenchConfig, proc: int, sync: Sync, emit: Callable[[tuple[A
             count = split(cfg.requests, cfg.procs, proc)
             result = ProcResult(phase.op, proc, time.monotonic(), 0.0)
             work.ok = work.misses = 0
-            pipe.run(work.requests(phase.op, count), count, work.judge(phase.op), result.latencies_us,
+            pipe.run(work.requests(phase.op), count, work.judge(phase.op), result.latencies_us,
                      result.errors)
             result.end = time.monotonic()
             result.ok, result.misses = work.ok, work.misses
@@ -539,3 +542,39 @@ def to_json(cfg: BenchConfig, summaries: list[OpSummary]) -> str:
         "ok": total_errors == 0,
     }
     return json.dumps(doc, indent=2)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def run_cli(cfg: BenchConfig, as_json: bool) -> None:
+    """``zkv bench``: run, print each phase as it completes (or one JSON object), exit 1 on errors."""
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+
+    def report(summary: OpSummary) -> None:
+        if not as_json:
+            click.echo(format_summary(summary, cfg))
+
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # stop the client processes on SIGTERM too
+    try:
+        summaries = run_bench(cfg, report)
+    except BenchError as e:
+        raise click.ClickException(str(e)) from None
+    except KeyboardInterrupt:
+        click.echo("zkv bench: interrupted", err=True)
+        raise SystemExit(130) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if as_json:
+        click.echo(to_json(cfg, summaries))
+    elif len(summaries) > 1:
+        click.echo(format_table(summaries))
+    failed = [s for s in summaries if s.errors]
+    if failed:
+        detail = "; ".join(f"{s.op}: {s.errors} of {s.requests} ({s.errors_by_kind})" for s in failed)
+        click.echo(f"zkv bench: the run had errors: {detail}", err=True)
+        raise SystemExit(1)
