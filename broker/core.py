@@ -136,6 +136,7 @@ class Request:
     committed: bool = False  # writes: every part committed; a retry gets the stored answer
     parts: list[list[int]] = field(default_factory=list)  # writes: [slot, epoch, seq]
     dedup_key: tuple[bytes, int] | None = None
+    maybe_retry: bool = True  # false when the client says this is its first attempt
 
 
 @dataclass
@@ -366,7 +367,8 @@ class BrokerCore:
             raise BadRequest(ErrorCode.UNAVAILABLE,
                              f"cluster not formed: waiting for {self.cfg.rf} workers to register")
         now = self.clock()
-        req = Request(rid, identity, cid, op, now + self.cfg.request_timeout, keys, [None] * len(keys))
+        req = Request(rid, identity, cid, op, now + self.cfg.request_timeout, keys, [None] * len(keys),
+                      maybe_retry=header.get("retry") is not False)
         if op in ("get", "exists", "mget"):
             self._start_read(req)
         else:
@@ -395,7 +397,7 @@ class BrokerCore:
         by_slot: dict[int, list[int]] = {}
         for i, k in enumerate(req.keys):
             by_slot.setdefault(slot_for_key(k, self.cfg.slots), []).append(i)
-        if req.cid:
+        if req.cid and req.maybe_retry:  # a first attempt cannot have been sequenced before
             parts = self.meta.lookup_dedup(req.cid, req.id)
             if parts is not None:
                 by_slot = self._settle_from_before_restart(req, parts, by_slot)

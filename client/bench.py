@@ -279,6 +279,7 @@ class Pipeline:
                 self.next_id += 1
                 req.header["id"] = rid
                 req.header["cid"] = self.cid
+                req.header["retry"] = False  # never resent: spare the broker the look-up of earlier attempts
                 sock.send_multipart([MDPC, C_REQUEST, SERVICE, packer.pack(req.header), *req.values])
                 inflight[rid] = now_ns()
                 deadlines.append((time.monotonic() + self.timeout, rid))

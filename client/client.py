@@ -106,8 +106,10 @@ class Client:
     def request(self, op: str, header: dict[str, Any], values: list[bytes] | None = None) -> tuple[dict, list]:
         """Send one kv request with retries; returns (reply header, value frames) or raises."""
         rid = next(self._ids)
-        hdr = {"op": op, "id": rid, "cid": self.client_id, **header}
+        # "retry": false on the first attempt spares the broker a look-up of earlier attempts.
+        hdr = {"op": op, "id": rid, "cid": self.client_id, "retry": False, **header}
         body = [pack(hdr), *(values or [])]
+        first = True
         deadline = time.monotonic() + self.timeout
         backoff = 0.05
         last_error: ZkvError | None = None
@@ -115,6 +117,10 @@ class Client:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise last_error or ZkvTimeout(f"no reply from {self.url} within {self.timeout}s")
+            if not first:
+                hdr["retry"] = True
+                body[0] = pack(hdr)
+            first = False
             reply = self._roundtrip(SERVICE, body, rid, min(left, self.attempt_timeout))
             if reply is None:
                 self._open()  # drop whatever the old socket still queues for a dead broker

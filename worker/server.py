@@ -92,7 +92,7 @@ class WorkerServer:
         self.poller = zmq.Poller()
         self.poller.register(self.sub, zmq.POLLIN)
         self.broker_seen = 0.0
-        self.last_sent = 0.0
+        self.last_heartbeat = 0.0
         self.stopping = False
         self.process_id = uuid.uuid4().bytes
 
@@ -129,7 +129,6 @@ class WorkerServer:
     def send(self, frames: list[bytes]) -> None:
         assert self.dealer is not None
         self.dealer.send_multipart([MDPW, *frames], copy=False)
-        self.last_sent = time.monotonic()
 
     def flush_outbox(self) -> None:
         out, self.core.outbox = self.core.outbox, []
@@ -158,7 +157,9 @@ class WorkerServer:
                     self._drain_dealer(now)
                 self.core.flush()
                 self.flush_outbox()
-                if now - self.last_sent >= self.cfg.heartbeat:
+                if now - self.last_heartbeat >= self.cfg.heartbeat:
+                    # Every interval, busy or idle: it carries the stats `zkv status` shows.
+                    self.last_heartbeat = now
                     self.send([W_HEARTBEAT, pack({**self.store.stats(), "clock_ms": self.wall_clock_ms(),
                                                       "applied": self.core.applied_total,
                                                       "commits": self.core.commits})])
