@@ -126,12 +126,14 @@ class Cluster:
         return self.root / wid
 
     def start_worker(self, wid: str, extra: list[str] | None = None, data: Path | None = None,
-                     prefix: list[str] | None = None) -> Proc:
+                     name: str | None = None) -> Proc:
+        """Start ``zkv worker --id wid``; ``name`` (default: the id) names the process in ``procs``."""
         args = ["worker", "--id", wid, "--data", str(data or self.worker_dir(wid)), "--broker", self.backend,
                 "--replication", self.replication, "--heartbeat", str(self.heartbeat),
                 "--map-size", str(1 << 30), *(extra or [])]
-        p = Proc(wid, args, self.root / "logs" / f"{wid}.log", self.env)
-        self.procs[wid] = p
+        name = name or wid
+        p = Proc(name, args, self.root / "logs" / f"{name}.log", self.env)
+        self.procs[name] = p
         p.start()
         return p
 
