@@ -36,6 +36,7 @@ from protocol.wire import (
     MAX_KEY_BYTES,
     MDPC,
     MDPW,
+    MMI_ADMIN,
     MMI_SERVICE,
     MMI_STATUS,
     OP_DELETE,
@@ -68,7 +69,9 @@ MAX_KEYS_PER_REQUEST = 10_000
 MAX_TTL_MS = 100 * 365 * 24 * 3600 * 1000  # a century
 TAIL_ENTRIES = 512  # per slot, kept in memory for gap repair
 TAIL_BYTES = 256 * 1024  # per slot
-REPAIR_RETRY = 2.0  # s before a repair that has not finished is started again
+REPAIR_RETRY = 2.0
+STALLED_TRANSFER = 10.0  # s without a snapshot part before a transfer is abandoned
+TICK_SECONDS = 0.1  # how often the loop calls tick()  # s before a repair that has not finished is started again
 LAG_GRACE = 1.0  # s a replica may trail the slot's last write before the broker repairs it
 DEDUP_MEMORY = 100_000
 
@@ -94,6 +97,9 @@ class BrokerConfig:
     liveness: int = 3
     request_timeout: float = 5.0
     grace: float = 30.0  # s a dead worker keeps its slots before they are given new replicas
+    auto_rebalance: bool = True  # move slots to joining workers without being asked
+    move_concurrency: int = 4  # slot moves in flight at once
+    copy_rate: int = 64 * 1024 * 1024  # bytes/s of snapshot data the broker relays (moves and repairs)
     initial_workers: int = 0  # workers to wait for before forming the cluster (at least RF)
     max_value: int = DEFAULT_MAX_VALUE_BYTES
     max_key: int = MAX_KEY_BYTES
@@ -115,11 +121,14 @@ class Worker:
     commits: int = 0  # LMDB commits (fsyncs) since the worker started
     keys: int = 0
     disk_bytes: int = 0
-    slots: set[int] = field(default_factory=set)
+    slots: set[int] = field(default_factory=set)  # slots it is a replica of
+    learning: set[int] = field(default_factory=set)  # slots being moved to it (not replicas yet)
+    draining: bool = False  # every slot is to move away from it
 
     def record(self) -> dict[str, Any]:
         return {"data_id": self.data_id, "state": "alive" if self.alive else "dead",
-                "last_seen": self.last_seen_wall, "keys": self.keys, "disk_bytes": self.disk_bytes}
+                "last_seen": self.last_seen_wall, "keys": self.keys, "disk_bytes": self.disk_bytes,
+                "draining": self.draining}
 
 
 @dataclass
@@ -178,10 +187,40 @@ class Slot:
     epochs: list[tuple[int, int]] = field(default_factory=list)
     recovering: bool = False
     reported: dict[str, Pos] = field(default_factory=dict)
+    learners: list[str] = field(default_factory=list)  # workers a move is filling; not counted for W or reads
     waiting_reads: list[ReadPart] = field(default_factory=list)  # no replica qualifies yet
     held_reads: list[ReadPart] = field(default_factory=list)  # answered, waiting for commit
     last_write: float = 0.0
     repairs: dict[str, float] = field(default_factory=dict)  # worker -> when started
+
+
+@dataclass
+class Transfer:
+    """A slot snapshot relayed from a donor to a receiver, one part at a time (pulled by the
+    broker, so it is throttled and never floods a socket)."""
+
+    token: bytes
+    slot: int
+    donor: str
+    receiver: str
+    started: float
+    last_activity: float
+    next_part: int = 0
+    keys: int = 0
+    bytes: int = 0
+    total_keys: int = 0
+    total_bytes: int = 0
+
+
+@dataclass
+class Move:
+    """Slot ``slot`` gets replica ``add`` (filled as a learner) in place of ``remove``."""
+
+    slot: int
+    add: str
+    remove: str
+    reason: str
+    started: float
 
 
 @dataclass
@@ -207,7 +246,11 @@ class BrokerCore:
         self.slots: dict[int, Slot] = {}
         self.requests: dict[int, Request] = {}
         self.worker_reads: dict[bytes, WorkerRead] = {}
-        self.snapshots: dict[bytes, tuple[str, int]] = {}  # token -> (receiver, slot)
+        self.transfers: dict[bytes, Transfer] = {}
+        self.moves: dict[int, Move] = {}
+        self.rebalance_requested = False
+        self.copy_budget = float(cfg.copy_rate)  # token bucket for relayed snapshot bytes
+        self.throttled: list[Transfer] = []  # transfers waiting for budget before their next part
         self.dedup: OrderedDict[tuple[bytes, int], Request] = OrderedDict()
         self.cluster_id = b""
         self.last_rereplication = 0.0
@@ -217,7 +260,8 @@ class BrokerCore:
         self.dirty_workers: set[str] = set()
         self.dirty_dedup: list[tuple[bytes, int, list[list[int]]]] = []
         self.stats = {"writes_committed": 0, "reads_served": 0, "bad_requests": 0, "rejected_requests": 0,
-                      "snapshots_sent": 0, "replays_sent": 0, "slots_rereplicated": 0}
+                      "snapshots_sent": 0, "replays_sent": 0, "slots_rereplicated": 0,
+                      "slots_moved": 0, "moves_abandoned": 0}
         self._load()
 
     # -- metadata -------------------------------------------------------------------------------
@@ -231,7 +275,7 @@ class BrokerCore:
             self.cluster_id = bytes(cluster.get("id", b""))
         for wid, info in self.meta.load_workers().items():
             self.workers[wid] = Worker(id=wid, data_id=info["data_id"], keys=info.get("keys", 0),
-                                       dead_since=self.clock(),
+                                       dead_since=self.clock(), draining=bool(info.get("draining", False)),
                                        disk_bytes=info.get("disk_bytes", 0),
                                        last_seen_wall=info.get("last_seen", 0.0))
         for sid, info in self.meta.load_slots().items():
@@ -291,6 +335,14 @@ class BrokerCore:
             return
         if service == MMI_STATUS:
             self.out_client.append((identity, [MDPC, C_FINAL, MMI_STATUS, pack(self.status())]))
+            return
+        if service == MMI_ADMIN:
+            try:
+                cmd = unpack(frames[3])
+                reply = self.admin(cmd) if isinstance(cmd, dict) else {"ok": False, "message": "expected a map"}
+            except Exception as e:
+                reply = {"ok": False, "message": f"bad admin request: {e}"}
+            self.out_client.append((identity, [MDPC, C_FINAL, MMI_ADMIN, pack(reply)]))
             return
         if service.startswith(b"mmi."):
             self.out_client.append((identity, [MDPC, C_FINAL, service, b"501"]))
@@ -723,7 +775,7 @@ class BrokerCore:
             self._send_assign(self.workers[wid])
 
     def _send_assign(self, w: Worker) -> None:
-        self._to_worker(w, [W_ASSIGN, pack({"slots": sorted(w.slots), "epoch": self.epoch,
+        self._to_worker(w, [W_ASSIGN, pack({"slots": sorted(w.slots | w.learning), "epoch": self.epoch,
                                             "cluster": self.cluster_id})])
 
     @staticmethod
@@ -786,7 +838,7 @@ class BrokerCore:
     def _on_ack(self, w: Worker, ack: dict[str, Any]) -> None:
         for s, e, q in ack.get("pos", []):
             slot = self.slots.get(int(s))
-            if slot is None or w.id not in slot.replicas or slot.recovering:
+            if slot is None or slot.recovering or (w.id not in slot.replicas and w.id not in slot.learners):
                 continue
             pos = Pos(int(q), int(e))
             if not (pos.epoch == self.epoch and pos.seq <= slot.last.seq) and not self._in_history(slot, pos):
@@ -807,13 +859,16 @@ class BrokerCore:
             slot = self.slots.get(int(s))
             if slot is not None and not slot.recovering:
                 self._advance_commit(slot)
+                move = self.moves.get(slot.id)
+                if move is not None and move.add == w.id:
+                    self._maybe_finish_move(move)
                 if slot.waiting_reads:
                     waiting, slot.waiting_reads = slot.waiting_reads, []
                     self._dispatch_reads(waiting)
 
     def _on_nack(self, w: Worker, s: int, pos: Pos) -> None:
         slot = self.slots.get(s)
-        if slot is None or w.id not in slot.replicas or slot.recovering:
+        if slot is None or slot.recovering or (w.id not in slot.replicas and w.id not in slot.learners):
             return
         slot.applied[w.id] = pos if self._in_history(slot, pos) else None
         self._repair(slot, w.id, force=True)
@@ -839,6 +894,8 @@ class BrokerCore:
                 return
         if pos is not None and pos == slot.last:
             return
+        if any(t.slot == slot.id and t.receiver == wid for t in self.transfers.values()):
+            return  # a snapshot is on its way (a stalled one is abandoned by the tick)
         donors = [d for d in slot.replicas if d != wid and self.workers.get(d) and self.workers[d].alive
                   and slot.applied.get(d) is not None and slot.applied[d].seq >= slot.committed]
         if not donors:
@@ -847,24 +904,56 @@ class BrokerCore:
             return
         donor = max(donors, key=lambda d: slot.applied[d])
         token = next(self._ids).to_bytes(8, "big")
-        self.snapshots[token] = (wid, slot.id)
+        t = Transfer(token, slot.id, donor, wid, started=now, last_activity=now)
+        self.transfers[token] = t
         slot.repairs[wid] = now
         slot.applied[wid] = None  # its data is being replaced; it counts again once installed
         self.stats["snapshots_sent"] += 1
-        log.info("snapshot_repair", slot=slot.id, to=wid, donor=donor)
-        self._to_worker(self.workers[donor], [W_SNAPSHOT_REQUEST, pack({"slot": slot.id, "token": token})])
+        log.info("snapshot_transfer", slot=slot.id, to=wid, donor=donor)
+        self._request_part(t)
+
+    def _request_part(self, t: Transfer) -> None:
+        self._to_worker(self.workers[t.donor], [W_SNAPSHOT_REQUEST,
+                                                pack({"slot": t.slot, "token": t.token, "part": t.next_part})])
 
     def _on_snapshot_part(self, donor: Worker, body: list[bytes]) -> None:
         hdr = unpack(body[0])
-        token = bytes(hdr["token"])
-        target = self.snapshots.get(token)
-        if target is None:
+        t = self.transfers.get(bytes(hdr["token"]))
+        if t is None or t.donor != donor.id:
             return
+        if hdr.get("error") or int(hdr.get("part", -1)) != t.next_part:
+            log.warning("snapshot_transfer_failed", slot=t.slot, donor=t.donor, error=hdr.get("error"))
+            self._end_transfer(t)
+            return
+        w = self.workers.get(t.receiver)
+        if w is None or not w.alive:
+            self._end_transfer(t)
+            return
+        self._to_worker(w, [W_SNAPSHOT_DELIVER, *body])
+        now = self.clock()
+        size = sum(len(f) for f in body)
+        t.last_activity = now
+        t.keys += (len(body) - 1) // 2
+        t.bytes += size
+        if t.next_part == 0:
+            t.total_keys, t.total_bytes = int(hdr.get("total_keys", 0)), int(hdr.get("total_bytes", 0))
+        t.next_part += 1
         if hdr.get("last"):
-            del self.snapshots[token]
-        w = self.workers.get(target[0])
-        if w is not None and w.alive:
-            self._to_worker(w, [W_SNAPSHOT_DELIVER, *body])
+            del self.transfers[t.token]
+            return
+        self.copy_budget -= size
+        if self.copy_budget >= 0:
+            self._request_part(t)
+        else:
+            self.throttled.append(t)
+
+    def _end_transfer(self, t: Transfer) -> None:
+        self.transfers.pop(t.token, None)
+        if t in self.throttled:
+            self.throttled.remove(t)
+        slot = self.slots.get(t.slot)
+        if slot is not None:
+            slot.repairs.pop(t.receiver, None)  # the tick starts another one
 
     def _worker_lost(self, w: Worker, why: str) -> None:
         if not w.alive:
@@ -881,9 +970,12 @@ class BrokerCore:
             if wr.worker == w.id:
                 del self.worker_reads[token]
                 redo.extend(wr.parts)
-        for token, (recv, _s) in list(self.snapshots.items()):
-            if recv == w.id:
-                del self.snapshots[token]
+        for t in list(self.transfers.values()):
+            if w.id in (t.receiver, t.donor):
+                self._end_transfer(t)
+        for move in list(self.moves.values()):
+            if move.add == w.id:
+                self._abandon_move(move, f"target {w.id} lost")
         for s in w.slots:
             self.slots[s].repairs.pop(w.id, None) if s in self.slots else None
         if redo:
@@ -902,9 +994,10 @@ class BrokerCore:
                 continue
             for s in sorted(dead.slots):
                 slot = self.slots[s]
-                if slot.recovering:
+                if slot.recovering or s in self.moves:
                     continue
-                spare = [w for w in replicas_for_slot(s, alive, len(alive)) if w not in slot.replicas]
+                spare = [w for w in replicas_for_slot(s, alive, len(alive))
+                         if w not in slot.replicas and not self.workers[w].draining]
                 if not spare:
                     continue
                 new = spare[0]
@@ -929,11 +1022,171 @@ class BrokerCore:
                 if self.slots[s].applied.get(wid) is None:
                     self._repair(self.slots[s], wid)
 
+    # -- membership: moves, drain, remove, rebalance ---------------------------------------------
+
+    def members(self, now: float) -> list[str]:
+        """Workers the placement aims at: not draining, and alive or dead for less than the grace
+        period (a brief death must not move data; re-replication handles a long one)."""
+        return sorted(w.id for w in self.workers.values()
+                      if not w.draining and (w.alive or now - w.dead_since < self.cfg.grace))
+
+    def target(self, s: int, members: list[str]) -> list[str]:
+        return replicas_for_slot(s, members, self.cfg.rf)
+
+    def misplaced(self, now: float) -> list[int]:
+        members = self.members(now)
+        if len(members) < self.cfg.rf:
+            return []
+        return [s for s, slot in self.slots.items() if set(slot.replicas) != set(self.target(s, members))]
+
+    def _plan_moves(self, now: float) -> None:
+        """Start moves toward the target placement, a few at a time: always away from draining
+        workers; toward other workers when auto-rebalance is on or a rebalance was asked for."""
+        if not self.slots or any(sl.recovering for sl in self.slots.values()):
+            return
+        members = self.members(now)
+        if len(members) < self.cfg.rf:
+            return
+        for s, slot in self.slots.items():
+            if len(self.moves) >= self.cfg.move_concurrency:
+                return
+            if s in self.moves:
+                continue
+            target = self.target(s, members)
+            removes = [w for w in slot.replicas if w not in target]
+            adds = [w for w in target if w not in slot.replicas and self.workers[w].alive]
+            if not removes or not adds:
+                continue
+            draining = [w for w in removes if self.workers[w].draining]
+            if not (draining or self.cfg.auto_rebalance or self.rebalance_requested):
+                continue
+            remove = (draining or removes)[0]
+            self._start_move(Move(s, adds[0], remove, "drain" if draining else "rebalance", now))
+        if self.rebalance_requested and not self.moves and not self.misplaced(now):
+            self.rebalance_requested = False
+
+    def _start_move(self, move: Move) -> None:
+        slot = self.slots[move.slot]
+        self.moves[move.slot] = move
+        slot.learners.append(move.add)
+        slot.applied[move.add] = None
+        slot.repairs.pop(move.add, None)
+        w = self.workers[move.add]
+        w.learning.add(move.slot)
+        self._send_assign(w)
+        log.info("move_started", slot=move.slot, add=move.add, remove=move.remove, reason=move.reason)
+        self._repair(slot, move.add)
+
+    def _maybe_finish_move(self, move: Move) -> None:
+        """Switch ownership once the new replica has everything committed: one metadata change,
+        fsynced; no write waits for it (pending writes commit on the new replica set)."""
+        slot = self.slots[move.slot]
+        p = slot.applied.get(move.add)
+        if p is None or p.seq < slot.committed or move.remove not in slot.replicas:
+            if move.remove not in slot.replicas:
+                self._abandon_move(move, "replica set changed")
+            return
+        slot.replicas[slot.replicas.index(move.remove)] = move.add
+        slot.learners.remove(move.add)
+        slot.applied.pop(move.remove, None)
+        add, remove = self.workers[move.add], self.workers[move.remove]
+        add.learning.discard(move.slot)
+        add.slots.add(move.slot)
+        remove.slots.discard(move.slot)
+        del self.moves[move.slot]
+        self.dirty_slots.add(move.slot)
+        self.persist()
+        self.meta.sync()  # the new owner is durable before the old one drops its copy
+        self.stats["slots_moved"] += 1
+        log.info("move_finished", slot=move.slot, add=move.add, remove=move.remove,
+                 seconds=round(self.clock() - move.started, 3))
+        self._send_assign(add)
+        self._send_assign(remove)
+
+    def _abandon_move(self, move: Move, why: str) -> None:
+        slot = self.slots[move.slot]
+        if move.add in slot.learners:
+            slot.learners.remove(move.add)
+        slot.applied.pop(move.add, None)
+        w = self.workers.get(move.add)
+        if w is not None:
+            w.learning.discard(move.slot)
+            if w.alive:
+                self._send_assign(w)
+        for t in list(self.transfers.values()):
+            if t.slot == move.slot and t.receiver == move.add:
+                self._end_transfer(t)
+        self.moves.pop(move.slot, None)
+        self.stats["moves_abandoned"] += 1
+        log.warning("move_abandoned", slot=move.slot, add=move.add, remove=move.remove, reason=why)
+
+    def admin(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        """Operator commands (service mmi.admin): drain, undrain, remove, rebalance."""
+        op, wid = cmd.get("cmd"), cmd.get("worker")
+        now = self.clock()
+        if op == "rebalance":
+            if not self.slots:
+                return {"ok": False, "message": "the cluster has not formed yet"}
+            self.rebalance_requested = True
+            self._plan_moves(now)
+            return {"ok": True, "message": f"{len(self.misplaced(now))} slots to move"}
+        w = self.workers.get(str(wid))
+        if w is None:
+            return {"ok": False, "message": f"no worker {wid!r}"}
+        if op == "drain":
+            others = [m for m in self.members(now) if m != w.id]
+            if len(others) < self.cfg.rf:
+                return {"ok": False, "message": f"draining {w.id} would leave {len(others)} workers; RF is "
+                                                f"{self.cfg.rf}: add a worker first"}
+            w.draining = True
+            self.dirty_workers.add(w.id)
+            self._plan_moves(now)
+            return {"ok": True, "message": f"draining {w.id}: {len(w.slots)} slots to move"}
+        if op == "undrain":
+            w.draining = False
+            self.dirty_workers.add(w.id)
+            return {"ok": True, "message": f"{w.id} takes slots again"}
+        if op == "remove":
+            if w.slots or w.learning:
+                return {"ok": False, "message": f"{w.id} still holds {len(w.slots)} slots: drain it first"}
+            if w.alive:
+                return {"ok": False, "message": f"{w.id} is still running: stop it first"}
+            del self.workers[w.id]
+            self.dirty_workers.discard(w.id)
+            self.meta.delete_worker(w.id)
+            log.info("worker_removed", worker=w.id)
+            return {"ok": True, "message": f"{w.id} removed"}
+        return {"ok": False, "message": f"unknown admin command {op!r}"}
+
+    def moves_status(self) -> list[dict[str, Any]]:
+        now = self.clock()
+        out = []
+        for m in sorted(self.moves.values(), key=lambda m: m.slot):
+            t = next((t for t in self.transfers.values() if t.slot == m.slot and t.receiver == m.add), None)
+            elapsed = max(now - m.started, 1e-6)
+            copied = t.bytes if t else 0
+            rate = copied / elapsed
+            left = max((t.total_bytes if t else 0) - copied, 0)
+            out.append({"slot": m.slot, "from": m.remove, "to": m.add, "reason": m.reason,
+                        "keys_copied": t.keys if t else 0, "keys_total": t.total_keys if t else 0,
+                        "bytes_copied": copied, "bytes_total": t.total_bytes if t else 0,
+                        "rate_bytes_per_s": round(rate), "eta_s": round(left / rate, 1) if rate > 0 else None,
+                        "state": "copying" if t else "catching up", "elapsed_s": round(elapsed, 3)})
+        return out
+
     def tick(self) -> None:
         now = self.clock()
         if now - self.last_rereplication >= 1.0:
             self.last_rereplication = now
             self._rereplicate(now)
+            self._plan_moves(now)
+            for t in list(self.transfers.values()):
+                if now - t.last_activity > STALLED_TRANSFER:
+                    log.warning("snapshot_transfer_stalled", slot=t.slot, donor=t.donor, to=t.receiver)
+                    self._end_transfer(t)
+        self.copy_budget = min(self.copy_budget + self.cfg.copy_rate * TICK_SECONDS, float(self.cfg.copy_rate))
+        while self.throttled and self.copy_budget >= 0:
+            self._request_part(self.throttled.pop(0))
         expiry = self.cfg.heartbeat * self.cfg.liveness
         hb = [W_HEARTBEAT, pack({"now": self.wall_ms()})]
         for w in self.workers.values():
@@ -956,10 +1209,13 @@ class BrokerCore:
                 slot.held_reads = [p for p in slot.held_reads if not p.request.done]
             if slot.recovering:
                 continue
-            for wid in slot.replicas:
+            for wid in slot.replicas + slot.learners:
                 p = slot.applied.get(wid)
                 if (p is None or p.seq < slot.last.seq) and now - slot.last_write > LAG_GRACE:
                     self._repair(slot, wid)
+            move = self.moves.get(slot.id)
+            if move is not None:
+                self._maybe_finish_move(move)
 
     # -- status ---------------------------------------------------------------------------------
 
@@ -990,11 +1246,14 @@ class BrokerCore:
                  "last_heartbeat_ago": round(now_wall - w.last_seen_wall, 3) if w.last_seen_wall else None,
                  "slots": len(w.slots), "keys": w.keys, "disk_bytes": w.disk_bytes,
                  "behind_slots": self._behind(w), "clock_offset_ms": w.clock_offset_ms,
-                 "applied": w.applied, "commits": w.commits}
+                 "applied": w.applied, "commits": w.commits, "draining": w.draining,
+                 "learning": len(w.learning)}
                 for w in sorted(self.workers.values(), key=lambda w: w.id)
             ],
             "under_replicated_slots": under,
             "recovering_slots": sum(1 for s in self.slots.values() if s.recovering),
             "committed_writes": sum(s.committed for s in self.slots.values()),
+            "moves": self.moves_status(),
+            "misplaced_slots": len(self.misplaced(self.clock())),
             **self.stats,
         }

@@ -87,6 +87,11 @@ class MetaStore:
         if durable:
             self.env.sync(True)
 
+    def delete_worker(self, wid: str) -> None:
+        with self.env.begin(write=True) as txn:
+            txn.delete(wid.encode(), db=self.workers)
+        self.env.sync(True)
+
     def lookup_dedup(self, cid: bytes, rid: int) -> list[list[int]] | None:
         with self.env.begin() as txn:
             raw = txn.get(cid + struct.pack(">H", rid % DEDUP_WINDOW), db=self.dedup)

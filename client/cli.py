@@ -58,8 +58,14 @@ def main(log_json: bool, log_level: str) -> None:
               help="Seconds a dead worker keeps its slots before they get new replicas.")
 @click.option("--initial-workers", default=0, show_default=True,
               help="Workers to wait for before the cluster forms (at least RF).")
+@click.option("--auto-rebalance/--no-auto-rebalance", default=True, show_default=True,
+              help="Move slots to joining workers without waiting for `zkv rebalance`.")
+@click.option("--move-concurrency", default=4, show_default=True, help="Slot moves in flight at once.")
+@click.option("--copy-rate", default=64, show_default=True,
+              help="MiB/s of snapshot data relayed for moves and repairs (the throttle).")
 def broker(data: str, frontend: str, backend: str, replication: str, slots: int, rf: int, w: int,
-           heartbeat: float, request_timeout: float, max_value: int, grace: float, initial_workers: int) -> None:
+           heartbeat: float, request_timeout: float, max_value: int, grace: float, initial_workers: int,
+           auto_rebalance: bool, move_concurrency: int, copy_rate: int) -> None:
     """Run the broker (the master)."""
     from broker.core import BrokerConfig
     from broker.server import BrokerEndpoints, BrokerServerConfig, run_broker
@@ -70,7 +76,9 @@ def broker(data: str, frontend: str, backend: str, replication: str, slots: int,
         data_dir=data,
         endpoints=BrokerEndpoints(frontend, backend, replication),
         core=BrokerConfig(slots=slots, rf=rf, w=w, heartbeat=heartbeat, request_timeout=request_timeout,
-                          max_value=max_value, grace=grace, initial_workers=initial_workers),
+                          max_value=max_value, grace=grace, initial_workers=initial_workers,
+                          auto_rebalance=auto_rebalance, move_concurrency=move_concurrency,
+                          copy_rate=copy_rate * 1024 * 1024),
     ))
 
 
@@ -191,10 +199,18 @@ def status(url: str, timeout: float, as_json: bool) -> None:
     rows = [("WORKER", "STATE", "LAST HEARTBEAT", "SLOTS", "KEYS", "DISK")]
     for w in st["workers"]:
         ago = "-" if w["last_heartbeat_ago"] is None else f"{w['last_heartbeat_ago']:.1f}s ago"
-        rows.append((w["id"], w["state"], ago, str(w["slots"]), str(w["keys"]), _human_bytes(w["disk_bytes"])))
+        state = w["state"] + (" draining" if w.get("draining") else "")
+        rows.append((w["id"], state, ago, str(w["slots"]), str(w["keys"]), _human_bytes(w["disk_bytes"])))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         click.echo("  ".join(c.ljust(widths[i]) for i, c in enumerate(r)).rstrip())
+    for m in st["moves"]:
+        eta = "-" if m["eta_s"] is None else f"{m['eta_s']:.0f}s"
+        click.echo(f"move slot {m['slot']}: {m['from']} -> {m['to']} ({m['reason']}, {m['state']}) "
+                   f"{m['keys_copied']}/{m['keys_total']} keys {_human_bytes(m['bytes_copied'])}/"
+                   f"{_human_bytes(m['bytes_total'])} {_human_bytes(m['rate_bytes_per_s'])}/s ETA {eta}")
+    if st["misplaced_slots"]:
+        click.echo(f"slots to move: {st['misplaced_slots']}")
     under = st["under_replicated_slots"]
     click.echo(f"under-replicated slots: {len(under)}" + (f" ({_slot_ranges(under)})" if under else ""))
     if st["recovering_slots"]:
@@ -223,6 +239,88 @@ def bench(url: str, clients: int, requests: int, data_size: int, key_size: int, 
     run_cli(BenchConfig(url=url, clients=clients, requests=requests, data_size=data_size, key_size=key_size,
                         keyspace=keyspace, tests=tuple(t.strip() for t in tests.split(",") if t.strip()),
                         procs=procs, batch=batch, timeout=timeout), as_json)
+
+
+def _admin(url: str, timeout: float, cmd: str, worker: str | None = None) -> dict[str, Any]:
+    with _client(url, timeout) as c:
+        try:
+            reply = c.admin(cmd, worker)
+        except ZkvError as e:
+            raise ZkvCommandError(e) from None
+    if not reply.get("ok"):
+        raise click.ClickException(str(reply.get("message")))
+    click.echo(reply["message"])
+    return reply
+
+
+def _wait_for_moves(url: str, timeout: float, done: Any, label: str) -> None:
+    """Show a progress bar of slots still to move until ``done(status)``."""
+    import time
+
+    with _client(url, timeout) as c:
+        st = c.status()
+        total = max(st["misplaced_slots"], 1)
+        with click.progressbar(length=total, label=label, show_eta=True, show_percent=True) as bar:
+            shown = 0
+            while True:
+                st = c.status()
+                remaining = st["misplaced_slots"]
+                if remaining > total:
+                    total = bar.length = remaining
+                target = total - remaining
+                if target > shown:
+                    bar.update(target - shown)
+                    shown = target
+                if done(st):
+                    bar.update(total - shown)
+                    break
+                time.sleep(0.5)
+
+
+@main.command()
+@url_option
+@timeout_option
+@click.option("--wait", is_flag=True, help="Show progress until every slot has left the worker.")
+@click.argument("worker")
+def drain(url: str, timeout: float, wait: bool, worker: str) -> None:
+    """Move every slot away from WORKER (before taking it out)."""
+    _admin(url, timeout, "drain", worker)
+    if wait:
+        def drained(st: dict[str, Any]) -> bool:
+            w = next(w for w in st["workers"] if w["id"] == worker)
+            return w["slots"] == 0 and w["learning"] == 0
+        _wait_for_moves(url, timeout, drained, f"draining {worker}")
+        click.echo(f"{worker} holds no slots: stop it, then `zkv remove {worker}`")
+
+
+@main.command()
+@url_option
+@timeout_option
+@click.argument("worker")
+def undrain(url: str, timeout: float, worker: str) -> None:
+    """Let WORKER take slots again."""
+    _admin(url, timeout, "undrain", worker)
+
+
+@main.command()
+@url_option
+@timeout_option
+@click.argument("worker")
+def remove(url: str, timeout: float, worker: str) -> None:
+    """Take a drained, stopped WORKER out of the cluster's metadata."""
+    _admin(url, timeout, "remove", worker)
+
+
+@main.command()
+@url_option
+@timeout_option
+@click.option("--wait", is_flag=True, help="Show progress until every slot is where placement wants it.")
+def rebalance(url: str, timeout: float, wait: bool) -> None:
+    """Move slots so that every worker holds its share (minimal movement)."""
+    _admin(url, timeout, "rebalance")
+    if wait:
+        _wait_for_moves(url, timeout, lambda st: st["misplaced_slots"] == 0 and not st["moves"], "rebalancing")
+        click.echo("balanced")
 
 
 def _slot_ranges(slots: list[int]) -> str:

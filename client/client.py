@@ -23,7 +23,7 @@ from protocol.errors import (
     ZkvTimeout,
     error_from_reply,
 )
-from protocol.wire import C_FINAL, C_REQUEST, MDPC, MMI_SERVICE, MMI_STATUS, SERVICE, pack, unpack
+from protocol.wire import C_FINAL, C_REQUEST, MDPC, MMI_ADMIN, MMI_SERVICE, MMI_STATUS, SERVICE, pack, unpack
 
 Key = bytes | str
 
@@ -181,6 +181,13 @@ class Client:
 
     def status(self) -> dict[str, Any]:
         reply = self._roundtrip(MMI_STATUS, [], None, self.timeout)
+        if reply is None:
+            raise ZkvTimeout(f"no reply from {self.url} within {self.timeout}s")
+        return unpack(reply[0])
+
+    def admin(self, cmd: str, worker: str | None = None) -> dict[str, Any]:
+        """Operator command (mmi.admin): drain, undrain, remove, rebalance. Returns {ok, message}."""
+        reply = self._roundtrip(MMI_ADMIN, [pack({"cmd": cmd, "worker": worker})], None, self.timeout)
         if reply is None:
             raise ZkvTimeout(f"no reply from {self.url} within {self.timeout}s")
         return unpack(reply[0])

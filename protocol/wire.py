@@ -48,6 +48,7 @@ W_SNAPSHOT_DELIVER = b"\x23"  # receiver: a snapshot part (forwarded from the do
 SERVICE = b"kv"
 MMI_SERVICE = b"mmi.service"
 MMI_STATUS = b"mmi.status"
+MMI_ADMIN = b"mmi.admin"
 
 DEFAULT_SLOTS = 1024
 MAX_KEY_BYTES = 4096

@@ -71,6 +71,7 @@ class SimCluster:
     w: int = 2
     grace: float = 30.0
     initial_workers: int = 0
+    auto_rebalance: bool = True
     t: float = 0.0
     wall: int = 1_700_000_000_000
     drop: DropRule | None = None
@@ -89,7 +90,8 @@ class SimCluster:
     def _new_broker(self) -> BrokerCore:
         self.meta = MetaStore(str(self.root / "broker"))
         cfg = BrokerConfig(slots=self.slots, rf=self.rf, w=self.w, heartbeat=1.0, request_timeout=5.0,
-                           grace=self.grace, initial_workers=self.initial_workers)
+                           grace=self.grace, initial_workers=self.initial_workers,
+                           auto_rebalance=self.auto_rebalance)
         return BrokerCore(cfg, self.meta, clock=lambda: self.t, wall_ms=lambda: self.wall)
 
     # -- faults ---------------------------------------------------------------------------------
@@ -98,6 +100,11 @@ class SimCluster:
         w = self.workers[wid]
         w.start(next(self._inc))
         self.broker.on_worker(w.identity, w.ready_frames())
+
+    def add_worker(self, wid: str) -> None:
+        """A new worker joins the running cluster."""
+        self.workers[wid] = SimWorker(wid, self.root / wid)
+        self.start_worker(wid)
 
     def kill_worker(self, wid: str) -> None:
         self.workers[wid].stop()

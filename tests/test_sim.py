@@ -353,7 +353,7 @@ def test_a_write_a_worker_cannot_store_does_not_crash_it(sim: SimCluster) -> Non
 
 
 def test_slots_of_a_worker_gone_past_the_grace_period_get_new_replicas(tmp_path: Path) -> None:
-    sim = SimCluster(tmp_path, n_workers=4, initial_workers=4, grace=10.0)
+    sim = SimCluster(tmp_path, n_workers=4, initial_workers=4, grace=10.0, auto_rebalance=False)
     try:
         for i in range(60):
             assert sim.put(b"k%d" % i, b"v%d" % i)["ok"]
@@ -380,5 +380,147 @@ def test_slots_of_a_worker_gone_past_the_grace_period_get_new_replicas(tmp_path:
         w1 = sim.workers["w1"].core
         assert w1 is not None and w1.assigned == set()
         assert sim.worker_data("w1") == {}
+    finally:
+        sim.close()
+
+
+def _check_placement(sim: SimCluster, acked: dict[bytes, bytes]) -> None:
+    """Every slot has RF replicas holding identical data, and every acknowledged write reads back."""
+    for s, slot in sim.broker.slots.items():
+        assert len(slot.replicas) == sim.rf and not slot.learners, (s, slot.replicas, slot.learners)
+        copies = [{k: v for k, v in sim.worker_data(w).items() if slot_for_key(k, sim.slots) == s}
+                  for w in slot.replicas]
+        assert all(c == copies[0] for c in copies), s
+    for k, v in acked.items():
+        assert sim.get(k) == v
+
+
+def test_a_joining_worker_receives_about_one_in_n_plus_one_slots(tmp_path: Path) -> None:
+    sim = SimCluster(tmp_path, slots=32)
+    try:
+        acked = {b"k%d" % i: b"v%d" % i for i in range(200)}
+        for k, v in acked.items():
+            assert sim.put(k, v)["ok"]
+        sim.add_worker("w4")
+        for i in range(100):  # writes go on while slots move
+            k, v = b"during%d" % i, b"x%d" % i
+            hdr = sim.put(k, v)
+            assert hdr["ok"], hdr
+            acked[k] = v
+            if i % 10 == 0:
+                sim.advance(0.2)
+        sim.advance(5.0)
+        assert sim.broker.moves == {} and sim.broker.misplaced(sim.t) == []
+        moved = sim.broker.stats["slots_moved"]
+        assert moved == len(sim.broker.workers["w4"].slots)
+        assert abs(moved - 32 * 3 / 4) <= 6  # rendezvous: the newcomer's fair share, no more
+        _check_placement(sim, acked)
+    finally:
+        sim.close()
+
+
+def test_drain_moves_every_slot_away_and_remove_needs_a_stopped_drained_worker(tmp_path: Path) -> None:
+    sim = SimCluster(tmp_path, n_workers=4, initial_workers=4, slots=16)
+    try:
+        acked = {b"k%d" % i: b"v%d" % i for i in range(100)}
+        for k, v in acked.items():
+            sim.put(k, v)
+        assert sim.broker.admin({"cmd": "remove", "worker": "w1"})["ok"] is False  # holds slots
+        r = sim.broker.admin({"cmd": "drain", "worker": "w1"})
+        assert r["ok"], r
+        assert sim.broker.admin({"cmd": "drain", "worker": "w2"})["ok"] is False  # would leave < RF
+        sim.advance(5.0)
+        assert sim.broker.workers["w1"].slots == set()
+        assert sim.worker_data("w1") == {}  # it dropped its copies once the new owners were durable
+        assert sim.broker.admin({"cmd": "remove", "worker": "w1"})["ok"] is False  # still running
+        sim.kill_worker("w1")
+        sim.advance(4.0)
+        assert sim.broker.admin({"cmd": "remove", "worker": "w1"})["ok"] is True
+        assert "w1" not in sim.broker.workers and "w1" not in sim.meta.load_workers()
+        _check_placement(sim, acked)
+    finally:
+        sim.close()
+
+
+def test_a_move_whose_target_dies_is_abandoned_and_one_whose_source_dies_completes(tmp_path: Path) -> None:
+    sim = SimCluster(tmp_path, slots=8)
+    try:
+        acked = {b"k%d" % i: b"v%d" % i * 1000 for i in range(100)}
+        for k, v in acked.items():
+            sim.put(k, v)
+        sim.broker.cfg.move_concurrency = 0  # hold the planner while the stage is set
+        sim.add_worker("w4")
+        sim.broker.cfg.move_concurrency = 8
+        sim.broker._plan_moves(sim.t)  # starts the moves; snapshots are requested, not yet delivered
+        moves = dict(sim.broker.moves)
+        assert moves
+        sim.kill_worker("w4")  # the target dies mid-move
+        sim.advance(4.0)
+        assert all(len(sl.replicas) == 3 and not sl.learners for sl in sim.broker.slots.values())
+        assert sim.broker.stats["moves_abandoned"] >= len(moves)
+        sim.start_worker("w4")
+        sim.broker._plan_moves(sim.t)
+        source = next(iter(sim.broker.moves.values())).remove
+        sim.kill_worker(source)  # a source dies mid-move: another replica donates
+        sim.advance(6.0)
+        sim.start_worker(source)
+        sim.advance(6.0)
+        assert sim.broker.moves == {} and sim.broker.misplaced(sim.t) == []
+        _check_placement(sim, acked)
+    finally:
+        sim.close()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_membership_changes_under_faults(tmp_path: Path, seed: int) -> None:
+    """Joins, drains, undrains, crashes and broker restarts at random while a client writes."""
+    rng = random.Random(1000 + seed)
+    sim = SimCluster(tmp_path, slots=8, grace=5.0)
+    try:
+        acked: dict[bytes, bytes] = {}
+        maybe: dict[bytes, set[bytes]] = {}
+        down: set[str] = set()
+        for step in range(250):
+            r = rng.random()
+            live = sorted(w for w in sim.workers if w not in down)
+            if r < 0.03 and len(sim.workers) < 6:
+                sim.add_worker(f"w{len(sim.workers) + 1}")
+            elif r < 0.06:
+                sim.broker.admin({"cmd": "drain", "worker": rng.choice(live)})
+            elif r < 0.09:
+                sim.broker.admin({"cmd": "undrain", "worker": rng.choice(sorted(sim.workers))})
+            elif r < 0.12 and not down:
+                victim = rng.choice(live)
+                sim.kill_worker(victim)
+                down.add(victim)
+            elif r < 0.16 and down:
+                sim.start_worker(down.pop())
+            elif r < 0.17:
+                sim.restart_broker()
+            elif r < 0.3:
+                sim.advance(rng.choice([0.3, 1.0, 3.0]))
+            key = b"k%d" % rng.randrange(20)
+            value = b"s%d-%d" % (seed, step)
+            rid = sim.send(b"c", "put", [value], key=key)
+            sim.settle()
+            got = sim.reply(b"c", rid)
+            if got is not None and got[0]["ok"]:
+                acked[key] = value
+                maybe.pop(key, None)
+            elif got is None or got[0].get("code") == "TIMEOUT":
+                maybe.setdefault(key, set()).add(value)
+        for w in sorted(down):
+            sim.start_worker(w)
+        for w in sorted(sim.workers):
+            sim.broker.admin({"cmd": "undrain", "worker": w})
+        sim.advance(20.0)
+        assert sim.broker.moves == {} and sim.broker.misplaced(sim.t) == [], seed
+        for s, slot in sim.broker.slots.items():
+            assert len(slot.replicas) == 3 and not slot.learners
+            copies = [{k: v for k, v in sim.worker_data(w).items() if slot_for_key(k, sim.slots) == s}
+                      for w in slot.replicas]
+            assert all(c == copies[0] for c in copies), (seed, s)
+        for k, v in acked.items():
+            assert sim.get(k) in {v} | maybe.get(k, set()), (seed, k)
     finally:
         sim.close()

@@ -7,6 +7,7 @@ store commits a batch (fsync) *before* the ACK for it is queued; an ACK never ru
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from dataclasses import dataclass, field
 
 import lmdb
@@ -35,6 +36,16 @@ log = structlog.get_logger("zkv.worker")
 NACK_INTERVAL = 0.5  # s between repair requests for one slot
 MAX_HELD_PER_SLOT = 10_000  # out-of-order messages kept while a gap is repaired
 SNAPSHOT_PART_BYTES = 1 << 20
+DONATION_IDLE = 30.0  # s before an abandoned snapshot's read transaction is closed
+
+
+@dataclass
+class Donation:
+    slot: int
+    pos: Position
+    records: Generator[tuple[bytes, bytes], None, None]
+    next_part: int
+    last_used: float
 
 
 @dataclass
@@ -55,7 +66,8 @@ class WorkerCore:
         self.batch: list[Replicate] = []
         self.held: dict[int, dict[int, Replicate]] = {}
         self.last_nack: dict[int, float] = {}
-        self.snapshots: dict[int, SnapshotInProgress] = {}
+        self.snapshots: dict[int, SnapshotInProgress] = {}  # receiving, by slot
+        self.donations: dict[bytes, Donation] = {}  # sending, by transfer token
         self.outbox: list[list[bytes]] = []  # frames after the MDPW02 header
         self.broker_now = 0  # latest broker wall clock seen (ms); decides reclaiming of TTLs
         self.applied_total = 0  # replication batches applied (for status: group commit at work)
@@ -83,7 +95,8 @@ class WorkerCore:
             self.on_assign_message(unpack(body[0]))
         elif cmd == W_SNAPSHOT_REQUEST:
             info = unpack(body[0])
-            self.outbox.extend(self.snapshot_parts(int(info["slot"]), bytes(info["token"])))
+            self.outbox.append(self.snapshot_part(int(info["slot"]), bytes(info["token"]),
+                                                  int(info.get("part", 0)), now))
         elif cmd == W_SNAPSHOT_DELIVER:
             self.on_snapshot_part(unpack(body[0]), body[1:], now)
         elif cmd == W_DISCONNECT:
@@ -157,6 +170,7 @@ class WorkerCore:
 
     def retry_stalled_repairs(self, now: float) -> None:
         """Ask again for slots still holding messages past a gap (a lost NACK or replay)."""
+        self.close_idle_donations(now)
         for slot in list(self.held):
             if slot not in self.snapshots:
                 self._request_repair(slot, now)
@@ -223,25 +237,44 @@ class WorkerCore:
 
     # -- snapshots ------------------------------------------------------------------------------
 
-    def snapshot_parts(self, slot: int, token: bytes) -> list[list[bytes]]:
-        """Donor side: the slot's snapshot as W_SNAPSHOT_PART messages of about 1 MiB each."""
-        pos, records = self.store.snapshot(slot)
-        parts: list[list[bytes]] = []
+    def snapshot_part(self, slot: int, token: bytes, part: int, now: float) -> list[bytes]:
+        """Donor side: part ``part`` (about 1 MiB) of a consistent snapshot of ``slot``. Part 0
+        opens a read transaction that later parts continue, so all parts come from one cut."""
+        hdr: dict = {"slot": slot, "token": token, "part": part}
+        if part == 0:
+            self._close_donation(token)
+            pos, totals, records = self.store.snapshot(slot)
+            self.donations[token] = Donation(slot, pos, records, 0, now)
+            hdr["total_keys"], hdr["total_bytes"] = totals
+        d = self.donations.get(token)
+        if d is None or d.slot != slot or d.next_part != part:
+            hdr["error"] = "unknown snapshot or part out of order"
+            return [W_SNAPSHOT_PART, pack(hdr)]
         frames: list[bytes] = []
         size = 0
-        for key, record in records:
+        last = True
+        for key, record in d.records:
             frames += [key, record]
             size += len(key) + len(record)
             if size >= SNAPSHOT_PART_BYTES:
-                parts.append(frames)
-                frames, size = [], 0
-        parts.append(frames)
-        out = []
-        for i, fr in enumerate(parts):
-            hdr = {"slot": slot, "token": token, "part": i, "last": i == len(parts) - 1,
-                   "epoch": pos.epoch, "seq": pos.seq}
-            out.append([W_SNAPSHOT_PART, pack(hdr), *fr])
-        return out
+                last = False
+                break
+        d.next_part += 1
+        d.last_used = now
+        if last:
+            self._close_donation(token)
+        hdr.update({"last": last, "epoch": d.pos.epoch, "seq": d.pos.seq})
+        return [W_SNAPSHOT_PART, pack(hdr), *frames]
+
+    def _close_donation(self, token: bytes) -> None:
+        d = self.donations.pop(token, None)
+        if d is not None:
+            d.records.close()  # ends the read transaction
+
+    def close_idle_donations(self, now: float) -> None:
+        for token, d in list(self.donations.items()):
+            if now - d.last_used > DONATION_IDLE:
+                self._close_donation(token)
 
     def on_snapshot_part(self, hdr: dict, frames: list[bytes], now: float) -> None:
         slot = int(hdr["slot"])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import struct
 import uuid
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass
 
 import lmdb
@@ -200,28 +200,35 @@ class SlotStore:
                 out.append(ReadResult(False, self.position(slot).seq, 0, b""))
         return out
 
-    def snapshot(self, slot: int) -> tuple[Position, Iterator[tuple[bytes, bytes]]]:
-        """A consistent snapshot of one slot: its position and (user key, record) pairs.
-
-        The read transaction stays open until the iterator is exhausted or closed.
-        """
-        txn = self.env.begin()
+    def snapshot(self, slot: int) -> tuple[Position, tuple[int, int], Generator[tuple[bytes, bytes], None, None]]:
+        """A consistent snapshot of one slot: its position, (keys, bytes) in it, and the
+        (storage key suffix, record) pairs. The read transaction stays open until the generator
+        is exhausted or closed."""
+        txn = self.env.begin(buffers=True)
         raw = txn.get(b"p" + SLOT_PREFIX.pack(slot), db=self.meta)
         pos = Position(*POSITION.unpack(raw)) if raw else Position()
+        prefix = SLOT_PREFIX.pack(slot)
+        keys = size = 0
+        cur = txn.cursor(db=self.data)
+        if cur.set_range(prefix):
+            for k, v in cur:
+                if bytes(k[:2]) != prefix:
+                    break
+                keys += 1
+                size += len(k) - 2 + len(v)
 
-        def records() -> Iterator[tuple[bytes, bytes]]:
-            prefix = SLOT_PREFIX.pack(slot)
+        def records() -> Generator[tuple[bytes, bytes], None, None]:
             try:
                 cur = txn.cursor(db=self.data)
                 if cur.set_range(prefix):
                     for k, v in cur:
-                        if not k.startswith(prefix):
+                        if bytes(k[:2]) != prefix:
                             break
-                        yield k[2:], v
+                        yield bytes(k[2:]), bytes(v)
             finally:
                 txn.abort()
 
-        return pos, records()
+        return pos, (keys, size), records()
 
     def stats(self) -> dict[str, int]:
         with self.env.begin() as txn:
