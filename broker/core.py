@@ -249,6 +249,7 @@ class BrokerCore:
         self.transfers: dict[bytes, Transfer] = {}
         self.moves: dict[int, Move] = {}
         self.rebalance_requested = False
+        self._targets: tuple[tuple[str, ...], dict[int, list[str]]] = ((), {})
         self.copy_budget = float(cfg.copy_rate)  # token bucket for relayed snapshot bytes
         self.throttled: list[Transfer] = []  # transfers waiting for budget before their next part
         self.dedup: OrderedDict[tuple[bytes, int], Request] = OrderedDict()
@@ -1031,7 +1032,10 @@ class BrokerCore:
                       if not w.draining and (w.alive or now - w.dead_since < self.cfg.grace))
 
     def target(self, s: int, members: list[str]) -> list[str]:
-        return replicas_for_slot(s, members, self.cfg.rf)
+        key = tuple(members)
+        if self._targets[0] != key:  # placement only changes when membership does
+            self._targets = (key, slot_map(self.cfg.slots, members, self.cfg.rf))
+        return self._targets[1][s]
 
     def misplaced(self, now: float) -> list[int]:
         members = self.members(now)
@@ -1102,6 +1106,7 @@ class BrokerCore:
                  seconds=round(self.clock() - move.started, 3))
         self._send_assign(add)
         self._send_assign(remove)
+        self._plan_moves(self.clock())  # keep the pipeline of moves full
 
     def _abandon_move(self, move: Move, why: str) -> None:
         slot = self.slots[move.slot]
