@@ -259,7 +259,7 @@ class BrokerCore:
         self._rr = itertools.count()
         self.dirty_slots: set[int] = set()
         self.dirty_workers: set[str] = set()
-        self.dirty_dedup: list[tuple[bytes, int, list[list[int]]]] = []
+        self.dirty_dedup: list[tuple[bytes, int, list[list[int]], list[Any] | None]] = []
         self.stats = {"writes_committed": 0, "reads_served": 0, "bad_requests": 0, "rejected_requests": 0,
                       "snapshots_sent": 0, "replays_sent": 0, "slots_rereplicated": 0,
                       "slots_moved": 0, "moves_abandoned": 0}
@@ -451,9 +451,10 @@ class BrokerCore:
         for i, k in enumerate(req.keys):
             by_slot.setdefault(slot_for_key(k, self.cfg.slots), []).append(i)
         if req.cid and req.maybe_retry:  # a first attempt cannot have been sequenced before
-            parts = self.meta.lookup_dedup(req.cid, req.id)
-            if parts is not None:
-                by_slot = self._settle_from_before_restart(req, parts, by_slot)
+            found = self.meta.lookup_dedup(req.cid, req.id)
+            if found is not None:
+                parts, results = found
+                by_slot = self._settle_from_before_restart(req, parts, results, by_slot)
                 if not by_slot:
                     return
         for s in by_slot:  # check every slot first: an MSET is refused whole or sent whole
@@ -479,10 +480,10 @@ class BrokerCore:
             self.dedup[req.dedup_key] = req
             if len(self.dedup) > DEDUP_MEMORY:
                 self.dedup.popitem(last=False)
-            self.dirty_dedup.append((req.cid, req.id, req.parts))
+            self.dirty_dedup.append((req.cid, req.id, req.parts, None))
         self.requests[id(req)] = req
 
-    def _settle_from_before_restart(self, req: Request, parts: list[list[int]],
+    def _settle_from_before_restart(self, req: Request, parts: list[list[int]], results: list[Any] | None,
                                     by_slot: dict[int, list[int]]) -> dict[int, list[int]]:
         """A retried write that an earlier broker incarnation sequenced (found in the persisted
         de-duplication entries). Parts that are in the slot's committed history are done; parts
@@ -504,7 +505,9 @@ class BrokerCore:
         if todo:
             return todo
         req.done = req.committed = True
-        req.results = [True] * len(req.keys)  # a retried delete cannot tell any more whether the key existed
+        # A delete's answer (did the key exist?) is stored when it commits; if the broker died in
+        # between, it is unknown and answered as such (null), never guessed.
+        req.results = results if results is not None else [True if req.op != "delete" else None] * len(req.keys)
         self._send_reply(req, req.identity)
         return {}
 
@@ -551,6 +554,9 @@ class BrokerCore:
             req.outstanding -= 1
             if req.outstanding == 0:
                 req.committed = True
+                if req.op == "delete" and req.dedup_key:
+                    # What a retry after a broker restart must answer: whether the key existed.
+                    self.dirty_dedup.append((req.cid, req.id, req.parts, req.results))
                 if not req.done:
                     req.done = True
                     self._send_reply(req, req.identity)
@@ -565,7 +571,8 @@ class BrokerCore:
         if req.op == "put":
             self._reply(identity, {"id": req.id, "ok": True, "version": req.parts[0][2]})
         elif req.op == "delete":
-            self._reply(identity, {"id": req.id, "ok": True, "deleted": bool(req.results[0])})
+            existed = req.results[0]
+            self._reply(identity, {"id": req.id, "ok": True, "deleted": None if existed is None else bool(existed)})
         elif req.op == "mset":
             self._reply(identity, {"id": req.id, "ok": True, "count": len(req.keys)})
         elif req.op == "get":
@@ -815,9 +822,20 @@ class BrokerCore:
         need = max(1, len(slot.replicas) - self.cfg.w + 1)
         if len(slot.reported) < need:
             return
-        best = max(slot.reported.values())
+        everyone = len(slot.reported) >= len(slot.replicas)
+        # Only positions on the persisted history count: a replica past it holds writes that an
+        # earlier incarnation published but never committed and a later one already truncated (or
+        # reused the seqs of). Adopting one would resurrect a refused write or drop acknowledged ones.
+        valid = {w: p for w, p in slot.reported.items() if self._in_history(slot, p)}
+        if not valid:
+            if not everyone:
+                return
+            log.error("slot_history_unknown", slot=slot.id, detail="no replica matches the broker's "
+                      "metadata (lost or restored from an old copy?): taking the most advanced replica")
+            valid = dict(slot.reported)
+        best = max(valid.values())
         if best.seq < slot.committed:
-            if len(slot.reported) < len(slot.replicas):
+            if not everyone:
                 return  # the replicas that hold the committed writes have not reported yet
             log.error("slot_lost_committed_writes", slot=slot.id, committed=slot.committed, best=best.seq)
         slot.last = best
@@ -828,7 +846,7 @@ class BrokerCore:
             slot.epochs = [(best.epoch, 1)]
         slot.recovering = False
         for wid, pos in slot.reported.items():
-            slot.applied[wid] = pos if pos == best else None
+            slot.applied[wid] = pos if wid in valid and pos.seq <= best.seq else None
         slot.reported.clear()
         self.dirty_slots.add(slot.id)
         self._advance_commit(slot)

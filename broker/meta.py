@@ -73,7 +73,7 @@ class MetaStore:
         self,
         workers: dict[str, dict[str, Any]] | None = None,
         slots: dict[int, dict[str, Any]] | None = None,
-        dedup: list[tuple[bytes, int, list[list[int]]]] | None = None,
+        dedup: list[tuple[bytes, int, list[list[int]], list[Any] | None]] | None = None,
         durable: bool = False,
     ) -> None:
         with self.env.begin(write=True) as txn:
@@ -82,8 +82,9 @@ class MetaStore:
             for slot, info in (slots or {}).items():
                 txn.put(SLOT.pack(slot), pack(info), db=self.slots)
             now = time.time()
-            for cid, rid, parts in dedup or []:
-                txn.put(cid + struct.pack(">H", rid % DEDUP_WINDOW), pack([rid, parts, now]), db=self.dedup)
+            for cid, rid, parts, results in dedup or []:
+                txn.put(cid + struct.pack(">H", rid % DEDUP_WINDOW), pack([rid, parts, now, results]),
+                        db=self.dedup)
         if durable:
             self.env.sync(True)
 
@@ -92,13 +93,14 @@ class MetaStore:
             txn.delete(wid.encode(), db=self.workers)
         self.env.sync(True)
 
-    def lookup_dedup(self, cid: bytes, rid: int) -> list[list[int]] | None:
+    def lookup_dedup(self, cid: bytes, rid: int) -> tuple[list[list[int]], list[Any] | None] | None:
+        """(parts [slot, epoch, seq], results or None) of a write sequenced earlier, if remembered."""
         with self.env.begin() as txn:
             raw = txn.get(cid + struct.pack(">H", rid % DEDUP_WINDOW), db=self.dedup)
         if raw is None:
             return None
-        stored_rid, parts, _ = unpack(raw)
-        return parts if stored_rid == rid else None
+        stored_rid, parts, _, results = unpack(raw)
+        return (parts, results) if stored_rid == rid else None
 
     def prune_dedup(self) -> int:
         cutoff = time.time() - DEDUP_MAX_AGE

@@ -166,6 +166,9 @@ def delete(url: str, timeout: float, key: str) -> None:
             existed = c.delete(key)
         except ZkvError as e:
             raise ZkvCommandError(e) from None
+    if existed is None:
+        click.echo("deleted (an earlier attempt did it; whether the key existed is unknown)")
+        return
     click.echo("deleted" if existed else "(not found)")
     if not existed:
         sys.exit(EXIT_NOT_FOUND)

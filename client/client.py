@@ -155,10 +155,11 @@ class Client:
         rh, values = self.request("get", {"key": _key(key)})
         return (values[0], int(rh["version"])) if rh["found"] else None
 
-    def delete(self, key: Key) -> bool:
-        """Delete ``key``; True if it existed."""
+    def delete(self, key: Key) -> bool | None:
+        """Delete ``key``; True if it existed, False if not. None in one rare case: the delete was
+        applied, but the broker restarted before it could record the answer for this retry."""
         rh, _ = self.request("delete", {"key": _key(key)})
-        return bool(rh["deleted"])
+        return None if rh["deleted"] is None else bool(rh["deleted"])
 
     def exists(self, key: Key) -> bool:
         rh, _ = self.request("exists", {"key": _key(key)})
