@@ -831,7 +831,9 @@ class BrokerCore:
             if not everyone:
                 return
             log.error("slot_history_unknown", slot=slot.id, detail="no replica matches the broker's "
-                      "metadata (lost or restored from an old copy?): taking the most advanced replica")
+                      "metadata (lost or restored from an old copy?): taking the most advanced replica",
+                      last=[slot.last.epoch, slot.last.seq], epochs=slot.epochs,
+                      reported={w: [p.epoch, p.seq] for w, p in slot.reported.items()})
             valid = dict(slot.reported)
         best = max(valid.values())
         if best.seq < slot.committed:
@@ -845,6 +847,8 @@ class BrokerCore:
             log.warning("slot_epoch_history_rebuilt", slot=slot.id, epoch=best.epoch, seq=best.seq)
             slot.epochs = [(best.epoch, 1)]
         slot.recovering = False
+        log.debug("slot_recovered", slot=slot.id, last=[best.epoch, best.seq], committed=slot.committed,
+                  reported={w: [p.epoch, p.seq] for w, p in slot.reported.items()}, valid=sorted(valid))
         for wid, pos in slot.reported.items():
             slot.applied[wid] = pos if wid in valid and pos.seq <= best.seq else None
         slot.reported.clear()

@@ -117,7 +117,7 @@ class SimCluster:
             if w.up:
                 assert w.core is not None
                 w.identity = f"{w.wid}#{next(self._inc)}".encode()
-                w.core.abandon_snapshots()
+                w.core.on_reconnect()
                 self.broker.on_worker(w.identity, w.ready_frames())
 
     # -- delivery -------------------------------------------------------------------------------
@@ -177,7 +177,7 @@ class SimCluster:
                     # As the real worker does: a new socket (identity) and READY again.
                     w.core.reconnect_requested = False
                     w.identity = f"{w.wid}#{next(self._inc)}".encode()
-                    w.core.abandon_snapshots()
+                    w.core.on_reconnect()
                     self.broker.on_worker(w.identity, w.ready_frames())
                 if w.up and w.core is not None:
                     w.core.retry_stalled_repairs(self.t)

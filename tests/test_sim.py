@@ -565,3 +565,40 @@ def test_a_delete_retried_after_a_broker_restart_gets_its_recorded_answer(sim: S
     sim.send(b"c1", "delete", key=b"d", cid=b"client-d", rid=rid)
     sim.settle()
     assert [h for h in sim.replies[b"c1"] if h["id"] == rid][-1]["deleted"] is True
+
+
+def test_a_message_of_an_older_broker_incarnation_is_never_applied(sim: SimCluster) -> None:
+    """Found by the fault suite: a paused worker applied, after the broker restarted and had
+    truncated the slot, a write still queued from the old incarnation; the next broker then
+    found no replica on its history and resurrected the refused write."""
+    key = b"stale"
+    slot = slot_for_key(key, sim.slots)
+    assert sim.put(key, b"A")["ok"]
+    held: list = []
+
+    def hold_for_w2(wid: str, rep) -> bool:  # type: ignore[no-untyped-def]
+        if rep.slot != slot or wid == "w1":
+            return False
+        if wid == "w2":
+            held.append(rep)  # w2 is paused: the message waits in its queue
+        return True  # w3 misses it
+
+    sim.drop = hold_for_w2
+    sim.send(b"c1", "put", [b"orphan"], key=key)  # only w1 applies it; it never commits
+    sim.settle()
+    sim.drop = None
+    sim.kill_worker("w1")
+    sim.restart_broker()  # recovers the slot from w2 and w3: the orphan's seq is truncated
+    sim.settle()
+    w2 = sim.workers["w2"].core
+    assert w2 is not None
+    for rep in held:  # w2 wakes up and reads its queue
+        w2.on_replicate(rep, sim.t)
+    sim.settle()
+    assert w2.stale_dropped == len(held) == 1
+    assert sim.get(key) == b"A"
+    sim.start_worker("w1")
+    sim.restart_broker()
+    sim.advance(4.0)
+    assert sim.get(key) == b"A"
+    assert all(sim.worker_data(w)[key] == b"A" for w in ("w1", "w2", "w3"))

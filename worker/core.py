@@ -72,6 +72,8 @@ class WorkerCore:
         self.broker_now = 0  # latest broker wall clock seen (ms); decides reclaiming of TTLs
         self.applied_total = 0  # replication batches applied (for status: group commit at work)
         self.commits = 0  # LMDB write transactions (each one fsync)
+        self.broker_epoch: int | None = None  # the incarnation this worker is registered with
+        self.stale_dropped = 0  # replication messages of another incarnation, dropped
         self.subscriptions_changed = False  # ASSIGN changed the slot set: the loop resubscribes
         self.reconnect_requested = False  # the broker sent DISCONNECT: the loop re-registers
 
@@ -123,6 +125,12 @@ class WorkerCore:
     # -- replication ----------------------------------------------------------------------------
 
     def on_replicate(self, rep: Replicate, now: float) -> None:
+        if rep.epoch != self.broker_epoch:
+            # Sent by another broker incarnation than the one this worker registered with: an old
+            # one's message still queued (a pause, a partition, a restart) may sit at a seq the new
+            # one truncated. Positions reported in READY must stay true until ASSIGN names the epoch.
+            self.stale_dropped += 1
+            return
         if rep.now > self.broker_now:
             self.broker_now = rep.now
         if rep.slot not in self.assigned:
@@ -213,6 +221,7 @@ class WorkerCore:
             return
         if not mine and cluster:
             self.store.set_cluster_id(cluster)
+        self.broker_epoch = int(info["epoch"])
         added, removed = self.on_assign(list(info["slots"]))
         self.subscriptions_changed = True
         # Slots given to other workers while this one was away: its copies are stale, drop them.
@@ -308,5 +317,7 @@ class WorkerCore:
         if self.held.get(slot):
             self._request_repair(slot, now)
 
-    def abandon_snapshots(self) -> None:
+    def on_reconnect(self) -> None:
+        """A new registration (READY) is under way: until its ASSIGN arrives, apply nothing."""
+        self.broker_epoch = None
         self.snapshots.clear()

@@ -99,6 +99,8 @@ class WorkerServer:
     # -- connection to the broker ---------------------------------------------------------------
 
     def connect(self) -> None:
+        # Commit what was accepted before, so the positions READY reports stay true.
+        self.core.flush()
         if self.dealer is not None:
             self.poller.unregister(self.dealer)
             self.dealer.close(linger=0)
@@ -108,7 +110,7 @@ class WorkerServer:
         self.dealer.setsockopt(zmq.RCVHWM, 0)
         self.dealer.connect(self.cfg.broker)
         self.poller.register(self.dealer, zmq.POLLIN)
-        self.core.abandon_snapshots()
+        self.core.on_reconnect()
         info = {
             "id": self.cfg.worker_id,
             "data_id": self.store.data_id,
