@@ -1148,7 +1148,7 @@ class BrokerCore:
         log.warning("move_abandoned", slot=move.slot, add=move.add, remove=move.remove, reason=why)
 
     def admin(self, cmd: dict[str, Any]) -> dict[str, Any]:
-        """Operator commands (service mmi.admin): drain, undrain, remove, rebalance."""
+        """Operator commands (service mmi.admin): drain, undrain, remove, rebalance, move."""
         op, wid = cmd.get("cmd"), cmd.get("worker")
         now = self.clock()
         if op == "rebalance":
@@ -1157,6 +1157,8 @@ class BrokerCore:
             self.rebalance_requested = True
             self._plan_moves(now)
             return {"ok": True, "message": f"{len(self.misplaced(now))} slots to move"}
+        if op == "move":
+            return self._admin_move(cmd, now)
         w = self.workers.get(str(wid))
         if w is None:
             return {"ok": False, "message": f"no worker {wid!r}"}
@@ -1184,6 +1186,23 @@ class BrokerCore:
             log.info("worker_removed", worker=w.id)
             return {"ok": True, "message": f"{w.id} removed"}
         return {"ok": False, "message": f"unknown admin command {op!r}"}
+
+    def _admin_move(self, cmd: dict[str, Any], now: float) -> dict[str, Any]:
+        """Move one replica of one slot by hand (tests shuffle slots this way). With auto-rebalance
+        on, the planner later moves it back where placement wants it."""
+        s, src, dst = cmd.get("slot"), str(cmd.get("from")), str(cmd.get("to"))
+        slot = self.slots.get(s) if isinstance(s, int) else None
+        if slot is None or slot.recovering:
+            return {"ok": False, "message": f"no serving slot {s!r}"}
+        if s in self.moves:
+            return {"ok": False, "message": f"slot {s} is already moving"}
+        if src not in slot.replicas:
+            return {"ok": False, "message": f"{src} does not hold slot {s}"}
+        target = self.workers.get(dst)
+        if target is None or not target.alive or dst in slot.replicas or target.draining:
+            return {"ok": False, "message": f"{dst} cannot take slot {s} (unknown, dead, draining or holds it)"}
+        self._start_move(Move(s, dst, src, "manual", now))
+        return {"ok": True, "message": f"moving slot {s} from {src} to {dst}"}
 
     def moves_status(self) -> list[dict[str, Any]]:
         now = self.clock()

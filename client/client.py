@@ -186,9 +186,12 @@ class Client:
             raise ZkvTimeout(f"no reply from {self.url} within {self.timeout}s")
         return unpack(reply[0])
 
-    def admin(self, cmd: str, worker: str | None = None) -> dict[str, Any]:
-        """Operator command (mmi.admin): drain, undrain, remove, rebalance. Returns {ok, message}."""
-        reply = self._roundtrip(MMI_ADMIN, [pack({"cmd": cmd, "worker": worker})], None, self.timeout)
+    def admin(self, cmd: str, worker: str | None = None, **fields: Any) -> dict[str, Any]:
+        """Operator command (mmi.admin): drain, undrain, remove, rebalance, or move (with slot=,
+        from_=, to=). Returns {ok, message}."""
+        if "from_" in fields:
+            fields["from"] = fields.pop("from_")
+        reply = self._roundtrip(MMI_ADMIN, [pack({"cmd": cmd, "worker": worker, **fields})], None, self.timeout)
         if reply is None:
             raise ZkvTimeout(f"no reply from {self.url} within {self.timeout}s")
         return unpack(reply[0])

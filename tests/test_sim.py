@@ -602,3 +602,17 @@ def test_a_message_of_an_older_broker_incarnation_is_never_applied(sim: SimClust
     sim.advance(4.0)
     assert sim.get(key) == b"A"
     assert all(sim.worker_data(w)[key] == b"A" for w in ("w1", "w2", "w3"))
+
+
+def test_a_slot_moved_by_hand_moves_and_comes_back(sim: SimCluster) -> None:
+    sim.add_worker("w4")
+    sim.advance(3.0)
+    assert sim.broker.misplaced(sim.t) == []
+    slot = next(s for s, sl in sim.broker.slots.items() if "w4" not in sl.replicas)
+    src = sim.broker.slots[slot].replicas[0]
+    before = sim.broker.stats["slots_moved"]
+    assert sim.broker.admin({"cmd": "move", "slot": slot, "from": src, "to": "w4"})["ok"]
+    assert sim.broker.admin({"cmd": "move", "slot": slot, "from": src, "to": "w4"})["ok"] is False
+    sim.advance(5.0)  # it moves, then auto-rebalance puts it back where placement wants it
+    assert sim.broker.moves == {} and sim.broker.misplaced(sim.t) == []
+    assert sim.broker.stats["slots_moved"] == before + 2
