@@ -31,6 +31,9 @@ from protocol.errors import ErrorCode
 from protocol.wire import (
     C_FINAL,
     C_REQUEST,
+    COND_ABSENT,
+    COND_NONE,
+    COND_VERSION,
     DEFAULT_MAX_VALUE_BYTES,
     DEFAULT_SLOTS,
     MAX_KEY_BYTES,
@@ -40,6 +43,7 @@ from protocol.wire import (
     MMI_SERVICE,
     MMI_STATUS,
     OP_DELETE,
+    OP_EXPIRE,
     OP_PUT,
     SERVICE,
     W_ACK,
@@ -146,6 +150,8 @@ class Request:
     parts: list[list[int]] = field(default_factory=list)  # writes: [slot, epoch, seq]
     dedup_key: tuple[bytes, int] | None = None
     maybe_retry: bool = True  # false when the client says this is its first attempt
+    cond: int = COND_NONE  # put/delete: applied only if this condition holds
+    expected: int = 0  # COND_VERSION: the version the key must have
 
 
 @dataclass
@@ -160,7 +166,7 @@ class ReadPart:
 class WriteBatch:
     request: Request
     indices: list[int]
-    existed: list[bool] | None = None
+    found: list[list[Any]] | None = None  # per op [flag, version before], from the first ACK
 
 
 @dataclass
@@ -391,7 +397,7 @@ class BrokerCore:
 
     def _handle(self, identity: bytes, rid: int, header: dict[str, Any], values: list[bytes]) -> None:
         op = header.get("op")
-        if op in ("get", "exists", "delete", "put"):
+        if op in ("get", "exists", "delete", "put", "ttl", "expire"):
             keys = [self._key(header.get("key"))]
         elif op in ("mget", "mset"):
             keys = self._keys(header)
@@ -413,6 +419,7 @@ class BrokerCore:
         ttl = header.get("ttl")
         if ttl is not None and (not isinstance(ttl, int) or isinstance(ttl, bool) or not 0 < ttl <= MAX_TTL_MS):
             raise BadRequest(ErrorCode.BAD_REQUEST, f"ttl must be an integer from 1 to {MAX_TTL_MS} (milliseconds)")
+        cond, expected = self._condition(op, header)
         cid = header.get("cid", b"")
         if not isinstance(cid, bytes) or len(cid) > 64:
             raise BadRequest(ErrorCode.BAD_REQUEST, "cid must be bytes of at most 64")
@@ -421,11 +428,29 @@ class BrokerCore:
                              f"cluster not formed: waiting for {self.cfg.rf} workers to register")
         now = self.clock()
         req = Request(rid, identity, cid, op, now + self.cfg.request_timeout, keys, [None] * len(keys),
-                      maybe_retry=header.get("retry") is not False)
-        if op in ("get", "exists", "mget"):
+                      maybe_retry=header.get("retry") is not False, cond=cond, expected=expected)
+        if op in ("get", "exists", "mget", "ttl"):
             self._start_read(req)
         else:
             self._start_write(req, values, ttl)
+
+    @staticmethod
+    def _condition(op: str, header: dict[str, Any]) -> tuple[int, int]:
+        """The compare-and-set condition of a put or delete: if_absent, or if_version=N."""
+        if_version, if_absent = header.get("if_version"), header.get("if_absent", False)
+        if if_version is None and not if_absent:
+            return COND_NONE, 0
+        if op not in ("put", "delete"):
+            raise BadRequest(ErrorCode.BAD_REQUEST, f"{op} takes no condition")
+        if if_absent is not False and if_absent is not True:
+            raise BadRequest(ErrorCode.BAD_REQUEST, "if_absent must be a boolean")
+        if if_absent:
+            if if_version is not None or op != "put":
+                raise BadRequest(ErrorCode.BAD_REQUEST, "if_absent goes with put alone, without if_version")
+            return COND_ABSENT, 0
+        if not isinstance(if_version, int) or isinstance(if_version, bool) or if_version < 1:
+            raise BadRequest(ErrorCode.BAD_REQUEST, "if_version must be a positive integer (a version)")
+        return COND_VERSION, if_version
 
     # -- writes ---------------------------------------------------------------------------------
 
@@ -467,10 +492,11 @@ class BrokerCore:
                                  f"slot {s} has {live} live replicas; writes need {self.cfg.w}")
         now_ms = self.wall_ms()
         expire_at = now_ms + ttl if ttl else 0
-        code = OP_DELETE if req.op == "delete" else OP_PUT
+        code = {"delete": OP_DELETE, "expire": OP_EXPIRE}.get(req.op, OP_PUT)
         for s, idx in by_slot.items():
             slot = self.slots[s]
-            ops = [WriteOp(code, req.keys[i], expire_at if code == OP_PUT else 0) for i in idx]
+            ops = [WriteOp(code, req.keys[i], 0 if code == OP_DELETE else expire_at, req.cond, req.expected)
+                   for i in idx]
             vals = [values[i] for i in idx] if code == OP_PUT else [b""] * len(idx)
             seq = self._publish(slot, ops, vals, now_ms)
             slot.pending[seq] = WriteBatch(req, idx)
@@ -504,10 +530,16 @@ class BrokerCore:
         req.parts = survived
         if todo:
             return todo
+        if results is None and self._answer_depends_on_replicas(req):
+            # The answer (did the key exist, did the condition hold) is stored when the write
+            # commits; the broker died in between. Never guess: a plain delete says "applied,
+            # existence unknown"; a conditional write or TTL change cannot even say whether it
+            # took effect, which is what TIMEOUT means.
+            if req.op != "delete" or req.cond != COND_NONE:
+                raise BadRequest(ErrorCode.TIMEOUT, "the outcome of the earlier attempt was not recorded")
+            results = [[None, 0]]
         req.done = req.committed = True
-        # A delete's answer (did the key exist?) is stored when it commits; if the broker died in
-        # between, it is unknown and answered as such (null), never guessed.
-        req.results = results if results is not None else [True if req.op != "delete" else None] * len(req.keys)
+        req.results = results if results is not None else [True] * len(req.keys)
         self._send_reply(req, req.identity)
         return {}
 
@@ -545,17 +577,17 @@ class BrokerCore:
             batch = slot.pending.pop(seq)
             self.stats["writes_committed"] += 1
             req = batch.request
-            if batch.existed is not None:
-                for i, e in zip(batch.indices, batch.existed, strict=False):
-                    req.results[i] = e
+            if batch.found is not None:
+                for i, f in zip(batch.indices, batch.found, strict=False):
+                    req.results[i] = f
             else:
                 for i in batch.indices:
                     req.results[i] = True
             req.outstanding -= 1
             if req.outstanding == 0:
                 req.committed = True
-                if req.op == "delete" and req.dedup_key:
-                    # What a retry after a broker restart must answer: whether the key existed.
+                if req.dedup_key and self._answer_depends_on_replicas(req):
+                    # What a retry after a broker restart must answer: what the replicas found.
                     self.dirty_dedup.append((req.cid, req.id, req.parts, req.results))
                 if not req.done:
                     req.done = True
@@ -566,17 +598,35 @@ class BrokerCore:
             for p in ready:
                 self._read_part_done(p)
 
+    @staticmethod
+    def _answer_depends_on_replicas(req: Request) -> bool:
+        return req.op in ("delete", "expire") or req.cond != COND_NONE
+
     def _send_reply(self, req: Request, identity: bytes) -> None:
         self.requests.pop(id(req), None)
-        if req.op == "put":
+        if req.op in ("put", "delete") and req.cond != COND_NONE and not req.results[0][0]:
+            version = req.results[0][1] or None
+            self._reply(identity, {"id": req.id, "ok": False, "code": ErrorCode.CONDITION_FAILED.value,
+                                   "message": "the condition did not hold; nothing was written",
+                                   "version": version})
+        elif req.op == "put":
             self._reply(identity, {"id": req.id, "ok": True, "version": req.parts[0][2]})
         elif req.op == "delete":
-            existed = req.results[0]
+            existed = req.results[0][0]
             self._reply(identity, {"id": req.id, "ok": True, "deleted": None if existed is None else bool(existed)})
+        elif req.op == "expire":
+            self._reply(identity, {"id": req.id, "ok": True, "applied": bool(req.results[0][0]),
+                                   "version": req.parts[0][2] if req.results[0][0] else None})
+        elif req.op == "ttl":
+            found, _version, _value, expire_at = req.results[0]
+            hdr = {"id": req.id, "ok": True, "found": found}
+            if found:
+                hdr["ttl"] = max(expire_at - self.wall_ms(), 0) if expire_at else None
+            self._reply(identity, hdr)
         elif req.op == "mset":
             self._reply(identity, {"id": req.id, "ok": True, "count": len(req.keys)})
         elif req.op == "get":
-            found, version, value = req.results[0]
+            found, version, value, _ = req.results[0]
             hdr = {"id": req.id, "ok": True, "found": found}
             if found:
                 hdr["version"] = version
@@ -633,7 +683,7 @@ class BrokerCore:
                     wire_keys.append([part.slot, part.request.keys[i]])
             token = next(self._ids).to_bytes(8, "big")
             self.worker_reads[token] = WorkerRead(wid, wparts, keys)
-            op = "exists" if all(p.request.op == "exists" for p in wparts) else "get"
+            op = "exists" if all(p.request.op in ("exists", "ttl") for p in wparts) else "get"
             self._to_worker(self.workers[wid], [W_REQUEST, token, b"",
                                                 pack({"op": op, "keys": wire_keys, "now": now_ms})])
 
@@ -651,7 +701,7 @@ class BrokerCore:
         for n, (pi, i) in enumerate(wr.keys):
             part = wr.parts[pi]
             found, version = hdr["found"][n], hdr["versions"][n]
-            part.request.results[i] = (found, version, values[n] if found else b"")
+            part.request.results[i] = (found, version, values[n] if found else b"", hdr["expire"][n])
             part.need = max(part.need, version)
         for part in wr.parts:
             slot = self.slots[part.slot]
@@ -872,12 +922,12 @@ class BrokerCore:
                 slot.applied[w.id] = pos
             if pos == slot.last:
                 slot.repairs.pop(w.id, None)
-        for s, q, existed in ack.get("res", []):
+        for s, q, found in ack.get("res", []):
             slot = self.slots.get(int(s))
             if slot is not None:
                 batch = slot.pending.get(int(q))
-                if batch is not None and batch.existed is None:
-                    batch.existed = list(existed)
+                if batch is not None and batch.found is None:
+                    batch.found = [list(f) for f in found]
         for s, _e, _q in ack.get("pos", []):
             slot = self.slots.get(int(s))
             if slot is not None and not slot.recovering:

@@ -2,9 +2,11 @@
 
 from client.client import Client
 from protocol.errors import (
+    ConditionFailed,
     ErrorCode,
     InternalError,
     InvalidRequest,
+    KeyNotFound,
     KeyTooLarge,
     NotEnoughReplicas,
     Unavailable,
@@ -16,9 +18,11 @@ from protocol.errors import (
 
 __all__ = [
     "Client",
+    "ConditionFailed",
     "ErrorCode",
     "InternalError",
     "InvalidRequest",
+    "KeyNotFound",
     "KeyTooLarge",
     "NotEnoughReplicas",
     "Unavailable",

@@ -17,8 +17,10 @@ from typing import Any
 import zmq
 
 from protocol.errors import (
+    ConditionFailed,
     ErrorCode,
     InvalidRequest,
+    KeyNotFound,
     ZkvError,
     ZkvTimeout,
     error_from_reply,
@@ -129,6 +131,8 @@ class Client:
             rh = unpack(reply[0])
             if rh.get("ok"):
                 return rh, reply[1:]
+            if rh.get("code") == ErrorCode.CONDITION_FAILED.value:
+                raise ConditionFailed(str(rh.get("message", "")), version=rh.get("version"))
             err = error_from_reply(str(rh.get("code")), str(rh.get("message", "")))
             if err.code not in (ErrorCode.TIMEOUT, ErrorCode.UNAVAILABLE):
                 raise err
@@ -138,11 +142,20 @@ class Client:
 
     # -- commands -------------------------------------------------------------------------------
 
-    def put(self, key: Key, value: bytes, ttl: int | None = None) -> int:
-        """Store ``value`` under ``key``; ``ttl`` in milliseconds. Returns the new version."""
+    def put(self, key: Key, value: bytes, ttl: int | None = None, if_version: int | None = None,
+            if_absent: bool = False) -> int:
+        """Store ``value`` under ``key``; ``ttl`` in milliseconds. Returns the new version.
+
+        Compare-and-set: ``if_version=N`` writes only if the key exists with version N;
+        ``if_absent=True`` only if it does not exist. Otherwise ``ConditionFailed`` is raised
+        (with the current version) and nothing is written, on every replica alike."""
         hdr: dict[str, Any] = {"key": _key(key)}
         if ttl is not None:
             hdr["ttl"] = ttl
+        if if_version is not None:
+            hdr["if_version"] = if_version
+        if if_absent:
+            hdr["if_absent"] = True
         rh, _ = self.request("put", hdr, [_value(value)])
         return int(rh["version"])
 
@@ -155,11 +168,33 @@ class Client:
         rh, values = self.request("get", {"key": _key(key)})
         return (values[0], int(rh["version"])) if rh["found"] else None
 
-    def delete(self, key: Key) -> bool | None:
+    def delete(self, key: Key, if_version: int | None = None) -> bool | None:
         """Delete ``key``; True if it existed, False if not. None in one rare case: the delete was
-        applied, but the broker restarted before it could record the answer for this retry."""
-        rh, _ = self.request("delete", {"key": _key(key)})
+        applied, but the broker restarted before it could record the answer for this retry.
+        ``if_version=N`` deletes only if the key has version N, else raises ``ConditionFailed``."""
+        hdr: dict[str, Any] = {"key": _key(key)}
+        if if_version is not None:
+            hdr["if_version"] = if_version
+        rh, _ = self.request("delete", hdr)
         return None if rh["deleted"] is None else bool(rh["deleted"])
+
+    def ttl(self, key: Key) -> int | None:
+        """Remaining time to live of ``key`` in milliseconds, None if it never expires; raises
+        ``KeyNotFound`` if it does not exist."""
+        k = _key(key)
+        rh, _ = self.request("ttl", {"key": k})
+        if not rh["found"]:
+            raise KeyNotFound(f"no key {k[:64]!r}")
+        return None if rh["ttl"] is None else int(rh["ttl"])
+
+    def expire(self, key: Key, ttl: int | None) -> bool:
+        """Set the time to live of an existing key to ``ttl`` ms from now, or remove it (None),
+        without sending or rewriting its value. False if the key does not exist."""
+        hdr: dict[str, Any] = {"key": _key(key)}
+        if ttl is not None:
+            hdr["ttl"] = ttl
+        rh, _ = self.request("expire", hdr)
+        return bool(rh["applied"])
 
     def exists(self, key: Key) -> bool:
         rh, _ = self.request("exists", {"key": _key(key)})

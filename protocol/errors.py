@@ -17,6 +17,8 @@ class ErrorCode(StrEnum):
     NOT_ENOUGH_REPLICAS = "NOT_ENOUGH_REPLICAS"  # fewer than W live replicas: nothing was written
     TIMEOUT = "TIMEOUT"  # outcome unknown: the write may or may not have been applied
     UNAVAILABLE = "UNAVAILABLE"  # cluster not formed yet, or slot recovering; retry later
+    CONDITION_FAILED = "CONDITION_FAILED"  # if_version / if_absent did not hold: nothing written
+    NOT_FOUND = "NOT_FOUND"  # the key does not exist (for calls that need one, like ttl)
     INTERNAL = "INTERNAL"
 
 
@@ -76,6 +78,21 @@ class ZkvTimeout(ZkvError):
     code = ErrorCode.TIMEOUT
 
 
+class ConditionFailed(ZkvError):
+    """A compare-and-set did not hold; nothing was written. ``version`` is the key's current
+    version (None if it does not exist)."""
+
+    code = ErrorCode.CONDITION_FAILED
+
+    def __init__(self, message: str = "", code: ErrorCode | None = None, version: int | None = None) -> None:
+        super().__init__(message, code)
+        self.version = version
+
+
+class KeyNotFound(ZkvError):
+    code = ErrorCode.NOT_FOUND
+
+
 class InternalError(ZkvError):
     code = ErrorCode.INTERNAL
 
@@ -90,6 +107,8 @@ _BY_CODE: dict[ErrorCode, type[ZkvError]] = {
         NotEnoughReplicas,
         Unavailable,
         ZkvTimeout,
+        ConditionFailed,
+        KeyNotFound,
         InternalError,
     )
 }

@@ -56,10 +56,15 @@ DEFAULT_MAX_VALUE_BYTES = 64 * 1024 * 1024
 
 OP_PUT = 1
 OP_DELETE = 2
+OP_EXPIRE = 3  # change or remove the TTL of a live key, leaving its value
+
+COND_NONE = 0
+COND_ABSENT = 1  # only if the key does not exist (or has expired)
+COND_VERSION = 2  # only if the key exists with version == expected
 
 # Client ops (the ``op`` field of a client request header).
-READ_OPS = frozenset({"get", "exists", "mget"})
-WRITE_OPS = frozenset({"put", "delete", "mset"})
+READ_OPS = frozenset({"get", "exists", "mget", "ttl"})
+WRITE_OPS = frozenset({"put", "delete", "mset", "expire"})
 
 
 def pack(obj: Any) -> bytes:
@@ -90,9 +95,16 @@ def topic_slot(topic: bytes) -> int:
 
 @dataclass(slots=True)
 class WriteOp:
-    op: int  # OP_PUT or OP_DELETE
+    op: int  # OP_PUT, OP_DELETE or OP_EXPIRE
     key: bytes
-    expire_at: int = 0  # broker wall clock, ms since the epoch; 0 = no TTL
+    expire_at: int = 0  # broker wall clock, ms since the epoch; 0 = no TTL (OP_EXPIRE: 0 removes it)
+    cond: int = COND_NONE  # applied only if the condition holds when the replica applies it
+    expected: int = 0  # COND_VERSION: the version the key must have
+
+    @property
+    def needs_result(self) -> bool:
+        """Does the client's answer depend on what the replica found (existed / condition held)?"""
+        return self.op != OP_PUT or self.cond != COND_NONE
 
 
 @dataclass(slots=True)
@@ -122,7 +134,7 @@ class Replicate:
                 self.prev_epoch,
                 self.committed,
                 self.now,
-                [[o.op, o.key, o.expire_at] for o in self.ops],
+                [[o.op, o.key, o.expire_at, o.cond, o.expected] for o in self.ops],
             ]
         )
 
@@ -133,7 +145,7 @@ class Replicate:
     @classmethod
     def decode(cls, header: bytes, values: list[Any]) -> Replicate:
         slot, epoch, seq, prev_epoch, committed, now, ops = unpack(header)
-        wops = [WriteOp(int(o[0]), bytes(o[1]), int(o[2])) for o in ops]
+        wops = [WriteOp(int(o[0]), bytes(o[1]), int(o[2]), int(o[3]), int(o[4])) for o in ops]
         if len(values) != len(wops):
             raise ValueError("replication message: value frame count does not match ops")
         return cls(slot, epoch, seq, prev_epoch, committed, now, wops, list(values))

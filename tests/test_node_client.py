@@ -92,6 +92,11 @@ def test_node_client_follows_the_protocol_doc(node_dir: Path, cluster: Cluster) 
     retry = out["retry"]
     assert retry["retry_version"] == retry["first_version"] < retry["second_version"]
     assert retry["value"] == "second"
+    cas = out["cas"]
+    assert cas["again"] == {"code": "CONDITION_FAILED", "version": cas["v1"]}
+    assert cas["v2"] > cas["v1"]
+    assert cas["stale"] == {"code": "CONDITION_FAILED", "version": cas["v2"]}
+    assert cas["value"] == "v3"
 
     # error replies
     errors = out["errors"]

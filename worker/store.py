@@ -12,13 +12,18 @@ import struct
 import uuid
 from collections.abc import Generator
 from dataclasses import dataclass
+from typing import Any
 
 import lmdb
 
 from protocol.wire import (
+    COND_ABSENT,
+    COND_NONE,
+    COND_VERSION,
     OP_DELETE,
-    OP_PUT,
+    OP_EXPIRE,
     Replicate,
+    WriteOp,
     decode_record,
     decode_record_header,
     encode_record,
@@ -81,42 +86,58 @@ class SlotStore:
 
     # -- writes ---------------------------------------------------------------------------------
 
-    def apply_batch(self, batch: list[Replicate]) -> list[tuple[int, int, list[bool]]]:
+    def apply_batch(self, batch: list[Replicate]) -> list[tuple[int, int, list[list[Any]]]]:
         """Apply sequenced writes in one transaction (one fsync). The caller has checked order.
 
-        Returns, for batches that contain deletes, ``(slot, seq, existed per op)``: every replica
-        computes the same answers because expiry is judged by the broker's clock in the batch.
+        Returns, for batches whose answer depends on what the replica found (deletes, TTL changes,
+        conditional writes), ``(slot, seq, [[flag, version before], ...])`` with one entry per op:
+        flag is "the key existed" for a plain delete or expire, "the condition held" for a
+        conditional op. Every replica computes the same answers: they apply the same history and
+        judge expiry by the broker's clock carried in the batch.
         """
-        results: list[tuple[int, int, list[bool]]] = []
+        results: list[tuple[int, int, list[list[Any]]]] = []
         new_positions: dict[int, Position] = {}
         with self.env.begin(write=True) as txn:
             for rep in batch:
-                existed: list[bool] = []
+                found: list[list[Any]] = []
                 for op, value in zip(rep.ops, rep.values, strict=True):
-                    suffix = key_suffix(op.key)
-                    sk = SLOT_PREFIX.pack(rep.slot) + suffix
-                    old = txn.get(sk, db=self.data)
-                    was_live = False
-                    if old is not None:
-                        _, old_exp = decode_record_header(old)
-                        was_live = old_exp == 0 or old_exp > rep.now
-                        if old_exp:
-                            txn.delete(EXPIRY_KEY.pack(old_exp, rep.slot) + suffix, db=self.expiry)
-                    if op.op == OP_PUT:
-                        txn.put(sk, encode_record(rep.seq, op.expire_at, op.key, value), db=self.data)
-                        if op.expire_at:
-                            txn.put(EXPIRY_KEY.pack(op.expire_at, rep.slot) + suffix, b"", db=self.expiry)
-                    elif op.op == OP_DELETE:
-                        if old is not None:
-                            txn.delete(sk, db=self.data)
-                    existed.append(was_live)
-                if any(op.op == OP_DELETE for op in rep.ops):
-                    results.append((rep.slot, rep.seq, existed))
+                    found.append(self._apply_op(txn, rep, op, value))
+                if any(op.needs_result for op in rep.ops):
+                    results.append((rep.slot, rep.seq, found))
                 pos = Position(rep.epoch, rep.seq)
                 new_positions[rep.slot] = pos
                 txn.put(b"p" + SLOT_PREFIX.pack(rep.slot), POSITION.pack(pos.epoch, pos.seq), db=self.meta)
         self.positions.update(new_positions)
         return results
+
+    def _apply_op(self, txn: lmdb.Transaction, rep: Replicate, op: WriteOp, value: bytes) -> list[Any]:
+        suffix = key_suffix(op.key)
+        sk = SLOT_PREFIX.pack(rep.slot) + suffix
+        old = txn.get(sk, db=self.data)
+        old_version, old_exp = decode_record_header(old) if old is not None else (0, 0)
+        live = old is not None and (old_exp == 0 or old_exp > rep.now)
+        if op.cond == COND_ABSENT:
+            held = not live
+        elif op.cond == COND_VERSION:
+            held = live and old_version == op.expected
+        else:
+            held = True
+        answer = [held if op.cond != COND_NONE else live, old_version if live else 0]
+        if not held or (op.op == OP_EXPIRE and not live):
+            return answer
+        if old is not None and old_exp:
+            txn.delete(EXPIRY_KEY.pack(old_exp, rep.slot) + suffix, db=self.expiry)
+        if op.op == OP_DELETE:
+            if old is not None:
+                txn.delete(sk, db=self.data)
+            return answer
+        if op.op == OP_EXPIRE:
+            assert old is not None
+            value = decode_record(old).value
+        txn.put(sk, encode_record(rep.seq, op.expire_at, op.key, value), db=self.data)
+        if op.expire_at:
+            txn.put(EXPIRY_KEY.pack(op.expire_at, rep.slot) + suffix, b"", db=self.expiry)
+        return answer
 
     def install_snapshot(self, slot: int, pos: Position, records: list[tuple[bytes, bytes]]) -> None:
         """Replace a slot's content with a donor's snapshot taken at ``pos`` (one transaction)."""

@@ -111,6 +111,7 @@ export class ZkvClient {
       const header = decode(body[0]);
       if (header.ok) return { header, values: body.slice(1) };
       const err = new ZkvError(String(header.code), String(header.message ?? ""), header.id ?? null);
+      err.version = header.version ?? null; // CONDITION_FAILED carries the key's current version
       if (!err.retryable) throw err;
       last = err;
       await sleep(Math.min(backoff, Math.max(0, deadline - Date.now())));
@@ -125,8 +126,9 @@ export class ZkvClient {
     return { header: decode(body[0]), values: body.slice(1) };
   }
 
-  async put(key, value, ttl = undefined) {
-    const fields = { key: toBuf(key) };
+  // cond: {} or { if_absent: true } or { if_version: n } (§1.3, compare-and-set)
+  async put(key, value, ttl = undefined, cond = {}) {
+    const fields = { key: toBuf(key), ...cond };
     if (ttl !== undefined) fields.ttl = ttl;
     const { header } = await this.request("put", fields, [toBuf(value)]);
     return header.version;
@@ -196,6 +198,16 @@ async function expectError(fn) {
   return { code: null };
 }
 
+async function casError(fn) {
+  try {
+    await fn();
+  } catch (e) {
+    if (e instanceof ZkvError) return { code: e.code, version: e.version };
+    throw e;
+  }
+  return { code: null };
+}
+
 async function scenario(url, prefix, pythonKeyHex) {
   const c = new ZkvClient(url);
   const out = {};
@@ -254,6 +266,14 @@ async function scenario(url, prefix, pythonKeyHex) {
     const r2 = await c.send(first, rId);
     out.retry = { first_version: r1.header.version, second_version: v2, retry_version: r2.header.version,
       retry_id: r2.header.id, value: (await c.get(rKey)).toString() };
+
+    // compare-and-set (§1.3)
+    const casKey = `${prefix}/cas`;
+    const cv1 = await c.put(casKey, "v1", undefined, { if_absent: true });
+    const casAgain = await casError(() => c.put(casKey, "v2", undefined, { if_absent: true }));
+    const cv2 = await c.put(casKey, "v3", undefined, { if_version: cv1 });
+    const casStale = await casError(() => c.put(casKey, "v4", undefined, { if_version: cv1 }));
+    out.cas = { v1: cv1, again: casAgain, v2: cv2, stale: casStale, value: (await c.get(casKey)).toString() };
 
     // error replies
     out.errors = {
