@@ -194,6 +194,10 @@ class Slot:
     recovering: bool = False
     reported: dict[str, Pos] = field(default_factory=dict)
     learners: list[str] = field(default_factory=list)  # workers a move is filling; not counted for W or reads
+    # Workers whose copy of the slot is being replaced by a snapshot: until the ACK of the install
+    # (carrying this transfer token; b"" = none started yet), their other ACKs for the slot describe
+    # data that is gone or going, and are ignored.
+    snapshot_pending: dict[str, bytes] = field(default_factory=dict)
     waiting_reads: list[ReadPart] = field(default_factory=list)  # no replica qualifies yet
     held_reads: list[ReadPart] = field(default_factory=list)  # answered, waiting for commit
     last_write: float = 0.0
@@ -862,6 +866,7 @@ class BrokerCore:
             self._try_recover(slot)
             return
         slot.applied[wid] = pos if self._in_history(slot, pos) else None
+        slot.snapshot_pending.pop(wid, None)  # READY reports what is on its disk now
         slot.repairs.pop(wid, None)
         if slot.applied[wid] != slot.last:
             self._repair(slot, wid)
@@ -909,11 +914,19 @@ class BrokerCore:
                 self._repair(slot, wid)
 
     def _on_ack(self, w: Worker, ack: dict[str, Any]) -> None:
+        snap = bytes(ack.get("snap") or b"")
         for s, e, q in ack.get("pos", []):
             slot = self.slots.get(int(s))
             if slot is None or slot.recovering or (w.id not in slot.replicas and w.id not in slot.learners):
                 continue
             pos = Pos(int(q), int(e))
+            pending = slot.snapshot_pending.get(w.id)
+            if pending is not None:
+                if not snap or snap != pending:
+                    continue  # an ACK about the copy the snapshot replaces
+                del slot.snapshot_pending[w.id]
+                slot.applied[w.id] = pos if self._in_history(slot, pos) else None  # may be lower
+                continue
             if not (pos.epoch == self.epoch and pos.seq <= slot.last.seq) and not self._in_history(slot, pos):
                 slot.applied[w.id] = None
                 continue
@@ -943,7 +956,9 @@ class BrokerCore:
         slot = self.slots.get(s)
         if slot is None or slot.recovering or (w.id not in slot.replicas and w.id not in slot.learners):
             return
-        slot.applied[w.id] = pos if self._in_history(slot, pos) else None
+        # A NACK says where the replica is stuck, not what it has on disk: it never raises `applied`.
+        if w.id not in slot.snapshot_pending and not self._in_history(slot, pos):
+            slot.applied[w.id] = None
         self._repair(slot, w.id, force=True)
 
     def _repair(self, slot: Slot, wid: str, force: bool = False) -> None:
@@ -981,9 +996,13 @@ class BrokerCore:
         self.transfers[token] = t
         slot.repairs[wid] = now
         slot.applied[wid] = None  # its data is being replaced; it counts again once installed
+        slot.snapshot_pending[wid] = token
         self.stats["snapshots_sent"] += 1
         log.info("snapshot_transfer", slot=slot.id, to=wid, donor=donor)
-        self._request_part(t)
+        if self.copy_budget >= 0:
+            self._request_part(t)
+        else:
+            self.throttled.append(t)
 
     def _request_part(self, t: Transfer) -> None:
         self._to_worker(self.workers[t.donor], [W_SNAPSHOT_REQUEST,
@@ -1011,10 +1030,10 @@ class BrokerCore:
         if t.next_part == 0:
             t.total_keys, t.total_bytes = int(hdr.get("total_keys", 0)), int(hdr.get("total_bytes", 0))
         t.next_part += 1
+        self.copy_budget -= size
         if hdr.get("last"):
             del self.transfers[t.token]
             return
-        self.copy_budget -= size
         if self.copy_budget >= 0:
             self._request_part(t)
         else:
@@ -1077,6 +1096,7 @@ class BrokerCore:
                 slot.replicas[slot.replicas.index(dead.id)] = new
                 slot.applied.pop(dead.id, None)
                 slot.applied[new] = None  # counts toward W once the snapshot is installed
+                slot.snapshot_pending[new] = b""
                 slot.repairs.pop(new, None)
                 dead.slots.discard(s)
                 self.workers[new].slots.add(s)
@@ -1146,6 +1166,7 @@ class BrokerCore:
         self.moves[move.slot] = move
         slot.learners.append(move.add)
         slot.applied[move.add] = None
+        slot.snapshot_pending[move.add] = b""  # it may still hold (and ACK) a copy it is dropping
         slot.repairs.pop(move.add, None)
         w = self.workers[move.add]
         w.learning.add(move.slot)
@@ -1165,6 +1186,7 @@ class BrokerCore:
         slot.replicas[slot.replicas.index(move.remove)] = move.add
         slot.learners.remove(move.add)
         slot.applied.pop(move.remove, None)
+        slot.snapshot_pending.pop(move.remove, None)
         add, remove = self.workers[move.add], self.workers[move.remove]
         add.learning.discard(move.slot)
         add.slots.add(move.slot)
@@ -1185,6 +1207,7 @@ class BrokerCore:
         if move.add in slot.learners:
             slot.learners.remove(move.add)
         slot.applied.pop(move.add, None)
+        slot.snapshot_pending.pop(move.add, None)
         w = self.workers.get(move.add)
         if w is not None:
             w.learning.discard(move.slot)

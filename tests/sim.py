@@ -75,6 +75,9 @@ class SimCluster:
     t: float = 0.0
     wall: int = 1_700_000_000_000
     drop: DropRule | None = None
+    # Holds a worker's message to the broker (wid, frames) -> True to hold; release() delivers.
+    intercept: Callable[[str, list[bytes]], bool] | None = None
+    held_messages: list[tuple[str, list[bytes]]] = field(default_factory=list)
     replies: dict[bytes, list[dict[str, Any]]] = field(default_factory=dict)
     reply_values: dict[bytes, list[list[bytes]]] = field(default_factory=dict)
 
@@ -156,15 +159,43 @@ class SimCluster:
                 w.core.flush()
                 outbox, w.core.outbox = w.core.outbox, []
                 for frames in outbox:
+                    if self.intercept is not None and self.intercept(w.wid, frames):
+                        self.held_messages.append((w.wid, frames))
+                        continue
                     b.on_worker(w.identity, [MDPW, *frames])
                     moved = True
         return moved
 
     def settle(self, max_steps: int = 1000) -> None:
         for _ in range(max_steps):
-            if not self.step():
+            moved = self.step()
+            self.check_invariants()
+            if not moved:
                 return
         raise AssertionError("network did not settle")
+
+    def release(self) -> None:
+        """Deliver the held worker messages (late, as a slow network would)."""
+        held, self.held_messages = self.held_messages, []
+        for wid, frames in held:
+            w = self.workers[wid]
+            if w.up:
+                self.broker.on_worker(w.identity, [MDPW, *frames])
+        self.settle()
+
+    def check_invariants(self) -> None:
+        """The broker never counts more than a replica has on disk (for W, for reads)."""
+        for s, slot in self.broker.slots.items():
+            if slot.recovering:
+                continue
+            for wid, pos in slot.applied.items():
+                w = self.workers.get(wid)
+                if pos is None or w is None or not w.up or w.core is None or wid not in slot.replicas:
+                    continue
+                if self.broker.workers[wid].identity != w.identity:
+                    continue  # this process is not registered (yet): the broker knows another one
+                disk = w.core.store.position(s)
+                assert pos.seq <= disk.seq, f"slot {s}: broker counts {wid} at {pos}, its disk is at {disk}"
 
     def advance(self, seconds: float, tick: float = 0.1) -> None:
         """Let time pass: ticks, heartbeats from the live workers, deliveries."""

@@ -663,3 +663,37 @@ def test_ttl_can_be_read_changed_and_removed_without_the_value(sim: SimCluster) 
     assert sim.get(b"t") is None
     hdr, _ = sim.call("expire", key=b"t", ttl=-5)
     assert hdr["code"] == "BAD_REQUEST"
+
+
+def test_a_late_ack_from_a_worker_that_dropped_the_slot_is_not_counted(tmp_path: Path) -> None:
+    """Found by the elastic fault test: a slot moved off X and straight back to X; an ACK X had
+    sent about its old copy arrived after X became a learner again, so the broker finished the
+    move and counted X for W and reads before X had the data."""
+    from protocol.wire import W_ACK
+
+    sim = SimCluster(tmp_path, n_workers=4, initial_workers=4, slots=4, auto_rebalance=False)
+    try:
+        key = b"k"
+        s = slot_for_key(key, sim.slots)
+        reps = list(sim.broker.slots[s].replicas)
+        x, spare = reps[0], next(w for w in sim.workers if w not in reps)
+        assert sim.put(key, b"v1")["ok"]
+        sim.drop = lambda wid, rep: wid != x and rep.slot == s  # only X gets v2 ...
+        sim.intercept = lambda wid, frames: wid == x and frames[0] == W_ACK  # ... and its ACK is late
+        rid = sim.send(b"c1", "put", [b"v2"], key=key)
+        sim.settle()
+        assert sim.reply(b"c1", rid) is None
+        sim.intercept = None
+        assert sim.broker.admin({"cmd": "move", "slot": s, "from": x, "to": spare})["ok"]
+        sim.settle()
+        assert x not in sim.broker.slots[s].replicas
+        other = next(w for w in sim.broker.slots[s].replicas if w != spare)
+        assert sim.broker.admin({"cmd": "move", "slot": s, "from": other, "to": x})["ok"]
+        sim.release()  # X's ACK for v2 arrives now: it describes a copy X has dropped
+        assert sim.reply(b"c1", rid) is None  # v2 is on no disk but... it must not commit
+        sim.drop = None
+        sim.advance(4.0)
+        reads = [sim.get(key) for _ in range(6)]
+        assert len(set(reads)) == 1, reads  # no alternating old/new values
+    finally:
+        sim.close()

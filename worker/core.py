@@ -173,7 +173,7 @@ class WorkerCore:
         if now - self.last_nack.get(slot, -1e9) < NACK_INTERVAL:
             return
         self.last_nack[slot] = now
-        cur = self.position(slot)
+        cur = self.store.position(slot)  # what is on disk: the broker must never count more
         self.outbox.append([W_NACK, pack({"slot": slot, "epoch": cur.epoch, "seq": cur.seq})])
 
     def retry_stalled_repairs(self, now: float) -> None:
@@ -312,7 +312,7 @@ class WorkerCore:
         self.pos[slot] = snap.pos
         log.info("snapshot_installed", slot=slot, epoch=snap.pos.epoch, seq=snap.pos.seq,
                  keys=len(snap.records))
-        self.outbox.append([W_ACK, pack({"pos": [[slot, snap.pos.epoch, snap.pos.seq]], "res": []})])
+        self.outbox.append([W_ACK, pack({"pos": [[slot, snap.pos.epoch, snap.pos.seq]], "res": [], "snap": token})])
         self._drain_held(slot)
         if self.held.get(slot):
             self._request_repair(slot, now)
