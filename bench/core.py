@@ -89,6 +89,7 @@ class LocalCluster:
     rf: int = 3
     w: int = 2
     slots: int = 1024
+    broker_args: list[str] = field(default_factory=list)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -106,7 +107,8 @@ class LocalCluster:
     def start(self, timeout: float = 60.0) -> None:
         self._spawn("broker", ["broker", "--data", str(self.root / "broker"), "--frontend", self.frontend,
                                "--backend", self.backend, "--replication", self.replication,
-                               "--slots", str(self.slots), "--rf", str(self.rf), "-w", str(self.w)])
+                               "--slots", str(self.slots), "--rf", str(self.rf), "-w", str(self.w),
+                               *self.broker_args])
         for i in range(1, self.workers + 1):
             wid = f"w{i}"
             self._spawn(wid, ["worker", "--id", wid, "--data", str(self.root / wid), "--broker", self.backend,
@@ -153,9 +155,9 @@ class LocalCluster:
 
 
 @contextmanager
-def local_cluster(keep: bool = False) -> Iterator[LocalCluster]:
+def local_cluster(keep: bool = False, broker_args: list[str] | None = None) -> Iterator[LocalCluster]:
     root = Path(tempfile.mkdtemp(prefix="zkv-bench-"))
-    cluster = LocalCluster(root)
+    cluster = LocalCluster(root, broker_args=broker_args or [])
     try:
         cluster.start()
         yield cluster

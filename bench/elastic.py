@@ -70,9 +70,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--keys", type=int, default=30_000)
     ap.add_argument("--round", type=int, default=3000, help="requests per zkv bench round")
+    ap.add_argument("--copy-rate", type=int, default=0, help="broker --copy-rate (MiB/s); 0 = its default")
     ap.add_argument("--json", action="store_true")
     opts = ap.parse_args()
-    with local_cluster() as cluster:
+    with local_cluster(broker_args=["--copy-rate", str(opts.copy_rate)] if opts.copy_rate else []) as cluster:
         url = cluster.frontend
         with Client(url, timeout=60.0) as c:
             batch: dict[bytes, bytes] = {}
