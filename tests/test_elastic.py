@@ -53,3 +53,20 @@ def test_join_then_drain_and_remove_under_writes(cluster_factory) -> None:  # ty
     terminate(cluster, "w1", "w3", "w4")
     count, _ = copies(cluster, ["w1", "w2", "w3", "w4"])
     assert set(count.values()) == {3} and len(count) == expected
+
+
+def test_rebalance_wait_moves_slots_to_a_new_worker_when_auto_rebalance_is_off(cluster_factory) -> None:  # type: ignore[no-untyped-def]
+    cluster: Cluster = cluster_factory(slots=64, broker_args=["--no-auto-rebalance"]).start()
+    c = cluster.client()
+    c.mset({b"r%d" % i: b"v%d" % i for i in range(200)})
+    cluster.start_worker("w4")
+    cluster.wait_worker_state("w4", "alive")
+    st = cluster.status()
+    assert st["misplaced_slots"] > 0 and next(w for w in st["workers"] if w["id"] == "w4")["slots"] == 0
+    r = cluster.zkv("rebalance", "--wait", "--url", cluster.frontend, timeout=90)
+    assert r.returncode == 0, r.stderr.decode()
+    assert b"balanced" in r.stdout
+    st = cluster.status()
+    assert st["misplaced_slots"] == 0 and not st["moves"]
+    assert next(w for w in st["workers"] if w["id"] == "w4")["slots"] == st["slots_moved"] > 0
+    assert c.mget([b"r%d" % i for i in range(200)]) == [b"v%d" % i for i in range(200)]
