@@ -1,5 +1,6 @@
 """The zkv Python client library and the ``zkv`` command line."""
 
+from client.aio import AsyncClient
 from client.client import Client
 from protocol.errors import (
     ConditionFailed,
@@ -17,6 +18,7 @@ from protocol.errors import (
 )
 
 __all__ = [
+    "AsyncClient",
     "Client",
     "ConditionFailed",
     "ErrorCode",

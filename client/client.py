@@ -16,32 +16,10 @@ from typing import Any
 
 import zmq
 
-from protocol.errors import (
-    ConditionFailed,
-    ErrorCode,
-    InvalidRequest,
-    KeyNotFound,
-    ZkvError,
-    ZkvTimeout,
-    error_from_reply,
-)
+from client import commands
+from client.commands import Key
+from protocol.errors import ZkvError, ZkvTimeout
 from protocol.wire import C_FINAL, C_REQUEST, MDPC, MMI_ADMIN, MMI_SERVICE, MMI_STATUS, SERVICE, pack, unpack
-
-Key = bytes | str
-
-
-def _key(k: Key) -> bytes:
-    if isinstance(k, str):
-        return k.encode()
-    if isinstance(k, bytes | bytearray | memoryview):
-        return bytes(k)
-    raise InvalidRequest(f"keys must be bytes or str, not {type(k).__name__}")
-
-
-def _value(v: Any) -> bytes:
-    if isinstance(v, bytes | bytearray | memoryview):
-        return bytes(v)
-    raise InvalidRequest(f"values must be bytes, not {type(v).__name__}")
 
 
 class Client:
@@ -113,7 +91,7 @@ class Client:
         body = [pack(hdr), *(values or [])]
         first = True
         deadline = time.monotonic() + self.timeout
-        backoff = 0.05
+        backoff = commands.BACKOFF_FIRST
         last_error: ZkvError | None = None
         while True:
             left = deadline - time.monotonic()
@@ -131,16 +109,19 @@ class Client:
             rh = unpack(reply[0])
             if rh.get("ok"):
                 return rh, reply[1:]
-            if rh.get("code") == ErrorCode.CONDITION_FAILED.value:
-                raise ConditionFailed(str(rh.get("message", "")), version=rh.get("version"))
-            err = error_from_reply(str(rh.get("code")), str(rh.get("message", "")))
-            if err.code not in (ErrorCode.TIMEOUT, ErrorCode.UNAVAILABLE):
+            err = commands.error_for(rh)
+            if err.code not in commands.RESEND:
                 raise err
             last_error = err
             time.sleep(min(backoff, max(0.0, deadline - time.monotonic())))
-            backoff = min(backoff * 2, 1.0)
+            backoff = min(backoff * 2, commands.BACKOFF_MAX)
 
-    # -- commands -------------------------------------------------------------------------------
+    # -- commands (written once in client/commands.py) -----------------------------------------
+
+    def _run(self, call: commands.Call) -> Any:
+        if not call.op:
+            return call.parse({}, [])
+        return call.parse(*self.request(call.op, call.header, call.values))
 
     def put(self, key: Key, value: bytes, ttl: int | None = None, if_version: int | None = None,
             if_absent: bool = False) -> int:
@@ -149,69 +130,39 @@ class Client:
         Compare-and-set: ``if_version=N`` writes only if the key exists with version N;
         ``if_absent=True`` only if it does not exist. Otherwise ``ConditionFailed`` is raised
         (with the current version) and nothing is written, on every replica alike."""
-        hdr: dict[str, Any] = {"key": _key(key)}
-        if ttl is not None:
-            hdr["ttl"] = ttl
-        if if_version is not None:
-            hdr["if_version"] = if_version
-        if if_absent:
-            hdr["if_absent"] = True
-        rh, _ = self.request("put", hdr, [_value(value)])
-        return int(rh["version"])
+        return self._run(commands.put(key, value, ttl, if_version, if_absent))
 
     def get(self, key: Key) -> bytes | None:
-        found = self.get_versioned(key)
-        return None if found is None else found[0]
+        return self._run(commands.get(key))
 
     def get_versioned(self, key: Key) -> tuple[bytes, int] | None:
         """(value, version), or None if the key does not exist."""
-        rh, values = self.request("get", {"key": _key(key)})
-        return (values[0], int(rh["version"])) if rh["found"] else None
+        return self._run(commands.get_versioned(key))
 
     def delete(self, key: Key, if_version: int | None = None) -> bool | None:
         """Delete ``key``; True if it existed, False if not. None in one rare case: the delete was
         applied, but the broker restarted before it could record the answer for this retry.
         ``if_version=N`` deletes only if the key has version N, else raises ``ConditionFailed``."""
-        hdr: dict[str, Any] = {"key": _key(key)}
-        if if_version is not None:
-            hdr["if_version"] = if_version
-        rh, _ = self.request("delete", hdr)
-        return None if rh["deleted"] is None else bool(rh["deleted"])
+        return self._run(commands.delete(key, if_version))
 
     def ttl(self, key: Key) -> int | None:
         """Remaining time to live of ``key`` in milliseconds, None if it never expires; raises
         ``KeyNotFound`` if it does not exist."""
-        k = _key(key)
-        rh, _ = self.request("ttl", {"key": k})
-        if not rh["found"]:
-            raise KeyNotFound(f"no key {k[:64]!r}")
-        return None if rh["ttl"] is None else int(rh["ttl"])
+        return self._run(commands.ttl(key))
 
     def expire(self, key: Key, ttl: int | None) -> bool:
         """Set the time to live of an existing key to ``ttl`` ms from now, or remove it (None),
         without sending or rewriting its value. False if the key does not exist."""
-        hdr: dict[str, Any] = {"key": _key(key)}
-        if ttl is not None:
-            hdr["ttl"] = ttl
-        rh, _ = self.request("expire", hdr)
-        return bool(rh["applied"])
+        return self._run(commands.expire(key, ttl))
 
     def exists(self, key: Key) -> bool:
-        rh, _ = self.request("exists", {"key": _key(key)})
-        return bool(rh["exists"])
+        return self._run(commands.exists(key))
 
     def mget(self, keys: Iterable[Key]) -> list[bytes | None]:
-        ks = [_key(k) for k in keys]
-        if not ks:
-            return []
-        rh, values = self.request("mget", {"keys": ks})
-        return [v if f else None for f, v in zip(rh["found"], values, strict=True)]
+        return self._run(commands.mget(keys))
 
     def mset(self, items: Mapping[Key, bytes] | Iterable[tuple[Key, bytes]]) -> None:
-        pairs = list(items.items()) if isinstance(items, Mapping) else list(items)
-        if not pairs:
-            return
-        self.request("mset", {"keys": [_key(k) for k, _ in pairs]}, [_value(v) for _, v in pairs])
+        self._run(commands.mset(items))
 
     # -- management -----------------------------------------------------------------------------
 

@@ -1,0 +1,165 @@
+"""``AsyncClient``: the asyncio twin of ``Client``, same methods (awaitable), same exceptions,
+same retry rules; the commands themselves are written once in client/commands.py."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from client import commands
+from client.commands import Key
+from protocol.errors import ZkvError, ZkvTimeout
+from protocol.wire import C_FINAL, C_REQUEST, MDPC, MMI_STATUS, SERVICE, pack, unpack
+
+
+class AsyncClient:
+    """One DEALER socket; many requests may be in flight at once (``asyncio.gather``): replies
+    are matched to requests by their id."""
+
+    def __init__(self, url: str = "tcp://127.0.0.1:5555", timeout: float = 10.0, attempt_timeout: float = 6.0,
+                 context: zmq.asyncio.Context | None = None) -> None:
+        self.url = url
+        self.timeout = timeout
+        self.attempt_timeout = attempt_timeout
+        self.client_id = uuid.uuid4().bytes
+        self._ids = itertools.count(1)
+        self._ctx = context or zmq.asyncio.Context.instance()
+        self._sock: zmq.asyncio.Socket | None = None
+        self._waiting: dict[Any, asyncio.Future[list[bytes]]] = {}
+        self._reader: asyncio.Task[None] | None = None
+        self._open()
+
+    def _open(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(self.url)
+        if self._reader is not None:
+            self._reader.cancel()
+        self._reader = None
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            self._reader = None
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- transport ------------------------------------------------------------------------------
+
+    async def _read_replies(self) -> None:
+        """Route each reply to the request waiting for its (service, id)."""
+        assert self._sock is not None
+        sock = self._sock
+        while True:
+            frames = await sock.recv_multipart()
+            if len(frames) < 4 or frames[0] != MDPC or frames[1] != C_FINAL:
+                continue
+            service = frames[2]
+            rid = unpack(frames[3]).get("id") if service == SERVICE else None
+            fut = self._waiting.get((service, rid))
+            if fut is not None and not fut.done():
+                fut.set_result(frames[3:])
+
+    async def _roundtrip(self, service: bytes, body: list[bytes], rid: Any, wait: float) -> list[bytes] | None:
+        if self._sock is None:
+            raise ZkvError("client is closed")
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.ensure_future(self._read_replies())
+        fut: asyncio.Future[list[bytes]] = asyncio.get_running_loop().create_future()
+        self._waiting[(service, rid)] = fut
+        try:
+            await self._sock.send_multipart([MDPC, C_REQUEST, service, *body])
+            return await asyncio.wait_for(fut, wait)
+        except TimeoutError:
+            return None
+        finally:
+            self._waiting.pop((service, rid), None)
+
+    async def request(self, op: str, header: dict[str, Any], values: list[bytes] | None = None
+                      ) -> commands.Reply:
+        """Send one kv request with retries; returns (reply header, value frames) or raises."""
+        rid = next(self._ids)
+        hdr = {"op": op, "id": rid, "cid": self.client_id, "retry": False, **header}
+        body = [pack(hdr), *(values or [])]
+        deadline = time.monotonic() + self.timeout
+        backoff = commands.BACKOFF_FIRST
+        last_error: ZkvError | None = None
+        first = True
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise last_error or ZkvTimeout(f"no reply from {self.url} within {self.timeout}s")
+            if not first:
+                hdr["retry"] = True
+                body[0] = pack(hdr)
+            first = False
+            reply = await self._roundtrip(SERVICE, body, rid, min(left, self.attempt_timeout))
+            if reply is None:
+                last_error = ZkvTimeout(f"no reply from {self.url} within {self.timeout}s")
+                continue
+            rh = unpack(reply[0])
+            if rh.get("ok"):
+                return rh, reply[1:]
+            err = commands.error_for(rh)
+            if err.code not in commands.RESEND:
+                raise err
+            last_error = err
+            await asyncio.sleep(min(backoff, max(0.0, deadline - time.monotonic())))
+            backoff = min(backoff * 2, commands.BACKOFF_MAX)
+
+    async def _run(self, call: commands.Call) -> Any:
+        if not call.op:
+            return call.parse({}, [])
+        return call.parse(*await self.request(call.op, call.header, call.values))
+
+    # -- commands (the same as Client's) --------------------------------------------------------
+
+    async def put(self, key: Key, value: bytes, ttl: int | None = None, if_version: int | None = None,
+                  if_absent: bool = False) -> int:
+        return await self._run(commands.put(key, value, ttl, if_version, if_absent))
+
+    async def get(self, key: Key) -> bytes | None:
+        return await self._run(commands.get(key))
+
+    async def get_versioned(self, key: Key) -> tuple[bytes, int] | None:
+        return await self._run(commands.get_versioned(key))
+
+    async def delete(self, key: Key, if_version: int | None = None) -> bool | None:
+        return await self._run(commands.delete(key, if_version))
+
+    async def ttl(self, key: Key) -> int | None:
+        return await self._run(commands.ttl(key))
+
+    async def expire(self, key: Key, ttl: int | None) -> bool:
+        return await self._run(commands.expire(key, ttl))
+
+    async def exists(self, key: Key) -> bool:
+        return await self._run(commands.exists(key))
+
+    async def mget(self, keys: Iterable[Key]) -> list[bytes | None]:
+        return await self._run(commands.mget(keys))
+
+    async def mset(self, items: Mapping[Key, bytes] | Iterable[tuple[Key, bytes]]) -> None:
+        await self._run(commands.mset(items))
+
+    async def status(self) -> dict[str, Any]:
+        reply = await self._roundtrip(MMI_STATUS, [], None, self.timeout)
+        if reply is None:
+            raise ZkvTimeout(f"no reply from {self.url} within {self.timeout}s")
+        return unpack(reply[0])

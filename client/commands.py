@@ -1,0 +1,125 @@
+"""Every client command, written once: the request it sends and how its reply is read.
+
+``Client`` (sync) and ``AsyncClient`` (asyncio) differ only in how they move frames; both call
+these functions, so they behave the same and raise the same exceptions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from protocol.errors import (
+    ConditionFailed,
+    ErrorCode,
+    InvalidRequest,
+    KeyNotFound,
+    ZkvError,
+    error_from_reply,
+)
+
+Key = bytes | str
+Reply = tuple[dict[str, Any], list[bytes]]
+
+# Error replies after which the same request (same client id and request number) is sent again.
+RESEND = frozenset({ErrorCode.TIMEOUT, ErrorCode.UNAVAILABLE})
+BACKOFF_FIRST, BACKOFF_MAX = 0.05, 1.0
+
+
+def key_bytes(k: Key) -> bytes:
+    if isinstance(k, str):
+        return k.encode()
+    if isinstance(k, bytes | bytearray | memoryview):
+        return bytes(k)
+    raise InvalidRequest(f"keys must be bytes or str, not {type(k).__name__}")
+
+
+def value_bytes(v: Any) -> bytes:
+    if isinstance(v, bytes | bytearray | memoryview):
+        return bytes(v)
+    raise InvalidRequest(f"values must be bytes, not {type(v).__name__}")
+
+
+@dataclass(frozen=True)
+class Call:
+    """One command: ``op`` with ``header`` fields and value frames, and its reply parser.
+    An empty ``op`` needs no request at all (``parse`` gives the answer)."""
+
+    op: str
+    header: dict[str, Any]
+    parse: Callable[[dict[str, Any], list[bytes]], Any]
+    values: list[bytes] = field(default_factory=list)
+
+
+def error_for(rh: dict[str, Any]) -> ZkvError:
+    """The exception for an error reply header."""
+    if rh.get("code") == ErrorCode.CONDITION_FAILED.value:
+        return ConditionFailed(str(rh.get("message", "")), version=rh.get("version"))
+    return error_from_reply(str(rh.get("code")), str(rh.get("message", "")))
+
+
+def put(key: Key, value: bytes, ttl: int | None = None, if_version: int | None = None,
+        if_absent: bool = False) -> Call:
+    hdr: dict[str, Any] = {"key": key_bytes(key)}
+    if ttl is not None:
+        hdr["ttl"] = ttl
+    if if_version is not None:
+        hdr["if_version"] = if_version
+    if if_absent:
+        hdr["if_absent"] = True
+    return Call("put", hdr, lambda rh, _v: int(rh["version"]), [value_bytes(value)])
+
+
+def get_versioned(key: Key) -> Call:
+    return Call("get", {"key": key_bytes(key)},
+                lambda rh, v: (v[0], int(rh["version"])) if rh["found"] else None)
+
+
+def get(key: Key) -> Call:
+    return Call("get", {"key": key_bytes(key)}, lambda rh, v: v[0] if rh["found"] else None)
+
+
+def delete(key: Key, if_version: int | None = None) -> Call:
+    hdr: dict[str, Any] = {"key": key_bytes(key)}
+    if if_version is not None:
+        hdr["if_version"] = if_version
+    return Call("delete", hdr, lambda rh, _v: None if rh["deleted"] is None else bool(rh["deleted"]))
+
+
+def exists(key: Key) -> Call:
+    return Call("exists", {"key": key_bytes(key)}, lambda rh, _v: bool(rh["exists"]))
+
+
+def ttl(key: Key) -> Call:
+    k = key_bytes(key)
+
+    def parse(rh: dict[str, Any], _v: list[bytes]) -> int | None:
+        if not rh["found"]:
+            raise KeyNotFound(f"no key {k[:64]!r}")
+        return None if rh["ttl"] is None else int(rh["ttl"])
+
+    return Call("ttl", {"key": k}, parse)
+
+
+def expire(key: Key, ttl_ms: int | None) -> Call:
+    hdr: dict[str, Any] = {"key": key_bytes(key)}
+    if ttl_ms is not None:
+        hdr["ttl"] = ttl_ms
+    return Call("expire", hdr, lambda rh, _v: bool(rh["applied"]))
+
+
+def mget(keys: Iterable[Key]) -> Call:
+    ks = [key_bytes(k) for k in keys]
+    if not ks:
+        return Call("", {}, lambda _rh, _v: [])
+    return Call("mget", {"keys": ks},
+                lambda rh, v: [x if f else None for f, x in zip(rh["found"], v, strict=True)])
+
+
+def mset(items: Mapping[Key, bytes] | Iterable[tuple[Key, bytes]]) -> Call:
+    pairs = list(items.items()) if isinstance(items, Mapping) else list(items)
+    if not pairs:
+        return Call("", {}, lambda _rh, _v: None)
+    return Call("mset", {"keys": [key_bytes(k) for k, _ in pairs]}, lambda _rh, _v: None,
+                [value_bytes(v) for _, v in pairs])
