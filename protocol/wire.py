@@ -62,11 +62,6 @@ COND_NONE = 0
 COND_ABSENT = 1  # only if the key does not exist (or has expired)
 COND_VERSION = 2  # only if the key exists with version == expected
 
-# Client ops (the ``op`` field of a client request header).
-READ_OPS = frozenset({"get", "exists", "mget", "ttl"})
-WRITE_OPS = frozenset({"put", "delete", "mset", "expire"})
-
-
 def pack(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
@@ -83,10 +78,6 @@ def slot_for_key(key: bytes, slots: int) -> int:
 def slot_topic(slot: int) -> bytes:
     """PUB/SUB topic of a slot: ``b"s"`` and the slot as 2 bytes big-endian."""
     return b"s" + struct.pack(">H", slot)
-
-
-def topic_slot(topic: bytes) -> int:
-    return struct.unpack(">H", topic[1:3])[0]
 
 
 # ---------------------------------------------------------------------------------------------
