@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import time
 import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -16,7 +15,7 @@ import zmq.asyncio
 from client import commands
 from client.commands import Key
 from protocol.errors import ZkvError, ZkvTimeout
-from protocol.wire import C_FINAL, C_REQUEST, MDPC, MMI_STATUS, SERVICE, pack, unpack
+from protocol.wire import C_FINAL, C_REQUEST, MDPC, MMI_STATUS, SERVICE, unpack
 
 
 class AsyncClient:
@@ -94,34 +93,18 @@ class AsyncClient:
     async def request(self, op: str, header: dict[str, Any], values: list[bytes] | None = None
                       ) -> commands.Reply:
         """Send one kv request with retries; returns (reply header, value frames) or raises."""
-        rid = next(self._ids)
-        hdr = {"op": op, "id": rid, "cid": self.client_id, "retry": False, **header}
-        body = [pack(hdr), *(values or [])]
-        deadline = time.monotonic() + self.timeout
-        backoff = commands.BACKOFF_FIRST
-        last_error: ZkvError | None = None
-        first = True
+        attempts = commands.Attempts(self.url, op, next(self._ids), self.client_id, header, values or [],
+                                     self.timeout, self.attempt_timeout)
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise last_error or ZkvTimeout(f"no reply from {self.url} within {self.timeout}s")
-            if not first:
-                hdr["retry"] = True
-                body[0] = pack(hdr)
-            first = False
-            reply = await self._roundtrip(SERVICE, body, rid, min(left, self.attempt_timeout))
+            body, wait = attempts.next()
+            reply = await self._roundtrip(SERVICE, body, attempts.rid, wait)
             if reply is None:
-                last_error = ZkvTimeout(f"no reply from {self.url} within {self.timeout}s")
+                attempts.no_reply()
                 continue
-            rh = unpack(reply[0])
-            if rh.get("ok"):
-                return rh, reply[1:]
-            err = commands.error_for(rh)
-            if err.code not in commands.RESEND:
-                raise err
-            last_error = err
-            await asyncio.sleep(min(backoff, max(0.0, deadline - time.monotonic())))
-            backoff = min(backoff * 2, commands.BACKOFF_MAX)
+            answer = attempts.answer(reply)
+            if isinstance(answer, tuple):
+                return answer
+            await asyncio.sleep(answer)
 
     async def _run(self, call: commands.Call) -> Any:
         if not call.op:

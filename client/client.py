@@ -83,38 +83,21 @@ class Client:
                 return frames[3:]
             # A late reply to an earlier attempt or request: not ours, drop it.
 
-    def request(self, op: str, header: dict[str, Any], values: list[bytes] | None = None) -> tuple[dict, list]:
+    def request(self, op: str, header: dict[str, Any], values: list[bytes] | None = None) -> commands.Reply:
         """Send one kv request with retries; returns (reply header, value frames) or raises."""
-        rid = next(self._ids)
-        # "retry": false on the first attempt spares the broker a look-up of earlier attempts.
-        hdr = {"op": op, "id": rid, "cid": self.client_id, "retry": False, **header}
-        body = [pack(hdr), *(values or [])]
-        first = True
-        deadline = time.monotonic() + self.timeout
-        backoff = commands.BACKOFF_FIRST
-        last_error: ZkvError | None = None
+        attempts = commands.Attempts(self.url, op, next(self._ids), self.client_id, header, values or [],
+                                     self.timeout, self.attempt_timeout)
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise last_error or ZkvTimeout(f"no reply from {self.url} within {self.timeout}s")
-            if not first:
-                hdr["retry"] = True
-                body[0] = pack(hdr)
-            first = False
-            reply = self._roundtrip(SERVICE, body, rid, min(left, self.attempt_timeout))
+            body, wait = attempts.next()
+            reply = self._roundtrip(SERVICE, body, attempts.rid, wait)
             if reply is None:
                 self._open()  # drop whatever the old socket still queues for a dead broker
-                last_error = ZkvTimeout(f"no reply from {self.url} within {self.timeout}s")
+                attempts.no_reply()
                 continue
-            rh = unpack(reply[0])
-            if rh.get("ok"):
-                return rh, reply[1:]
-            err = commands.error_for(rh)
-            if err.code not in commands.RESEND:
-                raise err
-            last_error = err
-            time.sleep(min(backoff, max(0.0, deadline - time.monotonic())))
-            backoff = min(backoff * 2, commands.BACKOFF_MAX)
+            answer = attempts.answer(reply)
+            if isinstance(answer, tuple):
+                return answer
+            time.sleep(answer)
 
     # -- commands (written once in client/commands.py) -----------------------------------------
 

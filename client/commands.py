@@ -6,6 +6,7 @@ these functions, so they behave the same and raise the same exceptions.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,8 +17,10 @@ from protocol.errors import (
     InvalidRequest,
     KeyNotFound,
     ZkvError,
+    ZkvTimeout,
     error_from_reply,
 )
+from protocol.wire import pack, unpack
 
 Key = bytes | str
 Reply = tuple[dict[str, Any], list[bytes]]
@@ -57,6 +60,50 @@ def error_for(rh: dict[str, Any]) -> ZkvError:
     if rh.get("code") == ErrorCode.CONDITION_FAILED.value:
         return ConditionFailed(str(rh.get("message", "")), version=rh.get("version"))
     return error_from_reply(str(rh.get("code")), str(rh.get("message", "")))
+
+
+class Attempts:
+    """The retry rules of one kv request, shared by both clients (they only move the frames):
+    every attempt sends the same id and client id, marked as a retry after the first; a missing
+    reply, TIMEOUT or UNAVAILABLE means try again after a backoff until ``timeout`` runs out."""
+
+    def __init__(self, url: str, op: str, rid: int, cid: bytes, header: dict[str, Any], values: list[bytes],
+                 timeout: float, attempt_timeout: float) -> None:
+        self.url, self.rid, self.timeout, self.attempt_timeout = url, rid, timeout, attempt_timeout
+        # "retry": false on the first attempt spares the broker a look-up of earlier attempts.
+        self.header = {"op": op, "id": rid, "cid": cid, "retry": False, **header}
+        self.body = [pack(self.header), *values]
+        self.deadline = time.monotonic() + timeout
+        self.backoff = BACKOFF_FIRST
+        self.sent = 0
+        self.last_error: ZkvError | None = None
+
+    def next(self) -> tuple[list[bytes], float]:
+        """The frames of the next attempt and how long it may wait; raises when time is up."""
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise self.last_error or ZkvTimeout(f"no reply from {self.url} within {self.timeout}s")
+        if self.sent:
+            self.header["retry"] = True
+            self.body[0] = pack(self.header)
+        self.sent += 1
+        return self.body, min(left, self.attempt_timeout)
+
+    def no_reply(self) -> None:
+        self.last_error = ZkvTimeout(f"no reply from {self.url} within {self.timeout}s")
+
+    def answer(self, reply: list[bytes]) -> Reply | float:
+        """The reply if it is final; raises a final error; else seconds to wait before resending."""
+        rh = unpack(reply[0])
+        if rh.get("ok"):
+            return rh, reply[1:]
+        err = error_for(rh)
+        if err.code not in RESEND:
+            raise err
+        self.last_error = err
+        wait = min(self.backoff, max(0.0, self.deadline - time.monotonic()))
+        self.backoff = min(self.backoff * 2, BACKOFF_MAX)
+        return wait
 
 
 def put(key: Key, value: bytes, ttl: int | None = None, if_version: int | None = None,
