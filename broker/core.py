@@ -82,7 +82,8 @@ INVALID_INPUT = frozenset({ErrorCode.BAD_REQUEST, ErrorCode.UNKNOWN_COMMAND, Err
 MAX_KEYS_PER_REQUEST = 10_000
 MAX_TTL_MS = 100 * 365 * 24 * 3600 * 1000  # a century
 TAIL_ENTRIES = 512  # per slot, kept in memory for gap repair
-TAIL_BYTES = 256 * 1024  # per slot
+TAIL_BYTES = 256 * 1024  # per slot (committed entries; uncommitted ones are all kept)
+MAX_UNCOMMITTED_BYTES = 64 * 1024 * 1024  # per slot: writes past this backlog get UNAVAILABLE
 REPAIR_RETRY = 2.0
 STALLED_TRANSFER = 10.0  # s without a snapshot part before a transfer is abandoned
 TICK_SECONDS = 0.1  # how often the loop calls tick()  # s before a repair that has not finished is started again
@@ -600,6 +601,9 @@ class BrokerCore:
             if live < self.cfg.w:
                 raise BadRequest(ErrorCode.NOT_ENOUGH_REPLICAS,
                                  f"slot {s} has {live} live replicas; writes need {self.cfg.w}")
+            if slot.tail_bytes > MAX_UNCOMMITTED_BYTES:
+                raise BadRequest(ErrorCode.UNAVAILABLE,
+                                 f"slot {s} has {slot.tail_bytes >> 20} MiB of writes not yet committed; retry")
         now_ms = self.wall_ms()
         expire_at = now_ms + ttl if ttl else 0
         for s, idx in by_slot.items():
@@ -677,7 +681,11 @@ class BrokerCore:
         entry = TailEntry(seq, self.epoch, slot.last.epoch, frames[1:], sum(len(f) for f in frames))
         slot.tail.append(entry)
         slot.tail_bytes += entry.size
-        while len(slot.tail) > 1 and (len(slot.tail) > TAIL_ENTRIES or slot.tail_bytes > TAIL_BYTES):
+        # Trim only what is committed: an uncommitted write may be on no replica at all yet (a
+        # PUB message lost to every subscriber), and then the tail is the only copy that can
+        # repair them. _start_write bounds the uncommitted backlog instead.
+        while (len(slot.tail) > 1 and slot.tail[0].seq <= slot.committed
+               and (len(slot.tail) > TAIL_ENTRIES or slot.tail_bytes > TAIL_BYTES)):
             slot.tail_bytes -= slot.tail.popleft().size
         slot.last = Pos(seq, self.epoch)
         slot.last_write = self.clock()
@@ -1654,5 +1662,6 @@ class BrokerCore:
             "committed_writes": sum(s.committed for s in self.slots.values()),
             "moves": self.moves_status(),
             "misplaced_slots": len(self.misplaced(self.clock())),
+            "open_streams": len(self.streams),
             **self.stats,
         }

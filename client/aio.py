@@ -218,8 +218,11 @@ class AsyncValueStream:
         self.version, self.size = info.version, info.size
         self._chunks = chunks
 
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return self._chunks
+    def __aiter__(self) -> AsyncValueStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        return await self._chunks.__anext__()
 
     async def read(self) -> bytes:
-        return b"".join([c async for c in self._chunks])
+        return b"".join([c async for c in self])

@@ -319,10 +319,14 @@ class ValueStream:
         self._buf = b""
 
     def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        # Not a generator: a loop that stops early must not close the chunks for the next one.
         if self._buf:
             buf, self._buf = self._buf, b""
-            yield buf
-        yield from self._chunks
+            return buf
+        return next(self._chunks)
 
     def read(self, n: int = -1) -> bytes:
         if n is None or n < 0:
