@@ -304,6 +304,7 @@ class BrokerCore:
         self.requests: dict[int, Request] = {}
         self.worker_reads: dict[bytes, WorkerRead] = {}
         self.chunk_reads: dict[bytes, ChunkRead] = {}
+        self.read_queue: list[ReadPart] = []  # reads of this turn of the loop, not yet sent
         self.streams: dict[bytes, OpenStream] = {}
         self.dirty_streams: dict[bytes, dict[str, Any] | None] = {}
         # put_chunk replies waiting for every in-sync replica (flow control, see _release_chunk_replies)
@@ -835,7 +836,15 @@ class BrokerCore:
         parts = [ReadPart(req, s, idx) for s, idx in by_slot.items()]
         req.outstanding = len(parts)
         self.requests[id(req)] = req
-        self._dispatch_reads(parts)
+        # Dispatched at the end of the loop's turn (end_turn), together with every other read
+        # of the turn: one REQUEST per worker carries them all, one LMDB transaction answers them.
+        self.read_queue.extend(parts)
+
+    def end_turn(self) -> None:
+        """The loop has handled every message it drained: send the reads gathered meanwhile."""
+        if self.read_queue:
+            parts, self.read_queue = self.read_queue, []
+            self._dispatch_reads(parts)
 
     def _qualifies(self, slot: Slot, wid: str) -> bool:
         w = self.workers.get(wid)

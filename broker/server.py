@@ -88,6 +88,7 @@ class BrokerServer:
                     self._drain(self.backend, self.core.on_worker)
                 if self.frontend in events:
                     self._drain(self.frontend, self.core.on_client)
+                self.core.end_turn()
                 now = time.monotonic()
                 if now - last_tick >= TICK:
                     last_tick = now

@@ -134,6 +134,7 @@ class SimCluster:
     def step(self) -> bool:
         """Deliver everything queued once. Returns whether anything moved."""
         b = self.broker
+        b.end_turn()
         b.persist()
         moved = False
         pub, b.out_pub = b.out_pub, []
