@@ -2,6 +2,7 @@
 
 from client.aio import AsyncClient
 from client.client import Client
+from client.commands import ScanItem, ScanPage, WatchEvent
 from protocol.errors import (
     ConditionFailed,
     ErrorCode,
@@ -30,6 +31,9 @@ __all__ = [
     "Unavailable",
     "UnknownCommand",
     "ValueTooLarge",
+    "ScanItem",
+    "ScanPage",
+    "WatchEvent",
     "ZkvError",
     "ZkvTimeout",
 ]
