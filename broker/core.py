@@ -1496,7 +1496,10 @@ class BrokerCore:
             if batch.found is not None:
                 results[seq] = batch.found
         floor = slot.tail[0].seq if slot.tail else new + 1
-        for q in [q for q in results if q < floor]:
+        while results:  # seqs were added in increasing order: drop what left the tail
+            q = next(iter(results))
+            if q >= floor:
+                break
             del results[q]
         reaping = self.reaping.get(slot.id)
         if reaping:
