@@ -1519,12 +1519,14 @@ class BrokerCore:
                 self._fail_scan(scan, ErrorCode.TIMEOUT, "scan not answered in time")
             elif scan.waiting:
                 self._dispatch_scan(scan)
+        cursor = None  # the same for every watch this turn: built once
         for key, w in list(self.watches.items()):
             if now - w.last_heard > WATCH_EXPIRY:
                 del self.watches[key]
                 log.info("watch_expired", watch=w.id, silent_s=round(now - w.last_heard, 1))
             elif now - w.last_sent >= WATCH_HEARTBEAT:
-                self._watch_send(w, [], [], with_cursor=True)
+                cursor = cursor or self._cursor()
+                self._watch_send(w, [], [], with_cursor=True, cursor=cursor)
         for reaping in self.reaping.values():
             for key in [k for k, (_, t) in reaping.items() if now - t > REAP_STALE]:
                 del reaping[key]  # never committed (replicas lost): sequence it again when reported
@@ -1752,12 +1754,13 @@ class BrokerCore:
             if mine:
                 self._watch_send(w, [ev for ev, _ in mine], [v for _, v in mine], with_cursor=False)
 
-    def _watch_send(self, w: Watch, events: list[list[Any]], values: list[bytes], with_cursor: bool) -> None:
+    def _watch_send(self, w: Watch, events: list[list[Any]], values: list[bytes], with_cursor: bool,
+                    cursor: dict[str, Any] | None = None) -> None:
         w.n += 1
         w.last_sent = self.clock()
         hdr: dict[str, Any] = {"id": w.id, "ok": True, "n": w.n, "events": events}
         if with_cursor:
-            hdr["cursor"] = self._cursor()
+            hdr["cursor"] = cursor or self._cursor()
         self.out_client.append((w.identity, [MDPC, C_PARTIAL, SERVICE, pack(hdr), *values]))
 
     def _watch_resync(self, w: Watch, why: str) -> None:
