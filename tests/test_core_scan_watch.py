@@ -323,3 +323,54 @@ def test_scan_asks_again_when_a_replica_lost_the_slot_meanwhile(sim: SimCluster)
             break
     got = sim.reply(b"c1", rid)
     assert got is not None and got[0]["keys"] == keys
+
+
+def test_watches_are_bounded(sim: SimCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    import broker.core
+
+    monkeypatch.setattr(broker.core, "MAX_WATCHES", 2)
+    a, b = sim.send(b"a", "watch"), sim.send(b"b", "watch")
+    sim.settle()
+    assert all(watch_messages(sim, c, r)[0]["n"] == 1 for c, r in ((b"a", a), (b"b", b)))
+    hdr, _ = sim.call("watch", client=b"c")
+    assert hdr["ok"] is False and hdr["code"] == "UNAVAILABLE"
+    sim.call("watch", cancel=True, rid=a, client=b"a")
+    c = sim.send(b"c", "watch")  # a cancelled watch frees its place
+    sim.settle()
+    assert watch_messages(sim, b"c", c)[0]["n"] == 1
+    assert len(sim.broker.watches) == 2
+
+
+def test_watch_session_resumes_from_its_cursor_after_a_lost_message() -> None:
+    from client.commands import WatchSession
+    from protocol.wire import C_FINAL, C_PARTIAL, unpack
+
+    ids = iter(range(1, 100))
+    ws = WatchSession(b"p")
+    act = ws.due(0.0, lambda: next(ids))
+    assert act is not None and act[0] == "open" and unpack(act[1][0]) == {"op": "watch", "id": 1, "prefix": b"p"}
+    cursor = {"c": b"cl", "s": [0, 0, 0]}
+    assert ws.received(C_PARTIAL, [pack({"id": 1, "ok": True, "n": 1, "events": [], "cursor": cursor})], 0.1) == []
+    evs = ws.received(C_PARTIAL, [pack({"id": 1, "ok": True, "n": 2, "events": [["put", b"p1", 2, 7, 0]]}), b"v"], 0.2)
+    assert [(e.kind, e.key, e.value, e.version, e.slot) for e in evs] == [("put", b"p1", b"v", 7, 2)]
+    assert ws.cursor == {"c": b"cl", "s": [0, 0, 7]}
+    # n = 4 after 2: the PARTIAL n = 3 was dropped; its events are not delivered and nothing after
+    # the gap is either: the session opens the watch again from its cursor.
+    assert ws.received(C_PARTIAL, [pack({"id": 1, "ok": True, "n": 4, "events": [["put", b"p2", 1, 3, 0]]}),
+                                   b"x"], 0.3) == []
+    act = ws.due(0.3, lambda: next(ids))
+    assert act is not None and act[0] == "open"
+    assert unpack(act[1][0]) == {"op": "watch", "id": 2, "prefix": b"p", "since": {"c": b"cl", "s": [0, 0, 7]}}
+    # Late messages of the old subscription are ignored; a resync hands over the broker's cursor.
+    assert ws.received(C_PARTIAL, [pack({"id": 1, "ok": True, "n": 5, "events": []})], 0.4) == []
+    evs = ws.received(C_FINAL, [pack({"id": 2, "ok": True, "resync": True, "cursor": {"c": b"cl", "s": [1, 1, 9]}})],
+                      0.5)
+    assert [e.kind for e in evs] == ["resync"] and ws.cursor == {"c": b"cl", "s": [1, 1, 9]}
+    act = ws.due(0.5, lambda: next(ids))
+    assert act is not None and unpack(act[1][0])["since"] == {"c": b"cl", "s": [1, 1, 9]}
+    # Silence (a broker restart): resume; keepalives in between.
+    ws.received(C_PARTIAL, [pack({"id": 3, "ok": True, "n": 1, "events": []})], 0.6)
+    act = ws.due(2.7, lambda: next(ids))
+    assert act is not None and act[0] == "send" and unpack(act[1][0]) == {"op": "watch", "id": 3, "keepalive": True}
+    act = ws.due(10.0, lambda: next(ids))
+    assert act is not None and act[0] == "open" and unpack(act[1][0])["id"] == 4
