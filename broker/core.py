@@ -92,7 +92,7 @@ WATCH_BATCH = 1000  # events in one PARTIAL of a replay
 WATCH_KINDS = {OP_PUT: "put", OP_DELETE: "delete", OP_EXPIRE: "ttl", OP_REAP: "expired"}
 MAX_REAPING = 100_000  # expired keys whose reaping is sequenced and not yet committed
 REAP_STALE = 30.0  # s before a reaping that never committed may be sequenced again
-STREAM_OPS = ("scan", "watch")
+SCAN_WATCH_OPS = ("scan", "watch")
 
 
 class BadRequest(Exception):
@@ -323,7 +323,7 @@ class BrokerCore:
                       "snapshots_sent": 0, "replays_sent": 0, "slots_rereplicated": 0,
                       "slots_moved": 0, "moves_abandoned": 0}
         self._load()
-        self._init_streams()
+        self._init_scan_watch()
 
     # -- metadata -------------------------------------------------------------------------------
 
@@ -451,8 +451,8 @@ class BrokerCore:
 
     def _handle(self, identity: bytes, rid: int, header: dict[str, Any], values: list[bytes]) -> None:
         op = header.get("op")
-        if op in STREAM_OPS:  # see the "scan" and "watch" sections
-            self._handle_stream(identity, rid, header)
+        if op in SCAN_WATCH_OPS:  # see the "scan" and "watch" sections
+            self._handle_scan_watch(identity, rid, header)
             return
         if op in ("get", "exists", "delete", "put", "ttl", "expire"):
             keys = [self._key(header.get("key"))]
@@ -1394,7 +1394,7 @@ class BrokerCore:
             move = self.moves.get(slot.id)
             if move is not None:
                 self._maybe_finish_move(move)
-        self._stream_tick(now)
+        self._scan_watch_tick(now)
 
     # -- status ---------------------------------------------------------------------------------
 
@@ -1439,7 +1439,7 @@ class BrokerCore:
 
     # -- scan and watch: shared -----------------------------------------------------------------
 
-    def _init_streams(self) -> None:
+    def _init_scan_watch(self) -> None:
         self.scans: dict[int, Scan] = {}  # by id(scan)
         self.scan_tokens: dict[bytes, Scan] = {}  # worker request token -> its scan
         self.watches: dict[tuple[bytes, int], Watch] = {}  # by (client identity, request id)
@@ -1454,7 +1454,7 @@ class BrokerCore:
         # the same expired key are not sequenced again while the first reaping commits.
         self.reaping: dict[int, dict[bytes, tuple[int, float]]] = {}
 
-    def _handle_stream(self, identity: bytes, rid: int, header: dict[str, Any]) -> None:
+    def _handle_scan_watch(self, identity: bytes, rid: int, header: dict[str, Any]) -> None:
         if header.get("op") == "scan":
             self._start_scan(identity, rid, header)
         else:
@@ -1513,7 +1513,7 @@ class BrokerCore:
                     scan.unmet.discard(slot.id)
                     self._maybe_finish_scan(scan)
 
-    def _stream_tick(self, now: float) -> None:
+    def _scan_watch_tick(self, now: float) -> None:
         for scan in list(self.scans.values()):
             if now > scan.deadline:
                 self._fail_scan(scan, ErrorCode.TIMEOUT, "scan not answered in time")
@@ -1731,7 +1731,7 @@ class BrokerCore:
             for i, (code, key, expire_at, cond, _expected) in enumerate(ops):
                 if code in (OP_PUT, OP_DELETE) and cond == COND_NONE:
                     happened = True  # a delete of a missing key is reported too: the key is gone
-                elif found is None:
+                elif found is None or code not in WATCH_KINDS:  # (an op this code does not describe)
                     unknown.append(bytes(key))
                     continue
                 else:

@@ -58,7 +58,7 @@ DEFAULT_MAX_VALUE_BYTES = 64 * 1024 * 1024
 OP_PUT = 1
 OP_DELETE = 2
 OP_EXPIRE = 3  # change or remove the TTL of a live key, leaving its value
-OP_REAP = 4  # delete a key whose TTL ran out, only if it still has this version and expire_at
+OP_REAP = 7  # delete a key whose TTL ran out, only if it still has this version and expire_at
 
 COND_NONE = 0
 COND_ABSENT = 1  # only if the key does not exist (or has expired)
