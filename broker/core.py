@@ -22,7 +22,7 @@ import time
 import uuid
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import structlog
 
@@ -36,19 +36,25 @@ from protocol.wire import (
     COND_ABSENT,
     COND_NONE,
     COND_VERSION,
+    DEFAULT_MAX_STREAM_BYTES,
     DEFAULT_MAX_VALUE_BYTES,
     DEFAULT_SLOTS,
+    MAX_CHUNK_BYTES,
     MAX_KEY_BYTES,
     MDPC,
     MDPW,
     MMI_ADMIN,
     MMI_SERVICE,
     MMI_STATUS,
+    OP_ABORT_STREAM,
+    OP_CHUNK,
     OP_DELETE,
     OP_EXPIRE,
     OP_PUT,
+    OP_PUT_STREAM,
     OP_REAP,
     SERVICE,
+    STREAM_ID_BYTES,
     W_ACK,
     W_ASSIGN,
     W_DISCONNECT,
@@ -56,14 +62,17 @@ from protocol.wire import (
     W_FINAL,
     W_HEARTBEAT,
     W_NACK,
+    W_PARTIAL,
     W_READY,
     W_REPLAY,
     W_REQUEST,
     W_SNAPSHOT_DELIVER,
     W_SNAPSHOT_PART,
     W_SNAPSHOT_REQUEST,
+    Manifest,
     Replicate,
     WriteOp,
+    chunk_key,
     pack,
     slot_for_key,
     unpack,
@@ -76,12 +85,17 @@ INVALID_INPUT = frozenset({ErrorCode.BAD_REQUEST, ErrorCode.UNKNOWN_COMMAND, Err
 MAX_KEYS_PER_REQUEST = 10_000
 MAX_TTL_MS = 100 * 365 * 24 * 3600 * 1000  # a century
 TAIL_ENTRIES = 512  # per slot, kept in memory for gap repair
-TAIL_BYTES = 256 * 1024  # per slot
+TAIL_BYTES = 256 * 1024  # per slot (committed entries; uncommitted ones are all kept)
+MAX_UNCOMMITTED_BYTES = 64 * 1024 * 1024  # per slot: writes past this backlog get UNAVAILABLE
 REPAIR_RETRY = 2.0
 STALLED_TRANSFER = 10.0  # s without a snapshot part before a transfer is abandoned
 TICK_SECONDS = 0.1  # how often the loop calls tick()  # s before a repair that has not finished is started again
 LAG_GRACE = 1.0  # s a replica may trail the slot's last write before the broker repairs it
 DEDUP_MEMORY = 100_000
+WRITE_OPS = frozenset({"put", "delete", "mset", "expire", "put_chunk", "put_commit", "put_abort"})
+READ_OPS = frozenset({"get", "exists", "mget", "ttl"})
+MAX_CHUNKS_PER_READ = 16  # credit one get_chunks request may ask for
+STREAM_INCOMPLETE = -1  # a replica's answer flag for a stream commit that found chunks missing
 DEFAULT_SCAN_LIMIT = 1000
 MAX_SCAN_LIMIT = 10_000  # keys in one scan page
 SCAN_MAX_BYTES = 8 << 20  # value bytes in one scan page (at least one entry); `more` says the rest
@@ -89,7 +103,7 @@ MAX_WATCHES = 1024
 WATCH_HEARTBEAT = 1.0  # s between progress messages (events: [], with the cursor) to a watch
 WATCH_EXPIRY = 10.0  # s without a keepalive before a watch is dropped
 WATCH_BATCH = 1000  # events in one PARTIAL of a replay
-WATCH_KINDS = {OP_PUT: "put", OP_DELETE: "delete", OP_EXPIRE: "ttl", OP_REAP: "expired"}
+WATCH_KINDS = {OP_PUT: "put", OP_DELETE: "delete", OP_EXPIRE: "ttl", OP_REAP: "expired", OP_PUT_STREAM: "put"}
 MAX_REAPING = 100_000  # expired keys whose reaping is sequenced and not yet committed
 REAP_STALE = 30.0  # s before a reaping that never committed may be sequenced again
 SCAN_WATCH_OPS = ("scan", "watch")
@@ -122,6 +136,8 @@ class BrokerConfig:
     initial_workers: int = 0  # workers to wait for before forming the cluster (at least RF)
     max_value: int = DEFAULT_MAX_VALUE_BYTES
     max_key: int = MAX_KEY_BYTES
+    max_stream: int = DEFAULT_MAX_STREAM_BYTES  # size limit of a streamed value
+    stream_idle: float = 60.0  # s without a chunk before an open stream is aborted
 
 
 @dataclass
@@ -167,6 +183,9 @@ class Request:
     maybe_retry: bool = True  # false when the client says this is its first attempt
     cond: int = COND_NONE  # put/delete: applied only if this condition holds
     expected: int = 0  # COND_VERSION: the version the key must have
+    stream: bytes = b""  # put_chunk / put_commit / put_abort / get_chunks: the stream id
+    index: int = 0  # put_chunk: the chunk's index; get_chunks: the first chunk asked for
+    manifest: bytes = b""  # put_commit: the encoded Manifest
 
 
 @dataclass
@@ -238,6 +257,33 @@ class Transfer:
 
 
 @dataclass
+class OpenStream:
+    """A streamed put whose chunks are being written (docs/protocol.md §1.8). Persisted in the
+    broker's LMDB so that a broker restart still aborts it if its client never comes back."""
+
+    stream: bytes
+    slot: int
+    key: bytes
+    last_activity: float
+    sizes: dict[int, int] = field(default_factory=dict)  # chunk index -> bytes
+
+    @property
+    def size(self) -> int:
+        return sum(self.sizes.values())
+
+
+@dataclass
+class ChunkRead:
+    """A get_chunks request at one worker: chunks [next, end) are still to come."""
+
+    worker: str
+    request: Request
+    slot: int
+    next: int
+    end: int
+
+
+@dataclass
 class Move:
     """Slot ``slot`` gets replica ``add`` (filled as a learner) in place of ``remove``."""
 
@@ -271,12 +317,18 @@ class Scan:
     waiting: set[int]  # slots not asked of any worker yet
     asked: dict[bytes, tuple[str, list[int]]] = field(default_factory=dict)  # token -> (worker, slots)
     floor: dict[int, int] = field(default_factory=dict)  # slot -> committed seq when asked
-    entries: list[tuple[bytes, int, bytes]] = field(default_factory=list)  # (key, version, value)
+    entries: list[tuple[bytes, int, bytes, bool]] = field(default_factory=list)  # key, version, value, streamed
     bound: bytes | None = None  # an answer cut short covers keys up to here only
     need: dict[int, int] = field(default_factory=dict)  # slot -> applied seq the answer was read at
     held: bool = False
     unmet: set[int] = field(default_factory=set)  # slots not yet committed up to `need`
     done: bool = False
+
+
+class WatchEventOut(NamedTuple):
+    event: list[Any]  # [kind, key, slot, seq, expire_at]
+    value: bytes  # its value frame (b"" but for an inline put)
+    stream: dict[str, Any] | None  # a streamed put: where its chunks are (as mget's `streams`)
 
 
 @dataclass
@@ -305,6 +357,11 @@ class BrokerCore:
         self.slots: dict[int, Slot] = {}
         self.requests: dict[int, Request] = {}
         self.worker_reads: dict[bytes, WorkerRead] = {}
+        self.chunk_reads: dict[bytes, ChunkRead] = {}
+        self.streams: dict[bytes, OpenStream] = {}
+        self.dirty_streams: dict[bytes, dict[str, Any] | None] = {}
+        # put_chunk replies waiting for every in-sync replica (flow control, see _release_chunk_replies)
+        self.chunk_replies: dict[int, list[tuple[int, Request]]] = {}
         self.transfers: dict[bytes, Transfer] = {}
         self.moves: dict[int, Move] = {}
         self.rebalance_requested = False
@@ -321,7 +378,8 @@ class BrokerCore:
         self.dirty_dedup: list[tuple[bytes, int, list[list[int]], list[Any] | None]] = []
         self.stats = {"writes_committed": 0, "reads_served": 0, "bad_requests": 0, "rejected_requests": 0,
                       "snapshots_sent": 0, "replays_sent": 0, "slots_rereplicated": 0,
-                      "slots_moved": 0, "moves_abandoned": 0}
+                      "slots_moved": 0, "moves_abandoned": 0,
+                      "streams_aborted": 0}
         self._load()
         self._init_scan_watch()
 
@@ -347,19 +405,22 @@ class BrokerCore:
             for wid in slot.replicas:
                 if wid in self.workers:
                     self.workers[wid].slots.add(sid)
+        for stream, info in self.meta.load_streams().items():
+            self.streams[stream] = OpenStream(stream, int(info["slot"]), bytes(info["key"]), self.clock())
         log.info("broker_started", epoch=self.epoch, formed=bool(self.slots), workers=len(self.workers),
                  slots=self.cfg.slots, rf=self.cfg.rf, w=self.cfg.w)
 
     def persist(self) -> None:
         """Write what changed this turn. Called by the loop before it sends anything."""
-        if not (self.dirty_slots or self.dirty_workers or self.dirty_dedup):
+        if not (self.dirty_slots or self.dirty_workers or self.dirty_dedup or self.dirty_streams):
             return
         slots = {s: {"replicas": self.slots[s].replicas,
                      "last": [self.slots[s].last.epoch, self.slots[s].last.seq],
                      "committed": self.slots[s].committed,
                      "epochs": self.slots[s].epochs} for s in self.dirty_slots}
         workers = {w: self.workers[w].record() for w in self.dirty_workers}
-        self.meta.write(workers=workers, slots=slots, dedup=self.dirty_dedup)
+        self.meta.write(workers=workers, slots=slots, dedup=self.dirty_dedup, streams=self.dirty_streams)
+        self.dirty_streams = {}
         self.dirty_slots.clear()
         self.dirty_workers.clear()
         self.dirty_dedup = []
@@ -454,7 +515,8 @@ class BrokerCore:
         if op in SCAN_WATCH_OPS:  # see the "scan" and "watch" sections
             self._handle_scan_watch(identity, rid, header)
             return
-        if op in ("get", "exists", "delete", "put", "ttl", "expire"):
+        if op in ("get", "exists", "delete", "put", "ttl", "expire", "put_chunk", "put_commit", "put_abort",
+                  "get_chunks"):
             keys = [self._key(header.get("key"))]
         elif op in ("mget", "mset"):
             keys = self._keys(header)
@@ -473,6 +535,7 @@ class BrokerCore:
             if total > self.cfg.max_value:
                 raise BadRequest(ErrorCode.VALUE_TOO_LARGE,
                                  f"values of {total} bytes in one request; the limit is {self.cfg.max_value}")
+        stream, index, manifest = self._stream_fields(op, header, values)
         ttl = header.get("ttl")
         if ttl is not None and (not isinstance(ttl, int) or isinstance(ttl, bool) or not 0 < ttl <= MAX_TTL_MS):
             raise BadRequest(ErrorCode.BAD_REQUEST, f"ttl must be an integer from 1 to {MAX_TTL_MS} (milliseconds)")
@@ -485,11 +548,60 @@ class BrokerCore:
                              f"cluster not formed: waiting for {self.cfg.rf} workers to register")
         now = self.clock()
         req = Request(rid, identity, cid, op, now + self.cfg.request_timeout, keys, [None] * len(keys),
-                      maybe_retry=header.get("retry") is not False, cond=cond, expected=expected)
-        if op in ("get", "exists", "mget", "ttl"):
+                      maybe_retry=header.get("retry") is not False, cond=cond, expected=expected,
+                      stream=stream, index=index, manifest=manifest)
+        if op in READ_OPS:
             self._start_read(req)
+        elif op == "get_chunks":
+            self._start_chunk_read(req, int(header.get("count", 0)))
         else:
             self._start_write(req, values, ttl)
+            if op == "put_chunk":
+                self._stream_chunk_sequenced(req, len(values[0]))
+            elif op in ("put_commit", "put_abort"):
+                self._stream_closed(stream)
+
+    @staticmethod
+    def _int_field(header: dict[str, Any], name: str, low: int, high: int) -> int:
+        v = header.get(name)
+        if not isinstance(v, int) or isinstance(v, bool) or not low <= v <= high:
+            raise BadRequest(ErrorCode.BAD_REQUEST, f"field '{name}' must be an integer from {low} to {high}")
+        return v
+
+    def _stream_fields(self, op: str, header: dict[str, Any], values: list[bytes]) -> tuple[bytes, int, bytes]:
+        """Check the fields of the streamed-value ops; (stream id, chunk index, manifest)."""
+        if op not in ("put_chunk", "put_commit", "put_abort", "get_chunks"):
+            return b"", 0, b""
+        stream = header.get("stream")
+        if not isinstance(stream, bytes) or len(stream) != STREAM_ID_BYTES:
+            raise BadRequest(ErrorCode.BAD_REQUEST, f"field 'stream' must be {STREAM_ID_BYTES} bytes (bin)")
+        max_chunks = self.cfg.max_stream  # a chunk holds at least one byte
+        if op == "put_chunk":
+            index = self._int_field(header, "index", 0, max_chunks - 1)
+            if len(values) != 1:
+                raise BadRequest(ErrorCode.BAD_REQUEST, f"put_chunk needs one value frame, got {len(values)}")
+            if not 0 < len(values[0]) <= MAX_CHUNK_BYTES:
+                raise BadRequest(ErrorCode.VALUE_TOO_LARGE if values[0] else ErrorCode.BAD_REQUEST,
+                                 f"a chunk must hold 1 to {MAX_CHUNK_BYTES} bytes, not {len(values[0])}")
+            open_ = self.streams.get(stream)
+            total = (open_.size - open_.sizes.get(index, 0) if open_ else 0) + len(values[0])
+            if total > self.cfg.max_stream:
+                if open_ is not None:
+                    self._abort_stream(open_, "over the size limit")
+                raise BadRequest(ErrorCode.VALUE_TOO_LARGE,
+                                 f"streamed value over {self.cfg.max_stream} bytes (--max-stream); stream aborted")
+            return stream, index, b""
+        if op == "put_commit":
+            size = header.get("size")
+            if isinstance(size, int) and not isinstance(size, bool) and size > self.cfg.max_stream:
+                raise BadRequest(ErrorCode.VALUE_TOO_LARGE,
+                                 f"streamed value of {size} bytes; the limit is {self.cfg.max_stream} (--max-stream)")
+            size = self._int_field(header, "size", 1, self.cfg.max_stream)
+            chunks = self._int_field(header, "chunks", 1, max_chunks)
+            return stream, 0, Manifest(stream, chunks, size).encode()
+        if op == "get_chunks":
+            return stream, self._int_field(header, "first", 0, max_chunks), b""
+        return stream, 0, b""
 
     @staticmethod
     def _condition(op: str, header: dict[str, Any]) -> tuple[int, int]:
@@ -497,12 +609,12 @@ class BrokerCore:
         if_version, if_absent = header.get("if_version"), header.get("if_absent", False)
         if if_version is None and not if_absent:
             return COND_NONE, 0
-        if op not in ("put", "delete"):
+        if op not in ("put", "delete", "put_commit"):
             raise BadRequest(ErrorCode.BAD_REQUEST, f"{op} takes no condition")
         if if_absent is not False and if_absent is not True:
             raise BadRequest(ErrorCode.BAD_REQUEST, "if_absent must be a boolean")
         if if_absent:
-            if if_version is not None or op != "put":
+            if if_version is not None or op not in ("put", "put_commit"):
                 raise BadRequest(ErrorCode.BAD_REQUEST, "if_absent goes with put alone, without if_version")
             return COND_ABSENT, 0
         if not isinstance(if_version, int) or isinstance(if_version, bool) or if_version < 1:
@@ -547,14 +659,14 @@ class BrokerCore:
             if live < self.cfg.w:
                 raise BadRequest(ErrorCode.NOT_ENOUGH_REPLICAS,
                                  f"slot {s} has {live} live replicas; writes need {self.cfg.w}")
+            if slot.tail_bytes > MAX_UNCOMMITTED_BYTES:
+                raise BadRequest(ErrorCode.UNAVAILABLE,
+                                 f"slot {s} has {slot.tail_bytes >> 20} MiB of writes not yet committed; retry")
         now_ms = self.wall_ms()
         expire_at = now_ms + ttl if ttl else 0
-        code = {"delete": OP_DELETE, "expire": OP_EXPIRE}.get(req.op, OP_PUT)
         for s, idx in by_slot.items():
             slot = self.slots[s]
-            ops = [WriteOp(code, req.keys[i], 0 if code == OP_DELETE else expire_at, req.cond, req.expected)
-                   for i in idx]
-            vals = [values[i] for i in idx] if code == OP_PUT else [b""] * len(idx)
+            ops, vals = self._write_ops(req, idx, values, expire_at)
             seq = self._publish(slot, ops, vals, now_ms)
             slot.pending[seq] = WriteBatch(req, idx)
             req.parts.append([s, self.epoch, seq])
@@ -565,6 +677,23 @@ class BrokerCore:
                 self.dedup.popitem(last=False)
             self.dirty_dedup.append((req.cid, req.id, req.parts, None))
         self.requests[id(req)] = req
+
+    @staticmethod
+    def _write_ops(req: Request, idx: list[int], values: list[bytes],
+                   expire_at: int) -> tuple[list[WriteOp], list[bytes]]:
+        """The replicated ops (and their value frames) of one slot's share of a write request."""
+        if req.op == "put_chunk":
+            return [WriteOp(OP_CHUNK, chunk_key(req.stream, req.index))], [values[0]]
+        if req.op == "put_abort":
+            return [WriteOp(OP_ABORT_STREAM, req.stream)], [b""]
+        if req.op == "put_commit":
+            return [WriteOp(OP_PUT_STREAM, req.keys[0], expire_at, req.cond, req.expected)], [req.manifest]
+        if req.op == "delete":
+            return [WriteOp(OP_DELETE, req.keys[i], 0, req.cond, req.expected) for i in idx], [b""] * len(idx)
+        if req.op == "expire":
+            return [WriteOp(OP_EXPIRE, req.keys[i], expire_at) for i in idx], [b""] * len(idx)
+        return ([WriteOp(OP_PUT, req.keys[i], expire_at, req.cond, req.expected) for i in idx],
+                [values[i] for i in idx])
 
     def _settle_from_before_restart(self, req: Request, parts: list[list[int]], results: list[Any] | None,
                                     by_slot: dict[int, list[int]]) -> dict[int, list[int]]:
@@ -610,7 +739,11 @@ class BrokerCore:
         entry = TailEntry(seq, self.epoch, slot.last.epoch, frames[1:], sum(len(f) for f in frames))
         slot.tail.append(entry)
         slot.tail_bytes += entry.size
-        while len(slot.tail) > 1 and (len(slot.tail) > TAIL_ENTRIES or slot.tail_bytes > TAIL_BYTES):
+        # Trim only what is committed: an uncommitted write may be on no replica at all yet (a
+        # PUB message lost to every subscriber), and then the tail is the only copy that can
+        # repair them. _start_write bounds the uncommitted backlog instead.
+        while (len(slot.tail) > 1 and slot.tail[0].seq <= slot.committed
+               and (len(slot.tail) > TAIL_ENTRIES or slot.tail_bytes > TAIL_BYTES)):
             slot.tail_bytes -= slot.tail.popleft().size
         slot.last = Pos(seq, self.epoch)
         slot.last_write = self.clock()
@@ -647,28 +780,65 @@ class BrokerCore:
                 if req.dedup_key and self._answer_depends_on_replicas(req):
                     # What a retry after a broker restart must answer: what the replicas found.
                     self.dirty_dedup.append((req.cid, req.id, req.parts, req.results))
-                if not req.done:
+                if req.op == "put_chunk" and not req.done:
+                    self.chunk_replies.setdefault(slot.id, []).append((seq, req))
+                elif not req.done:
                     req.done = True
                     self._send_reply(req, req.identity)
+        if slot.id in self.chunk_replies:
+            self._release_chunk_replies(slot)
         if slot.held_reads:
             ready = [p for p in slot.held_reads if p.need <= new]
             slot.held_reads = [p for p in slot.held_reads if p.need > new]
             for p in ready:
                 self._read_part_done(p)
 
+    def _release_chunk_replies(self, slot: Slot) -> None:
+        """Answer committed chunk writes once every live, in-sync replica has applied them too.
+        The client sends a new chunk only when an earlier one is answered, so this keeps a slow
+        replica within the client's window of chunks: streamed data never piles up in the PUB
+        queue of the broker or the receive queue of a worker. A replica that dies or falls out
+        of sync (it is then repaired) stops holding the stream back."""
+        waiting = self.chunk_replies.get(slot.id, [])
+        in_sync = [p.seq for w, p in slot.applied.items()
+                   if p is not None and w in slot.replicas and w not in slot.snapshot_pending
+                   and w not in slot.repairs and self.workers.get(w) is not None and self.workers[w].alive]
+        floor = min(in_sync, default=slot.committed)
+        keep = []
+        for seq, req in waiting:
+            if req.done:
+                continue
+            if seq <= floor:
+                req.done = True
+                self._send_reply(req, req.identity)
+            else:
+                keep.append((seq, req))
+        if keep:
+            self.chunk_replies[slot.id] = keep
+        else:
+            self.chunk_replies.pop(slot.id, None)
+
     @staticmethod
     def _answer_depends_on_replicas(req: Request) -> bool:
-        return req.op in ("delete", "expire") or req.cond != COND_NONE
+        return req.op in ("delete", "expire", "put_commit") or req.cond != COND_NONE
 
     def _send_reply(self, req: Request, identity: bytes) -> None:
         self.requests.pop(id(req), None)
-        if req.op in ("put", "delete") and req.cond != COND_NONE and not req.results[0][0]:
+        if req.op == "put_commit" and req.results[0][0] == STREAM_INCOMPLETE:
+            self._reply(identity, {"id": req.id, "ok": False, "code": ErrorCode.STREAM_INCOMPLETE.value,
+                                   "message": "the stream's chunks are not all there (aborted after being idle "
+                                              "or cut short?); nothing was written"})
+        elif req.op in ("put", "delete", "put_commit") and req.cond != COND_NONE and not req.results[0][0]:
             version = req.results[0][1] or None
             self._reply(identity, {"id": req.id, "ok": False, "code": ErrorCode.CONDITION_FAILED.value,
                                    "message": "the condition did not hold; nothing was written",
                                    "version": version})
-        elif req.op == "put":
+        elif req.op in ("put", "put_commit"):
             self._reply(identity, {"id": req.id, "ok": True, "version": req.parts[0][2]})
+        elif req.op == "put_chunk":
+            self._reply(identity, {"id": req.id, "ok": True, "index": req.index})
+        elif req.op == "put_abort":
+            self._reply(identity, {"id": req.id, "ok": True})
         elif req.op == "delete":
             existed = req.results[0][0]
             self._reply(identity, {"id": req.id, "ok": True, "deleted": None if existed is None else bool(existed)})
@@ -676,7 +846,7 @@ class BrokerCore:
             self._reply(identity, {"id": req.id, "ok": True, "applied": bool(req.results[0][0]),
                                    "version": req.parts[0][2] if req.results[0][0] else None})
         elif req.op == "ttl":
-            found, _version, _value, expire_at = req.results[0]
+            found, _version, _value, expire_at = req.results[0][:4]
             hdr = {"id": req.id, "ok": True, "found": found}
             if found:
                 hdr["ttl"] = max(expire_at - self.wall_ms(), 0) if expire_at else None
@@ -684,17 +854,35 @@ class BrokerCore:
         elif req.op == "mset":
             self._reply(identity, {"id": req.id, "ok": True, "count": len(req.keys)})
         elif req.op == "get":
-            found, version, value, _ = req.results[0]
+            found, version, value, _ = req.results[0][:4]
             hdr = {"id": req.id, "ok": True, "found": found}
             if found:
                 hdr["version"] = version
-            self._reply(identity, hdr, [value] if found else [])
+            if found and self._streamed(req.results[0]):
+                hdr["stream"] = self._manifest_field(value)
+                self._reply(identity, hdr)
+            else:
+                self._reply(identity, hdr, [value] if found else [])
         elif req.op == "exists":
             self._reply(identity, {"id": req.id, "ok": True, "exists": req.results[0][0]})
         elif req.op == "mget":
-            self._reply(identity, {"id": req.id, "ok": True, "found": [r[0] for r in req.results],
-                                   "versions": [r[1] if r[0] else 0 for r in req.results]},
-                        [r[2] if r[0] else b"" for r in req.results])
+            hdr = {"id": req.id, "ok": True, "found": [r[0] for r in req.results],
+                   "versions": [r[1] if r[0] else 0 for r in req.results]}
+            streams = {i: self._manifest_field(r[2]) for i, r in enumerate(req.results) if r[0] and self._streamed(r)}
+            if streams:
+                hdr["streams"] = streams
+            self._reply(identity, hdr, [r[2] if r[0] and i not in streams else b""
+                                        for i, r in enumerate(req.results)])
+
+    @staticmethod
+    def _streamed(result: tuple[Any, ...]) -> bool:
+        return len(result) > 4 and bool(result[4])
+
+    @staticmethod
+    def _manifest_field(value: bytes) -> dict[str, Any]:
+        """How a reply describes a streamed value (read it with get_chunks)."""
+        m = Manifest.decode(value)
+        return {"stream": m.stream, "chunks": m.chunks, "size": m.size}
 
     # -- reads ----------------------------------------------------------------------------------
 
@@ -756,10 +944,11 @@ class BrokerCore:
                 self._fail(part.request, ErrorCode.INTERNAL, f"worker {wid}: {hdr.get('message')}")
             return
         values = body[1:]
+        streamed = hdr.get("streamed") or [False] * len(wr.keys)
         for n, (pi, i) in enumerate(wr.keys):
             part = wr.parts[pi]
             found, version = hdr["found"][n], hdr["versions"][n]
-            part.request.results[i] = (found, version, values[n] if found else b"", hdr["expire"][n])
+            part.request.results[i] = (found, version, values[n] if found else b"", hdr["expire"][n], streamed[n])
             part.need = max(part.need, version)
         for part in wr.parts:
             slot = self.slots[part.slot]
@@ -784,6 +973,95 @@ class BrokerCore:
         req.done = True
         self.requests.pop(id(req), None)
         self._error(req.identity, req.id, code, message)
+
+    # -- streamed values ------------------------------------------------------------------------
+
+    def _stream_chunk_sequenced(self, req: Request, size: int) -> None:
+        open_ = self.streams.get(req.stream)
+        if open_ is None:
+            slot = slot_for_key(req.keys[0], self.cfg.slots)
+            open_ = self.streams[req.stream] = OpenStream(req.stream, slot, req.keys[0], self.clock())
+            self.dirty_streams[req.stream] = {"slot": slot, "key": req.keys[0]}
+        open_.sizes[req.index] = size
+        open_.last_activity = self.clock()
+
+    def _stream_closed(self, stream: bytes) -> None:
+        if self.streams.pop(stream, None) is not None:
+            self.dirty_streams[stream] = None
+
+    def _abort_stream(self, open_: OpenStream, why: str) -> None:
+        """Sequence the abort of a stream its client left (or that went over the limit): every
+        replica frees its staged chunks. Retried on the next tick if the slot cannot take writes."""
+        req = Request(0, b"", b"", "put_abort", self.clock() + self.cfg.request_timeout, [open_.key], [None],
+                      maybe_retry=False, stream=open_.stream)
+        req.done = True  # nobody waits for the answer
+        try:
+            self._start_write(req, [], None)
+            self.requests.pop(id(req), None)
+        except BadRequest as e:
+            log.info("stream_abort_deferred", stream=open_.stream.hex(), reason=str(e))
+            open_.last_activity = self.clock()
+            return
+        log.info("stream_aborted", stream=open_.stream.hex(), slot=open_.slot, bytes=open_.size, why=why)
+        self.stats["streams_aborted"] += 1
+        self._stream_closed(open_.stream)
+
+    def _start_chunk_read(self, req: Request, count: int) -> None:
+        if not isinstance(count, int) or isinstance(count, bool) or not 0 < count <= MAX_CHUNKS_PER_READ:
+            raise BadRequest(ErrorCode.BAD_REQUEST, f"field 'count' must be an integer from 1 to {MAX_CHUNKS_PER_READ}")
+        s = slot_for_key(req.keys[0], self.cfg.slots)
+        if self.slots[s].recovering:
+            raise BadRequest(ErrorCode.UNAVAILABLE, f"slot {s} is recovering after a broker restart")
+        self.requests[id(req)] = req
+        self._dispatch_chunk_read(req, req.index, req.index + count)
+
+    def _dispatch_chunk_read(self, req: Request, first: int, end: int) -> None:
+        """Ask one replica for chunks [first, end). Any replica that applied everything committed
+        has every chunk of a committed value, and chunks never change: no hold-back is needed."""
+        if req.done:
+            return
+        s = slot_for_key(req.keys[0], self.cfg.slots)
+        slot = self.slots[s]
+        cands = [w for w in slot.replicas if self._qualifies(slot, w)]
+        if not cands:
+            self._fail(req, ErrorCode.UNAVAILABLE, f"no replica of slot {s} can serve reads now")
+            return
+        wid = cands[next(self._rr) % len(cands)]
+        token = next(self._ids).to_bytes(8, "big")
+        self.chunk_reads[token] = ChunkRead(wid, req, s, first, end)
+        self._to_worker(self.workers[wid], [W_REQUEST, token, b"", pack(
+            {"op": "chunks", "slot": s, "stream": req.stream, "first": first, "count": end - first})])
+
+    def _on_chunk(self, wid: str, token: bytes, body: list[bytes]) -> None:
+        cr = self.chunk_reads.get(token)
+        if cr is None or cr.worker != wid or len(body) != 2:
+            return
+        index = int(unpack(body[0])["index"])
+        if index != cr.next or cr.request.done:
+            return
+        cr.next += 1
+        req = cr.request
+        self.out_client.append((req.identity, [MDPC, C_PARTIAL, SERVICE, pack({"id": req.id, "index": index}),
+                                               body[1]]))
+
+    def _on_chunks_done(self, wid: str, token: bytes, body: list[bytes]) -> None:
+        cr = self.chunk_reads.get(token)
+        if cr is None or cr.worker != wid:
+            return
+        del self.chunk_reads[token]
+        req = cr.request
+        hdr = unpack(body[0])
+        if not hdr.get("ok"):
+            self._fail(req, ErrorCode.BAD_REQUEST, f"worker {wid}: {hdr.get('message')}")
+            return
+        if req.done:
+            return
+        req.done = True
+        self.requests.pop(id(req), None)
+        self.stats["reads_served"] += 1
+        # Fewer chunks than asked: the value ends there, or it was replaced (the client knows
+        # the chunk count from the manifest and tells the two apart).
+        self._reply(req.identity, {"id": req.id, "ok": True, "next": cr.next})
 
     # -- workers --------------------------------------------------------------------------------
 
@@ -814,7 +1092,12 @@ class BrokerCore:
             elif cmd == W_FINAL and body[0] in self.scan_tokens:
                 self._on_scan_reply(wid, body[0], body[2:])
             elif cmd == W_FINAL:
-                self._on_read_reply(wid, body[0], body[2:])
+                if body[0] in self.chunk_reads:
+                    self._on_chunks_done(wid, body[0], body[2:])
+                else:
+                    self._on_read_reply(wid, body[0], body[2:])
+            elif cmd == W_PARTIAL:
+                self._on_chunk(wid, body[0], body[2:])
             elif cmd == W_HEARTBEAT:
                 if body:
                     st = unpack(body[0])
@@ -1120,6 +1403,12 @@ class BrokerCore:
             if wr.worker == w.id:
                 del self.worker_reads[token]
                 redo.extend(wr.parts)
+        for token, cr in list(self.chunk_reads.items()):
+            if cr.worker == w.id:
+                del self.chunk_reads[token]
+                self._dispatch_chunk_read(cr.request, cr.next, cr.end)  # the rest, from another replica
+        for slot_id in list(self.chunk_replies):
+            self._release_chunk_replies(self.slots[slot_id])
         for t in list(self.transfers.values()):
             if w.id in (t.receiver, t.donor):
                 self._end_transfer(t)
@@ -1365,6 +1654,10 @@ class BrokerCore:
         self.copy_budget = min(self.copy_budget + self.cfg.copy_rate * TICK_SECONDS, float(self.cfg.copy_rate))
         while self.throttled and self.copy_budget >= 0:
             self._request_part(self.throttled.pop(0))
+        for stream in [o for o in self.streams.values() if now - o.last_activity > self.cfg.stream_idle]:
+            self._abort_stream(stream, f"no chunk for {self.cfg.stream_idle:.0f}s")
+        for slot_id in list(self.chunk_replies):
+            self._release_chunk_replies(self.slots[slot_id])
         expiry = self.cfg.heartbeat * self.cfg.liveness
         hb = [W_HEARTBEAT, pack({"now": self.wall_ms()})]
         for w in self.workers.values():
@@ -1378,7 +1671,7 @@ class BrokerCore:
         for req in list(self.requests.values()):
             if not req.done and now > req.deadline:
                 what = "write not acknowledged by enough replicas in time; it may still be applied" \
-                    if req.op in ("put", "delete", "mset") else "read not answered in time"
+                    if req.op in WRITE_OPS else "read not answered in time"
                 self._fail(req, ErrorCode.TIMEOUT, what)
         for slot in self.slots.values():
             if slot.waiting_reads:
@@ -1434,6 +1727,7 @@ class BrokerCore:
             "committed_writes": sum(s.committed for s in self.slots.values()),
             "moves": self.moves_status(),
             "misplaced_slots": len(self.misplaced(self.clock())),
+            "open_streams": len(self.streams),
             **self.stats,
         }
 
@@ -1526,7 +1820,7 @@ class BrokerCore:
                 log.info("watch_expired", watch=w.id, silent_s=round(now - w.last_heard, 1))
             elif now - w.last_sent >= WATCH_HEARTBEAT:
                 cursor = cursor or self._cursor()
-                self._watch_send(w, [], [], with_cursor=True, cursor=cursor)
+                self._watch_send(w, [], with_cursor=True, cursor=cursor)
         for reaping in self.reaping.values():
             for key in [k for k, (_, t) in reaping.items() if now - t > REAP_STALE]:
                 del reaping[key]  # never committed (replicas lost): sequence it again when reported
@@ -1591,7 +1885,8 @@ class BrokerCore:
         # A replica that applied less than was committed when it was asked has lost the slot in
         # between (a move finished, a snapshot is replacing it): its part of the answer is void.
         lost = {s for s in asked[1] if applied.get(s, 0) < scan.floor.get(s, 0)}
-        entries = zip(keys, hdr["versions"], values if scan.values else [b""] * len(keys), strict=True)
+        entries = zip(keys, hdr["versions"], values if scan.values else [b""] * len(keys),
+                      hdr.get("streamed") or [False] * len(keys), strict=True)
         scan.entries.extend(e for e in entries if not lost or slot_for_key(e[0], self.cfg.slots) not in lost)
         if not hdr["complete"] and keys:
             scan.bound = keys[-1] if scan.bound is None else min(scan.bound, keys[-1])
@@ -1617,7 +1912,7 @@ class BrokerCore:
         if scan.bound is not None:
             # Some worker stopped early: keys above the last one it sent may be missing from this page.
             entries = entries[:bisect.bisect_right([e[0] for e in entries], scan.bound)]
-        page: list[tuple[bytes, int, bytes]] = []
+        page: list[tuple[bytes, int, bytes, bool]] = []
         size = 0
         for e in entries:
             if len(page) >= scan.limit or (page and size + len(e[2]) > SCAN_MAX_BYTES):
@@ -1627,9 +1922,13 @@ class BrokerCore:
         more = scan.bound is not None or len(page) < len(entries)
         self._end_scan(scan)
         self.stats["scans_served"] = self.stats.get("scans_served", 0) + 1
-        self._reply(scan.identity, {"id": scan.id, "ok": True, "keys": [e[0] for e in page],
-                                    "versions": [e[1] for e in page], "more": more},
-                    [e[2] for e in page] if scan.values else [])
+        hdr: dict[str, Any] = {"id": scan.id, "ok": True, "keys": [e[0] for e in page],
+                               "versions": [e[1] for e in page], "more": more}
+        streams = {i: self._manifest_field(e[2]) for i, e in enumerate(page) if e[3]}
+        if streams:
+            hdr["streams"] = streams  # as in mget: read those values with get_chunks
+        self._reply(scan.identity, hdr,
+                    [b"" if e[3] else e[2] for e in page] if scan.values else [])
 
     def _end_scan(self, scan: Scan) -> None:
         scan.done = True
@@ -1688,13 +1987,12 @@ class BrokerCore:
         w = Watch(identity, rid, prefix, last_heard=now)
         self.watches[key] = w
         if since is None:
-            self._watch_send(w, [], [], with_cursor=True)
+            self._watch_send(w, [], with_cursor=True)
             return
         if since["c"] != self.cluster_id or len(since["s"]) != self.cfg.slots:
             self._watch_resync(w, "the cursor is from another cluster")
             return
-        events: list[list[Any]] = []
-        values: list[bytes] = []
+        events: list[WatchEventOut] = []
         for s, after in enumerate(since["s"]):
             upto = self.watch_seq.get(s, 0)
             if after == upto:
@@ -1703,42 +2001,47 @@ class BrokerCore:
             if got is None:
                 self._watch_resync(w, f"slot {s}: the broker no longer holds the changes after seq {after}")
                 return
-            for ev, value in got[0]:
-                if ev[1].startswith(prefix):
-                    events.append(ev)
-                    values.append(value)
+            events += [ev for ev in got[0] if ev.event[1].startswith(prefix)]
             if any(k.startswith(prefix) for k in got[1]):
                 self._watch_resync(w, f"slot {s}: the outcome of a change is unknown")
                 return
         for i in range(0, len(events), WATCH_BATCH):
-            self._watch_send(w, events[i:i + WATCH_BATCH], values[i:i + WATCH_BATCH], with_cursor=False)
-        self._watch_send(w, [], [], with_cursor=True)
+            self._watch_send(w, events[i:i + WATCH_BATCH], with_cursor=False)
+        self._watch_send(w, [], with_cursor=True)
 
-    def _slot_events(self, slot: Slot, after: int, upto: int
-                     ) -> tuple[list[tuple[list[Any], bytes]], list[bytes]] | None:
+    def _slot_events(self, slot: Slot, after: int, upto: int) -> tuple[list[WatchEventOut], list[bytes]] | None:
         """The committed changes of ``slot`` with seq in (after, upto], from the tail: events
-        ``[kind, key, slot, seq, expire_at]`` with their value frames, and the keys whose outcome
-        is unknown (what the replicas found was not kept). None if the tail does not reach back."""
+        ``[kind, key, slot, seq, expire_at]`` with their value frames (and, for a streamed value,
+        its manifest field instead), and the keys whose outcome is unknown (what the replicas
+        found was not kept). None if the tail does not reach back."""
         entries = [e for e in slot.tail if after < e.seq <= upto]
         if len(entries) != upto - after or (entries and entries[0].seq != after + 1):
             return None
         results = self.watch_results.get(slot.id, {})
-        out: list[tuple[list[Any], bytes]] = []
+        out: list[WatchEventOut] = []
         unknown: list[bytes] = []
         for e in entries:
             ops = unpack(e.frames[0])[6]
             found = results.get(e.seq)
             for i, (code, key, expire_at, cond, _expected) in enumerate(ops):
+                if code in (OP_CHUNK, OP_ABORT_STREAM):
+                    continue  # a streamed value's parts: its commit (OP_PUT_STREAM) is the change
                 if code in (OP_PUT, OP_DELETE) and cond == COND_NONE:
                     happened = True  # a delete of a missing key is reported too: the key is gone
                 elif found is None or code not in WATCH_KINDS:  # (an op this code does not describe)
                     unknown.append(bytes(key))
                     continue
+                elif code == OP_PUT_STREAM:
+                    flag = found[i][0]  # STREAM_INCOMPLETE: nothing written; else as for a put
+                    happened = flag != STREAM_INCOMPLETE and (cond == COND_NONE or flag is True)
                 else:
                     happened = bool(found[i][0])
                 if happened:
-                    out.append(([WATCH_KINDS[code], bytes(key), slot.id, e.seq, expire_at],
-                                e.frames[1 + i] if code == OP_PUT else b""))
+                    value = e.frames[1 + i]
+                    streamed = code == OP_PUT_STREAM
+                    out.append(WatchEventOut([WATCH_KINDS[code], bytes(key), slot.id, e.seq, expire_at],
+                                             value if code == OP_PUT else b"",
+                                             self._manifest_field(value) if streamed else None))
         return out, unknown
 
     def _watch_deliver(self, slot: Slot, prev: int, new: int) -> None:
@@ -1750,18 +2053,21 @@ class BrokerCore:
             if any(k.startswith(w.prefix) for k in got[1]):
                 self._watch_resync(w, f"slot {slot.id}: the outcome of a change is unknown")
                 continue
-            mine = [(ev, v) for ev, v in got[0] if ev[1].startswith(w.prefix)]
+            mine = [ev for ev in got[0] if ev.event[1].startswith(w.prefix)]
             if mine:
-                self._watch_send(w, [ev for ev, _ in mine], [v for _, v in mine], with_cursor=False)
+                self._watch_send(w, mine, with_cursor=False)
 
-    def _watch_send(self, w: Watch, events: list[list[Any]], values: list[bytes], with_cursor: bool,
+    def _watch_send(self, w: Watch, events: list[WatchEventOut], with_cursor: bool,
                     cursor: dict[str, Any] | None = None) -> None:
         w.n += 1
         w.last_sent = self.clock()
-        hdr: dict[str, Any] = {"id": w.id, "ok": True, "n": w.n, "events": events}
+        hdr: dict[str, Any] = {"id": w.id, "ok": True, "n": w.n, "events": [ev.event for ev in events]}
+        streams = {i: ev.stream for i, ev in enumerate(events) if ev.stream is not None}
+        if streams:
+            hdr["streams"] = streams
         if with_cursor:
             hdr["cursor"] = cursor or self._cursor()
-        self.out_client.append((w.identity, [MDPC, C_PARTIAL, SERVICE, pack(hdr), *values]))
+        self.out_client.append((w.identity, [MDPC, C_PARTIAL, SERVICE, pack(hdr), *(ev.value for ev in events)]))
 
     def _watch_resync(self, w: Watch, why: str) -> None:
         """End the watch with the resync signal: the client re-reads (scan) and watches again from

@@ -30,6 +30,7 @@ class MetaStore:
         self.workers = self.env.open_db(b"workers")
         self.slots = self.env.open_db(b"slots")
         self.dedup = self.env.open_db(b"dedup")
+        self.streams = self.env.open_db(b"streams")  # open streamed puts: stream id -> {slot, key}
 
     def close(self) -> None:
         self.env.sync(True)
@@ -74,9 +75,15 @@ class MetaStore:
         workers: dict[str, dict[str, Any]] | None = None,
         slots: dict[int, dict[str, Any]] | None = None,
         dedup: list[tuple[bytes, int, list[list[int]], list[Any] | None]] | None = None,
+        streams: dict[bytes, dict[str, Any] | None] | None = None,
         durable: bool = False,
     ) -> None:
         with self.env.begin(write=True) as txn:
+            for stream, info in (streams or {}).items():
+                if info is None:
+                    txn.delete(stream, db=self.streams)
+                else:
+                    txn.put(stream, pack(info), db=self.streams)
             for wid, info in (workers or {}).items():
                 txn.put(wid.encode(), pack(info), db=self.workers)
             for slot, info in (slots or {}).items():
@@ -87,6 +94,10 @@ class MetaStore:
                         db=self.dedup)
         if durable:
             self.env.sync(True)
+
+    def load_streams(self) -> dict[bytes, dict[str, Any]]:
+        with self.env.begin() as txn:
+            return {bytes(k): unpack(v) for k, v in txn.cursor(db=self.streams)}
 
     def delete_worker(self, wid: str) -> None:
         with self.env.begin(write=True) as txn:

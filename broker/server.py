@@ -16,6 +16,7 @@ import zmq
 
 from broker.core import BrokerConfig, BrokerCore
 from broker.meta import MetaStore
+from protocol.wire import MAX_CHUNK_BYTES
 
 log = structlog.get_logger("zkv.broker")
 
@@ -48,7 +49,7 @@ class BrokerServer:
         self.frontend = self._router(cfg.endpoints.frontend)
         # A value a little over the limit gets a clear error; a far larger one disconnects its sender
         # before the broker buffers it.
-        self.frontend.setsockopt(zmq.MAXMSGSIZE, cfg.core.max_value + (1 << 20))
+        self.frontend.setsockopt(zmq.MAXMSGSIZE, max(cfg.core.max_value, MAX_CHUNK_BYTES) + (1 << 20))
         self.backend = self._router(cfg.endpoints.backend)
         self.pub = self.ctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.SNDHWM, 100_000)

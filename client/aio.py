@@ -8,8 +8,8 @@ import itertools
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from typing import Any, BinaryIO
 
 import zmq
 import zmq.asyncio
@@ -17,7 +17,9 @@ import zmq.asyncio
 from client import commands
 from client.commands import Key
 from protocol.errors import ZkvError, ZkvTimeout
-from protocol.wire import C_FINAL, C_PARTIAL, C_REQUEST, MDPC, MMI_STATUS, SERVICE, unpack
+from protocol.wire import C_FINAL, C_PARTIAL, C_REQUEST, DEFAULT_CHUNK_BYTES, MDPC, MMI_STATUS, SERVICE, unpack
+
+OnPartial = Callable[[dict[str, Any], list[bytes]], None]
 
 
 class AsyncClient:
@@ -34,6 +36,7 @@ class AsyncClient:
         self._ctx = context or zmq.asyncio.Context.instance()
         self._sock: zmq.asyncio.Socket | None = None
         self._waiting: dict[Any, asyncio.Future[list[bytes]]] = {}
+        self._partials: dict[Any, OnPartial] = {}
         self._reader: asyncio.Task[None] | None = None
         self._open()
 
@@ -69,37 +72,47 @@ class AsyncClient:
         sock = self._sock
         while True:
             frames = await sock.recv_multipart()
-            if len(frames) < 4 or frames[0] != MDPC or frames[1] != C_FINAL:
+            if len(frames) < 4 or frames[0] != MDPC or frames[1] not in (C_FINAL, C_PARTIAL):
                 continue
             service = frames[2]
-            rid = unpack(frames[3]).get("id") if service == SERVICE else None
+            hdr = unpack(frames[3]) if service == SERVICE else {}
+            rid = hdr.get("id")
+            if frames[1] == C_PARTIAL:
+                on_partial = self._partials.get((service, rid))
+                if on_partial is not None:
+                    on_partial(hdr, frames[4:])
+                continue
             fut = self._waiting.get((service, rid))
             if fut is not None and not fut.done():
                 fut.set_result(frames[3:])
 
-    async def _roundtrip(self, service: bytes, body: list[bytes], rid: Any, wait: float) -> list[bytes] | None:
+    async def _roundtrip(self, service: bytes, body: list[bytes], rid: Any, wait: float,
+                         on_partial: OnPartial | None = None) -> list[bytes] | None:
         if self._sock is None:
             raise ZkvError("client is closed")
         if self._reader is None or self._reader.done():
             self._reader = asyncio.ensure_future(self._read_replies())
         fut: asyncio.Future[list[bytes]] = asyncio.get_running_loop().create_future()
         self._waiting[(service, rid)] = fut
+        if on_partial is not None:
+            self._partials[(service, rid)] = on_partial
         try:
-            await self._sock.send_multipart([MDPC, C_REQUEST, service, *body])
+            await self._sock.send_multipart([MDPC, C_REQUEST, service, *body], copy=len(body) < 2)
             return await asyncio.wait_for(fut, wait)
         except TimeoutError:
             return None
         finally:
             self._waiting.pop((service, rid), None)
+            self._partials.pop((service, rid), None)
 
-    async def request(self, op: str, header: dict[str, Any], values: list[bytes] | None = None
-                      ) -> commands.Reply:
+    async def request(self, op: str, header: dict[str, Any], values: list[bytes] | None = None,
+                      on_partial: OnPartial | None = None) -> commands.Reply:
         """Send one kv request with retries; returns (reply header, value frames) or raises."""
         attempts = commands.Attempts(self.url, op, next(self._ids), self.client_id, header, values or [],
                                      self.timeout, self.attempt_timeout)
         while True:
             body, wait = attempts.next()
-            reply = await self._roundtrip(SERVICE, body, attempts.rid, wait)
+            reply = await self._roundtrip(SERVICE, body, attempts.rid, wait, on_partial)
             if reply is None:
                 attempts.no_reply()
                 continue
@@ -119,11 +132,60 @@ class AsyncClient:
                   if_absent: bool = False) -> int:
         return await self._run(commands.put(key, value, ttl, if_version, if_absent))
 
+    async def _whole(self, key: Key, value: Any) -> Any:
+        if isinstance(value, commands.StreamInfo):
+            return b"".join([c async for c in self._chunks(key, value, 4)])
+        return value
+
     async def get(self, key: Key) -> bytes | None:
-        return await self._run(commands.get(key))
+        return await self._whole(key, await self._run(commands.get(key)))
 
     async def get_versioned(self, key: Key) -> tuple[bytes, int] | None:
-        return await self._run(commands.get_versioned(key))
+        found = await self._run(commands.get_versioned(key))
+        return None if found is None else (await self._whole(key, found[0]), found[1])
+
+    async def put_stream(self, key: Key, fileobj: BinaryIO, ttl: int | None = None, if_version: int | None = None,
+                         if_absent: bool = False, chunk_size: int = DEFAULT_CHUNK_BYTES, window: int = 4,
+                         progress: Callable[[int], None] | None = None) -> int:
+        """As ``Client.put_stream``: chunks with ``window`` in flight, then one commit."""
+        up = commands.StreamPut(key, fileobj, chunk_size, ttl, if_version, if_absent, progress)
+        if up.single is not None:
+            version = await self._run(up.single)
+            if progress is not None:
+                progress(len(up.single.values[0]))
+            return version
+        try:
+            calls = up.chunk_calls()
+
+            async def lane() -> None:  # each lane keeps one chunk in flight
+                for call in calls:
+                    await self._run(call)
+
+            await asyncio.gather(*(lane() for _ in range(max(1, window))))
+            return await self._run(up.commit())
+        except BaseException:
+            try:
+                await self._run(up.abort())
+            except ZkvError:
+                pass  # the broker aborts it when the stream has been idle long enough
+            raise
+
+    async def get_stream(self, key: Key, credit: int = 4) -> AsyncValueStream | None:
+        """As ``Client.get_stream``: an ``AsyncValueStream`` (``async for chunk in ...``)."""
+        info = await self._run(commands.stream_info(key))
+        if info is None:
+            return None
+        return AsyncValueStream(info, self._chunks(key, info, credit))
+
+    async def _chunks(self, key: Key, info: commands.StreamInfo, credit: int) -> AsyncIterator[bytes]:
+        if info.inline is not None:
+            yield info.inline
+            return
+        for batch in commands.batches(info, max(1, min(credit, 16))):
+            call = commands.get_chunks(key, info, batch.first, batch.count)
+            await self.request(call.op, call.header, on_partial=batch.on_partial)
+            for chunk in batch.take():
+                yield chunk
 
     async def delete(self, key: Key, if_version: int | None = None) -> bool | None:
         return await self._run(commands.delete(key, if_version))
@@ -138,7 +200,8 @@ class AsyncClient:
         return await self._run(commands.exists(key))
 
     async def mget(self, keys: Iterable[Key]) -> list[bytes | None]:
-        return await self._run(commands.mget(keys))
+        keys = list(keys)
+        return [await self._whole(k, v) for k, v in zip(keys, await self._run(commands.mget(keys)), strict=True)]
 
     async def mset(self, items: Mapping[Key, bytes] | Iterable[tuple[Key, bytes]]) -> None:
         await self._run(commands.mset(items))
@@ -149,7 +212,7 @@ class AsyncClient:
         while True:
             page = await self.scan_page(prefix, start, limit, values)
             for item in page.items:
-                yield item
+                yield item._replace(value=await self._whole(item.key, item.value)) if values else item
             start = commands.next_start(page)
             if start is None:
                 return
@@ -236,3 +299,20 @@ class AsyncWatchStream:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+class AsyncValueStream:
+    """A value being read: ``async for chunk in stream``, or ``await stream.read()``."""
+
+    def __init__(self, info: commands.StreamInfo, chunks: AsyncIterator[bytes]) -> None:
+        self.version, self.size = info.version, info.size
+        self._chunks = chunks
+
+    def __aiter__(self) -> AsyncValueStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        return await self._chunks.__anext__()
+
+    async def read(self) -> bytes:
+        return b"".join([c async for c in self])

@@ -7,6 +7,7 @@ Every option can also be set through an environment variable ``ZKV_<OPTION>`` (f
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any
 
@@ -53,7 +54,12 @@ def main(log_json: bool, log_level: str) -> None:
               help="Replicas that must have a write on disk before it is acknowledged.")
 @click.option("--heartbeat", default=1.0, show_default=True, help="Heartbeat interval, seconds.")
 @click.option("--request-timeout", default=5.0, show_default=True, help="Seconds before a request times out.")
-@click.option("--max-value", default=64 * 1024 * 1024, show_default=True, help="Largest value, bytes.")
+@click.option("--max-value", default=64 * 1024 * 1024, show_default=True,
+              help="Largest value sent in one request (put, mset), bytes.")
+@click.option("--max-stream", default=4 * 1024 * 1024 * 1024, show_default=True,
+              help="Largest streamed value (put_stream, zkv put --file), bytes.")
+@click.option("--stream-idle", default=60.0, show_default=True,
+              help="Seconds without a chunk before an unfinished streamed put is aborted and its chunks freed.")
 @click.option("--grace", default=30.0, show_default=True,
               help="Seconds a dead worker keeps its slots before they get new replicas.")
 @click.option("--initial-workers", default=0, show_default=True,
@@ -64,8 +70,8 @@ def main(log_json: bool, log_level: str) -> None:
 @click.option("--copy-rate", default=64, show_default=True,
               help="MiB/s of snapshot data relayed for moves and repairs (the throttle).")
 def broker(data: str, frontend: str, backend: str, replication: str, slots: int, rf: int, w: int,
-           heartbeat: float, request_timeout: float, max_value: int, grace: float, initial_workers: int,
-           auto_rebalance: bool, move_concurrency: int, copy_rate: int) -> None:
+           heartbeat: float, request_timeout: float, max_value: int, max_stream: int, stream_idle: float,
+           grace: float, initial_workers: int, auto_rebalance: bool, move_concurrency: int, copy_rate: int) -> None:
     """Run the broker (the master)."""
     from broker.core import BrokerConfig
     from broker.server import BrokerEndpoints, BrokerServerConfig, run_broker
@@ -76,7 +82,8 @@ def broker(data: str, frontend: str, backend: str, replication: str, slots: int,
         data_dir=data,
         endpoints=BrokerEndpoints(frontend, backend, replication),
         core=BrokerConfig(slots=slots, rf=rf, w=w, heartbeat=heartbeat, request_timeout=request_timeout,
-                          max_value=max_value, grace=grace, initial_workers=initial_workers,
+                          max_value=max_value, max_stream=max_stream, stream_idle=stream_idle,
+                          grace=grace, initial_workers=initial_workers,
                           auto_rebalance=auto_rebalance, move_concurrency=move_concurrency,
                           copy_rate=copy_rate * 1024 * 1024),
     ))
@@ -122,16 +129,49 @@ timeout_option = click.option("--timeout", default=10.0, show_default=True, help
 @click.argument("value", required=False)
 @click.option("--file", "file_", type=click.File("rb"), help="Read the value from a file ('-' = stdin).")
 def put(url: str, timeout: float, ttl: int | None, key: str, value: str | None, file_: Any) -> None:
-    """Store VALUE (or --file) under KEY."""
+    """Store VALUE (or --file) under KEY. A file is streamed in chunks (any size up to the
+    broker's --max-stream), with a progress bar on a terminal for large ones."""
     if (value is None) == (file_ is None):
         raise click.UsageError("give either VALUE or --file")
-    data = file_.read() if file_ is not None else value.encode()  # type: ignore[union-attr]
     with _client(url, timeout) as c:
         try:
-            version = c.put(key, data, ttl=ttl)
+            if file_ is None:
+                version = c.put(key, value.encode(), ttl=ttl)  # type: ignore[union-attr]
+            else:
+                with _progress(_file_size(file_), "put") as bar:
+                    version = c.put_stream(key, file_, ttl=ttl, progress=bar.update)
         except ZkvError as e:
             raise ZkvCommandError(e) from None
     click.echo(f"OK version={version}")
+
+
+PROGRESS_MIN_BYTES = 8 << 20  # smaller transfers show no progress bar
+
+
+def _file_size(f: Any) -> int | None:
+    try:
+        return os.fstat(f.fileno()).st_size or None
+    except (OSError, AttributeError, ValueError):
+        return None
+
+
+class _NoProgress:
+    def update(self, n: int) -> None:
+        pass
+
+    def __enter__(self) -> _NoProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def _progress(total: int | None, label: str) -> Any:
+    """A progress bar on stderr for a large transfer to or from a terminal user."""
+    if total is None or total < PROGRESS_MIN_BYTES or not sys.stderr.isatty():
+        return _NoProgress()
+    return click.progressbar(length=total, label=label, file=sys.stderr, show_pos=False, show_percent=True,
+                             show_eta=True)
 
 
 @main.command()
@@ -140,17 +180,21 @@ def put(url: str, timeout: float, ttl: int | None, key: str, value: str | None, 
 @click.argument("key")
 @click.option("-o", "--output", type=click.File("wb"), help="Write the value to a file.")
 def get(url: str, timeout: float, key: str, output: Any) -> None:
-    """Print the value of KEY (exit code 3 if it does not exist)."""
+    """Print the value of KEY, or write it to a file with -o (exit code 3 if it does not exist).
+    Large values are streamed in chunks, never held whole in memory."""
+    out = output or click.get_binary_stream("stdout")
     with _client(url, timeout) as c:
         try:
-            found = c.get_versioned(key)
+            stream = c.get_stream(key)
+            if stream is None:
+                click.echo(f"(not found) {key}", err=True)
+                sys.exit(EXIT_NOT_FOUND)
+            with _progress(stream.size if output is not None else None, "get") as bar:
+                for chunk in stream:
+                    out.write(chunk)
+                    bar.update(len(chunk))
         except ZkvError as e:
             raise ZkvCommandError(e) from None
-    if found is None:
-        click.echo(f"(not found) {key}", err=True)
-        sys.exit(EXIT_NOT_FOUND)
-    out = output or click.get_binary_stream("stdout")
-    out.write(found[0])
     if output is None and sys.stdout.isatty():
         out.write(b"\n")
 

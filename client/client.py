@@ -12,8 +12,8 @@ import itertools
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, BinaryIO
 
 import zmq
 
@@ -24,6 +24,7 @@ from protocol.wire import (
     C_FINAL,
     C_PARTIAL,
     C_REQUEST,
+    DEFAULT_CHUNK_BYTES,
     MDPC,
     MMI_ADMIN,
     MMI_SERVICE,
@@ -32,6 +33,8 @@ from protocol.wire import (
     pack,
     unpack,
 )
+
+OnPartial = Callable[[dict[str, Any], list[bytes]], None]
 
 
 class Client:
@@ -73,8 +76,10 @@ class Client:
 
     # -- transport ------------------------------------------------------------------------------
 
-    def _roundtrip(self, service: bytes, body: list[bytes], match: Any, wait: float) -> list[bytes] | None:
-        """Send once, wait up to ``wait`` s for the reply whose header id is ``match``."""
+    def _roundtrip(self, service: bytes, body: list[bytes], match: Any, wait: float,
+                   on_partial: OnPartial | None = None) -> list[bytes] | None:
+        """Send once, wait up to ``wait`` s for the reply whose header id is ``match``
+        (PARTIALs for it go to ``on_partial``)."""
         if self._sock is None:
             raise ZkvError("client is closed")
         self._sock.send_multipart([MDPC, C_REQUEST, service, *body], copy=len(body) < 2)
@@ -85,8 +90,15 @@ class Client:
                 if time.monotonic() >= deadline:
                     return None
                 continue
-            frames = self._sock.recv_multipart()
-            if len(frames) < 4 or frames[0] != MDPC or frames[1] != C_FINAL or frames[2] != service:
+            frames = self._sock.recv_multipart(copy=True)
+            if len(frames) < 4 or frames[0] != MDPC or frames[2] != service:
+                continue
+            if frames[1] == C_PARTIAL:
+                hdr = unpack(frames[3])
+                if on_partial is not None and hdr.get("id") == match:
+                    on_partial(hdr, frames[4:])
+                continue
+            if frames[1] != C_FINAL:
                 continue
             if service != SERVICE:
                 return frames[3:]
@@ -95,13 +107,14 @@ class Client:
                 return frames[3:]
             # A late reply to an earlier attempt or request: not ours, drop it.
 
-    def request(self, op: str, header: dict[str, Any], values: list[bytes] | None = None) -> commands.Reply:
+    def request(self, op: str, header: dict[str, Any], values: list[bytes] | None = None,
+                on_partial: OnPartial | None = None) -> commands.Reply:
         """Send one kv request with retries; returns (reply header, value frames) or raises."""
         attempts = commands.Attempts(self.url, op, next(self._ids), self.client_id, header, values or [],
                                      self.timeout, self.attempt_timeout)
         while True:
             body, wait = attempts.next()
-            reply = self._roundtrip(SERVICE, body, attempts.rid, wait)
+            reply = self._roundtrip(SERVICE, body, attempts.rid, wait, on_partial)
             if reply is None:
                 self._open()  # drop whatever the old socket still queues for a dead broker
                 attempts.no_reply()
@@ -111,12 +124,68 @@ class Client:
                 return answer
             time.sleep(answer)
 
+    def _run_window(self, calls: Iterator[commands.Call], window: int) -> None:
+        """Run ``calls`` with up to ``window`` requests in flight (each with the retry rules of
+        ``request``); raises the first error. The credit of a streamed put: a chunk is read from
+        the file and sent only when an earlier one is acknowledged."""
+        if self._sock is None:
+            raise ZkvError("client is closed")
+        # rid -> (attempts, call, when to resend, whether that is after a backoff or a silence)
+        flight: dict[int, tuple[commands.Attempts, commands.Call, float, bool]] = {}
+        calls = iter(calls)
+        more = True
+
+        def send(a: commands.Attempts, call: commands.Call) -> None:
+            body, wait = a.next()
+            assert self._sock is not None
+            self._sock.send_multipart([MDPC, C_REQUEST, SERVICE, *body], copy=False)
+            flight[a.rid] = (a, call, time.monotonic() + wait, False)
+
+        while more or flight:
+            while more and len(flight) < window:
+                call = next(calls, None)
+                if call is None:
+                    more = False
+                    break
+                send(commands.Attempts(self.url, call.op, next(self._ids), self.client_id, call.header,
+                                       call.values, self.timeout, self.attempt_timeout), call)
+            now = time.monotonic()
+            for a, call, resend_at, backoff in list(flight.values()):
+                if now >= resend_at:
+                    if not backoff:
+                        a.no_reply()
+                    send(a, call)
+            if not flight:
+                continue
+            next_due = min(f[2] for f in flight.values())
+            if not self._sock.poll(max(1, int((next_due - time.monotonic()) * 1000) + 1)):
+                continue
+            frames = self._sock.recv_multipart()
+            if len(frames) < 4 or frames[0] != MDPC or frames[1] != C_FINAL or frames[2] != SERVICE:
+                continue
+            rid = unpack(frames[3]).get("id")
+            if rid not in flight:
+                continue
+            a, call, _, _ = flight[rid]
+            answer = a.answer(frames[3:])
+            if isinstance(answer, tuple):
+                del flight[rid]
+                call.parse(*answer)
+            else:
+                flight[rid] = (a, call, time.monotonic() + answer, True)
+
     # -- commands (written once in client/commands.py) -----------------------------------------
 
     def _run(self, call: commands.Call) -> Any:
         if not call.op:
             return call.parse({}, [])
         return call.parse(*self.request(call.op, call.header, call.values))
+
+    def _whole(self, key: Key, value: Any) -> Any:
+        """A value as bytes: a streamed one (StreamInfo) is fetched in chunks and joined."""
+        if isinstance(value, commands.StreamInfo):
+            return b"".join(self._chunks(key, value, 4))
+        return value
 
     def put(self, key: Key, value: bytes, ttl: int | None = None, if_version: int | None = None,
             if_absent: bool = False) -> int:
@@ -128,11 +197,57 @@ class Client:
         return self._run(commands.put(key, value, ttl, if_version, if_absent))
 
     def get(self, key: Key) -> bytes | None:
-        return self._run(commands.get(key))
+        """The value, or None. A streamed value is fetched whole: prefer ``get_stream`` for those."""
+        return self._whole(key, self._run(commands.get(key)))
 
     def get_versioned(self, key: Key) -> tuple[bytes, int] | None:
         """(value, version), or None if the key does not exist."""
-        return self._run(commands.get_versioned(key))
+        found = self._run(commands.get_versioned(key))
+        return None if found is None else (self._whole(key, found[0]), found[1])
+
+    def put_stream(self, key: Key, fileobj: BinaryIO, ttl: int | None = None, if_version: int | None = None,
+                   if_absent: bool = False, chunk_size: int = DEFAULT_CHUNK_BYTES, window: int = 4,
+                   progress: Callable[[int], None] | None = None) -> int:
+        """Store what ``fileobj`` (binary) holds under ``key`` without holding it in memory: it
+        is sent in chunks of ``chunk_size`` bytes, ``window`` of them in flight, each acknowledged
+        once W replicas have it on disk; then one commit makes it the key's value on every
+        replica at once (conditions as for ``put``). Returns the version. ``progress(n)`` is
+        called as each chunk of n bytes is acknowledged. If this fails or the client dies, no
+        part of the value becomes visible; the chunks are freed (at once, or by the broker after
+        the stream is idle for ``--stream-idle`` seconds)."""
+        up = commands.StreamPut(key, fileobj, chunk_size, ttl, if_version, if_absent, progress)
+        if up.single is not None:
+            version = self._run(up.single)
+            if progress is not None:
+                progress(len(up.single.values[0]))
+            return version
+        try:
+            self._run_window(up.chunk_calls(), max(1, window))
+            return self._run(up.commit())
+        except BaseException:
+            try:
+                self._run(up.abort())
+            except ZkvError:
+                pass  # the broker aborts it when the stream has been idle long enough
+            raise
+
+    def get_stream(self, key: Key, credit: int = 4) -> commands.ValueStream | None:
+        """The value of ``key`` as a ``ValueStream`` (iterate it for chunks, or ``read()`` it),
+        None if the key does not exist. At most ``credit`` chunks are asked for at a time.
+        Raises ``ValueChanged`` while iterating if the value is replaced meanwhile."""
+        info = self._run(commands.stream_info(key))
+        if info is None:
+            return None
+        return commands.ValueStream(info, self._chunks(key, info, credit))
+
+    def _chunks(self, key: Key, info: commands.StreamInfo, credit: int) -> Iterator[bytes]:
+        if info.inline is not None:
+            yield info.inline
+            return
+        for batch in commands.batches(info, max(1, min(credit, 16))):
+            call = commands.get_chunks(key, info, batch.first, batch.count)
+            self.request(call.op, call.header, on_partial=batch.on_partial)
+            yield from batch.take()
 
     def delete(self, key: Key, if_version: int | None = None) -> bool | None:
         """Delete ``key``; True if it existed, False if not. None in one rare case: the delete was
@@ -154,7 +269,8 @@ class Client:
         return self._run(commands.exists(key))
 
     def mget(self, keys: Iterable[Key]) -> list[bytes | None]:
-        return self._run(commands.mget(keys))
+        keys = list(keys)
+        return [self._whole(k, v) for k, v in zip(keys, self._run(commands.mget(keys)), strict=True)]
 
     def mset(self, items: Mapping[Key, bytes] | Iterable[tuple[Key, bytes]]) -> None:
         self._run(commands.mset(items))
@@ -167,7 +283,8 @@ class Client:
         start = None if start_after is None else commands.key_bytes(start_after)
         while True:
             page = self.scan_page(prefix, start, limit, values)
-            yield from page.items
+            for item in page.items:  # a streamed value is fetched whole, as get does
+                yield item._replace(value=self._whole(item.key, item.value)) if values else item
             start = commands.next_start(page)
             if start is None:
                 return

@@ -7,20 +7,22 @@ these functions, so they behave the same and raise the same exceptions.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 from protocol.errors import (
     ConditionFailed,
     ErrorCode,
     InvalidRequest,
     KeyNotFound,
+    ValueChanged,
     ZkvError,
     ZkvTimeout,
     error_from_reply,
 )
-from protocol.wire import C_PARTIAL, pack, unpack
+from protocol.wire import C_PARTIAL, DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, pack, unpack
 
 Key = bytes | str
 Reply = tuple[dict[str, Any], list[bytes]]
@@ -119,12 +121,26 @@ def put(key: Key, value: bytes, ttl: int | None = None, if_version: int | None =
 
 
 def get_versioned(key: Key) -> Call:
-    return Call("get", {"key": key_bytes(key)},
-                lambda rh, v: (v[0], int(rh["version"])) if rh["found"] else None)
+    """(value, version); a streamed value comes as (StreamInfo, version) for the client to fetch."""
+    def parse(rh: dict[str, Any], v: list[bytes]) -> tuple[Any, int] | None:
+        if not rh["found"]:
+            return None
+        return (_streamed(rh) or v[0]), int(rh["version"])
+
+    return Call("get", {"key": key_bytes(key)}, parse)
 
 
 def get(key: Key) -> Call:
-    return Call("get", {"key": key_bytes(key)}, lambda rh, v: v[0] if rh["found"] else None)
+    """The value; a streamed value comes as a StreamInfo for the client to fetch."""
+    return Call("get", {"key": key_bytes(key)}, lambda rh, v: (_streamed(rh) or v[0]) if rh["found"] else None)
+
+
+def _streamed(rh: dict[str, Any], index: int | None = None) -> StreamInfo | None:
+    m = rh.get("stream") if index is None else (rh.get("streams") or {}).get(index)
+    if m is None:
+        return None
+    version = rh["version"] if index is None else rh["versions"][index]
+    return StreamInfo(int(version), int(m["size"]), bytes(m["stream"]), int(m["chunks"]))
 
 
 def delete(key: Key, if_version: int | None = None) -> Call:
@@ -161,7 +177,8 @@ def mget(keys: Iterable[Key]) -> Call:
     if not ks:
         return Call("", {}, lambda _rh, _v: [])
     return Call("mget", {"keys": ks},
-                lambda rh, v: [x if f else None for f, x in zip(rh["found"], v, strict=True)])
+                lambda rh, v: [(_streamed(rh, i) or x) if f else None
+                               for i, (f, x) in enumerate(zip(rh["found"], v, strict=True))])
 
 
 def mset(items: Mapping[Key, bytes] | Iterable[tuple[Key, bytes]]) -> Call:
@@ -177,7 +194,7 @@ def mset(items: Mapping[Key, bytes] | Iterable[tuple[Key, bytes]]) -> Call:
 
 class ScanItem(NamedTuple):
     key: bytes
-    value: bytes | None  # None when the scan asked for keys only
+    value: Any  # bytes; None when the scan asked for keys only (StreamInfo from scan_page for a streamed value)
     version: int
 
 
@@ -194,7 +211,7 @@ def scan_page(prefix: Key = b"", start_after: Key | None = None, limit: int = 10
 
     def parse(rh: dict[str, Any], vals: list[bytes]) -> ScanPage:
         keys = [bytes(k) for k in rh["keys"]]
-        got = vals if values else [None] * len(keys)
+        got = [_streamed(rh, i) or v for i, v in enumerate(vals)] if values else [None] * len(keys)
         return ScanPage([ScanItem(k, v, int(q)) for k, v, q in zip(keys, got, rh["versions"], strict=True)],
                         bool(rh["more"]))
 
@@ -223,6 +240,9 @@ class WatchEvent(NamedTuple):
     version: int  # the change's seq in its slot: the key's version after a put or ttl
     expire_at: int  # ms since the epoch by the broker's clock, 0 = none (put, ttl)
     slot: int
+    # A put of a streamed value carries no value (``value`` is None) but where its chunks are:
+    # read it with get_stream (it raises ValueChanged if the key was rewritten since).
+    stream: StreamInfo | None = None
 
 
 class WatchSession:
@@ -286,8 +306,14 @@ class WatchSession:
             self.n += 1
             self.backoff = BACKOFF_FIRST
             events = []
-            for (kind, key, slot, seq, expire_at), value in zip(rh["events"], frames[1:], strict=True):
-                events.append(WatchEvent(kind, bytes(key), value if kind == "put" else None, seq, expire_at, slot))
+            streams = rh.get("streams") or {}
+            for i, ((kind, key, slot, seq, expire_at), value) in enumerate(zip(rh["events"], frames[1:], strict=True)):
+                m = streams.get(i)
+                if m is not None:
+                    info = StreamInfo(seq, int(m["size"]), bytes(m["stream"]), int(m["chunks"]))
+                    events.append(WatchEvent(kind, bytes(key), None, seq, expire_at, slot, info))
+                else:
+                    events.append(WatchEvent(kind, bytes(key), value if kind == "put" else None, seq, expire_at, slot))
                 if self.cursor is not None:
                     self.cursor["s"][slot] = max(self.cursor["s"][slot], seq)
             if "cursor" in rh:
@@ -307,3 +333,154 @@ class WatchSession:
         self._resume(now, self.backoff)
         self.backoff = min(self.backoff * 2, BACKOFF_MAX)
         return []
+
+
+# ---------------------------------------------------------------------------------------------
+# Streamed values (docs/protocol.md §1.8): written as chunks under a stream id, then committed;
+# read in batches of chunks, each batch a request answered by PARTIALs and a FINAL.
+
+
+@dataclass(frozen=True)
+class StreamInfo:
+    """What a get found: the value itself (``inline``) or where its chunks are (streamed)."""
+
+    version: int
+    size: int
+    stream: bytes = b""
+    chunks: int = 0
+    inline: bytes | None = None
+
+
+def stream_info(key: Key) -> Call:
+    """A get whose answer says whether the value is streamed (None if the key does not exist)."""
+
+    def parse(rh: dict[str, Any], v: list[bytes]) -> StreamInfo | None:
+        if not rh["found"]:
+            return None
+        m = rh.get("stream")
+        if m is None:
+            return StreamInfo(int(rh["version"]), len(v[0]), inline=v[0])
+        return StreamInfo(int(rh["version"]), int(m["size"]), bytes(m["stream"]), int(m["chunks"]))
+
+    return Call("get", {"key": key_bytes(key)}, parse)
+
+
+def get_chunks(key: Key, info: StreamInfo, first: int, count: int) -> Call:
+    """Chunks ``first..first+count-1`` of a streamed value; they arrive as PARTIALs."""
+    return Call("get_chunks", {"key": key_bytes(key), "stream": info.stream, "first": first, "count": count},
+                lambda rh, _v: int(rh["next"]))
+
+
+class ChunkBatch:
+    """Collects the PARTIALs of one get_chunks request (a resend may repeat some: kept once)."""
+
+    def __init__(self, info: StreamInfo, first: int, count: int) -> None:
+        self.info, self.first, self.count = info, first, count
+        self.chunks: dict[int, bytes] = {}
+
+    def on_partial(self, rh: dict[str, Any], frames: list[bytes]) -> None:
+        i = rh.get("index")
+        if isinstance(i, int) and self.first <= i < self.first + self.count and frames:
+            self.chunks.setdefault(i, frames[0])
+
+    def take(self) -> list[bytes]:
+        """The batch's chunks in order; raises ValueChanged if the value was replaced meanwhile."""
+        got = [self.chunks.get(i) for i in range(self.first, self.first + self.count)]
+        if any(c is None for c in got):
+            raise ValueChanged("the streamed value was replaced or deleted while being read; read it again")
+        return got  # type: ignore[return-value]
+
+
+def batches(info: StreamInfo, credit: int) -> Iterator[ChunkBatch]:
+    for first in range(0, info.chunks, credit):
+        yield ChunkBatch(info, first, min(credit, info.chunks - first))
+
+
+class StreamPut:
+    """A value read from a file object and written in chunks. A value that fits in one chunk is
+    written by a plain put (``single``); a larger one by ``chunk_calls`` then ``commit``."""
+
+    def __init__(self, key: Key, fileobj: BinaryIO, chunk_size: int = DEFAULT_CHUNK_BYTES, ttl: int | None = None,
+                 if_version: int | None = None, if_absent: bool = False,
+                 progress: Callable[[int], None] | None = None) -> None:
+        if not 0 < chunk_size <= MAX_CHUNK_BYTES:
+            raise InvalidRequest(f"chunk_size must be 1 to {MAX_CHUNK_BYTES} bytes")
+        self.key, self.file, self.chunk_size = key_bytes(key), fileobj, chunk_size
+        self.ttl, self.if_version, self.if_absent = ttl, if_version, if_absent
+        self.progress = progress
+        self.stream = uuid.uuid4().bytes
+        self.size = 0
+        self.chunks = 0
+        first = self._read()
+        self._next = self._read()
+        self.single: Call | None = None
+        if not self._next:
+            self.single = put(self.key, first, ttl, if_version, if_absent)
+            self._first = b""
+        else:
+            self._first = first
+
+    def _read(self) -> bytes:
+        data = self.file.read(self.chunk_size)
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise InvalidRequest("put_stream needs a file opened in binary mode")
+        return bytes(data)
+
+    def chunk_calls(self) -> Iterator[Call]:
+        """One put_chunk per chunk, reading the file as they are asked for."""
+        data, self._first = self._first, b""
+        while data:
+            index = self.chunks
+            self.chunks += 1
+            self.size += len(data)
+            n = len(data)
+            yield Call("put_chunk", {"key": self.key, "stream": self.stream, "index": index},
+                       lambda _rh, _v, n=n: self._done(n), [data])
+            data, self._next = self._next, (self._read() if self._next else b"")
+
+    def _done(self, n: int) -> None:
+        if self.progress is not None:
+            self.progress(n)
+
+    def commit(self) -> Call:
+        hdr: dict[str, Any] = {"key": self.key, "stream": self.stream, "chunks": self.chunks, "size": self.size}
+        if self.ttl is not None:
+            hdr["ttl"] = self.ttl
+        if self.if_version is not None:
+            hdr["if_version"] = self.if_version
+        if self.if_absent:
+            hdr["if_absent"] = True
+        return Call("put_commit", hdr, lambda rh, _v: int(rh["version"]))
+
+    def abort(self) -> Call:
+        return Call("put_abort", {"key": self.key, "stream": self.stream}, lambda _rh, _v: None)
+
+
+class ValueStream:
+    """A value being read: iterate it for its chunks, or ``read()`` it like a file."""
+
+    def __init__(self, info: StreamInfo, chunks: Iterator[bytes]) -> None:
+        self.version, self.size = info.version, info.size
+        self._chunks = chunks
+        self._buf = b""
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        # Not a generator: a loop that stops early must not close the chunks for the next one.
+        if self._buf:
+            buf, self._buf = self._buf, b""
+            return buf
+        return next(self._chunks)
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            return b"".join(self)
+        while len(self._buf) < n:
+            nxt = next(self._chunks, None)
+            if nxt is None:
+                break
+            self._buf += nxt
+        out, self._buf = self._buf[:n], self._buf[n:]
+        return out

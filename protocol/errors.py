@@ -19,6 +19,8 @@ class ErrorCode(StrEnum):
     UNAVAILABLE = "UNAVAILABLE"  # cluster not formed yet, or slot recovering; retry later
     CONDITION_FAILED = "CONDITION_FAILED"  # if_version / if_absent did not hold: nothing written
     NOT_FOUND = "NOT_FOUND"  # the key does not exist (for calls that need one, like ttl)
+    STREAM_INCOMPLETE = "STREAM_INCOMPLETE"  # a streamed value's commit found chunks missing: nothing written
+    VALUE_CHANGED = "VALUE_CHANGED"  # a streamed value was replaced or deleted while being read
     INTERNAL = "INTERNAL"
 
 
@@ -93,6 +95,19 @@ class KeyNotFound(ZkvError):
     code = ErrorCode.NOT_FOUND
 
 
+class StreamIncomplete(InvalidRequest):
+    """A streamed put's commit did not find every chunk it names (the stream was aborted, for
+    instance after being idle too long); nothing was written. Send the value again."""
+
+    code = ErrorCode.STREAM_INCOMPLETE
+
+
+class ValueChanged(ZkvError):
+    """The streamed value being read was replaced or deleted meanwhile; read it again."""
+
+    code = ErrorCode.VALUE_CHANGED
+
+
 class InternalError(ZkvError):
     code = ErrorCode.INTERNAL
 
@@ -109,6 +124,8 @@ _BY_CODE: dict[ErrorCode, type[ZkvError]] = {
         ZkvTimeout,
         ConditionFailed,
         KeyNotFound,
+        StreamIncomplete,
+        ValueChanged,
         InternalError,
     )
 }

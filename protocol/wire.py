@@ -58,7 +58,17 @@ DEFAULT_MAX_VALUE_BYTES = 64 * 1024 * 1024
 OP_PUT = 1
 OP_DELETE = 2
 OP_EXPIRE = 3  # change or remove the TTL of a live key, leaving its value
+# Streamed values (docs/protocol.md §1.8). A streamed value is written as chunks staged under a
+# stream id, then made the key's value by one commit op; the chunks are never copied again.
+OP_CHUNK = 4  # key = stream id (16 bytes) + chunk index (4 bytes BE); value = the chunk
+OP_PUT_STREAM = 5  # key = the user key; value = the stream manifest (see Manifest)
+OP_ABORT_STREAM = 6  # key = stream id; drop a stream's staged chunks unless it was committed
 OP_REAP = 7  # delete a key whose TTL ran out, only if it still has this version and expire_at
+
+STREAM_ID_BYTES = 16
+DEFAULT_CHUNK_BYTES = 1 << 20  # what clients send; the broker accepts chunks up to MAX_CHUNK_BYTES
+MAX_CHUNK_BYTES = 8 << 20
+DEFAULT_MAX_STREAM_BYTES = 4 << 30  # a streamed value's default size limit (broker --max-stream)
 
 COND_NONE = 0
 COND_ABSENT = 1  # only if the key does not exist (or has expired)
@@ -96,8 +106,9 @@ class WriteOp:
 
     @property
     def needs_result(self) -> bool:
-        """Does the client's answer depend on what the replica found (existed / condition held)?"""
-        return self.op != OP_PUT or self.cond != COND_NONE
+        """Does the client's answer depend on what the replica found (existed / condition held /
+        the stream was complete)?"""
+        return self.op not in (OP_PUT, OP_CHUNK, OP_ABORT_STREAM) or self.cond != COND_NONE
 
 
 @dataclass(slots=True)
@@ -153,7 +164,9 @@ class Replicate:
 # have different lengths, so they can never be mistaken for each other.
 KEY_INLINE_MAX = 400
 RECORD_HEADER = struct.Struct(">QQH")  # version (slot seq of the last write), expire_at ms (0 = none),
-# length of the whole key kept in the record (0 when the key is stored inline)
+# length of the whole key kept in the record (0 when the key is stored inline), with the top bit
+# set when the value is streamed (the record then holds the stream's manifest, not the value)
+RECORD_STREAMED = 0x8000
 
 
 @dataclass(slots=True)
@@ -161,7 +174,36 @@ class Record:
     version: int
     expire_at: int
     long_key: bytes  # the whole key when it is longer than KEY_INLINE_MAX, else b""
-    value: bytes
+    value: bytes  # the value, or the Manifest of a streamed value
+    streamed: bool = False
+
+
+MANIFEST = struct.Struct(">16sIQ")  # stream id, chunk count, total size in bytes
+
+
+@dataclass(slots=True, frozen=True)
+class Manifest:
+    """Where a streamed value lives: chunks ``0..chunks-1`` of stream ``stream`` in its slot."""
+
+    stream: bytes
+    chunks: int
+    size: int
+
+    def encode(self) -> bytes:
+        return MANIFEST.pack(self.stream, self.chunks, self.size)
+
+    @classmethod
+    def decode(cls, data: bytes) -> Manifest:
+        stream, chunks, size = MANIFEST.unpack(data)
+        return cls(bytes(stream), chunks, size)
+
+
+CHUNK_INDEX = struct.Struct(">I")
+
+
+def chunk_key(stream: bytes, index: int) -> bytes:
+    """The key of a chunk write (OP_CHUNK) and, after the slot, of a stored chunk."""
+    return stream + CHUNK_INDEX.pack(index)
 
 
 def key_suffix(key: bytes) -> bytes:
@@ -176,9 +218,10 @@ def storage_key(slot: int, key: bytes) -> bytes:
     return struct.pack(">H", slot) + key_suffix(key)
 
 
-def encode_record(version: int, expire_at: int, key: bytes, value: bytes) -> bytes:
+def encode_record(version: int, expire_at: int, key: bytes, value: bytes, streamed: bool = False) -> bytes:
     long_key = key if len(key) > KEY_INLINE_MAX else b""
-    return RECORD_HEADER.pack(version, expire_at, len(long_key)) + long_key + value
+    flags = RECORD_STREAMED if streamed else 0
+    return RECORD_HEADER.pack(version, expire_at, len(long_key) | flags) + long_key + value
 
 
 def decode_record_header(record: bytes) -> tuple[int, int]:
@@ -188,5 +231,7 @@ def decode_record_header(record: bytes) -> tuple[int, int]:
 
 def decode_record(record: bytes) -> Record:
     version, expire_at, klen = RECORD_HEADER.unpack_from(record)
+    streamed = bool(klen & RECORD_STREAMED)
+    klen &= ~RECORD_STREAMED
     start = RECORD_HEADER.size
-    return Record(version, expire_at, bytes(record[start : start + klen]), bytes(record[start + klen :]))
+    return Record(version, expire_at, bytes(record[start : start + klen]), bytes(record[start + klen :]), streamed)

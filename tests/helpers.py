@@ -191,3 +191,15 @@ class Writer(threading.Thread):
     def __exit__(self, *exc: object) -> None:
         self.stopping.set()
         self.join(timeout=self.timeout + 5)
+
+
+def worker_stream_entries(path: Path) -> tuple[int, int]:
+    """(stored chunks, open streams) in a worker's LMDB; safe while the worker runs (a reader)."""
+    env = lmdb.open(str(path), readonly=True, max_dbs=8, map_size=1 << 30)
+    try:
+        blobs = env.open_db(b"blobs", create=False)
+        staged = env.open_db(b"staged", create=False)
+        with env.begin() as txn:
+            return txn.stat(blobs)["entries"], txn.stat(staged)["entries"]
+    finally:
+        env.close()

@@ -263,3 +263,35 @@ def test_cli_watch_prints_changes_and_exits_0_on_sigint(cluster: Cluster) -> Non
         if proc.poll() is None:
             proc.kill()
         proc.wait(timeout=10)
+
+
+def test_streamed_values_in_scan_and_watch_and_their_expiry(cluster: Cluster) -> None:
+    import io
+
+    from tests.helpers import worker_stream_entries
+
+    c = cluster.client()
+    big = bytes(range(256)) * 1024  # 256 KiB in 64 KiB chunks
+    w = Watcher(cluster, b"st:")
+    try:
+        version = c.put_stream(b"st:big", io.BytesIO(big), chunk_size=64 * 1024, ttl=1500)
+        c.put(b"st:small", b"inline")
+        got = w.take(2)
+        assert [(e.kind, e.key) for e in got] == [("put", b"st:big"), ("put", b"st:small")]
+        # A streamed value is not carried in the event; it says where its chunks are.
+        assert got[0].value is None and got[0].stream is not None
+        assert (got[0].version, got[0].stream.size, got[0].stream.chunks) == (version, len(big), 4)
+        assert got[1].value == b"inline" and got[1].stream is None
+        stream = c.get_stream(b"st:big")
+        assert stream is not None and stream.read() == big
+        # scan fetches a streamed value whole, as get does; scan_page says where its chunks are.
+        assert [(i.key, i.value) for i in c.scan(b"st:")] == [(b"st:big", big), (b"st:small", b"inline")]
+        page = c.scan_page(b"st:")
+        assert page.items[0].value.size == len(big) and page.items[1].value == b"inline"
+        assert [i.key for i in c.scan(b"st:", values=False)] == [b"st:big", b"st:small"]
+        # Its expiry goes through the log too: an event, and every replica frees the chunks.
+        assert [(e.kind, e.key) for e in w.take(1, timeout=10)] == [("expired", b"st:big")]
+        wait_for(lambda: all(worker_stream_entries(cluster.worker_dir(wid)) == (0, 0) for wid in ("w1", "w2", "w3")),
+                 10, 0.1, "every replica to free the expired value's chunks")
+    finally:
+        w.stop()

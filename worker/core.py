@@ -8,7 +8,7 @@ store commits a batch (fsync) *before* the ACK for it is queued; an ACK never ru
 from __future__ import annotations
 
 from collections.abc import Generator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import lmdb
 import structlog
@@ -21,6 +21,7 @@ from protocol.wire import (
     W_FINAL,
     W_HEARTBEAT,
     W_NACK,
+    W_PARTIAL,
     W_REPLAY,
     W_REQUEST,
     W_SNAPSHOT_DELIVER,
@@ -38,6 +39,7 @@ NACK_INTERVAL = 0.5  # s between repair requests for one slot
 MAX_HELD_PER_SLOT = 10_000  # out-of-order messages kept while a gap is repaired
 SNAPSHOT_PART_BYTES = 1 << 20
 DONATION_IDLE = 30.0  # s before an abandoned snapshot's read transaction is closed
+MAX_CHUNKS_PER_READ = 16  # credit one streamed read may ask for
 SCAN_MAX_BYTES = 8 << 20  # value bytes in one worker's share of a scan page
 EXPIRED_REPORT_MAX = 5000  # expired keys reported to the broker per reclaim interval (1 s)
 
@@ -53,10 +55,13 @@ class Donation:
 
 @dataclass
 class SnapshotInProgress:
+    """A snapshot being received: each part is written to disk as it arrives (a slot can hold
+    gigabytes of streamed values); the position is written with the last part."""
+
     token: bytes
     pos: Position
-    records: list[tuple[bytes, bytes]] = field(default_factory=list)
     next_part: int = 0
+    entries: int = 0
 
 
 class WorkerCore:
@@ -87,7 +92,12 @@ class WorkerCore:
         if cmd == W_REQUEST:
             token = body[0]
             try:
-                reply = self.serve_read(unpack(body[2]))
+                req = unpack(body[2])
+                if req.get("op") == "chunks":
+                    partials, reply = self.serve_chunks(token, req)
+                    self.outbox.extend(partials)
+                else:
+                    reply = self.serve_read(req)
             except Exception as e:  # a malformed read request gets an error answer, nothing else
                 reply = [pack({"ok": False, "code": "BAD_REQUEST", "message": str(e)})]
             self.outbox.append([W_FINAL, token, b"", *reply])
@@ -122,7 +132,20 @@ class WorkerCore:
             "versions": [r.version for r in results],
             "expire": [r.expire_at for r in results],
         }
+        if any(r.streamed for r in results):
+            hdr["streamed"] = [r.streamed for r in results]  # their value frame is the manifest
         return [pack(hdr), *[r.value for r in results]]
+
+    def serve_chunks(self, token: bytes, req: dict) -> tuple[list[list[bytes]], list[bytes]]:
+        """Chunks of a streamed value, one PARTIAL each, as many as the request's credit allows,
+        then the FINAL's body: how many were sent (fewer than asked: the end, or the value is gone)."""
+        slot, first, count = int(req["slot"]), int(req["first"]), int(req["count"])
+        stream = bytes(req["stream"])
+        if first < 0 or not 0 < count <= MAX_CHUNKS_PER_READ:
+            raise ValueError(f"first must be >= 0 and count 1..{MAX_CHUNKS_PER_READ}")
+        chunks = self.store.read_chunks(slot, stream, first, count)
+        partials = [[W_PARTIAL, token, b"", pack({"index": first + i}), c] for i, c in enumerate(chunks)]
+        return partials, [pack({"ok": True, "sent": len(chunks)})]
 
     # -- scan -----------------------------------------------------------------------------------
 
@@ -136,6 +159,8 @@ class WorkerCore:
                               int(req["now"]), with_values, int(req.get("max_bytes", SCAN_MAX_BYTES)))
         hdr = {"ok": True, "keys": [e.key for e in res.entries], "versions": [e.version for e in res.entries],
                "complete": res.complete, "applied": [[s, q] for s, q in res.applied.items()]}
+        if with_values and any(e.streamed for e in res.entries):
+            hdr["streamed"] = [e.streamed for e in res.entries]  # their value frame is the manifest
         return [pack(hdr), *([e.value for e in res.entries] if with_values else [])]
 
     # -- expiry ---------------------------------------------------------------------------------
@@ -273,7 +298,7 @@ class WorkerCore:
         self.assigned = new
         for s in removed:
             self.held.pop(s, None)
-            self.snapshots.pop(s, None)
+            self._abandon_snapshot(s)
         return added, removed
 
     # -- snapshots ------------------------------------------------------------------------------
@@ -325,31 +350,42 @@ class WorkerCore:
         part = int(hdr["part"])
         snap = self.snapshots.get(slot)
         if part == 0:
+            # Writes accepted into the current batch for this slot are older than or part of the
+            # snapshot's history; commit everything first so the snapshot replaces a settled state.
+            self.flush()
             snap = SnapshotInProgress(token, Position(int(hdr["epoch"]), int(hdr["seq"])))
             self.snapshots[slot] = snap
+            self.store.begin_snapshot_install(slot)
+            self.pos[slot] = Position()
         if snap is None or snap.token != token or snap.next_part != part or len(frames) % 2:
             # A part of an abandoned or broken transfer: drop it; the repair is asked for again.
-            self.snapshots.pop(slot, None)
+            self._abandon_snapshot(slot)
             self._request_repair(slot, now)
             return
-        snap.records.extend(zip(frames[0::2], frames[1::2], strict=True))
+        self.store.install_snapshot_part(slot, list(zip(frames[0::2], frames[1::2], strict=True)))
+        snap.entries += len(frames) // 2
         snap.next_part += 1
         if not hdr["last"]:
             return
         del self.snapshots[slot]
-        # Writes accepted into the current batch for this slot are older than or part of the
-        # snapshot's history; commit everything first so the snapshot replaces a settled state.
-        self.flush()
-        self.store.install_snapshot(slot, snap.pos, snap.records)
+        self.store.finish_snapshot_install(slot, snap.pos)
         self.pos[slot] = snap.pos
         log.info("snapshot_installed", slot=slot, epoch=snap.pos.epoch, seq=snap.pos.seq,
-                 keys=len(snap.records))
+                 entries=snap.entries)
         self.outbox.append([W_ACK, pack({"pos": [[slot, snap.pos.epoch, snap.pos.seq]], "res": [], "snap": token})])
         self._drain_held(slot)
         if self.held.get(slot):
             self._request_repair(slot, now)
 
+    def _abandon_snapshot(self, slot: int) -> None:
+        """Forget a snapshot cut short. Its slot is half written: empty it, so that whatever
+        repairs it next (a snapshot or a replay from the start) starts from nothing."""
+        if self.snapshots.pop(slot, None) is not None:
+            self.store.begin_snapshot_install(slot)
+            self.pos[slot] = Position()
+
     def on_reconnect(self) -> None:
         """A new registration (READY) is under way: until its ASSIGN arrives, apply nothing."""
         self.broker_epoch = None
-        self.snapshots.clear()
+        for slot in list(self.snapshots):
+            self._abandon_snapshot(slot)

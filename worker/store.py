@@ -1,8 +1,14 @@
-"""The worker's LMDB engine: records per slot, applied positions, the expiry index.
+"""The worker's LMDB engine: records per slot, applied positions, the expiry index, and the
+chunks of streamed values.
 
-Everything one replication batch changes (records, expiry index, the slot positions) is written
-in one LMDB write transaction, and the transaction's commit is the fsync: a position on disk
-always describes exactly the data on disk.
+Everything one replication batch changes (records, expiry index, chunks, the slot positions) is
+written in one LMDB write transaction, and the transaction's commit is the fsync: a position on
+disk always describes exactly the data on disk.
+
+A streamed value is stored as chunks in ``blobs`` under ``slot + stream id + index``; while its
+stream is open the stream id is listed in ``staged``; its commit writes the key's record with the
+stream's manifest in place of the value (the chunks stay where they are). Replacing, deleting or
+expiring the key frees the chunks; aborting a stream frees its staged chunks.
 """
 
 from __future__ import annotations
@@ -18,14 +24,21 @@ from typing import Any
 import lmdb
 
 from protocol.wire import (
+    CHUNK_INDEX,
     COND_ABSENT,
     COND_NONE,
     COND_VERSION,
     KEY_INLINE_MAX,
+    OP_ABORT_STREAM,
+    OP_CHUNK,
     OP_DELETE,
     OP_EXPIRE,
+    OP_PUT_STREAM,
     OP_REAP,
     RECORD_HEADER,
+    RECORD_STREAMED,
+    STREAM_ID_BYTES,
+    Manifest,
     Replicate,
     WriteOp,
     decode_record,
@@ -39,6 +52,10 @@ POSITION = struct.Struct(">QQ")  # epoch, seq
 EXPIRY_KEY = struct.Struct(">QH")  # expire_at, slot (then the user key)
 SLOT_PREFIX = struct.Struct(">H")
 
+# Snapshot entries are (tag + key within the slot, value): records, stored chunks, open streams.
+SNAP_RECORD, SNAP_CHUNK, SNAP_STAGED = b"d", b"b", b"s"
+STREAM_INCOMPLETE = -1  # the answer flag of a stream commit that found chunks missing
+
 
 @dataclass(slots=True, frozen=True)
 class Position:
@@ -51,7 +68,8 @@ class ScanEntry:
     key: bytes
     version: int
     expire_at: int
-    value: bytes  # b"" when the scan asked for keys only
+    value: bytes  # b"" when the scan asked for keys only; the encoded Manifest when ``streamed``
+    streamed: bool = False
 
 
 @dataclass(slots=True)
@@ -74,7 +92,12 @@ class ReadResult:
     found: bool
     version: int  # record version if found, else the slot's applied seq
     expire_at: int
-    value: bytes
+    value: bytes  # the value, or the encoded Manifest when ``streamed``
+    streamed: bool = False
+
+
+def _is_streamed(record: bytes) -> bool:
+    return bool(RECORD_HEADER.unpack_from(record)[2] & RECORD_STREAMED)
 
 
 class SlotStore:
@@ -84,13 +107,28 @@ class SlotStore:
         os.makedirs(path, exist_ok=True)
         self.path = path
         self.env = lmdb.open(
-            path, map_size=map_size, max_dbs=4, sync=sync, metasync=sync, writemap=False
+            path, map_size=map_size, max_dbs=8, sync=sync, metasync=sync, writemap=False
         )
         self.data = self.env.open_db(b"data")
         self.meta = self.env.open_db(b"meta")
         self.expiry = self.env.open_db(b"expiry")
+        self.blobs = self.env.open_db(b"blobs")  # slot + stream id + chunk index -> chunk
+        self.staged = self.env.open_db(b"staged")  # slot + stream id of streams not yet committed
         self.positions: dict[int, Position] = {}
         with self.env.begin(write=True) as txn:
+            # A snapshot install cut short (a crash between its parts): its slot is half written
+            # and has no position. Empty it; the broker sees the slot as empty and repairs it.
+            cur = txn.cursor(db=self.meta)
+            half = []
+            if cur.set_range(b"i"):
+                for k, _ in cur:
+                    if not k.startswith(b"i"):
+                        break
+                    half.append(SLOT_PREFIX.unpack(k[1:3])[0])
+            for slot in half:
+                self._delete_slot(txn, slot)
+                txn.delete(b"i" + SLOT_PREFIX.pack(slot), db=self.meta)
+                txn.delete(b"p" + SLOT_PREFIX.pack(slot), db=self.meta)
             data_id = txn.get(b"uuid", db=self.meta)
             if data_id is None:
                 data_id = uuid.uuid4().bytes
@@ -138,10 +176,17 @@ class SlotStore:
         return results
 
     def _apply_op(self, txn: lmdb.Transaction, rep: Replicate, op: WriteOp, value: bytes) -> list[Any]:
+        prefix = SLOT_PREFIX.pack(rep.slot)
+        if op.op == OP_CHUNK:
+            txn.put(prefix + op.key, value, db=self.blobs)
+            txn.put(prefix + op.key[:STREAM_ID_BYTES], b"", db=self.staged)
+            return [True, 0]
+        if op.op == OP_ABORT_STREAM:
+            return [self._drop_staged(txn, rep.slot, op.key), 0]
         if op.op == OP_REAP:
             return self._apply_reap(txn, rep, op)
         suffix = key_suffix(op.key)
-        sk = SLOT_PREFIX.pack(rep.slot) + suffix
+        sk = prefix + suffix
         old = txn.get(sk, db=self.data)
         old_version, old_exp = decode_record_header(old) if old is not None else (0, 0)
         live = old is not None and (old_exp == 0 or old_exp > rep.now)
@@ -151,41 +196,115 @@ class SlotStore:
             held = live and old_version == op.expected
         else:
             held = True
-        answer = [held if op.cond != COND_NONE else live, old_version if live else 0]
+        answer: list[Any] = [held if op.cond != COND_NONE else live, old_version if live else 0]
+        if op.op == OP_PUT_STREAM:
+            manifest = Manifest.decode(value)
+            if not self._stream_complete(txn, rep.slot, manifest):
+                self._drop_staged(txn, rep.slot, manifest.stream)
+                return [STREAM_INCOMPLETE, answer[1]]
+            if not held:
+                self._drop_staged(txn, rep.slot, manifest.stream)
+                return answer
+            txn.delete(prefix + manifest.stream, db=self.staged)
         if not held or (op.op == OP_EXPIRE and not live):
             return answer
         if old is not None and old_exp:
             txn.delete(EXPIRY_KEY.pack(old_exp, rep.slot) + suffix, db=self.expiry)
+        streamed = op.op == OP_PUT_STREAM
+        if op.op == OP_EXPIRE:
+            assert old is not None
+            kept = decode_record(old)
+            value, streamed = kept.value, kept.streamed
+        elif old is not None and _is_streamed(old):
+            self._drop_chunks(txn, rep.slot, Manifest.decode(decode_record(old).value).stream)
         if op.op == OP_DELETE:
             if old is not None:
                 txn.delete(sk, db=self.data)
             return answer
-        if op.op == OP_EXPIRE:
-            assert old is not None
-            value = decode_record(old).value
-        txn.put(sk, encode_record(rep.seq, op.expire_at, op.key, value), db=self.data)
+        txn.put(sk, encode_record(rep.seq, op.expire_at, op.key, value, streamed), db=self.data)
         if op.expire_at:
             txn.put(EXPIRY_KEY.pack(op.expire_at, rep.slot) + suffix, b"", db=self.expiry)
         return answer
 
-    def install_snapshot(self, slot: int, pos: Position, records: list[tuple[bytes, bytes]]) -> None:
-        """Replace a slot's content with a donor's snapshot taken at ``pos`` (one transaction)."""
+    def _stream_complete(self, txn: lmdb.Transaction, slot: int, m: Manifest) -> bool:
+        """Does the slot hold exactly chunks 0..chunks-1 of this open stream, of ``size`` bytes?"""
+        start = SLOT_PREFIX.pack(slot) + m.stream
+        if m.chunks < 1 or txn.get(start, db=self.staged) is None:
+            return False
+        count = size = 0
+        cur = txn.cursor(db=self.blobs)
+        if cur.set_range(start):
+            for k, v in cur:
+                if not k.startswith(start):
+                    break
+                if CHUNK_INDEX.unpack_from(k, len(start))[0] != count:
+                    return False
+                count += 1
+                size += len(v)
+        return count == m.chunks and size == m.size
+
+    def _drop_staged(self, txn: lmdb.Transaction, slot: int, stream: bytes) -> bool:
+        """Free the chunks of a stream that was never committed (a committed one is left alone)."""
+        if not txn.delete(SLOT_PREFIX.pack(slot) + stream, db=self.staged):
+            return False
+        self._drop_chunks(txn, slot, stream)
+        return True
+
+    def _drop_chunks(self, txn: lmdb.Transaction, slot: int, stream: bytes) -> None:
+        start = SLOT_PREFIX.pack(slot) + stream
+        cur = txn.cursor(db=self.blobs)
+        if cur.set_range(start):
+            while cur.key().startswith(start):
+                if not cur.delete():
+                    break
+
+    def begin_snapshot_install(self, slot: int) -> None:
+        """Empty a slot that a snapshot is about to replace. Until finish_snapshot_install, the
+        slot has no position and is marked half written (emptied again if the worker restarts)."""
         prefix = SLOT_PREFIX.pack(slot)
         with self.env.begin(write=True) as txn:
             self._delete_slot(txn, slot)
-            for key, record in records:
-                txn.put(prefix + key, record, db=self.data)
-                _, exp = decode_record_header(record)
-                if exp:
-                    txn.put(EXPIRY_KEY.pack(exp, slot) + key, b"", db=self.expiry)
+            txn.delete(b"p" + prefix, db=self.meta)
+            txn.put(b"i" + prefix, b"", db=self.meta)
+        self.positions.pop(slot, None)
+
+    def install_snapshot_part(self, slot: int, entries: list[tuple[bytes, bytes]]) -> None:
+        """Write one part of a snapshot (tagged entries, as ``snapshot`` yields them)."""
+        prefix = SLOT_PREFIX.pack(slot)
+        with self.env.begin(write=True) as txn:
+            for tagged, value in entries:
+                tag, key = tagged[:1], tagged[1:]
+                if tag == SNAP_RECORD:
+                    txn.put(prefix + key, value, db=self.data)
+                    _, exp = decode_record_header(value)
+                    if exp:
+                        txn.put(EXPIRY_KEY.pack(exp, slot) + key, b"", db=self.expiry)
+                elif tag == SNAP_CHUNK:
+                    txn.put(prefix + key, value, db=self.blobs)
+                elif tag == SNAP_STAGED:
+                    txn.put(prefix + key, value, db=self.staged)
+                else:
+                    raise ValueError(f"unknown snapshot entry tag {tag!r}")
+
+    def finish_snapshot_install(self, slot: int, pos: Position) -> None:
+        prefix = SLOT_PREFIX.pack(slot)
+        with self.env.begin(write=True) as txn:
             txn.put(b"p" + prefix, POSITION.pack(pos.epoch, pos.seq), db=self.meta)
+            txn.delete(b"i" + prefix, db=self.meta)
         self.positions[slot] = pos
+
+    def install_snapshot(self, slot: int, pos: Position, entries: list[tuple[bytes, bytes]]) -> None:
+        """Replace a slot's content with a whole snapshot taken at ``pos``."""
+        self.begin_snapshot_install(slot)
+        self.install_snapshot_part(slot, entries)
+        self.finish_snapshot_install(slot, pos)
 
     def drop_slot(self, slot: int) -> None:
         """Forget a slot this worker no longer holds: its records and its position."""
         with self.env.begin(write=True) as txn:
             self._delete_slot(txn, slot)
             txn.delete(b"p" + SLOT_PREFIX.pack(slot), db=self.meta)
+            txn.delete(b"i" + SLOT_PREFIX.pack(slot), db=self.meta)
         self.positions.pop(slot, None)
 
     @property
@@ -199,6 +318,12 @@ class SlotStore:
 
     def _delete_slot(self, txn: lmdb.Transaction, slot: int) -> None:
         prefix = SLOT_PREFIX.pack(slot)
+        for db in (self.blobs, self.staged):
+            cur = txn.cursor(db=db)
+            if cur.set_range(prefix):
+                while cur.key().startswith(prefix):
+                    if not cur.delete():
+                        break
         cur = txn.cursor(db=self.data)
         if cur.set_range(prefix):
             while cur.key().startswith(prefix):
@@ -227,6 +352,8 @@ class SlotStore:
                 sk = SLOT_PREFIX.pack(slot) + ek[EXPIRY_KEY.size :]
                 rec = txn.get(sk, db=self.data)
                 if rec is not None and decode_record_header(rec)[1] == exp:
+                    if _is_streamed(rec):
+                        self._drop_chunks(txn, slot, Manifest.decode(decode_record(rec).value).stream)
                     txn.delete(sk, db=self.data)
                     removed += 1
                 if not cur.delete():
@@ -245,40 +372,58 @@ class SlotStore:
                 if rec is not None:
                     r = decode_record(rec)
                     if r.expire_at == 0 or r.expire_at > now:
-                        out.append(ReadResult(True, r.version, r.expire_at, r.value if with_values else b""))
+                        value = r.value if with_values or r.streamed else b""
+                        out.append(ReadResult(True, r.version, r.expire_at, value, r.streamed))
                         continue
                 out.append(ReadResult(False, self.position(slot).seq, 0, b""))
         return out
 
+    def read_chunks(self, slot: int, stream: bytes, first: int, count: int) -> list[bytes]:
+        """Chunks ``first..first+count-1`` of a stored stream; fewer (or none) past its end or
+        if the stream is gone (the key was replaced or deleted)."""
+        out: list[bytes] = []
+        prefix = SLOT_PREFIX.pack(slot) + stream
+        with self.env.begin() as txn:
+            for i in range(first, first + count):
+                chunk = txn.get(prefix + CHUNK_INDEX.pack(i), db=self.blobs)
+                if chunk is None:
+                    break
+                out.append(chunk)
+        return out
+
     def snapshot(self, slot: int) -> tuple[Position, tuple[int, int], Generator[tuple[bytes, bytes], None, None]]:
-        """A consistent snapshot of one slot: its position, (keys, bytes) in it, and the
-        (storage key suffix, record) pairs. The read transaction stays open until the generator
-        is exhausted or closed."""
+        """A consistent snapshot of one slot: its position, (keys, bytes) in it, and its tagged
+        entries (SNAP_RECORD + storage key suffix, record; SNAP_CHUNK + stream id + index, chunk;
+        SNAP_STAGED + stream id, b""). The read transaction stays open until the generator is
+        exhausted or closed."""
         txn = self.env.begin(buffers=True)
         raw = txn.get(b"p" + SLOT_PREFIX.pack(slot), db=self.meta)
         pos = Position(*POSITION.unpack(raw)) if raw else Position()
         prefix = SLOT_PREFIX.pack(slot)
+        sources = ((SNAP_RECORD, self.data), (SNAP_CHUNK, self.blobs), (SNAP_STAGED, self.staged))
         keys = size = 0
-        cur = txn.cursor(db=self.data)
-        if cur.set_range(prefix):
-            for k, v in cur:
-                if bytes(k[:2]) != prefix:
-                    break
-                keys += 1
-                size += len(k) - 2 + len(v)
+        for _, db in sources:
+            cur = txn.cursor(db=db)
+            if cur.set_range(prefix):
+                for k, v in cur:
+                    if bytes(k[:2]) != prefix:
+                        break
+                    keys += db == self.data
+                    size += len(k) - 2 + len(v)
 
-        def records() -> Generator[tuple[bytes, bytes], None, None]:
+        def entries() -> Generator[tuple[bytes, bytes], None, None]:
             try:
-                cur = txn.cursor(db=self.data)
-                if cur.set_range(prefix):
-                    for k, v in cur:
-                        if bytes(k[:2]) != prefix:
-                            break
-                        yield bytes(k[2:]), bytes(v)
+                for tag, db in sources:
+                    cur = txn.cursor(db=db)
+                    if cur.set_range(prefix):
+                        for k, v in cur:
+                            if bytes(k[:2]) != prefix:
+                                break
+                            yield tag + bytes(k[2:]), bytes(v)
             finally:
                 txn.abort()
 
-        return pos, (keys, size), records()
+        return pos, (keys, size), entries()
 
     def stats(self) -> dict[str, int]:
         with self.env.begin() as txn:
@@ -338,11 +483,13 @@ class SlotStore:
                 break
             suffix = k[2:]
             version, expire_at, klen = RECORD_HEADER.unpack_from(v)
+            streamed = bool(klen & RECORD_STREAMED)
+            klen &= ~RECORD_STREAMED
             key = v[RECORD_HEADER.size:RECORD_HEADER.size + klen] if klen else suffix
             if not key.startswith(prefix) or (start_after is not None and key <= start_after) \
                     or (expire_at and expire_at <= now):
                 continue
-            e = ScanEntry(key, version, expire_at, v[RECORD_HEADER.size + klen:] if with_values else b"")
+            e = ScanEntry(key, version, expire_at, v[RECORD_HEADER.size + klen:] if with_values else b"", streamed)
             if klen:
                 if run and suffix[:KEY_INLINE_MAX] != run_stem:
                     run.sort(key=lambda r: r.key)
@@ -394,6 +541,8 @@ class SlotStore:
         version, exp = decode_record_header(old)
         if version != op.expected or exp != op.expire_at or not exp or exp > rep.now:
             return [False, version]
+        if _is_streamed(old):
+            self._drop_chunks(txn, rep.slot, Manifest.decode(decode_record(old).value).stream)
         txn.delete(sk, db=self.data)
         txn.delete(EXPIRY_KEY.pack(exp, rep.slot) + suffix, db=self.expiry)
         return [True, version]
