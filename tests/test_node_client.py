@@ -9,6 +9,7 @@ the Python client in both directions.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -57,6 +58,8 @@ def test_node_client_follows_the_protocol_doc(node_dir: Path, cluster: Cluster) 
     py_key = b"node-test/from-python/\x00\xff"
     py_value = bytes(range(256))[::-1] + b"\x00python"
     py_version = py.put(py_key, py_value)
+    py_streamed = hashlib.sha256(b"from python").digest() * 40_000  # 1.28 MB in 5 chunks
+    py.put_stream(b"node-test/py-streamed", io.BytesIO(py_streamed), chunk_size=256 * 1024)
 
     prefix = "node-test"
     try:
@@ -97,6 +100,15 @@ def test_node_client_follows_the_protocol_doc(node_dir: Path, cluster: Cluster) 
     assert cas["v2"] > cas["v1"]
     assert cas["stale"] == {"code": "CONDITION_FAILED", "version": cas["v2"]}
     assert cas["value"] == "v3"
+
+    # streamed values, both ways, and a compare-and-set on one
+    st = out["streamed"]
+    assert st["got_sha256"] == st["sha256"] and st["got_version"] == st["version"] and st["chunks"] == 7
+    assert st["cas"] == {"code": "CONDITION_FAILED", "version": st["version"]}
+    assert st["python_sha256"] == hashlib.sha256(py_streamed).hexdigest() and st["python_chunks"] == 5
+    node_streamed = py.get_stream(st["key"])
+    assert node_streamed is not None and node_streamed.version == st["version"]
+    assert hashlib.sha256(node_streamed.read()).hexdigest() == st["sha256"]
 
     # error replies
     errors = out["errors"]

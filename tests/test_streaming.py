@@ -271,6 +271,31 @@ def test_a_stream_cut_by_its_client_leaves_nothing(cluster_factory, tmp_path: Pa
     assert st["streams_aborted"] == 1 and st["open_streams"] == 0
 
 
+def test_a_stream_left_open_across_a_broker_restart_is_still_aborted(cluster_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    cluster = cluster_factory(broker_args=["--stream-idle", "2"]).start()
+    script = tmp_path / "cut_client.py"
+    script.write_text(CUT_CLIENT)
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.Popen([sys.executable, str(script), cluster.frontend], stdout=subprocess.PIPE,
+                            cwd=repo, env={**cluster.env, "PYTHONPATH": str(repo)})
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == b"stalled"
+        wait_for(lambda: all(e[1] == 1 and e[0] >= 3 for e in stream_entries(cluster).values()), 10, 0.1,
+                 "the first chunks staged on every replica")
+        proc.kill()
+        proc.wait(10)
+        terminate(cluster, "broker")  # the open stream is in the broker's LMDB, not only in memory
+        cluster.start_broker()
+        cluster.wait_ready(30)
+        wait_for(lambda: all(e == (0, 0) for e in stream_entries(cluster).values()), 20, 0.2,
+                 "the stream opened before the restart aborted after it")
+        assert cluster.client().get(b"cut") is None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 class SlowFile(io.RawIOBase):
     """A file that yields its data slowly, and says when half of it has been read."""
 

@@ -13,6 +13,7 @@ import { Dealer } from "zeromq";
 // §1.1 framing: [b"MDPC02", 0x01, service, header, *values]; replies carry 0x03 (FINAL).
 const MDPC = Buffer.from("MDPC02");
 const REQUEST = Buffer.from([0x01]);
+const PARTIAL = 0x02;
 const FINAL = 0x03;
 const KV = Buffer.from("kv");
 // §1.4: codes after which the same request (same id and cid) may be sent again.
@@ -55,7 +56,8 @@ export class ZkvClient {
 
   // Send frames once; wait up to waitMs for the FINAL of `service` whose header id is `matchId`
   // (or an error with id nil). Returns the frames after the service frame, or null on timeout.
-  async roundtrip(frames, service, matchId, waitMs) {
+  // PARTIALs for `matchId` (§1.8, get_chunks) go to onPartial(header, valueFrames).
+  async roundtrip(frames, service, matchId, waitMs, onPartial = null) {
     await this.sock.send(frames);
     const deadline = Date.now() + waitMs;
     for (;;) {
@@ -68,6 +70,11 @@ export class ZkvClient {
       } catch (e) {
         if (e.code === "EAGAIN") return null;
         throw e;
+      }
+      if (reply.length >= 4 && reply[0].equals(MDPC) && reply[1].length === 1 && reply[1][0] === PARTIAL) {
+        const hdr = decode(reply[3]);
+        if (onPartial && hdr.id === matchId) onPartial(hdr, reply.slice(4));
+        continue;
       }
       if (reply.length < 4 || !reply[0].equals(MDPC) || reply[1].length !== 1 || reply[1][0] !== FINAL) continue;
       const body = reply.slice(3);
@@ -88,21 +95,21 @@ export class ZkvClient {
   }
 
   // One kv request with the retry rules of §1.6. Returns { header, values } or throws ZkvError.
-  async request(op, fields = {}, values = []) {
+  async request(op, fields = {}, values = [], onPartial = null) {
     const id = this.nextId++;
     const frames = [MDPC, REQUEST, KV, Buffer.from(encode({ op, id, cid: this.cid, ...fields })), ...values];
-    return this.send(frames, id);
+    return this.send(frames, id, onPartial);
   }
 
   // Send prepared frames (the same frames on every attempt) until a final answer or the deadline.
-  async send(frames, id) {
+  async send(frames, id, onPartial = null) {
     const deadline = Date.now() + this.timeout;
     let backoff = 50;
     let last = null;
     for (;;) {
       const left = deadline - Date.now();
       if (left <= 0) throw last || new ZkvError("TIMEOUT", `no reply from ${this.url}`, id);
-      const body = await this.roundtrip(frames, KV, id, Math.min(left, this.attemptTimeout));
+      const body = await this.roundtrip(frames, KV, id, Math.min(left, this.attemptTimeout), onPartial);
       if (body === null) {
         this.open(); // drop replies queued for a dead connection, then resend the same frames
         last = new ZkvError("TIMEOUT", `no reply from ${this.url}`, id);
@@ -165,6 +172,39 @@ export class ZkvClient {
     if (ttl !== undefined) fields.ttl = ttl;
     const { header } = await this.request("mset", fields, pairs.map(([, v]) => toBuf(v)));
     return header.count;
+  }
+
+  // §1.8 streamed values: chunks staged under a random stream id, then one commit.
+  async putStream(key, value, chunkSize = 256 * 1024, cond = {}) {
+    const stream = randomBytes(16);
+    let chunks = 0;
+    for (let off = 0; off < value.length; off += chunkSize, chunks++) {
+      await this.request("put_chunk", { key: toBuf(key), stream, index: chunks }, [value.subarray(off, off + chunkSize)]);
+    }
+    const { header } = await this.request("put_commit", { key: toBuf(key), stream, chunks, size: value.length, ...cond });
+    return header.version;
+  }
+
+  // -> { value, version, chunks } (chunks: how many the value came in; 0 if it was not streamed) or null
+  async getStream(key, credit = 4) {
+    const { header, values } = await this.request("get", { key: toBuf(key) });
+    if (!header.found) return null;
+    if (!header.stream) return { value: values[0], version: header.version, chunks: 0 };
+    const m = header.stream;
+    const parts = [];
+    for (let first = 0; first < m.chunks; first += credit) {
+      const count = Math.min(credit, m.chunks - first);
+      const got = new Map();
+      await this.request("get_chunks", { key: toBuf(key), stream: m.stream, first, count }, [],
+        (hdr, frames) => got.set(hdr.index, frames[0]));
+      for (let i = first; i < first + count; i++) {
+        if (!got.has(i)) throw new ZkvError("VALUE_CHANGED", "the value was replaced while being read");
+        parts.push(got.get(i));
+      }
+    }
+    const value = Buffer.concat(parts);
+    if (value.length !== m.size) throw new Error(`streamed value of ${value.length} bytes, manifest says ${m.size}`);
+    return { value, version: header.version, chunks: m.chunks };
   }
 
   // §1.5 MMI
@@ -274,6 +314,18 @@ async function scenario(url, prefix, pythonKeyHex) {
     const cv2 = await c.put(casKey, "v3", undefined, { if_version: cv1 });
     const casStale = await casError(() => c.put(casKey, "v4", undefined, { if_version: cv1 }));
     out.cas = { v1: cv1, again: casAgain, v2: cv2, stale: casStale, value: (await c.get(casKey)).toString() };
+
+    // streamed values (§1.8): written and read back in chunks, a compare-and-set on one, and one
+    // written by Python
+    const sKey = `${prefix}/streamed`;
+    const sVal = randomBytes(3 * (1 << 20) + 5);
+    const sv = await c.putStream(sKey, sVal, 512 * 1024);
+    const sGot = await c.getStream(sKey, 3);
+    const sCas = await casError(() => c.putStream(sKey, Buffer.from("x".repeat(600000)), 512 * 1024, { if_absent: true }));
+    const pyStreamed = await c.getStream(`${prefix}/py-streamed`);
+    out.streamed = { key: sKey, version: sv, sha256: sha(sVal), got_sha256: sha(sGot.value), got_version: sGot.version,
+      chunks: sGot.chunks, cas: sCas, python_sha256: pyStreamed && sha(pyStreamed.value),
+      python_chunks: pyStreamed && pyStreamed.chunks };
 
     // error replies
     out.errors = {
