@@ -785,8 +785,6 @@ class BrokerCore:
                 elif not req.done:
                     req.done = True
                     self._send_reply(req, req.identity)
-        if slot.id in self.chunk_replies:
-            self._release_chunk_replies(slot)
         if slot.held_reads:
             ready = [p for p in slot.held_reads if p.need <= new]
             slot.held_reads = [p for p in slot.held_reads if p.need > new]
@@ -1286,6 +1284,8 @@ class BrokerCore:
             slot = self.slots.get(int(s))
             if slot is not None and not slot.recovering:
                 self._advance_commit(slot)
+                if slot.id in self.chunk_replies:
+                    self._release_chunk_replies(slot)
                 move = self.moves.get(slot.id)
                 if move is not None and move.add == w.id:
                     self._maybe_finish_move(move)
