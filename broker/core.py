@@ -98,7 +98,7 @@ MAX_CHUNKS_PER_READ = 16  # credit one get_chunks request may ask for
 STREAM_INCOMPLETE = -1  # a replica's answer flag for a stream commit that found chunks missing
 DEFAULT_SCAN_LIMIT = 1000
 MAX_SCAN_LIMIT = 10_000  # keys in one scan page
-SCAN_MAX_BYTES = 8 << 20  # value bytes in one scan page (at least one entry); `more` says the rest
+SCAN_MAX_BYTES = 8 << 20  # key and value bytes in one scan page (at least one entry); `more` says the rest
 MAX_WATCHES = 1024
 WATCH_HEARTBEAT = 1.0  # s between progress messages (events: [], with the cursor) to a watch
 WATCH_EXPIRY = 10.0  # s without a keepalive before a watch is dropped
@@ -1915,10 +1915,10 @@ class BrokerCore:
         page: list[tuple[bytes, int, bytes, bool]] = []
         size = 0
         for e in entries:
-            if len(page) >= scan.limit or (page and size + len(e[2]) > SCAN_MAX_BYTES):
+            if len(page) >= scan.limit or (page and size + len(e[0]) + len(e[2]) > SCAN_MAX_BYTES):
                 break
             page.append(e)
-            size += len(e[2])
+            size += len(e[0]) + len(e[2])
         more = scan.bound is not None or len(page) < len(entries)
         self._end_scan(scan)
         self.stats["scans_served"] = self.stats.get("scans_served", 0) + 1

@@ -440,7 +440,9 @@ def watch(url: str, timeout: float, prefix: str) -> None:
         try:
             for ev in stream:
                 line = f"{ev.kind}\t{_text(ev.key)}\t{ev.version}"
-                if ev.kind == "put":
+                if ev.kind == "put" and ev.stream is not None:
+                    line += f"\t(streamed value, {ev.stream.size} bytes)"
+                elif ev.kind == "put":
                     line += f"\t{_text(ev.value or b'')}"
                 elif ev.kind == "ttl":
                     line += f"\texpire_at={ev.expire_at}"

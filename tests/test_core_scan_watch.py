@@ -374,3 +374,14 @@ def test_watch_session_resumes_from_its_cursor_after_a_lost_message() -> None:
     assert act is not None and act[0] == "send" and unpack(act[1][0]) == {"op": "watch", "id": 3, "keepalive": True}
     act = ws.due(10.0, lambda: next(ids))
     assert act is not None and act[0] == "open" and unpack(act[1][0])["id"] == 4
+
+
+def test_scan_pages_stop_at_the_byte_budget(sim: SimCluster) -> None:
+    big = {b"big%d" % i: bytes([i]) * (3 << 20) for i in range(5)}  # 15 MiB in all
+    for k, v in big.items():
+        assert sim.put(k, v)["ok"]
+    hdr, vals = sim.call("scan", prefix=b"big")
+    assert hdr["more"] is True and 1 <= len(hdr["keys"]) < 5
+    assert sum(len(v) for v in vals) <= 8 << 20
+    keys, values = scan_all(sim, b"big")
+    assert keys == sorted(big) and values == [big[k] for k in sorted(big)]

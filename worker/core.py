@@ -40,7 +40,7 @@ MAX_HELD_PER_SLOT = 10_000  # out-of-order messages kept while a gap is repaired
 SNAPSHOT_PART_BYTES = 1 << 20
 DONATION_IDLE = 30.0  # s before an abandoned snapshot's read transaction is closed
 MAX_CHUNKS_PER_READ = 16  # credit one streamed read may ask for
-SCAN_MAX_BYTES = 8 << 20  # value bytes in one worker's share of a scan page
+SCAN_MAX_BYTES = 8 << 20  # key and value bytes in one worker's share of a scan page
 EXPIRED_REPORT_MAX = 5000  # expired keys reported to the broker per reclaim interval (1 s)
 
 

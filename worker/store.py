@@ -443,7 +443,7 @@ class SlotStore:
              with_values: bool, max_bytes: int) -> ScanResult:
         """Live entries (not expired at ``now``) of ``slots`` whose key starts with ``prefix`` and
         is above ``start_after``, in key order: at most ``limit``, and values of at most
-        ``max_bytes`` together (at least one entry). One read transaction: the entries and the
+        ``max_bytes`` together with the keys (at least one entry). One read transaction: the entries and the
         applied positions describe the same state."""
         entries: list[ScanEntry] = []
         complete = True
@@ -456,11 +456,11 @@ class SlotStore:
                                  key=lambda e: e.key)
             size = 0
             for e in merged:
-                if len(entries) >= limit or (entries and size + len(e.value) > max_bytes):
+                if len(entries) >= limit or (entries and size + len(e.key) + len(e.value) > max_bytes):
                     complete = False
                     break
                 entries.append(e)
-                size += len(e.value)
+                size += len(e.key) + len(e.value)
         return ScanResult(entries, complete, applied)
 
     def _scan_slot(self, txn: lmdb.Transaction, slot: int, prefix: bytes, start_after: bytes | None,
