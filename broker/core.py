@@ -16,12 +16,13 @@ write and never shows one that could still be lost.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import time
 import uuid
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import structlog
 
@@ -51,11 +52,13 @@ from protocol.wire import (
     OP_EXPIRE,
     OP_PUT,
     OP_PUT_STREAM,
+    OP_REAP,
     SERVICE,
     STREAM_ID_BYTES,
     W_ACK,
     W_ASSIGN,
     W_DISCONNECT,
+    W_EXPIRED,
     W_FINAL,
     W_HEARTBEAT,
     W_NACK,
@@ -93,6 +96,17 @@ WRITE_OPS = frozenset({"put", "delete", "mset", "expire", "put_chunk", "put_comm
 READ_OPS = frozenset({"get", "exists", "mget", "ttl"})
 MAX_CHUNKS_PER_READ = 16  # credit one get_chunks request may ask for
 STREAM_INCOMPLETE = -1  # a replica's answer flag for a stream commit that found chunks missing
+DEFAULT_SCAN_LIMIT = 1000
+MAX_SCAN_LIMIT = 10_000  # keys in one scan page
+SCAN_MAX_BYTES = 8 << 20  # key and value bytes in one scan page (at least one entry); `more` says the rest
+MAX_WATCHES = 1024
+WATCH_HEARTBEAT = 1.0  # s between progress messages (events: [], with the cursor) to a watch
+WATCH_EXPIRY = 10.0  # s without a keepalive before a watch is dropped
+WATCH_BATCH = 1000  # events in one PARTIAL of a replay
+WATCH_KINDS = {OP_PUT: "put", OP_DELETE: "delete", OP_EXPIRE: "ttl", OP_REAP: "expired", OP_PUT_STREAM: "put"}
+MAX_REAPING = 100_000  # expired keys whose reaping is sequenced and not yet committed
+REAP_STALE = 30.0  # s before a reaping that never committed may be sequenced again
+SCAN_WATCH_OPS = ("scan", "watch")
 
 
 class BadRequest(Exception):
@@ -287,6 +301,46 @@ class WorkerRead:
     keys: list[tuple[int, int]]  # (part index, key index in request)
 
 
+@dataclass
+class Scan:
+    """One scan page being gathered: every slot is asked of one replica, then the answers are
+    merged in key order and held until committed."""
+
+    id: int
+    identity: bytes
+    deadline: float
+    prefix: bytes
+    start_after: bytes | None
+    limit: int
+    values: bool
+    now_ms: int  # the broker's clock when asked: decides which keys have expired
+    waiting: set[int]  # slots not asked of any worker yet
+    asked: dict[bytes, tuple[str, list[int]]] = field(default_factory=dict)  # token -> (worker, slots)
+    floor: dict[int, int] = field(default_factory=dict)  # slot -> committed seq when asked
+    entries: list[tuple[bytes, int, bytes, bool]] = field(default_factory=list)  # key, version, value, streamed
+    bound: bytes | None = None  # an answer cut short covers keys up to here only
+    need: dict[int, int] = field(default_factory=dict)  # slot -> applied seq the answer was read at
+    held: bool = False
+    unmet: set[int] = field(default_factory=set)  # slots not yet committed up to `need`
+    done: bool = False
+
+
+class WatchEventOut(NamedTuple):
+    event: list[Any]  # [kind, key, slot, seq, expire_at]
+    value: bytes  # its value frame (b"" but for an inline put)
+    stream: dict[str, Any] | None  # a streamed put: where its chunks are (as mget's `streams`)
+
+
+@dataclass
+class Watch:
+    identity: bytes
+    id: int  # the request id of the watch: every PARTIAL and the FINAL carry it
+    prefix: bytes
+    n: int = 0  # PARTIALs sent; the client detects a lost one by a gap
+    last_heard: float = 0.0  # the last request or keepalive from the client
+    last_sent: float = 0.0
+
+
 class BrokerCore:
     def __init__(self, cfg: BrokerConfig, meta: MetaStore, clock: Any = time.monotonic,
                  wall_ms: Any = None) -> None:
@@ -328,6 +382,7 @@ class BrokerCore:
                       "slots_moved": 0, "moves_abandoned": 0,
                       "streams_aborted": 0}
         self._load()
+        self._init_scan_watch()
 
     # -- metadata -------------------------------------------------------------------------------
 
@@ -458,6 +513,9 @@ class BrokerCore:
 
     def _handle(self, identity: bytes, rid: int, header: dict[str, Any], values: list[bytes]) -> None:
         op = header.get("op")
+        if op in SCAN_WATCH_OPS:  # see the "scan" and "watch" sections
+            self._handle_scan_watch(identity, rid, header)
+            return
         if op in ("get", "exists", "delete", "put", "ttl", "expire", "put_chunk", "put_commit", "put_abort",
                   "get_chunks"):
             keys = [self._key(header.get("key"))]
@@ -703,6 +761,7 @@ class BrokerCore:
             return
         slot.committed = new
         self.dirty_slots.add(slot.id)
+        self._after_commit(slot, new)
         while slot.pending:
             seq = next(iter(slot.pending))
             if seq > new:
@@ -1037,6 +1096,8 @@ class BrokerCore:
         try:
             if cmd == W_ACK:
                 self._on_ack(w, unpack(body[0]))
+            elif cmd == W_FINAL and body[0] in self.scan_tokens:
+                self._on_scan_reply(wid, body[0], body[2:])
             elif cmd == W_FINAL:
                 if body[0] in self.chunk_reads:
                     self._on_chunks_done(wid, body[0], body[2:])
@@ -1056,6 +1117,8 @@ class BrokerCore:
                 self._on_nack(w, int(info["slot"]), Pos(int(info["seq"]), int(info["epoch"])))
             elif cmd == W_SNAPSHOT_PART:
                 self._on_snapshot_part(w, body)
+            elif cmd == W_EXPIRED:
+                self._on_expired_report(w, unpack(body[0]))
             elif cmd == W_DISCONNECT:
                 self._worker_lost(w, "disconnected")
             else:
@@ -1365,6 +1428,7 @@ class BrokerCore:
             self.slots[s].repairs.pop(w.id, None) if s in self.slots else None
         if redo:
             self._dispatch_reads(redo)
+        self._scan_worker_lost(w.id)
 
     # -- time -----------------------------------------------------------------------------------
 
@@ -1632,6 +1696,7 @@ class BrokerCore:
             move = self.moves.get(slot.id)
             if move is not None:
                 self._maybe_finish_move(move)
+        self._scan_watch_tick(now)
 
     # -- status ---------------------------------------------------------------------------------
 
@@ -1674,3 +1739,379 @@ class BrokerCore:
             "open_streams": len(self.streams),
             **self.stats,
         }
+
+    # -- scan and watch: shared -----------------------------------------------------------------
+
+    def _init_scan_watch(self) -> None:
+        self.scans: dict[int, Scan] = {}  # by id(scan)
+        self.scan_tokens: dict[bytes, Scan] = {}  # worker request token -> its scan
+        self.watches: dict[tuple[bytes, int], Watch] = {}  # by (client identity, request id)
+        # Per slot, the committed seq up to which watches have been given events. Committed seqs are
+        # never reused (a new epoch only reuses seqs that never committed), so a slot's seq names
+        # one committed write for ever: a cursor of these survives broker restarts.
+        self.watch_seq: dict[int, int] = {s: sl.committed for s, sl in self.slots.items()}
+        # Per slot, seq -> what the replicas found, for committed batches whose effect depends on
+        # it (conditional writes, deletes, TTL changes, reaps); kept as long as the tail has the batch.
+        self.watch_results: dict[int, dict[int, list[list[Any]]]] = {}
+        # Per slot, keys whose reaping is sequenced: key -> (seq, when), so repeated reports of
+        # the same expired key are not sequenced again while the first reaping commits.
+        self.reaping: dict[int, dict[bytes, tuple[int, float]]] = {}
+
+    def _handle_scan_watch(self, identity: bytes, rid: int, header: dict[str, Any]) -> None:
+        if header.get("op") == "scan":
+            self._start_scan(identity, rid, header)
+        else:
+            self._on_watch(identity, rid, header)
+
+    def _bytes_field(self, header: dict[str, Any], name: str, default: bytes | None) -> bytes | None:
+        """A bin/str field of at most the key size (prefix, start_after); may be empty."""
+        v = header.get(name, default)
+        if v is None:
+            return None
+        if isinstance(v, str):
+            v = v.encode()
+        if not isinstance(v, bytes):
+            raise BadRequest(ErrorCode.BAD_REQUEST, f"{name} must be bytes (msgpack bin) or a string")
+        if len(v) > self.cfg.max_key:
+            raise BadRequest(ErrorCode.KEY_TOO_LARGE, f"{name} of {len(v)} bytes; the limit is {self.cfg.max_key}")
+        return v
+
+    def _serving_all_slots(self) -> None:
+        if not self.slots:
+            raise BadRequest(ErrorCode.UNAVAILABLE,
+                             f"cluster not formed: waiting for {self.cfg.rf} workers to register")
+        recovering = [s for s, sl in self.slots.items() if sl.recovering]
+        if recovering:
+            raise BadRequest(ErrorCode.UNAVAILABLE,
+                             f"{len(recovering)} slots recovering after a broker restart (slot {recovering[0]}, ...)")
+
+    def _after_commit(self, slot: Slot, new: int) -> None:
+        """Slot ``slot`` committed up to ``new`` (called before its pending writes are answered):
+        keep what replicas found, end reapings, give watches their events, release held scans."""
+        prev = self.watch_seq.get(slot.id, 0)
+        if new <= prev:
+            return
+        self.watch_seq[slot.id] = new
+        results = self.watch_results.setdefault(slot.id, {})
+        for seq, batch in slot.pending.items():
+            if seq > new:
+                break
+            if batch.found is not None:
+                results[seq] = batch.found
+        floor = slot.tail[0].seq if slot.tail else new + 1
+        while results:  # seqs were added in increasing order: drop what left the tail
+            q = next(iter(results))
+            if q >= floor:
+                break
+            del results[q]
+        reaping = self.reaping.get(slot.id)
+        if reaping:
+            for key in [k for k, (q, _) in reaping.items() if q <= new]:
+                del reaping[key]
+        if self.watches:
+            self._watch_deliver(slot, prev, new)
+        if self.scans:
+            for scan in list(self.scans.values()):
+                if slot.id in scan.unmet and slot.committed >= scan.need[slot.id]:
+                    scan.unmet.discard(slot.id)
+                    self._maybe_finish_scan(scan)
+
+    def _scan_watch_tick(self, now: float) -> None:
+        for scan in list(self.scans.values()):
+            if now > scan.deadline:
+                self._fail_scan(scan, ErrorCode.TIMEOUT, "scan not answered in time")
+            elif scan.waiting:
+                self._dispatch_scan(scan)
+        cursor = None  # the same for every watch this turn: built once
+        for key, w in list(self.watches.items()):
+            if now - w.last_heard > WATCH_EXPIRY:
+                del self.watches[key]
+                log.info("watch_expired", watch=w.id, silent_s=round(now - w.last_heard, 1))
+            elif now - w.last_sent >= WATCH_HEARTBEAT:
+                cursor = cursor or self._cursor()
+                self._watch_send(w, [], with_cursor=True, cursor=cursor)
+        for reaping in self.reaping.values():
+            for key in [k for k, (_, t) in reaping.items() if now - t > REAP_STALE]:
+                del reaping[key]  # never committed (replicas lost): sequence it again when reported
+
+    # -- scan -----------------------------------------------------------------------------------
+
+    def _start_scan(self, identity: bytes, rid: int, header: dict[str, Any]) -> None:
+        prefix = self._bytes_field(header, "prefix", b"")
+        assert prefix is not None
+        start_after = self._bytes_field(header, "start_after", None)
+        limit = header.get("limit", DEFAULT_SCAN_LIMIT)
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_SCAN_LIMIT:
+            raise BadRequest(ErrorCode.BAD_REQUEST, f"limit must be an integer from 1 to {MAX_SCAN_LIMIT}")
+        values = header.get("values", True)
+        if values is not True and values is not False:
+            raise BadRequest(ErrorCode.BAD_REQUEST, "values must be a boolean")
+        self._serving_all_slots()
+        scan = Scan(rid, identity, self.clock() + self.cfg.request_timeout, prefix, start_after, limit, values,
+                    self.wall_ms(), waiting=set(self.slots))
+        self.scans[id(scan)] = scan
+        self._dispatch_scan(scan)
+
+    def _dispatch_scan(self, scan: Scan) -> None:
+        """Ask, for every slot not asked yet, one replica that has applied everything committed
+        (the read rule); one request per worker for all the slots it answers. A slot whose live
+        replicas are all behind waits (the tick tries again); one with no live replica fails."""
+        per_worker: dict[str, list[int]] = {}
+        for s in sorted(scan.waiting):
+            slot = self.slots[s]
+            cands = [w for w in slot.replicas if self._qualifies(slot, w)]
+            if cands:
+                per_worker.setdefault(cands[next(self._rr) % len(cands)], []).append(s)
+            elif not any(self.workers.get(w) and self.workers[w].alive for w in slot.replicas):
+                self._fail_scan(scan, ErrorCode.UNAVAILABLE, f"no live replica of slot {s}")
+                return
+        for wid, slots in per_worker.items():
+            scan.waiting.difference_update(slots)
+            token = next(self._ids).to_bytes(8, "big")
+            scan.asked[token] = (wid, slots)
+            for s in slots:
+                scan.floor[s] = self.slots[s].committed
+            self.scan_tokens[token] = scan
+            self._to_worker(self.workers[wid], [W_REQUEST, token, b"", pack(
+                {"op": "scan", "slots": slots, "prefix": scan.prefix, "start_after": scan.start_after,
+                 "limit": scan.limit, "now": scan.now_ms, "values": scan.values, "max_bytes": SCAN_MAX_BYTES})])
+
+    def _on_scan_reply(self, wid: str, token: bytes, body: list[bytes]) -> None:
+        scan = self.scan_tokens.pop(token)
+        asked = scan.asked.pop(token, None)
+        if asked is None or scan.done:
+            return
+        if asked[0] != wid:
+            scan.asked[token], self.scan_tokens[token] = asked, scan
+            return
+        hdr = unpack(body[0])
+        keys, values = [bytes(k) for k in hdr.get("keys", [])], body[1:]
+        if not hdr.get("ok") or (scan.values and len(values) != len(keys)):
+            log.error("worker_scan_failed", worker=wid, code=hdr.get("code"), message=hdr.get("message"))
+            self._fail_scan(scan, ErrorCode.INTERNAL, f"worker {wid}: {hdr.get('message', 'bad scan answer')}")
+            return
+        applied = {int(s): int(q) for s, q in hdr["applied"]}
+        # A replica that applied less than was committed when it was asked has lost the slot in
+        # between (a move finished, a snapshot is replacing it): its part of the answer is void.
+        lost = {s for s in asked[1] if applied.get(s, 0) < scan.floor.get(s, 0)}
+        entries = zip(keys, hdr["versions"], values if scan.values else [b""] * len(keys),
+                      hdr.get("streamed") or [False] * len(keys), strict=True)
+        scan.entries.extend(e for e in entries if not lost or slot_for_key(e[0], self.cfg.slots) not in lost)
+        if not hdr["complete"] and keys:
+            scan.bound = keys[-1] if scan.bound is None else min(scan.bound, keys[-1])
+        for s in asked[1]:
+            if s not in lost:
+                scan.need[s] = applied.get(s, 0)
+        if lost:
+            scan.waiting.update(lost)
+            self._dispatch_scan(scan)
+        self._maybe_finish_scan(scan)
+
+    def _maybe_finish_scan(self, scan: Scan) -> None:
+        """Answer once every slot is answered and committed up to the state it was read at, so a
+        page shows no write that could still be lost and misses none that was acknowledged."""
+        if scan.done or scan.asked or scan.waiting:
+            return
+        if not scan.held:
+            scan.held = True
+            scan.unmet = {s for s, q in scan.need.items() if self.slots[s].committed < q}
+        if scan.unmet:
+            return
+        entries = sorted(scan.entries, key=lambda e: e[0])
+        if scan.bound is not None:
+            # Some worker stopped early: keys above the last one it sent may be missing from this page.
+            entries = entries[:bisect.bisect_right([e[0] for e in entries], scan.bound)]
+        page: list[tuple[bytes, int, bytes, bool]] = []
+        size = 0
+        for e in entries:
+            if len(page) >= scan.limit or (page and size + len(e[0]) + len(e[2]) > SCAN_MAX_BYTES):
+                break
+            page.append(e)
+            size += len(e[0]) + len(e[2])
+        more = scan.bound is not None or len(page) < len(entries)
+        self._end_scan(scan)
+        self.stats["scans_served"] = self.stats.get("scans_served", 0) + 1
+        hdr: dict[str, Any] = {"id": scan.id, "ok": True, "keys": [e[0] for e in page],
+                               "versions": [e[1] for e in page], "more": more}
+        streams = {i: self._manifest_field(e[2]) for i, e in enumerate(page) if e[3]}
+        if streams:
+            hdr["streams"] = streams  # as in mget: read those values with get_chunks
+        self._reply(scan.identity, hdr,
+                    [b"" if e[3] else e[2] for e in page] if scan.values else [])
+
+    def _end_scan(self, scan: Scan) -> None:
+        scan.done = True
+        self.scans.pop(id(scan), None)
+        for token in scan.asked:
+            self.scan_tokens.pop(token, None)
+
+    def _fail_scan(self, scan: Scan, code: ErrorCode, message: str) -> None:
+        if not scan.done:
+            self._end_scan(scan)
+            self._error(scan.identity, scan.id, code, message)
+
+    def _scan_worker_lost(self, wid: str) -> None:
+        """Slots asked of a worker that died are asked again of another replica (as reads are)."""
+        redo: list[Scan] = []
+        for token, scan in list(self.scan_tokens.items()):
+            asked = scan.asked.get(token)
+            if asked is not None and asked[0] == wid:
+                del scan.asked[token], self.scan_tokens[token]
+                scan.waiting.update(asked[1])
+                redo.append(scan)
+        for scan in redo:
+            if not scan.done:
+                self._dispatch_scan(scan)
+
+    # -- watch ----------------------------------------------------------------------------------
+
+    def _cursor(self) -> dict[str, Any]:
+        return {"c": self.cluster_id, "s": [self.watch_seq.get(s, 0) for s in range(self.cfg.slots)]}
+
+    def _on_watch(self, identity: bytes, rid: int, header: dict[str, Any]) -> None:
+        key = (identity, rid)
+        now = self.clock()
+        if header.get("cancel") is True:
+            w = self.watches.pop(key, None)
+            self._reply(identity, {"id": rid, "ok": True, "cancelled": w is not None})
+            return
+        if header.get("keepalive") is True:
+            w = self.watches.get(key)
+            if w is None:
+                raise BadRequest(ErrorCode.UNAVAILABLE,
+                                 "no such watch (it expired or the broker restarted): open it again with since")
+            w.last_heard = now
+            return
+        prefix = self._bytes_field(header, "prefix", b"")
+        assert prefix is not None
+        since = header.get("since")
+        if since is not None:
+            seqs = since.get("s") if isinstance(since, dict) else None
+            if not (isinstance(since, dict) and isinstance(since.get("c"), bytes) and isinstance(seqs, list)
+                    and all(isinstance(q, int) and not isinstance(q, bool) and q >= 0 for q in seqs)):
+                raise BadRequest(ErrorCode.BAD_REQUEST, "since must be a cursor {c: bin, s: [int, ...]} from a watch")
+        self._serving_all_slots()
+        if key not in self.watches and len(self.watches) >= MAX_WATCHES:
+            raise BadRequest(ErrorCode.UNAVAILABLE, f"too many watches ({MAX_WATCHES}); try again later")
+        w = Watch(identity, rid, prefix, last_heard=now)
+        self.watches[key] = w
+        if since is None:
+            self._watch_send(w, [], with_cursor=True)
+            return
+        if since["c"] != self.cluster_id or len(since["s"]) != self.cfg.slots:
+            self._watch_resync(w, "the cursor is from another cluster")
+            return
+        events: list[WatchEventOut] = []
+        for s, after in enumerate(since["s"]):
+            upto = self.watch_seq.get(s, 0)
+            if after == upto:
+                continue
+            got = self._slot_events(self.slots[s], after, upto) if after < upto else None
+            if got is None:
+                self._watch_resync(w, f"slot {s}: the broker no longer holds the changes after seq {after}")
+                return
+            events += [ev for ev in got[0] if ev.event[1].startswith(prefix)]
+            if any(k.startswith(prefix) for k in got[1]):
+                self._watch_resync(w, f"slot {s}: the outcome of a change is unknown")
+                return
+        for i in range(0, len(events), WATCH_BATCH):
+            self._watch_send(w, events[i:i + WATCH_BATCH], with_cursor=False)
+        self._watch_send(w, [], with_cursor=True)
+
+    def _slot_events(self, slot: Slot, after: int, upto: int) -> tuple[list[WatchEventOut], list[bytes]] | None:
+        """The committed changes of ``slot`` with seq in (after, upto], from the tail: events
+        ``[kind, key, slot, seq, expire_at]`` with their value frames (and, for a streamed value,
+        its manifest field instead), and the keys whose outcome is unknown (what the replicas
+        found was not kept). None if the tail does not reach back."""
+        entries = [e for e in slot.tail if after < e.seq <= upto]
+        if len(entries) != upto - after or (entries and entries[0].seq != after + 1):
+            return None
+        results = self.watch_results.get(slot.id, {})
+        out: list[WatchEventOut] = []
+        unknown: list[bytes] = []
+        for e in entries:
+            ops = unpack(e.frames[0])[6]
+            found = results.get(e.seq)
+            for i, (code, key, expire_at, cond, _expected) in enumerate(ops):
+                if code in (OP_CHUNK, OP_ABORT_STREAM):
+                    continue  # a streamed value's parts: its commit (OP_PUT_STREAM) is the change
+                if code in (OP_PUT, OP_DELETE) and cond == COND_NONE:
+                    happened = True  # a delete of a missing key is reported too: the key is gone
+                elif found is None or code not in WATCH_KINDS:  # (an op this code does not describe)
+                    unknown.append(bytes(key))
+                    continue
+                elif code == OP_PUT_STREAM:
+                    flag = found[i][0]  # STREAM_INCOMPLETE: nothing written; else as for a put
+                    happened = flag != STREAM_INCOMPLETE and (cond == COND_NONE or flag is True)
+                else:
+                    happened = bool(found[i][0])
+                if happened:
+                    value = e.frames[1 + i]
+                    streamed = code == OP_PUT_STREAM
+                    out.append(WatchEventOut([WATCH_KINDS[code], bytes(key), slot.id, e.seq, expire_at],
+                                             value if code == OP_PUT else b"",
+                                             self._manifest_field(value) if streamed else None))
+        return out, unknown
+
+    def _watch_deliver(self, slot: Slot, prev: int, new: int) -> None:
+        got = self._slot_events(slot, prev, new)
+        for w in list(self.watches.values()):
+            if got is None:
+                self._watch_resync(w, f"slot {slot.id}: changes left the broker's tail before they committed")
+                continue
+            if any(k.startswith(w.prefix) for k in got[1]):
+                self._watch_resync(w, f"slot {slot.id}: the outcome of a change is unknown")
+                continue
+            mine = [ev for ev in got[0] if ev.event[1].startswith(w.prefix)]
+            if mine:
+                self._watch_send(w, mine, with_cursor=False)
+
+    def _watch_send(self, w: Watch, events: list[WatchEventOut], with_cursor: bool,
+                    cursor: dict[str, Any] | None = None) -> None:
+        w.n += 1
+        w.last_sent = self.clock()
+        hdr: dict[str, Any] = {"id": w.id, "ok": True, "n": w.n, "events": [ev.event for ev in events]}
+        streams = {i: ev.stream for i, ev in enumerate(events) if ev.stream is not None}
+        if streams:
+            hdr["streams"] = streams
+        if with_cursor:
+            hdr["cursor"] = cursor or self._cursor()
+        self.out_client.append((w.identity, [MDPC, C_PARTIAL, SERVICE, pack(hdr), *(ev.value for ev in events)]))
+
+    def _watch_resync(self, w: Watch, why: str) -> None:
+        """End the watch with the resync signal: the client re-reads (scan) and watches again from
+        the cursor given here."""
+        self.watches.pop((w.identity, w.id), None)
+        log.info("watch_resync", watch=w.id, reason=why)
+        self._reply(w.identity, {"id": w.id, "ok": True, "resync": True, "message": why, "cursor": self._cursor()})
+
+    # -- expiry through the log -----------------------------------------------------------------
+
+    def _on_expired_report(self, w: Worker, info: dict[str, Any]) -> None:
+        """A replica found keys whose TTL ran out. Sequence their deletion (OP_REAP, only if the
+        key still has that version and expire_at), so every replica deletes them at the same
+        place in the slot's order and watches report them."""
+        now_ms, now = self.wall_ms(), self.clock()
+        by_slot: dict[int, list[WriteOp]] = {}
+        pending = sum(len(r) for r in self.reaping.values())
+        for s, key, version, expire_at in info.get("keys", []):
+            slot = self.slots.get(int(s))
+            if slot is None or slot.recovering or w.id not in slot.replicas or not 0 < int(expire_at) <= now_ms:
+                continue
+            key = bytes(key)
+            if key in self.reaping.get(slot.id, {}) or pending >= MAX_REAPING:
+                continue
+            pending += 1
+            by_slot.setdefault(slot.id, []).append(WriteOp(OP_REAP, key, int(expire_at), COND_VERSION, int(version)))
+        for s, ops in by_slot.items():
+            slot = self.slots[s]
+            if self.live_replicas(slot) < self.cfg.w:
+                continue
+            req = Request(0, b"", b"", "reap", float("inf"), [o.key for o in ops], [None] * len(ops),
+                          outstanding=1, done=True)  # done: nobody waits for an answer
+            seq = self._publish(slot, ops, [b""] * len(ops), now_ms)
+            slot.pending[seq] = WriteBatch(req, list(range(len(ops))))
+            req.parts.append([s, self.epoch, seq])
+            reaping = self.reaping.setdefault(s, {})
+            for o in ops:
+                reaping[o.key] = (seq, now)

@@ -2,6 +2,7 @@
 
 from client.aio import AsyncClient
 from client.client import Client
+from client.commands import ScanItem, ScanPage, WatchEvent
 from protocol.errors import (
     ConditionFailed,
     ErrorCode,
@@ -34,6 +35,9 @@ __all__ = [
     "UnknownCommand",
     "ValueChanged",
     "ValueTooLarge",
+    "ScanItem",
+    "ScanPage",
+    "WatchEvent",
     "ZkvError",
     "ZkvTimeout",
 ]

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any, BinaryIO
 
@@ -204,11 +206,99 @@ class AsyncClient:
     async def mset(self, items: Mapping[Key, bytes] | Iterable[tuple[Key, bytes]]) -> None:
         await self._run(commands.mset(items))
 
+    async def scan(self, prefix: Key = b"", start_after: Key | None = None, limit: int = 1000,
+                   values: bool = True) -> AsyncIterator[commands.ScanItem]:
+        start = None if start_after is None else commands.key_bytes(start_after)
+        while True:
+            page = await self.scan_page(prefix, start, limit, values)
+            for item in page.items:
+                yield item._replace(value=await self._whole(item.key, item.value)) if values else item
+            start = commands.next_start(page)
+            if start is None:
+                return
+
+    async def scan_page(self, prefix: Key = b"", start_after: Key | None = None, limit: int = 1000,
+                        values: bool = True) -> commands.ScanPage:
+        return await self._run(commands.scan_page(prefix, start_after, limit, values))
+
+    async def scan_keys(self, prefix: Key = b"", start_after: Key | None = None,
+                        limit: int = 1000) -> AsyncIterator[bytes]:
+        async for item in self.scan(prefix, start_after, limit, values=False):
+            yield item.key
+
+    def watch(self, prefix: Key = b"", since: dict[str, Any] | None = None) -> AsyncWatchStream:
+        """As ``Client.watch``: ``async for event in kv.watch(prefix)``."""
+        return AsyncWatchStream(self, commands.WatchSession(prefix, since))
+
     async def status(self) -> dict[str, Any]:
         reply = await self._roundtrip(MMI_STATUS, [], None, self.timeout)
         if reply is None:
             raise ZkvTimeout(f"no reply from {self.url} within {self.timeout}s")
         return unpack(reply[0])
+
+
+class AsyncWatchStream:
+    """An open watch (see ``AsyncClient.watch``); ``async for`` it, ``await close()`` when done."""
+
+    def __init__(self, client: AsyncClient, session: commands.WatchSession) -> None:
+        self._client = client
+        self.session = session
+        self._sock: zmq.asyncio.Socket | None = None
+        self._events: deque[commands.WatchEvent] = deque()
+
+    @property
+    def cursor(self) -> dict[str, Any] | None:
+        return self.session.cursor
+
+    def __aiter__(self) -> AsyncWatchStream:
+        return self
+
+    async def __anext__(self) -> commands.WatchEvent:
+        while not self._events:
+            if self.session.ended:
+                await self.close()
+                raise StopAsyncIteration
+            await self._pump()
+        return self._events.popleft()
+
+    async def _pump(self) -> None:
+        now = time.monotonic()
+        act = self.session.due(now, lambda: next(self._client._ids))
+        if act is not None:
+            if act[0] == "open" or self._sock is None:
+                self._reopen()
+            assert self._sock is not None
+            await self._sock.send_multipart([MDPC, C_REQUEST, SERVICE, *act[1]])
+            return
+        assert self._sock is not None
+        if await self._sock.poll(int(self.session.wait(now) * 1000) + 1):
+            frames = await self._sock.recv_multipart()
+            if len(frames) >= 4 and frames[0] == MDPC and frames[1] in (C_PARTIAL, C_FINAL) and frames[2] == SERVICE:
+                self._events.extend(self.session.received(frames[1], frames[3:], time.monotonic()))
+
+    def _reopen(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+        self._sock = self._client._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(self._client.url)
+
+    async def close(self) -> None:
+        if self._sock is not None:
+            if not self.session.ended:
+                try:
+                    await self._sock.send_multipart([MDPC, C_REQUEST, SERVICE, *self.session.cancel()], zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
+            self._sock.close(linger=100)
+            self._sock = None
+        self.session.ended = True
+
+    async def __aenter__(self) -> AsyncWatchStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
 
 
 class AsyncValueStream:

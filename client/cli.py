@@ -387,5 +387,73 @@ def _slot_ranges(slots: list[int]) -> str:
     return text if len(text) < 80 else text[:77] + "..."
 
 
+# -- scan and watch ------------------------------------------------------------------------------
+
+
+def _text(b: bytes) -> str:
+    """Bytes as one printable field: UTF-8, with other bytes and tabs or line breaks escaped."""
+    return b.decode("utf-8", errors="backslashreplace").translate(_ESCAPES)
+
+
+_ESCAPES = str.maketrans({"\n": "\\n", "\t": "\\t", "\r": "\\r"})
+
+
+@main.command()
+@url_option
+@timeout_option
+@click.argument("prefix", default="")
+@click.option("--limit", type=int, default=None, help="Print at most this many keys (default: all).")
+@click.option("--keys-only", is_flag=True, help="Print the keys alone; values are not fetched.")
+@click.option("--page-size", default=1000, show_default=True, help="Keys per request (1 to 10,000).")
+def scan(url: str, timeout: float, prefix: str, limit: int | None, keys_only: bool, page_size: int) -> None:
+    """Print the keys starting with PREFIX in key order, one per line: KEY<TAB>VALUE (escaped)."""
+    if limit is not None and limit < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--limit")
+    printed = 0
+    with _client(url, timeout) as c:
+        try:
+            for item in c.scan(prefix, limit=min(page_size, limit or page_size), values=not keys_only):
+                click.echo(_text(item.key) if keys_only else f"{_text(item.key)}\t{_text(item.value or b'')}")
+                printed += 1
+                if limit is not None and printed >= limit:
+                    break
+        except ZkvError as e:
+            raise ZkvCommandError(e) from None
+
+
+@main.command()
+@url_option
+@timeout_option
+@click.argument("prefix", default="")
+def watch(url: str, timeout: float, prefix: str) -> None:
+    """Print each committed change of keys starting with PREFIX until interrupted, one per line:
+    KIND<TAB>KEY<TAB>VERSION[<TAB>VALUE]. KIND is put, delete, ttl, expired, or resync (changes
+    were missed: re-read with `zkv scan`). Reconnects and resumes by itself; Ctrl-C ends it."""
+    import signal
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    with _client(url, timeout) as c:
+        stream = c.watch(prefix)
+        try:
+            for ev in stream:
+                line = f"{ev.kind}\t{_text(ev.key)}\t{ev.version}"
+                if ev.kind == "put" and ev.stream is not None:
+                    line += f"\t(streamed value, {ev.stream.size} bytes)"
+                elif ev.kind == "put":
+                    line += f"\t{_text(ev.value or b'')}"
+                elif ev.kind == "ttl":
+                    line += f"\texpire_at={ev.expire_at}"
+                click.echo(line)
+        except KeyboardInterrupt:
+            pass
+        except ZkvError as e:
+            raise ZkvCommandError(e) from None
+        finally:
+            stream.close()
+
+
 if __name__ == "__main__":
     main()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, BinaryIO
 
@@ -274,6 +275,36 @@ class Client:
     def mset(self, items: Mapping[Key, bytes] | Iterable[tuple[Key, bytes]]) -> None:
         self._run(commands.mset(items))
 
+    def scan(self, prefix: Key = b"", start_after: Key | None = None, limit: int = 1000,
+             values: bool = True) -> Iterator[commands.ScanItem]:
+        """Every live key starting with ``prefix`` (and above ``start_after``), in key order, as
+        ``ScanItem(key, value, version)``; fetched in pages of ``limit`` keys (1 to 10,000). Each
+        page is linearizable on its own; a scan is not a snapshot of the whole key space."""
+        start = None if start_after is None else commands.key_bytes(start_after)
+        while True:
+            page = self.scan_page(prefix, start, limit, values)
+            for item in page.items:  # a streamed value is fetched whole, as get does
+                yield item._replace(value=self._whole(item.key, item.value)) if values else item
+            start = commands.next_start(page)
+            if start is None:
+                return
+
+    def scan_page(self, prefix: Key = b"", start_after: Key | None = None, limit: int = 1000,
+                  values: bool = True) -> commands.ScanPage:
+        """One page: ``ScanPage(items, more)``."""
+        return self._run(commands.scan_page(prefix, start_after, limit, values))
+
+    def scan_keys(self, prefix: Key = b"", start_after: Key | None = None, limit: int = 1000) -> Iterator[bytes]:
+        """The keys alone (no values travel)."""
+        for item in self.scan(prefix, start_after, limit, values=False):
+            yield item.key
+
+    def watch(self, prefix: Key = b"", since: dict[str, Any] | None = None) -> WatchStream:
+        """Committed changes of keys starting with ``prefix``, as they commit: an iterator of
+        ``WatchEvent``s, in commit order per key, resumed transparently (from its ``cursor``) after
+        a disconnect; ``since``: a cursor saved from an earlier watch. Uses a socket of its own."""
+        return WatchStream(self, commands.WatchSession(prefix, since))
+
     # -- management -----------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
@@ -299,3 +330,69 @@ class Client:
             self._open()
             return False
         return reply[0] == b"200"
+
+
+class WatchStream:
+    """An open watch (see ``Client.watch``); iterate it, ``close()`` it when done."""
+
+    def __init__(self, client: Client, session: commands.WatchSession) -> None:
+        self._client = client
+        self.session = session
+        self._sock: zmq.Socket | None = None
+        self._events: deque[commands.WatchEvent] = deque()
+
+    @property
+    def cursor(self) -> dict[str, Any] | None:
+        """Where the events delivered so far end: pass it as ``since`` to resume later."""
+        return self.session.cursor
+
+    def __iter__(self) -> WatchStream:
+        return self
+
+    def __next__(self) -> commands.WatchEvent:
+        while not self._events:
+            if self.session.ended:
+                self.close()
+                raise StopIteration
+            self._pump()
+        return self._events.popleft()
+
+    def _pump(self) -> None:
+        now = time.monotonic()
+        act = self.session.due(now, lambda: next(self._client._ids))
+        if act is not None:
+            if act[0] == "open" or self._sock is None:
+                self._reopen()  # a fresh socket: nothing of an earlier subscription reaches it
+            assert self._sock is not None
+            self._sock.send_multipart([MDPC, C_REQUEST, SERVICE, *act[1]])
+            return
+        assert self._sock is not None
+        if self._sock.poll(int(self.session.wait(now) * 1000) + 1):
+            frames = self._sock.recv_multipart()
+            if len(frames) >= 4 and frames[0] == MDPC and frames[1] in (C_PARTIAL, C_FINAL) and frames[2] == SERVICE:
+                self._events.extend(self.session.received(frames[1], frames[3:], time.monotonic()))
+
+    def _reopen(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+        self._sock = self._client._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(self._client.url)
+
+    def close(self) -> None:
+        """Cancel the watch (best effort: the broker also drops it without keepalives)."""
+        if self._sock is not None:
+            if not self.session.ended:
+                try:
+                    self._sock.send_multipart([MDPC, C_REQUEST, SERVICE, *self.session.cancel()], zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
+            self._sock.close(linger=100)
+            self._sock = None
+        self.session.ended = True
+
+    def __enter__(self) -> WatchStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

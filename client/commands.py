@@ -10,7 +10,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 from protocol.errors import (
     ConditionFailed,
@@ -22,7 +22,7 @@ from protocol.errors import (
     ZkvTimeout,
     error_from_reply,
 )
-from protocol.wire import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, pack, unpack
+from protocol.wire import C_PARTIAL, DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, pack, unpack
 
 Key = bytes | str
 Reply = tuple[dict[str, Any], list[bytes]]
@@ -187,6 +187,152 @@ def mset(items: Mapping[Key, bytes] | Iterable[tuple[Key, bytes]]) -> Call:
         return Call("", {}, lambda _rh, _v: None)
     return Call("mset", {"keys": [key_bytes(k) for k, _ in pairs]}, lambda _rh, _v: None,
                 [value_bytes(v) for _, v in pairs])
+
+
+# -- scan --------------------------------------------------------------------------------------
+
+
+class ScanItem(NamedTuple):
+    key: bytes
+    value: Any  # bytes; None when the scan asked for keys only (StreamInfo from scan_page for a streamed value)
+    version: int
+
+
+class ScanPage(NamedTuple):
+    items: list[ScanItem]
+    more: bool  # keys after the last one may exist: ask again with start_after = its key
+
+
+def scan_page(prefix: Key = b"", start_after: Key | None = None, limit: int = 1000, values: bool = True) -> Call:
+    """One page of live keys starting with ``prefix``, above ``start_after``, in key order."""
+    hdr: dict[str, Any] = {"prefix": key_bytes(prefix), "limit": limit, "values": values}
+    if start_after is not None:
+        hdr["start_after"] = key_bytes(start_after)
+
+    def parse(rh: dict[str, Any], vals: list[bytes]) -> ScanPage:
+        keys = [bytes(k) for k in rh["keys"]]
+        got = [_streamed(rh, i) or v for i, v in enumerate(vals)] if values else [None] * len(keys)
+        return ScanPage([ScanItem(k, v, int(q)) for k, v, q in zip(keys, got, rh["versions"], strict=True)],
+                        bool(rh["more"]))
+
+    return Call("scan", hdr, parse)
+
+
+def next_start(page: ScanPage) -> bytes | None:
+    """Where the next page starts (its start_after), or None when the scan is complete."""
+    return page.items[-1].key if page.more and page.items else None
+
+
+# -- watch -------------------------------------------------------------------------------------
+
+WATCH_KEEPALIVE = 2.0  # s between keepalives (the broker drops a watch after 10 s without one)
+WATCH_SILENCE = 4.0  # s without any message (the broker sends progress every second): resume
+
+
+class WatchEvent(NamedTuple):
+    """A committed change: ``put`` (value set), ``delete``, ``ttl`` (TTL changed, value kept),
+    ``expired`` (the TTL ran out, the key is gone), or ``resync`` (the broker could not replay
+    what happened since the cursor: re-read with scan; later events follow the new cursor)."""
+
+    kind: str
+    key: bytes
+    value: bytes | None  # put only
+    version: int  # the change's seq in its slot: the key's version after a put or ttl
+    expire_at: int  # ms since the epoch by the broker's clock, 0 = none (put, ttl)
+    slot: int
+    # A put of a streamed value carries no value (``value`` is None) but where its chunks are:
+    # read it with get_stream (it raises ValueChanged if the key was rewritten since).
+    stream: StreamInfo | None = None
+
+
+class WatchSession:
+    """The rules of one watch, shared by both clients (they only move frames): open it, keep it
+    alive, check the message counter, keep the cursor, and resume from the cursor after a lost
+    message, a silence, a broker restart or a retryable error."""
+
+    def __init__(self, prefix: Key = b"", since: dict[str, Any] | None = None) -> None:
+        self.prefix = key_bytes(prefix)
+        self.cursor = since  # {"c": cluster id, "s": [seq per slot]}: opaque, pass it back as since
+        self.rid = 0
+        self.n = 0
+        self.open_at: float | None = 0.0  # when to (re)open the watch; None while it is open
+        self.last_heard = self.last_keepalive = 0.0
+        self.backoff = BACKOFF_FIRST
+        self.ended = False
+
+    def due(self, now: float, next_id: Callable[[], int]) -> tuple[str, list[bytes]] | None:
+        """What to send now: ("open", body) on a fresh socket, ("send", body), or None."""
+        if self.ended:
+            return None
+        if self.open_at is None and now - self.last_heard > WATCH_SILENCE:
+            self._resume(now, 0.0)
+        if self.open_at is not None:
+            if now < self.open_at:
+                return None
+            self.rid, self.n, self.open_at = next_id(), 0, None
+            self.last_heard = self.last_keepalive = now
+            hdr: dict[str, Any] = {"op": "watch", "id": self.rid, "prefix": self.prefix}
+            if self.cursor is not None:
+                hdr["since"] = self.cursor
+            return "open", [pack(hdr)]
+        if now - self.last_keepalive >= WATCH_KEEPALIVE:
+            self.last_keepalive = now
+            return "send", [pack({"op": "watch", "id": self.rid, "keepalive": True})]
+        return None
+
+    def wait(self, now: float) -> float:
+        """Seconds until ``due`` has something to do."""
+        if self.open_at is not None:
+            return max(self.open_at - now, 0.0)
+        return max(min(self.last_heard + WATCH_SILENCE, self.last_keepalive + WATCH_KEEPALIVE) - now, 0.0)
+
+    def cancel(self) -> list[bytes]:
+        self.ended = True
+        return [pack({"op": "watch", "id": self.rid, "cancel": True})]
+
+    def _resume(self, now: float, delay: float) -> None:
+        self.open_at = now + delay
+
+    def received(self, command: bytes, frames: list[bytes], now: float) -> list[WatchEvent]:
+        """A message from the broker (``command`` PARTIAL or FINAL, ``frames`` = header, values)."""
+        rh = unpack(frames[0])
+        if self.open_at is not None or rh.get("id") != self.rid:
+            return []  # an earlier subscription's message
+        self.last_heard = now
+        if command == C_PARTIAL:
+            if rh.get("n") != self.n + 1:
+                self._resume(now, 0.0)  # a message was lost (a full queue): resume from the cursor
+                return []
+            self.n += 1
+            self.backoff = BACKOFF_FIRST
+            events = []
+            streams = rh.get("streams") or {}
+            for i, ((kind, key, slot, seq, expire_at), value) in enumerate(zip(rh["events"], frames[1:], strict=True)):
+                m = streams.get(i)
+                if m is not None:
+                    info = StreamInfo(seq, int(m["size"]), bytes(m["stream"]), int(m["chunks"]))
+                    events.append(WatchEvent(kind, bytes(key), None, seq, expire_at, slot, info))
+                else:
+                    events.append(WatchEvent(kind, bytes(key), value if kind == "put" else None, seq, expire_at, slot))
+                if self.cursor is not None:
+                    self.cursor["s"][slot] = max(self.cursor["s"][slot], seq)
+            if "cursor" in rh:
+                self.cursor = rh["cursor"]
+            return events
+        if rh.get("ok"):
+            if rh.get("resync"):
+                self.cursor = rh["cursor"]
+                self._resume(now, 0.0)
+                return [WatchEvent("resync", b"", None, 0, 0, -1)]
+            self.ended = True  # cancelled
+            return []
+        err = error_for(rh)
+        if err.code not in RESEND:
+            self.ended = True
+            raise err
+        self._resume(now, self.backoff)
+        self.backoff = min(self.backoff * 2, BACKOFF_MAX)
+        return []
 
 
 # ---------------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ W_DISCONNECT = b"\x06"
 W_ACK = b"\x10"  # cumulative applied positions (and results of conditional ops)
 W_NACK = b"\x11"  # "I am at (epoch, seq) in this slot and need what follows"
 W_SNAPSHOT_PART = b"\x12"  # a part of a slot snapshot, sent by the donor
+W_EXPIRED = b"\x13"  # keys whose TTL ran out by the broker's clock: the broker sequences their reaping
 # zkv extensions, broker -> worker.
 W_ASSIGN = b"\x20"  # the slots this worker holds
 W_REPLAY = b"\x21"  # a replication message resent point-to-point (gap repair)
@@ -62,6 +63,7 @@ OP_EXPIRE = 3  # change or remove the TTL of a live key, leaving its value
 OP_CHUNK = 4  # key = stream id (16 bytes) + chunk index (4 bytes BE); value = the chunk
 OP_PUT_STREAM = 5  # key = the user key; value = the stream manifest (see Manifest)
 OP_ABORT_STREAM = 6  # key = stream id; drop a stream's staged chunks unless it was committed
+OP_REAP = 7  # delete a key whose TTL ran out, only if it still has this version and expire_at
 
 STREAM_ID_BYTES = 16
 DEFAULT_CHUNK_BYTES = 1 << 20  # what clients send; the broker accepts chunks up to MAX_CHUNK_BYTES
@@ -96,7 +98,7 @@ def slot_topic(slot: int) -> bytes:
 
 @dataclass(slots=True)
 class WriteOp:
-    op: int  # OP_PUT, OP_DELETE or OP_EXPIRE
+    op: int  # OP_PUT, OP_DELETE, OP_EXPIRE or OP_REAP
     key: bytes
     expire_at: int = 0  # broker wall clock, ms since the epoch; 0 = no TTL (OP_EXPIRE: 0 removes it)
     cond: int = COND_NONE  # applied only if the condition holds when the replica applies it

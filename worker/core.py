@@ -17,6 +17,7 @@ from protocol.wire import (
     W_ACK,
     W_ASSIGN,
     W_DISCONNECT,
+    W_EXPIRED,
     W_FINAL,
     W_HEARTBEAT,
     W_NACK,
@@ -39,6 +40,8 @@ MAX_HELD_PER_SLOT = 10_000  # out-of-order messages kept while a gap is repaired
 SNAPSHOT_PART_BYTES = 1 << 20
 DONATION_IDLE = 30.0  # s before an abandoned snapshot's read transaction is closed
 MAX_CHUNKS_PER_READ = 16  # credit one streamed read may ask for
+SCAN_MAX_BYTES = 8 << 20  # key and value bytes in one worker's share of a scan page
+EXPIRED_REPORT_MAX = 5000  # expired keys reported to the broker per reclaim interval (1 s)
 
 
 @dataclass
@@ -119,6 +122,8 @@ class WorkerCore:
     def serve_read(self, req: dict) -> list[bytes]:
         """Answer a read from committed state. A miss reports the slot's applied seq as its version,
         so the broker can hold the answer back until that position is committed."""
+        if req.get("op") == "scan":
+            return self.serve_scan(req)
         slots_keys = [(int(s), bytes(k)) for s, k in req["keys"]]
         results = self.store.read(slots_keys, int(req["now"]), with_values=req.get("op") != "exists")
         hdr = {
@@ -141,6 +146,35 @@ class WorkerCore:
         chunks = self.store.read_chunks(slot, stream, first, count)
         partials = [[W_PARTIAL, token, b"", pack({"index": first + i}), c] for i, c in enumerate(chunks)]
         return partials, [pack({"ok": True, "sent": len(chunks)})]
+
+    # -- scan -----------------------------------------------------------------------------------
+
+    def serve_scan(self, req: dict) -> list[bytes]:
+        """One worker's share of a scan page: its slots' matching entries merged in key order,
+        and each slot's applied seq (the broker holds the page until those are committed)."""
+        prefix, start_after = bytes(req["prefix"]), req.get("start_after")
+        with_values = bool(req.get("values", True))
+        res = self.store.scan([int(s) for s in req["slots"]], prefix,
+                              None if start_after is None else bytes(start_after), int(req["limit"]),
+                              int(req["now"]), with_values, int(req.get("max_bytes", SCAN_MAX_BYTES)))
+        hdr = {"ok": True, "keys": [e.key for e in res.entries], "versions": [e.version for e in res.entries],
+               "complete": res.complete, "applied": [[s, q] for s, q in res.applied.items()]}
+        if with_values and any(e.streamed for e in res.entries):
+            hdr["streamed"] = [e.streamed for e in res.entries]  # their value frame is the manifest
+        return [pack(hdr), *([e.value for e in res.entries] if with_values else [])]
+
+    # -- expiry ---------------------------------------------------------------------------------
+
+    def report_expired(self) -> int:
+        """Tell the broker which of this worker's keys have expired by its clock; it sequences
+        their deletion (OP_REAP) so that expiries happen in the committed order on every replica
+        and watches see them. Returns how many were reported."""
+        if not self.broker_now or self.broker_epoch is None:
+            return 0
+        keys = [k for k in self.store.expired_keys(self.broker_now, EXPIRED_REPORT_MAX) if k.slot in self.assigned]
+        if keys:
+            self.outbox.append([W_EXPIRED, pack({"keys": [[k.slot, k.key, k.version, k.expire_at] for k in keys]})])
+        return len(keys)
 
     def position(self, slot: int) -> Position:
         return self.pos.get(slot, Position())

@@ -33,6 +33,7 @@ log = structlog.get_logger("zkv.worker")
 
 DRAIN_LIMIT = 2000  # messages taken from one socket per turn, so neither starves the other
 RECLAIM_INTERVAL = 1.0
+REAP_FALLBACK_MS = 600_000  # ms past its expiry before a key is reclaimed locally, outside the log
 
 
 @dataclass
@@ -173,7 +174,11 @@ class WorkerServer:
                     self.core.retry_stalled_repairs(now)
                     self.flush_outbox()
                     if self.core.broker_now:
-                        n = self.store.reclaim_expired(self.core.broker_now)
+                        self.core.report_expired()
+                        self.flush_outbox()
+                        # Expired keys are deleted through the log (OP_REAP); this local pass is
+                        # the fallback for keys the broker could not reap for a long time.
+                        n = self.store.reclaim_expired(self.core.broker_now - REAP_FALLBACK_MS)
                         if n:
                             log.debug("expired_reclaimed", keys=n)
         finally:

@@ -13,10 +13,11 @@ expiring the key frees the chunks; aborting a stream frees its staged chunks.
 
 from __future__ import annotations
 
+import heapq
 import os
 import struct
 import uuid
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,11 +28,13 @@ from protocol.wire import (
     COND_ABSENT,
     COND_NONE,
     COND_VERSION,
+    KEY_INLINE_MAX,
     OP_ABORT_STREAM,
     OP_CHUNK,
     OP_DELETE,
     OP_EXPIRE,
     OP_PUT_STREAM,
+    OP_REAP,
     RECORD_HEADER,
     RECORD_STREAMED,
     STREAM_ID_BYTES,
@@ -58,6 +61,30 @@ STREAM_INCOMPLETE = -1  # the answer flag of a stream commit that found chunks m
 class Position:
     epoch: int = 0
     seq: int = 0
+
+
+@dataclass(slots=True)
+class ScanEntry:
+    key: bytes
+    version: int
+    expire_at: int
+    value: bytes  # b"" when the scan asked for keys only; the encoded Manifest when ``streamed``
+    streamed: bool = False
+
+
+@dataclass(slots=True)
+class ScanResult:
+    entries: list[ScanEntry]  # in key order, merged over the slots asked for
+    complete: bool  # every matching entry of those slots is in ``entries``
+    applied: dict[int, int]  # slot -> applied seq of the state that was read
+
+
+@dataclass(slots=True)
+class ExpiredKey:
+    slot: int
+    key: bytes
+    version: int
+    expire_at: int
 
 
 @dataclass(slots=True)
@@ -156,6 +183,8 @@ class SlotStore:
             return [True, 0]
         if op.op == OP_ABORT_STREAM:
             return [self._drop_staged(txn, rep.slot, op.key), 0]
+        if op.op == OP_REAP:
+            return self._apply_reap(txn, rep, op)
         suffix = key_suffix(op.key)
         sk = prefix + suffix
         old = txn.get(sk, db=self.data)
@@ -407,3 +436,113 @@ class SlotStore:
             except OSError:
                 pass
         return {"keys": keys, "disk_bytes": disk, "map_used": info["last_pgno"] * self.env.stat()["psize"]}
+
+    # -- scan -----------------------------------------------------------------------------------
+
+    def scan(self, slots: list[int], prefix: bytes, start_after: bytes | None, limit: int, now: int,
+             with_values: bool, max_bytes: int) -> ScanResult:
+        """Live entries (not expired at ``now``) of ``slots`` whose key starts with ``prefix`` and
+        is above ``start_after``, in key order: at most ``limit``, and values of at most
+        ``max_bytes`` together with the keys (at least one entry). One read transaction: the entries and the
+        applied positions describe the same state."""
+        entries: list[ScanEntry] = []
+        complete = True
+        with self.env.begin(buffers=False) as txn:
+            applied = {}
+            for s in slots:
+                raw = txn.get(b"p" + SLOT_PREFIX.pack(s), db=self.meta)
+                applied[s] = POSITION.unpack(raw)[1] if raw else 0
+            merged = heapq.merge(*(self._scan_slot(txn, s, prefix, start_after, now, with_values) for s in slots),
+                                 key=lambda e: e.key)
+            size = 0
+            for e in merged:
+                if len(entries) >= limit or (entries and size + len(e.key) + len(e.value) > max_bytes):
+                    complete = False
+                    break
+                entries.append(e)
+                size += len(e.key) + len(e.value)
+        return ScanResult(entries, complete, applied)
+
+    def _scan_slot(self, txn: lmdb.Transaction, slot: int, prefix: bytes, start_after: bytes | None,
+                   now: int, with_values: bool) -> Iterator[ScanEntry]:
+        """One slot's matching entries in key order. Storage order is key order except among long
+        keys sharing their first KEY_INLINE_MAX bytes (ordered by digest there); such keys are
+        adjacent in storage, so each such run is sorted before it is yielded."""
+        sp = SLOT_PREFIX.pack(slot)
+        stem = prefix[:KEY_INLINE_MAX]
+        # Every key above start_after or under prefix is stored at or after its first 400 bytes.
+        lo = max(stem, (start_after or b"")[:KEY_INLINE_MAX])
+        cur = txn.cursor(db=self.data)
+        if not cur.set_range(sp + lo):
+            return
+        run: list[ScanEntry] = []  # long keys with one stem, waiting to be sorted
+        run_stem = b""
+        lead = sp + stem
+        for k, v in cur:
+            if not k.startswith(lead):
+                break
+            suffix = k[2:]
+            version, expire_at, klen = RECORD_HEADER.unpack_from(v)
+            streamed = bool(klen & RECORD_STREAMED)
+            klen &= ~RECORD_STREAMED
+            key = v[RECORD_HEADER.size:RECORD_HEADER.size + klen] if klen else suffix
+            if not key.startswith(prefix) or (start_after is not None and key <= start_after) \
+                    or (expire_at and expire_at <= now):
+                continue
+            e = ScanEntry(key, version, expire_at, v[RECORD_HEADER.size + klen:] if with_values else b"", streamed)
+            if klen:
+                if run and suffix[:KEY_INLINE_MAX] != run_stem:
+                    run.sort(key=lambda r: r.key)
+                    yield from run
+                    run = []
+                run_stem = suffix[:KEY_INLINE_MAX]
+                run.append(e)
+                continue
+            if run:
+                run.sort(key=lambda r: r.key)
+                yield from run
+                run = []
+            yield e
+        run.sort(key=lambda r: r.key)
+        yield from run
+
+    # -- expiry through the log -----------------------------------------------------------------
+
+    def expired_keys(self, broker_now: int, limit: int = 1000) -> list[ExpiredKey]:
+        """Records whose TTL ran out by the broker's clock, oldest expiry first. The broker
+        sequences their deletion (OP_REAP), so every replica removes them in the same order and a
+        watch sees the expiry."""
+        out: list[ExpiredKey] = []
+        with self.env.begin(buffers=False) as txn:
+            cur = txn.cursor(db=self.expiry)
+            if not cur.first():
+                return out
+            for ek, _ in cur:
+                exp, slot = EXPIRY_KEY.unpack_from(ek)
+                if exp > broker_now or len(out) >= limit:
+                    break
+                rec = txn.get(SLOT_PREFIX.pack(slot) + ek[EXPIRY_KEY.size:], db=self.data)
+                if rec is None:
+                    continue
+                r = decode_record(rec)
+                if r.expire_at == exp:
+                    out.append(ExpiredKey(slot, r.long_key or bytes(ek[EXPIRY_KEY.size:]), r.version, exp))
+        return out
+
+    def _apply_reap(self, txn: lmdb.Transaction, rep: Replicate, op: WriteOp) -> list[Any]:
+        """Delete a key whose TTL ran out, if nothing rewrote it since it was reported: its version
+        is still ``op.expected`` and its expire_at ``op.expire_at``, which is past by the broker's
+        clock in the batch. Answer: [deleted, version before]."""
+        suffix = key_suffix(op.key)
+        sk = SLOT_PREFIX.pack(rep.slot) + suffix
+        old = txn.get(sk, db=self.data)
+        if old is None:
+            return [False, 0]
+        version, exp = decode_record_header(old)
+        if version != op.expected or exp != op.expire_at or not exp or exp > rep.now:
+            return [False, version]
+        if _is_streamed(old):
+            self._drop_chunks(txn, rep.slot, Manifest.decode(decode_record(old).value).stream)
+        txn.delete(sk, db=self.data)
+        txn.delete(EXPIRY_KEY.pack(exp, rep.slot) + suffix, db=self.expiry)
+        return [True, version]
