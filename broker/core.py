@@ -194,6 +194,7 @@ class ReadPart:
     slot: int
     indices: list[int]
     need: int = 0  # highest version in the answer; released once committed >= need
+    floor: int = 0  # the slot's committed seq when the part was sent: a replica below it lost the slot
 
 
 @dataclass
@@ -925,6 +926,7 @@ class BrokerCore:
                     slot.waiting_reads.append(part)
                 continue
             wid = cands[next(self._rr) % len(cands)]
+            part.floor = slot.committed
             per_worker.setdefault(wid, []).append(part)
         now_ms = self.wall_ms()
         for wid, wparts in per_worker.items():
@@ -952,12 +954,24 @@ class BrokerCore:
             return
         values = body[1:]
         streamed = hdr.get("streamed") or [False] * len(wr.keys)
+        applied = {int(s): int(q) for s, q in hdr.get("applied", [])}
+        # A replica that holds less of a slot than was committed when it was asked has lost the
+        # slot meanwhile (a move finished and it dropped it): its answer is void, ask another.
+        lost = [p for p in wr.parts if p.slot in applied and applied[p.slot] < p.floor]
+        void = {id(p) for p in lost}
         for n, (pi, i) in enumerate(wr.keys):
             part = wr.parts[pi]
+            if id(part) in void:
+                continue
             found, version = hdr["found"][n], hdr["versions"][n]
             part.request.results[i] = (found, version, values[n] if found else b"", hdr["expire"][n], streamed[n])
             part.need = max(part.need, version)
+        if lost:
+            log.info("read_redirected", worker=wid, slots=sorted({p.slot for p in lost}))
+            self.read_queue.extend(lost)
         for part in wr.parts:
+            if id(part) in void:
+                continue
             slot = self.slots[part.slot]
             if part.need > slot.committed:
                 slot.held_reads.append(part)  # seen on this replica, not yet committed

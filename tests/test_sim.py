@@ -786,3 +786,24 @@ def test_streamed_values_under_random_faults(tmp_path: Path, seed: int) -> None:
                 assert got in {value} | maybe.get(key, set()), (seed, key, w.wid)
     finally:
         sim.close()
+
+
+def test_a_read_sent_to_a_replica_that_then_drops_the_slot_is_asked_again(sim: SimCluster) -> None:
+    """Between the broker choosing a replica and the replica answering, the replica may lose the
+    slot (a move finished and it dropped its copy). Its "not found" must not be believed."""
+    sim.put(b"k", b"v")
+    s = slot_for_key(b"k", sim.slots)
+    rid = sim.send(b"c1", "get", key=b"k")
+    sim.broker.end_turn()
+    (chosen,) = {wr.worker for wr in sim.broker.worker_reads.values()}
+    w = sim.workers[chosen]
+    assert w.core is not None
+    # The move that takes the slot away finishes now: the broker's map no longer lists the
+    # replica, and the replica drops its copy (as on_assign_message does) before it answers.
+    slot = sim.broker.slots[s]
+    slot.replicas.remove(chosen)
+    slot.applied.pop(chosen, None)
+    w.core.store.drop_slot(s)
+    sim.settle()
+    got = sim.reply(b"c1", rid)
+    assert got is not None and got[0]["ok"] and got[0]["found"] is True and got[1] == [b"v"], got

@@ -131,6 +131,9 @@ class WorkerCore:
             "found": [r.found for r in results],
             "versions": [r.version for r in results],
             "expire": [r.expire_at for r in results],
+            # What this replica holds of each slot asked about: a slot it lost since the broker
+            # chose it (dropped after a move) shows a position below what the broker counted.
+            "applied": [[s, self.store.position(s).seq] for s in {s for s, _ in slots_keys}],
         }
         if any(r.streamed for r in results):
             hdr["streamed"] = [r.streamed for r in results]  # their value frame is the manifest
