@@ -16,6 +16,8 @@ import zmq
 
 from broker.core import BrokerConfig, BrokerCore
 from broker.meta import MetaStore
+from protocol.process import tune_gc
+from protocol.sockets import send_frames
 from protocol.wire import MAX_CHUNK_BYTES
 
 log = structlog.get_logger("zkv.broker")
@@ -71,6 +73,7 @@ class BrokerServer:
         return s
 
     def run(self) -> None:
+        tune_gc()
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         log.info("broker_listening", frontend=self.cfg.endpoints.frontend, backend=self.cfg.endpoints.backend,
@@ -125,7 +128,7 @@ class BrokerServer:
         if core.out_pub:
             out, core.out_pub = core.out_pub, []
             for frames in out:
-                self.pub.send_multipart(frames, copy=False)
+                send_frames(self.pub, frames)
         if core.out_worker:
             out, core.out_worker = core.out_worker, []
             for identity, frames in out:
@@ -137,7 +140,7 @@ class BrokerServer:
 
     def _route(self, sock: zmq.Socket, identity: bytes, frames: list[bytes]) -> None:
         try:
-            sock.send_multipart([identity, *frames], zmq.NOBLOCK, copy=False)
+            send_frames(sock, [identity, *frames], nonblock=True)
         except zmq.Again:
             self.dropped_replies += 1  # the peer does not read its replies; it is its loss alone
         except zmq.ZMQError as e:

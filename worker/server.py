@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import structlog
 import zmq
 
+from protocol.process import tune_gc
+from protocol.sockets import send_frames
 from protocol.wire import (
     MDPW,
     SERVICE,
@@ -131,7 +133,7 @@ class WorkerServer:
 
     def send(self, frames: list[bytes]) -> None:
         assert self.dealer is not None
-        self.dealer.send_multipart([MDPW, *frames], copy=False)
+        send_frames(self.dealer, [MDPW, *frames])
 
     def flush_outbox(self) -> None:
         out, self.core.outbox = self.core.outbox, []
@@ -141,6 +143,7 @@ class WorkerServer:
     # -- loop -----------------------------------------------------------------------------------
 
     def run(self) -> None:
+        tune_gc()
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         self.connect()

@@ -1,0 +1,30 @@
+"""Sending multipart messages cheaply.
+
+``Socket.send_multipart`` combines its flags with ``SNDMORE`` as ``enum.IntFlag`` values for
+every frame and wraps every frame in a ``zmq.Frame`` when ``copy=False``: about 10 us for a
+three-frame message, against 2 us for plain ``send`` calls with int flags (measured here,
+pyzmq 26, inproc PAIR). The broker and the workers send a message or more per request, so this
+is the one place they all send through.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import zmq
+
+NOBLOCK = int(zmq.NOBLOCK)
+SNDMORE = int(zmq.SNDMORE)
+# Frames this large are handed to libzmq without a copy (zero-copy costs more than it saves below).
+ZERO_COPY_BYTES = 64 * 1024
+
+
+def send_frames(sock: zmq.Socket, frames: Sequence[bytes], nonblock: bool = False) -> None:
+    """Send ``frames`` as one message. With ``nonblock``, raises zmq.Again if it cannot be queued
+    (the first frame decides: ZeroMQ queues a message whole or not at all)."""
+    flags = NOBLOCK if nonblock else 0
+    more = flags | SNDMORE
+    send = sock.send
+    last = len(frames) - 1
+    for i, f in enumerate(frames):
+        send(f, more if i < last else flags, copy=len(f) < ZERO_COPY_BYTES)
