@@ -73,6 +73,7 @@ from protocol.wire import (
     Replicate,
     WriteOp,
     chunk_key,
+    encode_replication,
     pack,
     slot_for_key,
     unpack,
@@ -352,7 +353,9 @@ class BrokerCore:
         self.epoch = meta.next_epoch()
         self.out_client: list[tuple[bytes, list[bytes]]] = []
         self.out_worker: list[tuple[bytes, list[bytes]]] = []
-        self.out_pub: list[list[bytes]] = []
+        # Write batches of this turn per destination worker; take_replication() makes them one
+        # PUB message per worker.
+        self.out_replication: dict[str, list[list[bytes]]] = {}
         self.workers: dict[str, Worker] = {}
         self.by_identity: dict[bytes, str] = {}
         self.slots: dict[int, Slot] = {}
@@ -737,8 +740,11 @@ class BrokerCore:
             slot.epochs.append((self.epoch, seq))
         rep = Replicate(slot.id, self.epoch, seq, slot.last.epoch, slot.committed, now_ms, ops, values)
         frames = rep.frames()
-        self.out_pub.append(frames)
-        entry = TailEntry(seq, self.epoch, slot.last.epoch, frames[1:], sum(len(f) for f in frames))
+        entry = TailEntry(seq, self.epoch, slot.last.epoch, frames, sum(len(f) for f in frames))
+        for wid in slot.replicas + slot.learners:
+            w = self.workers.get(wid)
+            if w is not None and w.alive:
+                self.out_replication.setdefault(wid, []).append(frames)
         slot.tail.append(entry)
         slot.tail_bytes += entry.size
         # Trim only what is committed: an uncommitted write may be on no replica at all yet (a
@@ -899,6 +905,12 @@ class BrokerCore:
         # Dispatched at the end of the loop's turn (end_turn), together with every other read
         # of the turn: one REQUEST per worker carries them all, one LMDB transaction answers them.
         self.read_queue.extend(parts)
+
+    def take_replication(self) -> list[list[bytes]]:
+        """The replication messages to publish now: one per worker that has writes to apply."""
+        out = [encode_replication(wid, batches) for wid, batches in self.out_replication.items()]
+        self.out_replication = {}
+        return out
 
     def end_turn(self) -> None:
         """The loop has handled every message it drained: send the reads gathered meanwhile."""

@@ -125,10 +125,8 @@ class BrokerServer:
 
     def _send_all(self) -> None:
         core = self.core
-        if core.out_pub:
-            out, core.out_pub = core.out_pub, []
-            for frames in out:
-                send_frames(self.pub, frames)
+        for frames in core.take_replication():
+            send_frames(self.pub, frames)
         if core.out_worker:
             out, core.out_worker = core.out_worker, []
             for identity, frames in out:

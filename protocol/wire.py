@@ -4,7 +4,8 @@
    request  ``[MDPC02, 0x01, service, header, *values]``
    reply    ``[MDPC02, 0x03, service, header, *values]``
 2. Worker <-> broker: MDP/0.2 worker framing plus zkv extension commands (>= 0x10).
-3. Replication (broker PUB -> worker SUB): ``[topic, header, *values]``.
+3. Replication (broker PUB -> worker SUB): one message per worker per turn of the broker's loop,
+   ``[worker topic, [header, header, ...], *values]``, each header one slot's write batch.
 
 Headers are msgpack maps (client, worker requests) or arrays (replication, hot path).
 Values always travel as frames of their own so that the broker never decodes or copies them.
@@ -87,9 +88,10 @@ def slot_for_key(key: bytes, slots: int) -> int:
     return (zlib.crc32(key) & 0xFFFFFFFF) % slots
 
 
-def slot_topic(slot: int) -> bytes:
-    """PUB/SUB topic of a slot: ``b"s"`` and the slot as 2 bytes big-endian."""
-    return b"s" + struct.pack(">H", slot)
+def worker_topic(worker_id: str) -> bytes:
+    """PUB/SUB topic of a worker's replication messages: ``b"w"``, its id, ``b"\\0"`` (so that no
+    id's topic is a prefix of another's: SUB filters match prefixes)."""
+    return b"w" + worker_id.encode() + b"\0"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,16 +145,44 @@ class Replicate:
         )
 
     def frames(self) -> list[bytes]:
-        """Frames published on PUB (topic first)."""
-        return [slot_topic(self.slot), self.header(), *self.values]
+        """The batch as ``[header, *values]`` (as kept in the broker's tail and sent by REPLAY)."""
+        return [self.header(), *self.values]
 
     @classmethod
     def decode(cls, header: bytes, values: list[Any]) -> Replicate:
-        slot, epoch, seq, prev_epoch, committed, now, ops = unpack(header)
+        return cls.from_fields(unpack(header), values)
+
+    @classmethod
+    def from_fields(cls, fields: list[Any], values: list[Any]) -> Replicate:
+        slot, epoch, seq, prev_epoch, committed, now, ops = fields
         wops = [WriteOp(int(o[0]), bytes(o[1]), int(o[2]), int(o[3]), int(o[4])) for o in ops]
         if len(values) != len(wops):
             raise ValueError("replication message: value frame count does not match ops")
         return cls(slot, epoch, seq, prev_epoch, committed, now, wops, list(values))
+
+
+def encode_replication(worker_id: str, batches: list[list[bytes]]) -> list[bytes]:
+    """One replication message carrying write batches (each ``[header, *values]``) to one worker.
+    Batching per worker and per turn, instead of one PUB message per batch, is what lets the
+    broker and the workers pay their per-message costs once for many writes."""
+    headers = [b[0] for b in batches]
+    return [worker_topic(worker_id), pack(headers), *[v for b in batches for v in b[1:]]]
+
+
+def decode_replication(frames: list[Any]) -> list[Replicate]:
+    """The write batches of one replication message, in the order the broker sequenced them."""
+    headers = unpack(frames[1])
+    if not isinstance(headers, list):
+        raise ValueError("replication message: header frame is not a list")
+    out, at = [], 2
+    for header in headers:
+        fields = unpack(header)
+        n = len(fields[6])
+        out.append(Replicate.from_fields(fields, frames[at:at + n]))
+        at += n
+    if at != len(frames):
+        raise ValueError("replication message: more value frames than ops")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,8 +23,10 @@ from protocol.wire import (
     W_READY,
     Replicate,
     decode_record,
+    decode_replication,
     pack,
     unpack,
+    worker_topic,
 )
 from worker.core import WorkerCore
 from worker.store import SlotStore
@@ -137,10 +139,9 @@ class SimCluster:
         b.end_turn()
         b.persist()
         moved = False
-        pub, b.out_pub = b.out_pub, []
-        for frames in pub:
-            rep = Replicate.decode(frames[1], frames[2:])
-            for w in self.workers.values():
+        for frames in b.take_replication():
+            w = next(w for w in self.workers.values() if worker_topic(w.wid) == frames[0])
+            for rep in decode_replication(frames):
                 if w.up and w.core is not None and not (self.drop and self.drop(w.wid, rep)):
                     w.core.on_replicate(rep, self.t)
             moved = True

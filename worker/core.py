@@ -82,7 +82,6 @@ class WorkerCore:
         self.commits = 0  # LMDB write transactions (each one fsync)
         self.broker_epoch: int | None = None  # the incarnation this worker is registered with
         self.stale_dropped = 0  # replication messages of another incarnation, dropped
-        self.subscriptions_changed = False  # ASSIGN changed the slot set: the loop resubscribes
         self.reconnect_requested = False  # the broker sent DISCONNECT: the loop re-registers
 
     # -- commands from the broker ---------------------------------------------------------------
@@ -283,7 +282,6 @@ class WorkerCore:
             self.store.set_cluster_id(cluster)
         self.broker_epoch = int(info["epoch"])
         added, removed = self.on_assign(list(info["slots"]))
-        self.subscriptions_changed = True
         # Slots given to other workers while this one was away: its copies are stale, drop them.
         stale = (removed | set(self.store.positions)) - self.assigned
         if stale:

@@ -24,9 +24,9 @@ from protocol.wire import (
     W_DISCONNECT,
     W_HEARTBEAT,
     W_READY,
-    Replicate,
+    decode_replication,
     pack,
-    slot_topic,
+    worker_topic,
 )
 from worker.core import WorkerCore
 from worker.store import SlotStore
@@ -90,7 +90,9 @@ class WorkerServer:
         self.sub.setsockopt(zmq.SNDHWM, 100_000)  # >1000 subscriptions resent on reconnect
         self.sub.setsockopt(zmq.LINGER, 0)
         self.sub.connect(cfg.replication)
-        self.subscribed: set[int] = set()
+        # Every replication message for this worker, whatever slots it carries; the core applies
+        # only what the registered broker incarnation sent for slots it holds.
+        self.sub.setsockopt(zmq.SUBSCRIBE, worker_topic(cfg.worker_id))
         self.dealer: zmq.Socket | None = None
         self.poller = zmq.Poller()
         self.poller.register(self.sub, zmq.POLLIN)
@@ -214,11 +216,12 @@ class WorkerServer:
             if self.dropper and self.dropper.drop():
                 continue
             try:
-                rep = Replicate.decode(frames[1], frames[2:])
+                batches = decode_replication(frames)
             except Exception as e:  # a malformed message must not stop the worker
                 log.warning("bad_replication_message", error=str(e))
                 continue
-            self.core.on_replicate(rep, now)
+            for rep in batches:
+                self.core.on_replicate(rep, now)
 
     def _drain_dealer(self, now: float) -> None:
         assert self.dealer is not None
@@ -240,13 +243,6 @@ class WorkerServer:
 
     def _on_command(self, cmd: bytes, body: list[bytes], now: float) -> None:
         self.core.on_broker(cmd, body, now)
-        if self.core.subscriptions_changed:
-            self.core.subscriptions_changed = False
-            for s in self.core.assigned - self.subscribed:
-                self.sub.setsockopt(zmq.SUBSCRIBE, slot_topic(s))
-            for s in self.subscribed - self.core.assigned:
-                self.sub.setsockopt(zmq.UNSUBSCRIBE, slot_topic(s))
-            self.subscribed = set(self.core.assigned)
         self.flush_outbox()
         if self.core.reconnect_requested:
             self.core.reconnect_requested = False
