@@ -42,7 +42,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -107,10 +107,11 @@ def evaluate_targets(rows: list[Measurement]) -> list[TargetResult]:
     m = by_id(rows)
     out: list[TargetResult] = []
     etcd = m.get("put.etcd")
-    for zid, label in (("put.zkv.c1000", "c=1000"), ("put.zkv.best", "best c")):
+    for zid in ("put.zkv.c1000", "put.zkv.best"):
         z = m.get(zid)
         if z is None:
             continue
+        label = next((w.strip() for w in z.system.split(",") if w.strip().startswith("c=")), zid)
         if z.rate and etcd is not None and etcd.rate:
             ratio = z.rate / etcd.rate
             slower = z.max_ms is not None and etcd.max_ms is not None and z.max_ms < etcd.max_ms
@@ -342,13 +343,19 @@ def redis_benchmark(port: int, *args: str) -> dict[str, dict[str, float]]:
 
 
 class CpuWatch:
-    """Background CPU share during a measurement: machine busy time minus our processes' time."""
+    """Background CPU share during a measurement: machine busy time minus our processes' time.
 
-    def __init__(self, pids: Callable[[], list[int]]) -> None:
+    With ``quiet_wait`` > 0, each measurement first waits (at most that long) for the machine to
+    be at least 85 % idle over one second (bench/core.py's ``wait_quiet``)."""
+
+    def __init__(self, pids: Callable[[], list[int]], quiet_wait: float = 0.0) -> None:
         self.pids = pids
+        self.quiet_wait = quiet_wait
 
     @contextmanager
     def measure(self) -> Iterator[dict[str, float]]:
+        if self.quiet_wait > 0:
+            core.wait_quiet(self.quiet_wait)
         pids = self.pids()
         busy0, total0 = core.machine_jiffies()
         ours0 = core.process_jiffies(pids) + core.children_jiffies()
@@ -372,7 +379,7 @@ class Plan:
     get_c: int = 200
     relay_seconds: float = 5.0
     scale: float = 1.0
-    extra_pids: list[int] = field(default_factory=list)
+    quiet_wait: float = 30.0  # s to wait for an idle machine before each measurement
 
 
 def zkv_bench(cluster: core.LocalCluster, test: str, c: int, n: int, d: int, batch: int = 1,
@@ -414,7 +421,7 @@ def run_all(plan: Plan, root: Path, log: Callable[[str], None]) -> list[Measurem
 
     cluster = core.LocalCluster(root / "zkv")
     extra: list[int] = []
-    watch = CpuWatch(lambda: list(cluster.pids().values()) + extra)
+    watch = CpuWatch(lambda: list(cluster.pids().values()) + extra, plan.quiet_wait)
     try:
         cluster.start()
         log(f"zkv cluster up: {cluster.frontend}")
@@ -617,6 +624,8 @@ def main() -> int:
     parser.add_argument("--put-c", type=int, default=200, help="the 'best' PUT concurrency (besides c=1000)")
     parser.add_argument("--get-c", type=int, default=200, help="GET requests in flight, also the relay's window")
     parser.add_argument("--json", help="also write the rows as JSON to this file")
+    parser.add_argument("--quiet-wait", type=float, default=30.0,
+                        help="seconds to wait for an idle machine before each measurement (0: do not wait)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     opts = parser.parse_args()
     signal.signal(signal.SIGTERM, _interrupt)
@@ -629,7 +638,8 @@ def main() -> int:
     if load > 0.5:
         print(f"warning: load average {load:.2f} before the run", file=sys.stderr)
     plan = Plan(quick=opts.quick, etcd=not (opts.quick or opts.no_etcd), put_best_c=opts.put_c, get_c=opts.get_c,
-                relay_seconds=2.0 if opts.quick else 5.0, scale=0.2 if opts.quick else 1.0)
+                relay_seconds=2.0 if opts.quick else 5.0, scale=0.2 if opts.quick else 1.0,
+                quiet_wait=0.0 if opts.quick else opts.quiet_wait)
     root = Path(tempfile.mkdtemp(prefix="zkv-peers-"))
     started = time.time()
 

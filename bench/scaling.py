@@ -56,10 +56,11 @@ def human(n: int) -> str:
     return f"{n} B"
 
 
-def sweep(cluster: core.LocalCluster, kind: str, scale: float, log: Any) -> list[dict[str, Any]]:
+def sweep(cluster: core.LocalCluster, kind: str, scale: float, log: Any, quiet_wait: float = 0.0
+          ) -> list[dict[str, Any]]:
     points = []
     todo = [(c, n, 1024) for c, n in CONCURRENCY] if kind == "concurrency" else [(SIZE_C, n, d) for d, n in SIZES]
-    watch = peers.CpuWatch(lambda: list(cluster.pids().values()))
+    watch = peers.CpuWatch(lambda: list(cluster.pids().values()), quiet_wait)
     for c, n, d in todo:
         n = max(c, int(n * scale))
         with watch.measure() as cpu:
@@ -139,6 +140,8 @@ def main() -> int:
     parser.add_argument("--out", default=str(REPO / "docs" / "benchmarks.md"))
     parser.add_argument("--plots", default=str(REPO / "docs" / "img"))
     parser.add_argument("--json", help="also write the points to this file")
+    parser.add_argument("--quiet-wait", type=float, default=20.0,
+                        help="seconds to wait for an idle machine before each point (0: do not wait)")
     opts = parser.parse_args()
     signal.signal(signal.SIGTERM, peers._interrupt)
     scale = 0.15 if opts.quick else 1.0
@@ -153,7 +156,7 @@ def main() -> int:
     try:
         with core.local_cluster() as cluster:
             for kind in kinds:
-                points += sweep(cluster, kind, scale, log)
+                points += sweep(cluster, kind, scale, log, 0.0 if opts.quick else opts.quiet_wait)
     except KeyboardInterrupt:
         print("interrupted; cluster stopped", file=sys.stderr)
         return 130
