@@ -39,6 +39,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -575,14 +576,14 @@ def plot_rows(rows: list[Measurement], path: Path) -> None:
 
     groups = [("PUT (writes/s)", "put."), ("GET (req/s)", "get."), ("MSET / MGET (keys/s)", ("mset.", "mget.",
                                                                                                 "batch."))]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(3, 1, figsize=(10, 9.5))
     for ax, (title, prefix) in zip(axes, groups, strict=True):
         sel = [r for r in rows if r.id.startswith(prefix) and r.rate]
         labels = [r.system if r.id.startswith(("put", "get")) else f"{r.workload.split()[0]}: {r.system}"
                   for r in sel]
         colors = ["tab:blue" if r.system.startswith("zkv") else "tab:gray" for r in sel]
         ax.barh(range(len(sel)), [r.rate for r in sel], color=colors)
-        ax.set_yticks(range(len(sel)), labels, fontsize=7)
+        ax.set_yticks(range(len(sel)), [textwrap.fill(x, 48) for x in labels], fontsize=8)
         ax.invert_yaxis()
         ax.set_xscale("log")
         ax.set_title(title, fontsize=10)
@@ -601,7 +602,7 @@ def plot_rows(rows: list[Measurement], path: Path) -> None:
         else:
             ax.axvline(BATCH_KEYS, color="tab:red", ls="--", lw=1, label=f"target {BATCH_KEYS:,} keys/s")
             ax.legend(fontsize=7, loc="lower right")
-        ax.margins(x=0.35)
+        ax.margins(x=0.25)
     fig.suptitle("zkv (blue) beside etcd, Redis and the bare ZeroMQ relay, one run, 2 shared cores (log scale)",
                  fontsize=10)
     fig.tight_layout()
