@@ -12,8 +12,11 @@ Variants (applied to the broker and every worker; the client, ``zkv bench``, is 
   computes ``zmq.SNDMORE | flags`` per frame with ``enum.Flag``, three Python calls per frame);
 - ``gc+flags``: both.
 
-Each round starts a fresh cluster per variant (in the order given) and runs ``zkv bench -t put
--c 200`` and ``zkv bench -t get -c 200 -d 100`` (256-byte keys); prints medians per variant.
+Each round starts a fresh cluster per variant (in the order given) and measures, for the PUT and
+the GET load of bench/hotspots.py (``-c 200``, 256-byte keys; 1 KiB PUT values, 100 B GET values),
+the CPU time per request of the broker, each worker and the client (the difference of two runs of
+different lengths, from /proc): on a shared machine CPU per request is far steadier than
+requests/s. Prints medians per variant.
 This file is a measuring aid, not a proposal of how to implement the change.
 """
 
@@ -34,7 +37,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
 
 import core  # noqa: E402
-import peers  # noqa: E402
+import hotspots  # noqa: E402  (bench/hotspots.py)
 
 BOOT = """
 import sys
@@ -71,15 +74,20 @@ class PatchedCluster(core.LocalCluster):
                 start_new_session=True)
 
 
-def run_variant(variant: str, n: int) -> dict[str, Any]:
+def run_variant(variant: str) -> dict[str, Any]:
+    """CPU us per request of each process and the rate, for the PUT and the GET load."""
     root = Path(tempfile.mkdtemp(prefix="zkv-whatif-"))
     cluster = PatchedCluster(root)
     cluster.variant = variant
     try:
         cluster.start()
-        put = peers.zkv_bench(cluster, "put", 200, n, 1024)["put"]
-        get = peers.zkv_bench(cluster, "get", 200, n, 100)["get"]
-        return {"put": put, "get": get}
+        out: dict[str, Any] = {}
+        for load in ("put", "get"):
+            per_req, rate = hotspots.cpu_per_request(cluster, load, *hotspots.CPU_RUNS[load])
+            out[load] = {"rate": rate, "broker": per_req["broker"],
+                         "worker": statistics.mean(per_req[w] for w in ("w1", "w2", "w3")),
+                         "client": per_req["client"], "all": sum(per_req.values())}
+        return out
     finally:
         cluster.stop()
         shutil.rmtree(root, ignore_errors=True)
@@ -89,28 +97,32 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--variants", default="base,gc,flags,gc+flags")
-    parser.add_argument("--n", type=int, default=30_000)
     opts = parser.parse_args()
     variants = opts.variants.split(",")
     results: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     for r in range(opts.rounds):
         for v in variants:
-            res = run_variant(v.replace("+", ","), opts.n)
+            res = run_variant(v.replace("+", ","))
             results[v].append(res)
-            print(f"round {r + 1} {v:<9} put {res['put']['ops_per_sec']:>7,.0f}/s p99 {res['put']['p99_ms']:6.1f} ms"
-                  f"   get {res['get']['ops_per_sec']:>7,.0f}/s p99 {res['get']['p99_ms']:6.1f} ms",
-                  file=sys.stderr, flush=True)
-    base = results.get("base")
-    print("| variant | PUT c=200 ops/s (median) | vs base | GET 100 B c=200 ops/s (median) | vs base "
-          "| runs (PUT / GET) |")
-    print("|---|---:|---:|---:|---:|---|")
-    for v in variants:
-        put = statistics.median(x["put"]["ops_per_sec"] for x in results[v])
-        get = statistics.median(x["get"]["ops_per_sec"] for x in results[v])
-        bp = statistics.median(x["put"]["ops_per_sec"] for x in base) if base else put
-        bg = statistics.median(x["get"]["ops_per_sec"] for x in base) if base else get
-        runs = "; ".join(f"{x['put']['ops_per_sec']:,.0f} / {x['get']['ops_per_sec']:,.0f}" for x in results[v])
-        print(f"| {v} | {put:,.0f} | {put / bp - 1:+.0%} | {get:,.0f} | {get / bg - 1:+.0%} | {runs} |")
+            print(f"round {r + 1} {v:<9} " + "   ".join(
+                f"{load} {res[load]['rate']:>7,.0f}/s broker {res[load]['broker']:5.1f} us worker "
+                f"{res[load]['worker']:5.1f} us all {res[load]['all']:6.1f} us" for load in ("put", "get")),
+                file=sys.stderr, flush=True)
+
+    def med(v: str, load: str, key: str) -> float:
+        return statistics.median(x[load][key] for x in results[v])
+
+    print("| variant | load | broker us/req | vs base | worker us/req (each) | vs base | all processes us/req "
+          "| vs base | req/s (median, noisy) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for load in ("put", "get"):
+        for v in variants:
+            cells = []
+            for key in ("broker", "worker", "all"):
+                x = med(v, load, key)
+                b = med(variants[0], load, key)
+                cells += [f"{x:.1f}", f"{x / b - 1:+.0%}"]
+            print(f"| {v} | {load.upper()} | " + " | ".join(cells) + f" | {med(v, load, 'rate'):,.0f} |")
     return 0
 
 

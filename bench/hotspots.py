@@ -1,6 +1,6 @@
 """Profile the broker and one worker under a PUT load and under a GET load (py-spy).
 
-    python bench/profile.py [--seconds 8] [--rate 200] [--native] [--out bench/profiles]
+    python bench/hotspots.py [--seconds 8] [--rate 200] [--native] [--out bench/profiles]
 
 Starts a fresh cluster (bench/core.py's LocalCluster: 1024 slots, RF=3, W=2, three workers, fsync),
 runs ``zkv bench`` in the background (PUT: ``-t put -c 200 -d 1024 --key-size 256``; GET: ``-t get
