@@ -12,7 +12,7 @@ Variants (applied to the broker and every worker; the client, ``zkv bench``, is 
   computes ``zmq.SNDMORE | flags`` per frame with ``enum.Flag``, three Python calls per frame);
 - ``gc+flags``: both.
 
-Each round starts a fresh cluster per variant (in the order given) and measures, for the PUT and
+Each round starts a fresh cluster per variant (the order rotates from round to round) and measures, for the PUT and
 the GET load of bench/hotspots.py (``-c 200``, 256-byte keys; 1 KiB PUT values, 100 B GET values),
 the CPU time per request of the broker, each worker and the client (the difference of two runs of
 different lengths, from /proc): on a shared machine CPU per request is far steadier than
@@ -101,7 +101,7 @@ def main() -> int:
     variants = opts.variants.split(",")
     results: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     for r in range(opts.rounds):
-        for v in variants:
+        for v in variants[r % len(variants):] + variants[:r % len(variants)]:  # rotate the order each round
             res = run_variant(v.replace("+", ","))
             results[v].append(res)
             print(f"round {r + 1} {v:<9} " + "   ".join(
