@@ -8,7 +8,9 @@ One fresh zkv cluster (bench/core.py's LocalCluster: 1024 slots, RF=3, W=2, thre
 every commit). Each point is one ``zkv bench -t put,get`` (one client process): the PUT phase writes
 ``-n`` new keys (256 bytes) and the GET phase reads the same keys back (so there is no untimed
 prefill, which for 1 MiB values would send 100 MiB MSETs). ``-n`` is chosen per point so that the
-PUT phase lasts a few seconds; the GET phase is shorter.
+PUT phase lasts a few seconds; the GET phase is shorter. Before each point it waits (``--quiet-wait``)
+for an idle machine; a point during which other programs took more than ``--max-background`` of
+the CPU is measured again (``--retries``), keeping the least disturbed measurement.
 
 - concurrency sweep: 1 KiB values, ``-c`` 1, 10, 100, 300, 1000;
 - value size sweep: ``-c 50``, values of 100 B, 1 KiB, 10 KiB, 100 KiB, 1 MiB.
@@ -56,17 +58,26 @@ def human(n: int) -> str:
     return f"{n} B"
 
 
-def sweep(cluster: core.LocalCluster, kind: str, scale: float, log: Any, quiet_wait: float = 0.0
-          ) -> list[dict[str, Any]]:
+def sweep(cluster: core.LocalCluster, kind: str, scale: float, log: Any, quiet_wait: float = 0.0,
+          retries: int = 0, max_background: float = 1.0) -> list[dict[str, Any]]:
+    """Each point once; with ``retries``, measured again (up to that many times) while other programs
+    took more than ``max_background`` of the CPU, keeping the measurement with the least."""
     points = []
     todo = [(c, n, 1024) for c, n in CONCURRENCY] if kind == "concurrency" else [(SIZE_C, n, d) for d, n in SIZES]
     watch = peers.CpuWatch(lambda: list(cluster.pids().values()), quiet_wait)
     for c, n, d in todo:
         n = max(c, int(n * scale))
-        with watch.measure() as cpu:
-            ops = peers.zkv_bench(cluster, "put,get", c, n, d)
-        p = {"kind": kind, "c": c, "n": n, "value": d, "background": cpu["background"],
-             "put": ops["put"], "get": ops["get"]}
+        p: dict[str, Any] = {}
+        for _attempt in range(1 + retries):
+            with watch.measure() as cpu:
+                ops = peers.zkv_bench(cluster, "put,get", c, n, d)
+            if not p or cpu["background"] < p["background"]:
+                p = {"kind": kind, "c": c, "n": n, "value": d, "background": cpu["background"],
+                     "put": ops["put"], "get": ops["get"]}
+            if cpu["background"] <= max_background:
+                break
+            log(f"{kind} c={c} d={d}: background {cpu['background']:.0%}, measuring again")
+        ops = {"put": p["put"], "get": p["get"]}
         points.append(p)
         log(f"{kind} c={c} d={d} n={n}: put {ops['put']['ops_per_sec']:,.0f}/s p99 {ops['put']['p99_ms']:.1f} ms; "
             f"get {ops['get']['ops_per_sec']:,.0f}/s p99 {ops['get']['p99_ms']:.1f} ms; "
@@ -140,6 +151,10 @@ def main() -> int:
     parser.add_argument("--out", default=str(REPO / "docs" / "benchmarks.md"))
     parser.add_argument("--plots", default=str(REPO / "docs" / "img"))
     parser.add_argument("--json", help="also write the points to this file")
+    parser.add_argument("--retries", type=int, default=2,
+                        help="measure a point again (up to this many times) when the machine was busy")
+    parser.add_argument("--max-background", type=float, default=0.15,
+                        help="background CPU share above which a point is measured again")
     parser.add_argument("--quiet-wait", type=float, default=20.0,
                         help="seconds to wait for an idle machine before each point (0: do not wait)")
     opts = parser.parse_args()
@@ -156,7 +171,8 @@ def main() -> int:
     try:
         with core.local_cluster() as cluster:
             for kind in kinds:
-                points += sweep(cluster, kind, scale, log, 0.0 if opts.quick else opts.quiet_wait)
+                points += sweep(cluster, kind, scale, log, 0.0 if opts.quick else opts.quiet_wait,
+                                0 if opts.quick else opts.retries, opts.max_background)
     except KeyboardInterrupt:
         print("interrupted; cluster stopped", file=sys.stderr)
         return 130
