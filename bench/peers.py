@@ -193,7 +193,7 @@ def render_section(rows: list[Measurement], *, command: str, date: str, machine:
     parts = [
         BEGIN,
         f"Measured {date} with `{command}` ({machine}). One run; all systems on the same two cores, "
-        "interleaved in this order: relay, zkv GET, Redis, zkv PUT c=1000, etcd, zkv PUT best c, zkv "
+        "interleaved in this order: relay, zkv GET, Redis, zkv PUT c=1000, etcd, zkv PUT at `--put-c`, zkv "
         "MSET/MGET, relay again, durable Redis. The machine is shared with other developers' test suites; "
         "\"background CPU\" is the share of both cores that other programs used during that row.",
         "",
