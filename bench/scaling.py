@@ -81,7 +81,7 @@ def sweep(cluster: core.LocalCluster, kind: str, scale: float, log: Any, quiet_w
         points.append(p)
         log(f"{kind} c={c} d={d} n={n}: put {ops['put']['ops_per_sec']:,.0f}/s p99 {ops['put']['p99_ms']:.1f} ms; "
             f"get {ops['get']['ops_per_sec']:,.0f}/s p99 {ops['get']['p99_ms']:.1f} ms; "
-            f"errors {ops['put']['errors'] + ops['get']['errors']}; background {cpu['background']:.0%}")
+            f"errors {ops['put']['errors'] + ops['get']['errors']}; background {p['background']:.0%}")
     return points
 
 
