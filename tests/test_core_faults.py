@@ -48,8 +48,14 @@ def test_every_key_has_exactly_rf_copies(cluster_factory, workers: int) -> None:
         assert c.delete(f"single-{i}".encode()) is True
         del expected[f"single-{i}".encode()]
     _read_all(c, expected)
-    # Every replica acknowledges its copy (W=2 lets one trail for a moment): wait until the
-    # workers' key counts add up, then stop them cleanly.
+    # With a fourth worker that registered after the cluster formed, slots move to it: wait until
+    # no move is in flight (a source keeps its copy until the move completes). Then every
+    # replica acknowledges its copy (W=2 lets one trail for a moment): wait until the workers'
+    # key counts add up, then stop them cleanly.
+    def settled() -> bool:
+        st = cluster.status()
+        return not st["moves"] and st["misplaced_slots"] == 0
+    wait_for(settled, 30, 0.1, "no slot move in flight or planned")
     wait_for(lambda: sum(worker_keys(cluster).values()) == 3 * len(expected), 10, 0.1,
              "the workers hold 3 copies in all")
     terminate(cluster, *wids)
