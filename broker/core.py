@@ -1748,6 +1748,8 @@ class BrokerCore:
             "slots": self.cfg.slots,
             "rf": self.cfg.rf,
             "w": self.cfg.w,
+            "max_value": self.cfg.max_value,
+            "max_stream": self.cfg.max_stream,
             "workers": [
                 {"id": w.id, "state": "alive" if w.alive else "dead",
                  "last_heartbeat_ago": round(now_wall - w.last_seen_wall, 3) if w.last_seen_wall else None,

@@ -54,6 +54,7 @@ class Client:
         self._ids = itertools.count(1)
         self._ctx = context or zmq.Context.instance()
         self._sock: zmq.Socket | None = None
+        self._limit: int | None = None
         self._open()
 
     def _open(self) -> None:
@@ -179,7 +180,17 @@ class Client:
     def _run(self, call: commands.Call) -> Any:
         if not call.op:
             return call.parse({}, [])
+        if call.values and sum(len(v) for v in call.values) > commands.CHECK_SIZE_ABOVE:
+            err = commands.oversize(call, self._max_value())
+            if err is not None:
+                raise err
         return call.parse(*self.request(call.op, call.header, call.values))
+
+    def _max_value(self) -> int | None:
+        """The broker's --max-value (asked once, when a large request is about to be sent)."""
+        if self._limit is None:
+            self._limit = self.status().get("max_value")
+        return self._limit
 
     def _whole(self, key: Key, value: Any) -> Any:
         """A value as bytes: a streamed one (StreamInfo) is fetched in chunks and joined."""

@@ -18,6 +18,7 @@ from protocol.errors import (
     InvalidRequest,
     KeyNotFound,
     ValueChanged,
+    ValueTooLarge,
     ZkvError,
     ZkvTimeout,
     error_from_reply,
@@ -55,6 +56,21 @@ class Call:
     header: dict[str, Any]
     parse: Callable[[dict[str, Any], list[bytes]], Any]
     values: list[bytes] = field(default_factory=list)
+
+
+# Requests carrying more value bytes than this are checked against the broker's --max-value before
+# they are sent: a frame far over the limit makes the broker's socket drop the connection (libzmq
+# MAXMSGSIZE) instead of answering, and the client would only see a timeout.
+CHECK_SIZE_ABOVE = 8 << 20
+
+
+def oversize(call: Call, max_value: int | None) -> ValueTooLarge | None:
+    """The error a request would get for its size, found before sending it (None if it fits)."""
+    total = sum(len(v) for v in call.values)
+    if max_value is None or total <= max_value:
+        return None
+    return ValueTooLarge(f"{total} bytes of values in one request; the broker's limit is {max_value} "
+                         f"(--max-value): stream large values with put_stream")
 
 
 def error_for(rh: dict[str, Any]) -> ZkvError:

@@ -391,3 +391,27 @@ def test_async_client_streams(cluster: Cluster) -> None:
             assert await kv.get_stream(b"async-none") is None
 
     asyncio.run(go())
+
+
+def test_a_value_over_the_limit_gets_a_clear_error_not_a_dropped_connection(cluster_factory) -> None:  # type: ignore[no-untyped-def]
+    """A frame far over --max-value makes libzmq drop the connection before the broker can answer;
+    the client library checks large requests against the limit first and says what to do."""
+    cluster = cluster_factory(broker_args=["--max-value", str(9 * MIB)]).start()
+    c = cluster.client()
+    big = b"x" * (40 * MIB)
+    with pytest.raises(ValueTooLarge, match="put_stream"):
+        c.put(b"big", big)
+    with pytest.raises(ValueTooLarge):
+        c.mset({b"a": big[: 5 * MIB], b"b": big[: 5 * MIB]})
+    assert c.get(b"big") is None
+    # The same value streamed is fine, and a value under the limit goes in one request.
+    c.put_stream(b"big", io.BytesIO(big))
+    assert c.get(b"big") == big
+    assert c.put(b"fits", big[: 8 * MIB + 1]) > 0
+
+    async def go() -> None:
+        async with AsyncClient(cluster.frontend, timeout=15.0) as kv:
+            with pytest.raises(ValueTooLarge):
+                await kv.put(b"big2", big)
+
+    asyncio.run(go())
