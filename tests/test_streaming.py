@@ -241,10 +241,9 @@ CUT_CLIENT = textwrap.dedent("""
 """)
 
 
-def test_a_stream_cut_by_its_client_leaves_nothing(cluster_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    cluster = cluster_factory(broker_args=["--stream-idle", "1"]).start()
-    c = cluster.client()
-    c.put(b"cut", b"old value")
+def start_stalled_stream(cluster: Cluster, tmp_path: Path) -> subprocess.Popen[bytes]:
+    """A client process (CUT_CLIENT) whose stream stalls after its first chunks, once those are
+    staged, invisible, on every replica. The caller kills it (and must, also on failure)."""
     script = tmp_path / "cut_client.py"
     script.write_text(CUT_CLIENT)
     repo = Path(__file__).resolve().parent.parent
@@ -252,9 +251,21 @@ def test_a_stream_cut_by_its_client_leaves_nothing(cluster_factory, tmp_path: Pa
                             cwd=repo, env={**cluster.env, "PYTHONPATH": str(repo)})
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == b"stalled"
-        # Its first chunks reach the replicas, staged, invisible.
         wait_for(lambda: all(e[1] == 1 and e[0] >= 3 for e in stream_entries(cluster).values()), 10, 0.1,
                  "the first chunks staged on every replica")
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc
+
+
+def test_a_stream_cut_by_its_client_leaves_nothing(cluster_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    cluster = cluster_factory(broker_args=["--stream-idle", "1"]).start()
+    c = cluster.client()
+    c.put(b"cut", b"old value")
+    proc = start_stalled_stream(cluster, tmp_path)
+    try:
         assert c.get(b"cut") == b"old value"
         assert cluster.status()["open_streams"] == 1
         proc.send_signal(signal.SIGKILL)
@@ -273,15 +284,8 @@ def test_a_stream_cut_by_its_client_leaves_nothing(cluster_factory, tmp_path: Pa
 
 def test_a_stream_left_open_across_a_broker_restart_is_still_aborted(cluster_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     cluster = cluster_factory(broker_args=["--stream-idle", "2"]).start()
-    script = tmp_path / "cut_client.py"
-    script.write_text(CUT_CLIENT)
-    repo = Path(__file__).resolve().parent.parent
-    proc = subprocess.Popen([sys.executable, str(script), cluster.frontend], stdout=subprocess.PIPE,
-                            cwd=repo, env={**cluster.env, "PYTHONPATH": str(repo)})
+    proc = start_stalled_stream(cluster, tmp_path)
     try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == b"stalled"
-        wait_for(lambda: all(e[1] == 1 and e[0] >= 3 for e in stream_entries(cluster).values()), 10, 0.1,
-                 "the first chunks staged on every replica")
         proc.kill()
         proc.wait(10)
         terminate(cluster, "broker")  # the open stream is in the broker's LMDB, not only in memory
