@@ -112,3 +112,29 @@ def test_expired_keys_of_a_slot_without_quorum_do_not_hold_back_other_slots(
         assert [e[0] for e in events if e[1] == kb] == ["put", "expired"], events
     finally:
         sim.close()
+
+
+def test_a_lagging_replica_does_not_make_the_broker_sequence_reaps_again(sim: SimCluster) -> None:
+    """Once a reap commits, _after_commit forgets the key (self.reaping), and _on_expired_report
+    accepts reports from any replica, whatever its position. A replica that has not applied the
+    reap yet (slow, being repaired, just restarted with an old copy: its expiry index lists every key
+    that expired while it was away) reports the key again each second, and each report becomes one
+    more REAP write in the slot's log: up to 5,000 per second per lagging worker, every one a
+    no-op that takes a seq, replication and fsyncs on every replica, and a place in the tail
+    (which shortens how far back watches can resume)."""
+    key = b"lag"
+    slot = sim.broker.slots[slot_for_key(key, sim.slots)]
+    assert sim.put(key, b"v", ttl=100)["ok"]
+    sim.advance(1.1)  # expired; heartbeats carried the broker's clock to the workers
+    sim.drop = lambda wid, rep: wid == "w3" and rep.slot == slot.id  # w3 lags on this slot
+    w1, w3 = sim.workers["w1"].core, sim.workers["w3"].core
+    assert w1 is not None and w3 is not None
+    w1.report_expired()
+    sim.settle()
+    reaped_at = slot.last.seq
+    assert slot.committed == reaped_at  # the reap committed on w1 and w2
+    assert b"lag" not in sim.worker_data("w1")
+    for _ in range(3):  # w3 still has the key: it reports it at each reclaim interval
+        assert w3.report_expired() == 1
+        sim.settle()
+    assert slot.last.seq == reaped_at, f"{slot.last.seq - reaped_at} more REAP writes for a key already reaped"
