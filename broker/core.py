@@ -1269,6 +1269,10 @@ class BrokerCore:
             if not everyone:
                 return  # the replicas that hold the committed writes have not reported yet
             log.error("slot_lost_committed_writes", slot=slot.id, committed=slot.committed, best=best.seq)
+            # The seqs above best.seq will be reused for other writes: no watch cursor past it
+            # means anything any more.
+            for w in list(self.watches.values()):
+                self._watch_resync(w, f"slot {slot.id} lost committed writes (recovered at seq {best.seq})")
         slot.last = best
         slot.epochs = [(e, q) for e, q in slot.epochs if q <= best.seq]
         if best.seq and self._epoch_of(slot, best.seq) != best.epoch:
@@ -1804,6 +1808,13 @@ class BrokerCore:
             raise BadRequest(ErrorCode.KEY_TOO_LARGE, f"{name} of {len(v)} bytes; the limit is {self.cfg.max_key}")
         return v
 
+    def _prefix_field(self, header: dict[str, Any]) -> bytes:
+        """``prefix`` of a scan or watch: bin/str, empty if absent; nil is not a prefix."""
+        prefix = self._bytes_field(header, "prefix", b"")
+        if prefix is None:
+            raise BadRequest(ErrorCode.BAD_REQUEST, "prefix must be bytes (msgpack bin) or a string, not nil")
+        return prefix
+
     def _serving_all_slots(self) -> None:
         if not self.slots:
             raise BadRequest(ErrorCode.UNAVAILABLE,
@@ -1865,8 +1876,7 @@ class BrokerCore:
     # -- scan -----------------------------------------------------------------------------------
 
     def _start_scan(self, identity: bytes, rid: int, header: dict[str, Any]) -> None:
-        prefix = self._bytes_field(header, "prefix", b"")
-        assert prefix is not None
+        prefix = self._prefix_field(header)
         start_after = self._bytes_field(header, "start_after", None)
         limit = header.get("limit", DEFAULT_SCAN_LIMIT)
         if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_SCAN_LIMIT:
@@ -1905,6 +1915,15 @@ class BrokerCore:
                  "limit": scan.limit, "now": scan.now_ms, "values": scan.values, "max_bytes": SCAN_MAX_BYTES})])
 
     def _on_scan_reply(self, wid: str, token: bytes, body: list[bytes]) -> None:
+        scan = self.scan_tokens.get(token)
+        try:
+            self._take_scan_reply(wid, token, body)
+        except Exception as e:  # a malformed answer fails the page now, not at its timeout
+            if scan is not None and not scan.done:
+                log.error("worker_scan_answer_malformed", worker=wid, error=str(e))
+                self._fail_scan(scan, ErrorCode.INTERNAL, f"worker {wid}: malformed scan answer")
+
+    def _take_scan_reply(self, wid: str, token: bytes, body: list[bytes]) -> None:
         scan = self.scan_tokens.pop(token)
         asked = scan.asked.pop(token, None)
         if asked is None or scan.done:
@@ -2010,8 +2029,7 @@ class BrokerCore:
                                  "no such watch (it expired or the broker restarted): open it again with since")
             w.last_heard = now
             return
-        prefix = self._bytes_field(header, "prefix", b"")
-        assert prefix is not None
+        prefix = self._prefix_field(header)
         since = header.get("since")
         if since is not None:
             seqs = since.get("s") if isinstance(since, dict) else None
@@ -2124,7 +2142,11 @@ class BrokerCore:
         pending = sum(len(r) for r in self.reaping.values())
         for s, key, version, expire_at in info.get("keys", []):
             slot = self.slots.get(int(s))
-            if slot is None or slot.recovering or w.id not in slot.replicas or not 0 < int(expire_at) <= now_ms:
+            # Only a replica that applied everything committed: one that lags (slow, repaired,
+            # restarted from an old copy) may still hold keys whose reap already committed, and
+            # its reports would sequence the same reaps again and again.
+            if (slot is None or slot.recovering or not self._qualifies(slot, w.id) or w.id not in slot.replicas
+                    or not 0 < int(expire_at) <= now_ms):
                 continue
             key = bytes(key)
             if key in self.reaping.get(slot.id, {}) or pending >= MAX_REAPING:

@@ -16,7 +16,7 @@ import zmq.asyncio
 
 from client import commands
 from client.commands import Key
-from protocol.errors import ZkvError, ZkvTimeout
+from protocol.errors import ValueChanged, ZkvError, ZkvTimeout
 from protocol.wire import C_FINAL, C_PARTIAL, C_REQUEST, DEFAULT_CHUNK_BYTES, MDPC, MMI_STATUS, SERVICE, unpack
 
 OnPartial = Callable[[dict[str, Any], list[bytes]], None]
@@ -218,8 +218,16 @@ class AsyncClient:
         start = None if start_after is None else commands.key_bytes(start_after)
         while True:
             page = await self.scan_page(prefix, start, limit, values)
-            for item in page.items:
-                yield item._replace(value=await self._whole(item.key, item.value)) if values else item
+            for item in page.items:  # a streamed value is fetched whole, as get does
+                if not values or not isinstance(item.value, commands.StreamInfo):
+                    yield item
+                    continue
+                try:
+                    yield item._replace(value=await self._whole(item.key, item.value))
+                except ValueChanged:  # replaced or deleted since the page: read it as it is now
+                    now = await self.get_versioned(item.key)
+                    if now is not None:
+                        yield item._replace(value=now[0], version=now[1])
             start = commands.next_start(page)
             if start is None:
                 return

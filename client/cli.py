@@ -435,9 +435,10 @@ def watch(url: str, timeout: float, prefix: str) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
-    with _client(url, timeout) as c:
-        stream = c.watch(prefix)
-        try:
+    stream = None
+    try:
+        with _client(url, timeout) as c:
+            stream = c.watch(prefix)
             for ev in stream:
                 line = f"{ev.kind}\t{_text(ev.key)}\t{ev.version}"
                 if ev.kind == "put" and ev.stream is not None:
@@ -447,12 +448,19 @@ def watch(url: str, timeout: float, prefix: str) -> None:
                 elif ev.kind == "ttl":
                     line += f"\texpire_at={ev.expire_at}"
                 click.echo(line)
-        except KeyboardInterrupt:
-            pass
-        except ZkvError as e:
-            raise ZkvCommandError(e) from None
-        finally:
-            stream.close()
+    except KeyboardInterrupt:
+        pass  # the end the user asked for (Ctrl-C, SIGTERM): exit 0
+    except ZkvError as e:
+        raise ZkvCommandError(e) from None
+    finally:
+        if stream is not None:
+            # A second signal while closing must not turn a clean stop into an error exit.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            try:
+                stream.close()
+            except ZkvError:
+                pass
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import zmq
 
 from client import commands
 from client.commands import Key
-from protocol.errors import ZkvError, ZkvTimeout
+from protocol.errors import ValueChanged, ZkvError, ZkvTimeout
 from protocol.wire import (
     C_FINAL,
     C_PARTIAL,
@@ -295,7 +295,15 @@ class Client:
         while True:
             page = self.scan_page(prefix, start, limit, values)
             for item in page.items:  # a streamed value is fetched whole, as get does
-                yield item._replace(value=self._whole(item.key, item.value)) if values else item
+                if not values or not isinstance(item.value, commands.StreamInfo):
+                    yield item
+                    continue
+                try:
+                    yield item._replace(value=self._whole(item.key, item.value))
+                except ValueChanged:  # replaced or deleted since the page: read it as it is now
+                    now = self.get_versioned(item.key)
+                    if now is not None:
+                        yield item._replace(value=now[0], version=now[1])
             start = commands.next_start(page)
             if start is None:
                 return

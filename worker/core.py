@@ -80,6 +80,7 @@ class WorkerCore:
         self.broker_now = 0  # latest broker wall clock seen (ms); decides reclaiming of TTLs
         self.applied_total = 0  # replication batches applied (for status: group commit at work)
         self.commits = 0  # LMDB write transactions (each one fsync)
+        self.expiry_cursor: bytes | None = None  # where the next expiry report continues
         self.broker_epoch: int | None = None  # the incarnation this worker is registered with
         self.stale_dropped = 0  # replication messages of another incarnation, dropped
         self.reconnect_requested = False  # the broker sent DISCONNECT: the loop re-registers
@@ -173,7 +174,10 @@ class WorkerCore:
         and watches see them. Returns how many were reported."""
         if not self.broker_now or self.broker_epoch is None:
             return 0
-        keys = [k for k in self.store.expired_keys(self.broker_now, EXPIRED_REPORT_MAX) if k.slot in self.assigned]
+        keys = self.store.expired_keys(self.broker_now, EXPIRED_REPORT_MAX, self.expiry_cursor, self.assigned)
+        # The next report continues after this one and wraps around at the end: keys the broker
+        # cannot reap now (their slot lacks W live replicas) must not hold back other slots' keys.
+        self.expiry_cursor = keys[-1].index_key if len(keys) >= EXPIRED_REPORT_MAX else None
         if keys:
             self.outbox.append([W_EXPIRED, pack({"keys": [[k.slot, k.key, k.version, k.expire_at] for k in keys]})])
         return len(keys)

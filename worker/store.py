@@ -85,6 +85,7 @@ class ExpiredKey:
     key: bytes
     version: int
     expire_at: int
+    index_key: bytes = b""  # its entry in the expiry index (where the next walk continues)
 
 
 @dataclass(slots=True)
@@ -508,25 +509,29 @@ class SlotStore:
 
     # -- expiry through the log -----------------------------------------------------------------
 
-    def expired_keys(self, broker_now: int, limit: int = 1000) -> list[ExpiredKey]:
-        """Records whose TTL ran out by the broker's clock, oldest expiry first. The broker
-        sequences their deletion (OP_REAP), so every replica removes them in the same order and a
-        watch sees the expiry."""
+    def expired_keys(self, broker_now: int, limit: int = 1000, after: bytes | None = None,
+                     slots: set[int] | None = None) -> list[ExpiredKey]:
+        """Records whose TTL ran out by the broker's clock, oldest expiry first (after the expiry
+        index entry ``after``, of the given ``slots`` only). The broker sequences their deletion
+        (OP_REAP), so every replica removes them in the same order and a watch sees the expiry.
+        Each key's ``index_key`` lets the next call continue after it."""
         out: list[ExpiredKey] = []
         with self.env.begin(buffers=False) as txn:
             cur = txn.cursor(db=self.expiry)
-            if not cur.first():
+            if not (cur.set_range(after + b"\x00") if after is not None else cur.first()):
                 return out
             for ek, _ in cur:
                 exp, slot = EXPIRY_KEY.unpack_from(ek)
                 if exp > broker_now or len(out) >= limit:
                     break
+                if slots is not None and slot not in slots:
+                    continue
                 rec = txn.get(SLOT_PREFIX.pack(slot) + ek[EXPIRY_KEY.size:], db=self.data)
                 if rec is None:
                     continue
                 r = decode_record(rec)
                 if r.expire_at == exp:
-                    out.append(ExpiredKey(slot, r.long_key or bytes(ek[EXPIRY_KEY.size:]), r.version, exp))
+                    out.append(ExpiredKey(slot, r.long_key or bytes(ek[EXPIRY_KEY.size:]), r.version, exp, bytes(ek)))
         return out
 
     def _apply_reap(self, txn: lmdb.Transaction, rep: Replicate, op: WriteOp) -> list[Any]:

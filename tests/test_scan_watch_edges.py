@@ -1,4 +1,4 @@
-"""Review of scan, watch and expiry-through-the-log: tests that pin suspected bugs (sans-I/O, tests/sim.py)."""
+"""Scan, watch and expiry through the log at their edges: bugs a review found, now fixed (sans-I/O, tests/sim.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from protocol.wire import C_REQUEST, MDPC, MDPW, OP_REAP, SERVICE, W_EXPIRED, pack, slot_for_key, unpack
+from protocol.wire import C_REQUEST, MDPC, SERVICE, pack, slot_for_key
 from tests.sim import SimCluster
 
 pytestmark = pytest.mark.timeout(120)
@@ -138,3 +138,19 @@ def test_a_lagging_replica_does_not_make_the_broker_sequence_reaps_again(sim: Si
         assert w3.report_expired() == 1
         sim.settle()
     assert slot.last.seq == reaped_at, f"{slot.last.seq - reaped_at} more REAP writes for a key already reaped"
+
+
+def test_a_malformed_scan_answer_fails_the_page_at_once(sim: SimCluster) -> None:
+    """A worker's scan answer without its fields (a bug, a version mismatch) fails the page with
+    INTERNAL now instead of leaving the client waiting for the request timeout."""
+    assert sim.put(b"s1", b"v")["ok"]
+    rid = next(sim._rid)
+    sim.broker.on_client(b"c1", [MDPC, C_REQUEST, SERVICE, pack({"id": rid, "op": "scan", "prefix": b"s"})])
+    sim.broker.end_turn()
+    token = next(iter(sim.broker.scan_tokens))
+    wid = sim.broker.scan_tokens[token].asked[token][0]
+    sim.broker.out_worker.clear()  # the workers never see the request; one answers nonsense
+    sim.broker._on_scan_reply(wid, token, [pack({"ok": True, "keys": [b"s1"]}), b"v"])
+    sim.settle()
+    got = sim.reply(b"c1", rid)
+    assert got is not None and got[0]["ok"] is False and got[0]["code"] == "INTERNAL", got
