@@ -168,7 +168,12 @@ class AsyncClient:
                 for call in calls:
                     await self._run(call)
 
-            await asyncio.gather(*(lane() for _ in range(max(1, window))))
+            lanes = [asyncio.ensure_future(lane()) for _ in range(max(1, window))]
+            try:
+                await asyncio.gather(*lanes)
+            finally:
+                for t in lanes:  # one lane failed: the others must not go on sending chunks
+                    t.cancel()
             return await self._run(up.commit())
         except BaseException:
             try:

@@ -134,6 +134,17 @@ def test_stream_over_the_limit_is_refused_and_leaves_nothing(cluster_factory) ->
     assert c.get(b"huge") is None
     wait_for(lambda: all(e == (0, 0) for e in stream_entries(cluster).values()), 10, 0.1,
              "the refused stream's chunks freed")
+    # The same through the asyncio client (its chunk lanes stop when one fails).
+    async def go() -> None:
+        async with AsyncClient(cluster.frontend, timeout=15.0) as kv:
+            with pytest.raises(ValueTooLarge):
+                await kv.put_stream(b"huge", io.BytesIO(pattern(2 * MIB)), chunk_size=CHUNK, window=4)
+
+    asyncio.run(go())
+    assert c.get(b"huge") is None
+    wait_for(lambda: all(e == (0, 0) for e in stream_entries(cluster).values()), 10, 0.1,
+             "the refused async stream's chunks freed")
+    assert cluster.status()["open_streams"] == 0
     # A commit that announces more than the limit is refused before anything is written.
     with RawPeer(cluster.frontend) as peer:
         hdr, _ = peer.kv({"op": "put_commit", "id": 1, "key": b"huge", "stream": uuid.uuid4().bytes,
