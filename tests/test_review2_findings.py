@@ -58,3 +58,45 @@ def test_bug_abandoned_snapshot_marker_survives_replay_and_wipes_slot_at_restart
         assert reopened.read([(SLOT, b"k3")], now=1_000)[0].found
     finally:
         reopened.close()
+
+
+def _replica_state(sim, wid: str, slot: int):  # noqa: ANN001, ANN202
+    from tests.test_sim import replica_state
+    return replica_state(sim, wid, slot)
+
+
+def test_move_during_open_stream_commits_everywhere(tmp_path: Path) -> None:
+    """Chunks written on the old replica set, the slot moved, the commit on the new set: the
+    learner must have received the staged chunks (snapshot or replay) and all replicas agree."""
+    from protocol.wire import slot_for_key
+    from tests.sim import SimCluster
+
+    sim = SimCluster(tmp_path, n_workers=4, slots=4, auto_rebalance=False)
+    try:
+        key = b"moving"
+        s = slot_for_key(key, 4)
+        stream = b"M" * 16
+        parts = [bytes([i]) * 100 for i in range(4)]
+        for i, p in enumerate(parts[:2]):
+            hdr, _ = sim.call("put_chunk", [p], key=key, stream=stream, index=i)
+            assert hdr["ok"], hdr
+        slot = sim.broker.slots[s]
+        src = slot.replicas[0]
+        spare = next(w for w in sim.workers if w not in slot.replicas)
+        assert sim.broker.admin({"cmd": "move", "slot": s, "from": src, "to": spare})["ok"]
+        sim.advance(3.0)
+        assert spare in sim.broker.slots[s].replicas and src not in sim.broker.slots[s].replicas
+        for i, p in enumerate(parts[2:], start=2):
+            hdr, _ = sim.call("put_chunk", [p], key=key, stream=stream, index=i)
+            assert hdr["ok"], hdr
+        value = b"".join(parts)
+        hdr, _ = sim.call("put_commit", key=key, stream=stream, chunks=4, size=len(value))
+        assert hdr["ok"], hdr
+        sim.advance(2.0)
+        states = [_replica_state(sim, w, s) for w in sim.broker.slots[s].replicas]
+        assert states[0] == states[1] == states[2]
+        assert states[0][2] == set()
+        assert len(states[0][1]) == 4
+        assert _replica_state(sim, src, s) == ({}, {}, set())  # the old replica dropped everything
+    finally:
+        sim.close()
