@@ -100,3 +100,31 @@ def test_move_during_open_stream_commits_everywhere(tmp_path: Path) -> None:
         assert _replica_state(sim, src, s) == ({}, {}, set())  # the old replica dropped everything
     finally:
         sim.close()
+
+
+def test_bug_abort_or_commit_with_other_key_leaks_staged_chunks(tmp_path: Path) -> None:
+    """put_abort (or put_commit) naming a key of another slot than the stream's chunks closes the
+    broker's OpenStream (so the idle abort never runs) while the OP_ABORT_STREAM goes to the other
+    slot: the chunks stay staged on every replica forever. The broker could refuse a close whose
+    slot differs from the open stream's, or sequence the abort in the stream's own slot."""
+    from protocol.wire import slot_for_key
+    from tests.sim import SimCluster
+
+    sim = SimCluster(tmp_path, slots=4)
+    try:
+        key = b"a"
+        other = next(b"o%d" % i for i in range(100) if slot_for_key(b"o%d" % i, 4) != slot_for_key(key, 4))
+        s = slot_for_key(key, 4)
+        stream = b"L" * 16
+        for i in range(3):
+            hdr, _ = sim.call("put_chunk", [b"x" * 50], key=key, stream=stream, index=i)
+            assert hdr["ok"], hdr
+        hdr, _ = sim.call("put_abort", key=other, stream=stream)
+        assert hdr["ok"], hdr
+        sim.advance(70.0)  # past --stream-idle
+        assert sim.broker.status()["open_streams"] == 0
+        for w in sim.broker.slots[s].replicas:
+            _records, chunks, staged = _replica_state(sim, w, s)
+            assert staged == set() and chunks == {}, (w, "staged chunks leaked")
+    finally:
+        sim.close()
