@@ -128,3 +128,43 @@ def test_bug_abort_or_commit_with_other_key_leaks_staged_chunks(tmp_path: Path) 
             assert staged == set() and chunks == {}, (w, "staged chunks leaked")
     finally:
         sim.close()
+
+
+def test_bug_put_chunk_with_a_committed_stream_id_rewrites_the_committed_value(tmp_path: Path) -> None:
+    """Stream ids are shown to every reader (get's `stream` field). A put_chunk naming a committed
+    stream id overwrites that committed value's chunk in place (OP_CHUNK puts blindly and re-stages
+    the id): the value changes with no new version and no watch event; a later idle abort of the
+    re-opened stream then frees every chunk of the committed value."""
+    from tests.sim import SimCluster
+
+    sim = SimCluster(tmp_path, slots=4)
+    try:
+        key, stream = b"k", b"C" * 16
+        parts = [b"a" * 10, b"b" * 10]
+        for i, p in enumerate(parts):
+            assert sim.call("put_chunk", [p], key=key, stream=stream, index=i)[0]["ok"]
+        hdr, _ = sim.call("put_commit", key=key, stream=stream, chunks=2, size=20)
+        assert hdr["ok"], hdr
+        version = hdr["version"]
+        hdr, _ = sim.call("get", key=key)
+        assert hdr["stream"]["stream"] == stream  # what any reader learns
+        # Another client (or a buggy retry) writes a chunk under that id.
+        assert sim.call("put_chunk", [b"Z" * 10], client=b"c2", key=key, stream=stream, index=0)[0]["ok"]
+        rid = sim.send(b"c1", "get_chunks", key=key, stream=stream, first=0, count=2)
+        sim.settle()
+        got = [v[0] for h, v in zip(sim.replies[b"c1"], sim.reply_values[b"c1"], strict=True)
+               if h.get("id") == rid and "index" in h]
+        hdr, _ = sim.call("get", key=key)
+        assert hdr["version"] == version
+        problems = []
+        if b"".join(got) != b"".join(parts):
+            problems.append(("committed value changed without a new version", b"".join(got)))
+        sim.advance(70.0)  # the re-opened stream goes idle and is aborted
+        rid = sim.send(b"c1", "get_chunks", key=key, stream=stream, first=0, count=2)
+        sim.settle()
+        final = [h for h in sim.replies[b"c1"] if h.get("id") == rid and "next" in h]
+        if not (final and final[0]["next"] == 2):
+            problems.append(("committed chunks freed by the idle abort", final))
+        assert not problems, problems
+    finally:
+        sim.close()
