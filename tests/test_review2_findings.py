@@ -168,3 +168,34 @@ def test_bug_put_chunk_with_a_committed_stream_id_rewrites_the_committed_value(t
         assert not problems, problems
     finally:
         sim.close()
+
+
+def test_risk_learner_holds_unbounded_chunk_bytes_while_its_snapshot_is_pending(tmp_path: Path) -> None:
+    """Chunk replies wait only for in-sync *replicas*: a learner (or a replica receiving a
+    snapshot) keeps every replication message of the slot in WorkerCore.held (limit: 10,000
+    messages, whatever their size: up to 10,000 x 8 MiB) while the client streams at full speed."""
+    from protocol.wire import W_SNAPSHOT_PART, slot_for_key
+    from tests.sim import SimCluster
+
+    sim = SimCluster(tmp_path, n_workers=4, slots=4, auto_rebalance=False)
+    try:
+        key = b"big"
+        s = slot_for_key(key, 4)
+        seed = next(b"seed%d" % i for i in range(100) if slot_for_key(b"seed%d" % i, 4) == s)
+        sim.put(seed, b"x")
+        slot = sim.broker.slots[s]
+        spare = next(w for w in sim.workers if w not in slot.replicas)
+        sim.intercept = lambda wid, frames: frames[0] == W_SNAPSHOT_PART  # the copy is slow
+        assert sim.broker.admin({"cmd": "move", "slot": s, "from": slot.replicas[0], "to": spare})["ok"]
+        sim.settle()
+        stream, chunk = b"H" * 16, b"y" * 100_000
+        for i in range(40):
+            hdr, _ = sim.call("put_chunk", [chunk], key=key, stream=stream, index=i)
+            assert hdr["ok"], hdr  # nothing slows the client down
+        core = sim.workers[spare].core
+        assert core is not None
+        held = sum(len(v) for r in core.held.get(s, {}).values() for v in r.values)
+        assert held <= 16 * len(chunk), f"learner holds {held} bytes of chunks in memory"
+    finally:
+        sim.intercept = None
+        sim.close()
