@@ -199,3 +199,36 @@ def test_risk_learner_holds_unbounded_chunk_bytes_while_its_snapshot_is_pending(
     finally:
         sim.intercept = None
         sim.close()
+
+
+def test_bug_async_put_stream_keeps_sending_chunks_after_an_error() -> None:
+    """AsyncClient.put_stream runs its lanes with asyncio.gather, which does not cancel the other
+    lanes when one fails: put_stream sends put_abort and raises, but the surviving lanes go on
+    reading the whole file and sending its chunks, after the abort (they re-open the stream on
+    the broker: staged garbage until the idle abort, and traffic/fsyncs for nothing)."""
+    import asyncio
+    import io
+
+    from client.aio import AsyncClient
+    from protocol.errors import ZkvError
+
+    sent: list[tuple[str, int]] = []
+
+    async def fake_run(call):  # noqa: ANN001, ANN202
+        sent.append((call.op, call.header.get("index", -1)))
+        await asyncio.sleep(0.001)
+        if call.op == "put_chunk" and call.header["index"] == 1:
+            raise ZkvError("VALUE_TOO_LARGE")
+        return None
+
+    client = object.__new__(AsyncClient)
+    client._run = fake_run  # type: ignore[method-assign]
+
+    async def main() -> None:
+        with pytest.raises(ZkvError):
+            await client.put_stream(b"k", io.BytesIO(b"x" * 100), chunk_size=1, window=4)
+        await asyncio.sleep(0.5)  # the other lanes, still running
+
+    asyncio.run(main())
+    after_abort = sent[sent.index(("put_abort", -1)) + 1:]
+    assert after_abort == [], f"{len(after_abort)} chunks sent after the abort, e.g. {after_abort[:3]}"
