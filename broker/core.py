@@ -580,6 +580,11 @@ class BrokerCore:
         stream = header.get("stream")
         if not isinstance(stream, bytes) or len(stream) != STREAM_ID_BYTES:
             raise BadRequest(ErrorCode.BAD_REQUEST, f"field 'stream' must be {STREAM_ID_BYTES} bytes (bin)")
+        known = self.streams.get(stream)
+        if known is not None and op != "get_chunks" and self._key(header.get("key")) != known.key:
+            # Its chunks are staged in the first key's slot; sequenced elsewhere, an abort would
+            # free nothing there and the stream would be forgotten with its chunks left behind.
+            raise BadRequest(ErrorCode.BAD_REQUEST, "a stream's chunks, commit and abort must all name the same key")
         max_chunks = self.cfg.max_stream  # a chunk holds at least one byte
         if op == "put_chunk":
             index = self._int_field(header, "index", 0, max_chunks - 1)

@@ -37,6 +37,7 @@ log = structlog.get_logger("zkv.worker")
 
 NACK_INTERVAL = 0.5  # s between repair requests for one slot
 MAX_HELD_PER_SLOT = 10_000  # out-of-order messages kept while a gap is repaired
+MAX_HELD_BYTES = 64 << 20  # and their values in all (a learner behind a stream of large chunks)
 SNAPSHOT_PART_BYTES = 1 << 20
 DONATION_IDLE = 30.0  # s before an abandoned snapshot's read transaction is closed
 MAX_CHUNKS_PER_READ = 16  # credit one streamed read may ask for
@@ -207,10 +208,14 @@ class WorkerCore:
             return
         # A gap, a diverged history, or a snapshot being installed: hold it and ask for repair.
         held = self.held.setdefault(rep.slot, {})
-        if len(held) < MAX_HELD_PER_SLOT:
-            held[rep.seq] = rep
+        size = sum(len(v) for v in rep.values)
+        if len(held) < MAX_HELD_PER_SLOT and self._held_bytes() + size <= MAX_HELD_BYTES:
+            held[rep.seq] = rep  # else dropped: the repair sends it again (tail or snapshot)
         if rep.slot not in self.snapshots:
             self._request_repair(rep.slot, now)
+
+    def _held_bytes(self) -> int:
+        return sum(len(v) for held in self.held.values() for r in held.values() for v in r.values)
 
     def _accept(self, rep: Replicate) -> None:
         self.batch.append(rep)
@@ -384,9 +389,11 @@ class WorkerCore:
 
     def _abandon_snapshot(self, slot: int) -> None:
         """Forget a snapshot cut short. Its slot is half written: empty it, so that whatever
-        repairs it next (a snapshot or a replay from the start) starts from nothing."""
+        repairs it next (a snapshot or a replay from the start) starts from nothing. Dropped, not
+        marked half-installed: a replay may fill it from seq 1, and a marker left behind would
+        empty it again at the next start, acknowledged writes and all."""
         if self.snapshots.pop(slot, None) is not None:
-            self.store.begin_snapshot_install(slot)
+            self.store.drop_slot(slot)
             self.pos[slot] = Position()
 
     def on_reconnect(self) -> None:

@@ -179,8 +179,13 @@ class SlotStore:
     def _apply_op(self, txn: lmdb.Transaction, rep: Replicate, op: WriteOp, value: bytes) -> list[Any]:
         prefix = SLOT_PREFIX.pack(rep.slot)
         if op.op == OP_CHUNK:
+            stream = op.key[:STREAM_ID_BYTES]
+            if txn.get(prefix + stream, db=self.staged) is None and self._has_chunks(txn, rep.slot, stream):
+                # Chunks and no open stream: the stream was committed (its id is public in every
+                # get answer). Writing into it would change a committed value behind its version.
+                return [False, 0]
             txn.put(prefix + op.key, value, db=self.blobs)
-            txn.put(prefix + op.key[:STREAM_ID_BYTES], b"", db=self.staged)
+            txn.put(prefix + stream, b"", db=self.staged)
             return [True, 0]
         if op.op == OP_ABORT_STREAM:
             return [self._drop_staged(txn, rep.slot, op.key), 0]
@@ -243,6 +248,11 @@ class SlotStore:
                 count += 1
                 size += len(v)
         return count == m.chunks and size == m.size
+
+    def _has_chunks(self, txn: lmdb.Transaction, slot: int, stream: bytes) -> bool:
+        start = SLOT_PREFIX.pack(slot) + stream
+        cur = txn.cursor(db=self.blobs)
+        return cur.set_range(start) and bytes(cur.key()).startswith(start)
 
     def _drop_staged(self, txn: lmdb.Transaction, slot: int, stream: bytes) -> bool:
         """Free the chunks of a stream that was never committed (a committed one is left alone)."""

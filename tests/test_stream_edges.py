@@ -1,5 +1,5 @@
-"""Review findings (branch review2): tests that demonstrate suspected bugs. Tests named
-``test_bug_*`` are expected to FAIL on main until the bug is fixed."""
+"""Streamed values at their edges: bugs a review found (each test failed before its fix), and a
+slot moved while a stream is open."""
 
 from __future__ import annotations
 
@@ -8,15 +8,11 @@ from pathlib import Path
 import pytest
 
 from protocol.wire import (
-    OP_CHUNK,
     OP_PUT,
-    OP_PUT_STREAM,
-    Manifest,
+    W_ACK,
     Replicate,
     WriteOp,
     chunk_key,
-    W_ACK,
-    pack,
 )
 from worker.core import WorkerCore
 from worker.store import Position, SlotStore
@@ -30,7 +26,7 @@ def rep(seq: int, op: WriteOp, value: bytes = b"", epoch: int = 1) -> Replicate:
     return Replicate(SLOT, epoch, seq, epoch if seq > 1 else 0, 0, 1_000, [op], [value])
 
 
-def test_bug_abandoned_snapshot_marker_survives_replay_and_wipes_slot_at_restart(tmp_path: Path) -> None:
+def test_an_abandoned_snapshot_leaves_no_marker_to_wipe_a_replayed_slot_at_restart(tmp_path: Path) -> None:
     """A snapshot install cut short (the worker re-registers mid-transfer) leaves the slot empty,
     without a position, and marked half-installed ("i" in meta). If the broker then repairs the
     slot by replaying its tail from seq 1 (a young slot: the tail reaches back that far), the
@@ -102,11 +98,11 @@ def test_move_during_open_stream_commits_everywhere(tmp_path: Path) -> None:
         sim.close()
 
 
-def test_bug_abort_or_commit_with_other_key_leaks_staged_chunks(tmp_path: Path) -> None:
-    """put_abort (or put_commit) naming a key of another slot than the stream's chunks closes the
-    broker's OpenStream (so the idle abort never runs) while the OP_ABORT_STREAM goes to the other
-    slot: the chunks stay staged on every replica forever. The broker could refuse a close whose
-    slot differs from the open stream's, or sequence the abort in the stream's own slot."""
+def test_an_abort_or_commit_naming_another_key_cannot_leak_staged_chunks(tmp_path: Path) -> None:
+    """put_abort (or put_commit) naming a key of another slot than the stream's chunks used to close
+    the broker's OpenStream (so the idle abort never ran) while the OP_ABORT_STREAM went to the
+    other slot: the chunks stayed staged on every replica forever. Now the broker refuses it, the
+    stream stays open, and the idle abort frees its chunks."""
     from protocol.wire import slot_for_key
     from tests.sim import SimCluster
 
@@ -119,8 +115,10 @@ def test_bug_abort_or_commit_with_other_key_leaks_staged_chunks(tmp_path: Path) 
         for i in range(3):
             hdr, _ = sim.call("put_chunk", [b"x" * 50], key=key, stream=stream, index=i)
             assert hdr["ok"], hdr
-        hdr, _ = sim.call("put_abort", key=other, stream=stream)
-        assert hdr["ok"], hdr
+        for op, fields in (("put_abort", {}), ("put_commit", {"chunks": 3, "size": 150}), ("put_chunk", {"index": 3})):
+            hdr, _ = sim.call(op, [b"y"] if op == "put_chunk" else [], key=other, stream=stream, **fields)
+            assert hdr["ok"] is False and hdr["code"] == "BAD_REQUEST", (op, hdr)
+        assert sim.broker.status()["open_streams"] == 1
         sim.advance(70.0)  # past --stream-idle
         assert sim.broker.status()["open_streams"] == 0
         for w in sim.broker.slots[s].replicas:
@@ -130,7 +128,7 @@ def test_bug_abort_or_commit_with_other_key_leaks_staged_chunks(tmp_path: Path) 
         sim.close()
 
 
-def test_bug_put_chunk_with_a_committed_stream_id_rewrites_the_committed_value(tmp_path: Path) -> None:
+def test_a_chunk_for_a_committed_stream_id_changes_nothing(tmp_path: Path) -> None:
     """Stream ids are shown to every reader (get's `stream` field). A put_chunk naming a committed
     stream id overwrites that committed value's chunk in place (OP_CHUNK puts blindly and re-stages
     the id): the value changes with no new version and no watch event; a later idle abort of the
@@ -170,12 +168,16 @@ def test_bug_put_chunk_with_a_committed_stream_id_rewrites_the_committed_value(t
         sim.close()
 
 
-def test_risk_learner_holds_unbounded_chunk_bytes_while_its_snapshot_is_pending(tmp_path: Path) -> None:
+def test_a_learner_holds_a_bounded_number_of_bytes_while_its_snapshot_is_pending(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Chunk replies wait only for in-sync *replicas*: a learner (or a replica receiving a
     snapshot) keeps every replication message of the slot in WorkerCore.held (limit: 10,000
     messages, whatever their size: up to 10,000 x 8 MiB) while the client streams at full speed."""
+    import worker.core
     from protocol.wire import W_SNAPSHOT_PART, slot_for_key
     from tests.sim import SimCluster
+
+    monkeypatch.setattr(worker.core, "MAX_HELD_BYTES", 16 * 100_000)  # 64 MiB in production
 
     sim = SimCluster(tmp_path, n_workers=4, slots=4, auto_rebalance=False)
     try:
@@ -201,7 +203,7 @@ def test_risk_learner_holds_unbounded_chunk_bytes_while_its_snapshot_is_pending(
         sim.close()
 
 
-def test_bug_async_put_stream_keeps_sending_chunks_after_an_error() -> None:
+def test_async_put_stream_stops_sending_chunks_after_an_error() -> None:
     """AsyncClient.put_stream runs its lanes with asyncio.gather, which does not cancel the other
     lanes when one fails: put_stream sends put_abort and raises, but the surviving lanes go on
     reading the whole file and sending its chunks, after the abort (they re-open the stream on
