@@ -1,0 +1,98 @@
+"""review3: failing tests for suspected bugs/risks (sans-IO where possible)."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import zmq
+
+from client import commands
+from client.client import Client
+from protocol.sockets import send_frames
+from protocol.wire import slot_for_key
+from tests.sim import SimCluster
+
+
+@pytest.fixture
+def sim(tmp_path: Path) -> Iterator[SimCluster]:
+    s = SimCluster(tmp_path)
+    yield s
+    s.close()
+
+
+def test_send_frames_failing_later_frame_leaves_half_message(tmp_path: Path) -> None:
+    """send_multipart checks every frame before sending any; send_frames does not. A frame after
+    the first that raises leaves the SNDMORE frames queued, and the next message sent on the
+    socket (on the broker's ROUTER: another peer's reply) is glued to them."""
+    ctx = zmq.Context()
+    a, b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    try:
+        a.bind("inproc://r3")
+        b.connect("inproc://r3")
+        with pytest.raises(TypeError):
+            send_frames(a, [b"first", "not bytes"])  # type: ignore[list-item]
+        send_frames(a, [b"next"])
+        assert b.poll(1000)
+        assert b.recv_multipart() == [b"next"]
+    finally:
+        a.close(0)
+        b.close(0)
+        ctx.term()
+
+
+def _offline_client(limits: list[int]) -> tuple[Client, list[str]]:
+    c = Client("tcp://127.0.0.1:1")
+    sent: list[str] = []
+    c.status = lambda: {"max_value": limits[0]}  # type: ignore[method-assign]
+
+    def request(op, header, values):  # type: ignore[no-untyped-def]
+        sent.append(op)
+        return {"id": 1, "ok": True, "version": 7}, []
+
+    c.request = request  # type: ignore[method-assign]
+    return c, sent
+
+
+def test_client_max_value_cached_forever_after_broker_restart() -> None:
+    """The broker's --max-value is asked once per Client and never again: after the broker is
+    restarted with a larger limit, the client still refuses requests the broker would take."""
+    limits = [16 << 20]
+    c, sent = _offline_client(limits)
+    try:
+        big = b"x" * (20 << 20)
+        with pytest.raises(commands.ValueTooLarge):
+            c.put(b"k", big)
+        limits[0] = 64 << 20  # broker restarted with --max-value 64 MiB
+        assert c.put(b"k", big) == 7
+        assert sent == ["put"]
+    finally:
+        c.close()
+
+
+def test_one_failing_key_fails_unrelated_reads_batched_in_the_same_turn(sim: SimCluster) -> None:
+    """Reads of one turn share one worker REQUEST: a worker error caused by one key (here injected
+    for key b"bad") now fails every other client's read that was batched with it."""
+    sim.put(b"good", b"v")
+    s_good = slot_for_key(b"good", sim.slots)
+    bad = next(b"bad%d" % i for i in range(10_000)
+               if sim.broker.slots[slot_for_key(b"bad%d" % i, sim.slots)].replicas
+               == sim.broker.slots[s_good].replicas)
+    for w in sim.workers.values():
+        store = w.core.store  # type: ignore[union-attr]
+        orig = store.read
+
+        def read(slots_keys, now, with_values=True, _orig=orig):  # type: ignore[no-untyped-def]
+            if any(k == bad for _, k in slots_keys):
+                raise ValueError("corrupt record")
+            return _orig(slots_keys, now, with_values)
+
+        store.read = read
+    sim.broker._rr = itertools.repeat(0)  # both parts go to the first replica: one batch
+    r1 = sim.send(b"c1", "get", key=b"good")
+    r2 = sim.send(b"c2", "get", key=bad)
+    sim.settle()
+    got = sim.reply(b"c1", r1)
+    assert got is not None and got[0]["ok"] and got[1] == [b"v"], got
