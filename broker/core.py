@@ -960,14 +960,20 @@ class BrokerCore:
                                                 pack({"op": op, "keys": wire_keys, "now": now_ms})])
 
     def _on_read_reply(self, wid: str, token: bytes, body: list[bytes]) -> None:
-        wr = self.worker_reads.pop(token, None)
+        wr = self.worker_reads.get(token)
         if wr is None or wr.worker != wid:
-            return
+            return  # (an answer from another worker must not cancel the outstanding read)
+        del self.worker_reads[token]
         hdr = unpack(body[0])
         if not hdr.get("ok"):
             log.error("worker_read_failed", worker=wid, code=hdr.get("code"), message=hdr.get("message"))
-            for part in wr.parts:
-                self._fail(part.request, ErrorCode.INTERNAL, f"worker {wid}: {hdr.get('message')}")
+            if len(wr.parts) > 1:
+                # Reads of several requests shared this REQUEST: ask again for each on its own, so
+                # that whatever failed fails only its own request.
+                for part in wr.parts:
+                    self._dispatch_reads([part])
+                return
+            self._fail(wr.parts[0].request, ErrorCode.INTERNAL, f"worker {wid}: {hdr.get('message')}")
             return
         values = body[1:]
         streamed = hdr.get("streamed") or [False] * len(wr.keys)

@@ -37,7 +37,6 @@ class AsyncClient:
         self._sock: zmq.asyncio.Socket | None = None
         self._waiting: dict[Any, asyncio.Future[list[bytes]]] = {}
         self._partials: dict[Any, OnPartial] = {}
-        self._limit: int | None = None  # the broker's --max-value, asked before a large request
         self._reader: asyncio.Task[None] | None = None
         self._open()
 
@@ -126,9 +125,8 @@ class AsyncClient:
         if not call.op:
             return call.parse({}, [])
         if call.values and sum(len(v) for v in call.values) > commands.CHECK_SIZE_ABOVE:
-            if self._limit is None:
-                self._limit = (await self.status()).get("max_value")
-            err = commands.oversize(call, self._limit)
+            # Asked for each large request: the broker may have restarted with another limit.
+            err = commands.oversize(call, (await self.status()).get("max_value"))
             if err is not None:
                 raise err
         return call.parse(*await self.request(call.op, call.header, call.values))

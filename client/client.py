@@ -54,7 +54,6 @@ class Client:
         self._ids = itertools.count(1)
         self._ctx = context or zmq.Context.instance()
         self._sock: zmq.Socket | None = None
-        self._limit: int | None = None
         self._open()
 
     def _open(self) -> None:
@@ -187,10 +186,9 @@ class Client:
         return call.parse(*self.request(call.op, call.header, call.values))
 
     def _max_value(self) -> int | None:
-        """The broker's --max-value (asked once, when a large request is about to be sent)."""
-        if self._limit is None:
-            self._limit = self.status().get("max_value")
-        return self._limit
+        """The broker's --max-value, asked for each large request (it may have restarted with
+        another limit; one status round trip is nothing beside 8 MiB of values)."""
+        return self.status().get("max_value")
 
     def _whole(self, key: Key, value: Any) -> Any:
         """A value as bytes: a streamed one (StreamInfo) is fetched in chunks and joined."""

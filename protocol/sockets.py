@@ -22,6 +22,9 @@ ZERO_COPY_BYTES = 64 * 1024
 def send_frames(sock: zmq.Socket, frames: Sequence[bytes], nonblock: bool = False) -> None:
     """Send ``frames`` as one message. With ``nonblock``, raises zmq.Again if it cannot be queued
     (the first frame decides: ZeroMQ queues a message whole or not at all)."""
+    for f in frames:  # before the first frame leaves: a half-sent message would glue onto the next
+        if not isinstance(f, bytes | bytearray | memoryview | zmq.Frame):
+            raise TypeError(f"a frame must be bytes, not {type(f).__name__}")
     flags = NOBLOCK if nonblock else 0
     more = flags | SNDMORE
     send = sock.send

@@ -1,4 +1,5 @@
-"""review3: failing tests for suspected bugs/risks (sans-IO where possible)."""
+"""Read batching, frame sending and the client's size check at their edges: bugs a review found
+(each test failed before its fix)."""
 
 from __future__ import annotations
 
@@ -23,10 +24,9 @@ def sim(tmp_path: Path) -> Iterator[SimCluster]:
     s.close()
 
 
-def test_send_frames_failing_later_frame_leaves_half_message(tmp_path: Path) -> None:
-    """send_multipart checks every frame before sending any; send_frames does not. A frame after
-    the first that raises leaves the SNDMORE frames queued, and the next message sent on the
-    socket (on the broker's ROUTER: another peer's reply) is glued to them."""
+def test_send_frames_refuses_a_bad_frame_before_sending_any(tmp_path: Path) -> None:
+    """A frame after the first that raised used to leave the SNDMORE frames queued, and the next
+    message sent on the socket (on the broker's ROUTER: another peer's reply) was glued to them."""
     ctx = zmq.Context()
     a, b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
     try:
@@ -56,9 +56,9 @@ def _offline_client(limits: list[int]) -> tuple[Client, list[str]]:
     return c, sent
 
 
-def test_client_max_value_cached_forever_after_broker_restart() -> None:
-    """The broker's --max-value is asked once per Client and never again: after the broker is
-    restarted with a larger limit, the client still refuses requests the broker would take."""
+def test_the_client_asks_the_current_limit_after_a_broker_restart() -> None:
+    """The broker's --max-value was asked once per Client and never again: after the broker was
+    restarted with a larger limit, the client still refused requests the broker would take."""
     limits = [16 << 20]
     c, sent = _offline_client(limits)
     try:
@@ -72,9 +72,9 @@ def test_client_max_value_cached_forever_after_broker_restart() -> None:
         c.close()
 
 
-def test_one_failing_key_fails_unrelated_reads_batched_in_the_same_turn(sim: SimCluster) -> None:
+def test_one_failing_key_does_not_fail_unrelated_reads_batched_in_the_same_turn(sim: SimCluster) -> None:
     """Reads of one turn share one worker REQUEST: a worker error caused by one key (here injected
-    for key b"bad") now fails every other client's read that was batched with it."""
+    for key b"bad") used to fail every other client's read batched with it."""
     sim.put(b"good", b"v")
     s_good = slot_for_key(b"good", sim.slots)
     bad = next(b"bad%d" % i for i in range(10_000)
@@ -96,3 +96,6 @@ def test_one_failing_key_fails_unrelated_reads_batched_in_the_same_turn(sim: Sim
     sim.settle()
     got = sim.reply(b"c1", r1)
     assert got is not None and got[0]["ok"] and got[1] == [b"v"], got
+    failed = sim.reply(b"c2", r2)  # the read that fails fails alone, with its cause
+    assert failed is not None and failed[0]["ok"] is False and failed[0]["code"] == "INTERNAL", failed
+    assert "corrupt record" in failed[0]["message"]
