@@ -89,6 +89,7 @@ def test_node_client_follows_the_protocol_doc(node_dir: Path, cluster: Cluster) 
     assert out["big"]["length"] == 1 << 20 and out["big"]["got_sha256"] == out["big"]["sha256"]
     assert out["mset_count"] == 5
     assert out["mget"] == [bytes([0, 0, 255]).hex(), None, *(bytes([i, 0, 255 - i]).hex() for i in range(1, 5))]
+    assert out["scan"] == [[f"{prefix}/m{i}", bytes([i, 0, 255 - i]).hex()] for i in range(5)]
     assert out["ttl"] == {"first": "short-lived", "later": None, "exists": False}
 
     # exactly-once: the resent first write got its original answer and did not overwrite "second"

@@ -174,6 +174,20 @@ export class ZkvClient {
     return header.count;
   }
 
+  // §1.10 scan: every live key under a prefix, in key order, a page of `limit` keys at a time.
+  async scan(prefix, limit = 1000) {
+    const out = [];
+    let startAfter = null;
+    for (;;) {
+      const fields = { prefix: toBuf(prefix), limit };
+      if (startAfter !== null) fields.start_after = startAfter;
+      const { header, values } = await this.request("scan", fields);
+      header.keys.forEach((k, i) => out.push({ key: Buffer.from(k), value: values[i], version: header.versions[i] }));
+      if (!header.more) return out;
+      startAfter = Buffer.from(header.keys[header.keys.length - 1]);
+    }
+  }
+
   // §1.8 streamed values: chunks staged under a random stream id, then one commit.
   async putStream(key, value, chunkSize = 256 * 1024, cond = {}) {
     const stream = randomBytes(16);
@@ -288,6 +302,10 @@ async function scenario(url, prefix, pythonKeyHex) {
     out.mset_count = await c.mset(pairs);
     const mg = await c.mget([pairs[0][0], `${prefix}/m-missing`, ...pairs.slice(1).map(([key]) => key)]);
     out.mget = mg.map(hex);
+
+    // scan (§1.10) of the mset keys, two per page: across slots, in key order
+    const scanned = await c.scan(`${prefix}/m`, 2);
+    out.scan = scanned.map((e) => [e.key.toString(), hex(e.value)]);
 
     // TTL: readable at once, gone after it runs out
     const ttlKey = `${prefix}/ttl`;
