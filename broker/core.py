@@ -268,10 +268,11 @@ class OpenStream:
     key: bytes
     last_activity: float
     sizes: dict[int, int] = field(default_factory=dict)  # chunk index -> bytes
+    size: int = 0  # the sum of sizes, kept as chunks come (a sum per chunk is quadratic per stream)
 
-    @property
-    def size(self) -> int:
-        return sum(self.sizes.values())
+    def chunk(self, index: int, size: int) -> None:
+        self.size += size - self.sizes.get(index, 0)
+        self.sizes[index] = size
 
 
 @dataclass
@@ -540,7 +541,7 @@ class BrokerCore:
             if total > self.cfg.max_value:
                 raise BadRequest(ErrorCode.VALUE_TOO_LARGE,
                                  f"values of {total} bytes in one request; the limit is {self.cfg.max_value}")
-        stream, index, manifest = self._stream_fields(op, header, values)
+        stream, index, manifest = self._stream_fields(op, header, values, keys[0])
         ttl = header.get("ttl")
         if ttl is not None and (not isinstance(ttl, int) or isinstance(ttl, bool) or not 0 < ttl <= MAX_TTL_MS):
             raise BadRequest(ErrorCode.BAD_REQUEST, f"ttl must be an integer from 1 to {MAX_TTL_MS} (milliseconds)")
@@ -573,7 +574,8 @@ class BrokerCore:
             raise BadRequest(ErrorCode.BAD_REQUEST, f"field '{name}' must be an integer from {low} to {high}")
         return v
 
-    def _stream_fields(self, op: str, header: dict[str, Any], values: list[bytes]) -> tuple[bytes, int, bytes]:
+    def _stream_fields(self, op: str, header: dict[str, Any], values: list[bytes],
+                       key: bytes) -> tuple[bytes, int, bytes]:
         """Check the fields of the streamed-value ops; (stream id, chunk index, manifest)."""
         if op not in ("put_chunk", "put_commit", "put_abort", "get_chunks"):
             return b"", 0, b""
@@ -581,7 +583,7 @@ class BrokerCore:
         if not isinstance(stream, bytes) or len(stream) != STREAM_ID_BYTES:
             raise BadRequest(ErrorCode.BAD_REQUEST, f"field 'stream' must be {STREAM_ID_BYTES} bytes (bin)")
         known = self.streams.get(stream)
-        if known is not None and op != "get_chunks" and self._key(header.get("key")) != known.key:
+        if known is not None and op != "get_chunks" and key != known.key:
             # Its chunks are staged in the first key's slot; sequenced elsewhere, an abort would
             # free nothing there and the stream would be forgotten with its chunks left behind.
             raise BadRequest(ErrorCode.BAD_REQUEST, "a stream's chunks, commit and abort must all name the same key")
@@ -1026,7 +1028,7 @@ class BrokerCore:
             slot = slot_for_key(req.keys[0], self.cfg.slots)
             open_ = self.streams[req.stream] = OpenStream(req.stream, slot, req.keys[0], self.clock())
             self.dirty_streams[req.stream] = {"slot": slot, "key": req.keys[0]}
-        open_.sizes[req.index] = size
+        open_.chunk(req.index, size)
         open_.last_activity = self.clock()
 
     def _stream_closed(self, stream: bytes) -> None:

@@ -45,6 +45,10 @@ SCAN_MAX_BYTES = 8 << 20  # key and value bytes in one worker's share of a scan 
 EXPIRED_REPORT_MAX = 5000  # expired keys reported to the broker per reclaim interval (1 s)
 
 
+def _value_bytes(rep: Replicate) -> int:
+    return sum(len(v) for v in rep.values)
+
+
 @dataclass
 class Donation:
     slot: int
@@ -74,6 +78,7 @@ class WorkerCore:
         self.assigned: set[int] = set()
         self.batch: list[Replicate] = []
         self.held: dict[int, dict[int, Replicate]] = {}
+        self.held_bytes = 0  # value bytes of every held message (kept as they come and go)
         self.last_nack: dict[int, float] = {}
         self.snapshots: dict[int, SnapshotInProgress] = {}  # receiving, by slot
         self.donations: dict[bytes, Donation] = {}  # sending, by transfer token
@@ -208,14 +213,15 @@ class WorkerCore:
             return
         # A gap, a diverged history, or a snapshot being installed: hold it and ask for repair.
         held = self.held.setdefault(rep.slot, {})
-        size = sum(len(v) for v in rep.values)
-        if len(held) < MAX_HELD_PER_SLOT and self._held_bytes() + size <= MAX_HELD_BYTES:
+        old = held.pop(rep.seq, None)  # a later copy of a seq replaces the earlier (another epoch's)
+        if old is not None:
+            self.held_bytes -= _value_bytes(old)
+        size = _value_bytes(rep)
+        if len(held) < MAX_HELD_PER_SLOT and self.held_bytes + size <= MAX_HELD_BYTES:
             held[rep.seq] = rep  # else dropped: the repair sends it again (tail or snapshot)
+            self.held_bytes += size
         if rep.slot not in self.snapshots:
             self._request_repair(rep.slot, now)
-
-    def _held_bytes(self) -> int:
-        return sum(len(v) for held in self.held.values() for r in held.values() for v in r.values)
 
     def _accept(self, rep: Replicate) -> None:
         self.batch.append(rep)
@@ -226,13 +232,11 @@ class WorkerCore:
         while held:
             cur = self.position(slot)
             for seq in [s for s in held if s <= cur.seq]:
-                del held[seq]
-            nxt = held.pop(cur.seq + 1, None)
-            if nxt is None:
+                self.held_bytes -= _value_bytes(held.pop(seq))
+            nxt = held.get(cur.seq + 1)
+            if nxt is None or nxt.prev_epoch != cur.epoch:
                 break
-            if nxt.prev_epoch != cur.epoch:
-                held[nxt.seq] = nxt
-                break
+            self.held_bytes -= _value_bytes(held.pop(nxt.seq))
             self._accept(nxt)
         if held is not None and not held:
             del self.held[slot]
@@ -307,7 +311,7 @@ class WorkerCore:
         added, removed = new - self.assigned, self.assigned - new
         self.assigned = new
         for s in removed:
-            self.held.pop(s, None)
+            self.held_bytes -= sum(_value_bytes(r) for r in self.held.pop(s, {}).values())
             self._abandon_snapshot(s)
         return added, removed
 
