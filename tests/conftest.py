@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from tests.cluster import Cluster
+from tests.sim import SimCluster
 
 
 @pytest.fixture
@@ -23,6 +24,14 @@ def cluster_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator:
         if failed:
             print(c.logs())
         c.stop_all()
+
+
+@pytest.fixture
+def sim(tmp_path: Path) -> Iterator[SimCluster]:
+    """The in-memory cluster of tests/sim.py: the broker and worker cores, real LMDB, no sockets."""
+    s = SimCluster(tmp_path)
+    yield s
+    s.close()
 
 
 @pytest.fixture

@@ -3,8 +3,6 @@ test-controlled clock, real LMDB."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,13 +11,6 @@ from protocol.wire import C_REQUEST, MDPC, MDPW, SERVICE, W_EXPIRED, pack, slot_
 from tests.sim import SimCluster
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-def sim(tmp_path: Path) -> Iterator[SimCluster]:
-    s = SimCluster(tmp_path)
-    yield s
-    s.close()
 
 
 def scan_all(sim: SimCluster, prefix: bytes = b"", limit: int = 1000, **kw: Any) -> tuple[list[bytes], list[bytes]]:

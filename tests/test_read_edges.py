@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,13 +14,6 @@ from client.client import Client
 from protocol.sockets import send_frames
 from protocol.wire import slot_for_key
 from tests.sim import SimCluster
-
-
-@pytest.fixture
-def sim(tmp_path: Path) -> Iterator[SimCluster]:
-    s = SimCluster(tmp_path)
-    yield s
-    s.close()
 
 
 def test_send_frames_refuses_a_bad_frame_before_sending_any(tmp_path: Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,13 +11,6 @@ from protocol.wire import C_REQUEST, MDPC, SERVICE, pack, slot_for_key
 from tests.sim import SimCluster
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-def sim(tmp_path: Path) -> Iterator[SimCluster]:
-    s = SimCluster(tmp_path)
-    yield s
-    s.close()
 
 
 def call_raw(sim: SimCluster, header: dict[str, Any], client: bytes = b"c1") -> tuple[dict[str, Any], list[bytes]]:

@@ -5,7 +5,6 @@ seeded random fault schedules. No sockets; real LMDB."""
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,13 +13,6 @@ from protocol.wire import slot_for_key
 from tests.sim import SimCluster
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-def sim(tmp_path: Path) -> Iterator[SimCluster]:
-    s = SimCluster(tmp_path)
-    yield s
-    s.close()
 
 
 def test_put_get_delete_and_versions(sim: SimCluster) -> None:
