@@ -274,3 +274,44 @@ class SimCluster:
         for w in self.workers.values():
             w.stop()
         self.meta.close()
+
+
+class RandomFaults:
+    """Random faults for a simulation, one ``step`` at a time: at most one worker down, one worker
+    that loses a share of its replication messages, broker restarts, time passing. Probabilities
+    are per step; ``heal`` ends every fault."""
+
+    def __init__(self, sim: SimCluster, rng: Any, p_kill: float, p_restart: float, p_lossy: float,
+                 p_broker: float, p_advance: float = 0.0, loss: float = 0.4, after_broker: float = 0.0) -> None:
+        self.sim, self.rng = sim, rng
+        # Cumulative thresholds over one draw per step (kill, restart, lossy, broker, advance).
+        self.edges = list(itertools.accumulate([p_kill, p_restart, p_lossy, p_broker, p_advance]))
+        self.after_broker = after_broker
+        self.down: str | None = None
+        self.lossy: str | None = None
+        sim.drop = lambda wid, rep: wid == self.lossy and rng.random() < loss
+
+    def step(self) -> None:
+        sim, rng, (kill, restart, lossy, broker, advance) = self.sim, self.rng, self.edges
+        r = rng.random()
+        if r < kill and self.down is None:
+            self.down = rng.choice(sorted(sim.workers))
+            sim.kill_worker(self.down)
+        elif r < restart and self.down is not None:
+            sim.start_worker(self.down)
+            self.down = None
+        elif r < lossy:
+            self.lossy = rng.choice([None, *sorted(sim.workers)])
+        elif r < broker:
+            sim.restart_broker()
+            if self.after_broker:
+                sim.advance(self.after_broker)
+        elif r < advance:
+            sim.advance(rng.choice([0.2, 1.0, 3.5, 6.0]))
+
+    def heal(self) -> None:
+        self.sim.drop = None
+        self.lossy = None
+        if self.down is not None:
+            self.sim.start_worker(self.down)
+            self.down = None

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from protocol.wire import slot_for_key
-from tests.sim import SimCluster
+from tests.sim import RandomFaults, SimCluster
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -228,23 +228,9 @@ def test_random_fault_schedules_lose_no_acknowledged_write(tmp_path: Path, seed:
     try:
         acked: dict[bytes, bytes] = {}
         maybe: dict[bytes, set[bytes]] = {}
-        down: str | None = None
-        lossy: str | None = None
-        sim.drop = lambda wid, rep: wid == lossy and rng.random() < 0.4
+        faults = RandomFaults(sim, rng, p_kill=0.04, p_restart=0.02, p_lossy=0.02, p_broker=0.01, p_advance=0.11)
         for step in range(300):
-            r = rng.random()
-            if r < 0.04 and down is None:
-                down = rng.choice(sorted(sim.workers))
-                sim.kill_worker(down)
-            elif r < 0.06 and down is not None:
-                sim.start_worker(down)
-                down = None
-            elif r < 0.08:
-                lossy = rng.choice([None, *sorted(sim.workers)])
-            elif r < 0.09:
-                sim.restart_broker()
-            elif r < 0.2:
-                sim.advance(rng.choice([0.2, 1.0, 3.5, 6.0]))
+            faults.step()
             key = b"k%d" % rng.randrange(12)
             if rng.random() < 0.6:
                 value = b"s%d-%d" % (seed, step)
@@ -265,10 +251,7 @@ def test_random_fault_schedules_lose_no_acknowledged_write(tmp_path: Path, seed:
                     allowed = {acked.get(key)} | maybe.get(key, set())
                     assert value in allowed, (seed, step, key, value, allowed)
         # Heal everything and check convergence and durability.
-        sim.drop = None
-        lossy = None
-        if down is not None:
-            sim.start_worker(down)
+        faults.heal()
         sim.advance(8.0)
         assert sim.broker.status()["recovering_slots"] == 0
         for key, value in acked.items():
@@ -718,24 +701,12 @@ def test_streamed_values_under_random_faults(tmp_path: Path, seed: int) -> None:
     rng = random.Random(1000 + seed)
     sim = SimCluster(tmp_path, slots=4)
     try:
-        down: str | None = None
-        lossy: str | None = None
-        sim.drop = lambda wid, rep: wid == lossy and rng.random() < 0.3
+        faults = RandomFaults(sim, rng, p_kill=0.1, p_restart=0.1, p_lossy=0.1, p_broker=0.05, loss=0.3,
+                              after_broker=2.0)
         committed: dict[bytes, bytes] = {}
         maybe: dict[bytes, set[bytes]] = {}
         for step in range(60):
-            r = rng.random()
-            if r < 0.1 and down is None:
-                down = rng.choice(sorted(sim.workers))
-                sim.kill_worker(down)
-            elif r < 0.2 and down is not None:
-                sim.start_worker(down)
-                down = None
-            elif r < 0.3:
-                lossy = rng.choice([None, *sorted(sim.workers)])
-            elif r < 0.35:
-                sim.restart_broker()
-                sim.advance(2.0)
+            faults.step()
             key = b"v%d" % rng.randrange(4)
             stream = rng.randbytes(16)
             chunks = [bytes([step, i]) * rng.randrange(1, 300) for i in range(rng.randrange(2, 6))]
@@ -757,10 +728,7 @@ def test_streamed_values_under_random_faults(tmp_path: Path, seed: int) -> None:
                 maybe.pop(key, None)
             elif got is None or got[0].get("code") == "TIMEOUT":
                 maybe.setdefault(key, set()).add(value)  # outcome unknown
-        sim.drop = None
-        lossy = None
-        if down is not None:
-            sim.start_worker(down)
+        faults.heal()
         assert len(committed) >= 2, (seed, "too few commits for the test to mean anything")
         sim.advance(70.0)  # past --stream-idle: abandoned streams are aborted
         assert sim.broker.status()["open_streams"] == 0
