@@ -40,7 +40,6 @@ A failing run writes its history to ``history.jsonl`` and the broker's move even
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -48,7 +47,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -61,7 +60,7 @@ from protocol.wire import slot_for_key
 from tests.cluster import Cluster, wait_for
 from tests.helpers import copies
 from tests.linearizability import Op, check_history, lost_writes
-from tests.workload import Workload, WorkloadConfig, summarize
+from tests.workload import Workload, WorkloadConfig, dump_history, summarize
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -265,19 +264,6 @@ def donor_of(broker_log: Path, move: dict[str, Any]) -> str | None:
     ts = [e for e in log_events(broker_log, ("snapshot_transfer",))
           if e.fields.get("slot") == str(move["slot"]) and e.fields.get("to") == move["to"]]
     return ts[-1].fields.get("donor") if ts else None
-
-
-def dump_history(path: Path, ops: list[Op], details: dict[Op, str], t0: float) -> None:
-    with path.open("w") as f:
-        for op in sorted(ops, key=lambda o: o.invoke):
-            d: dict[str, object] = asdict(op)
-            d["key"] = op.key.decode(errors="replace")
-            d["value"] = None if op.value is None else op.value.decode(errors="replace")
-            d["t_invoke"] = round(op.invoke - t0, 6)
-            d["t_complete"] = None if op.complete is None else round(op.complete - t0, 6)
-            if op in details:
-                d["error"] = details[op]
-            f.write(json.dumps(d) + "\n")
 
 
 def ops_during_moves(history: list[Op], events: list[LogEvent]) -> int:

@@ -27,13 +27,12 @@ directory and names the seed, the logs and the fault timeline on the checker's c
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import time
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -45,7 +44,7 @@ from tests.helpers import worker_records
 from tests.linearizability import Op, check_history, lost_writes
 from tests.nemesis import FAULT_KINDS, FaultCluster, Nemesis, NemesisConfig
 from tests.netns import NetLab, netns_unavailable
-from tests.workload import Workload, WorkloadConfig, summarize
+from tests.workload import Workload, WorkloadConfig, dump_history, summarize
 
 SCALE = float(os.environ.get("ZKV_FAULT_SCALE", "1"))
 BASE_SEED = int(os.environ.get("ZKV_FAULT_SEED") or random.SystemRandom().randrange(1 << 31))
@@ -118,20 +117,6 @@ def fault_cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Ca
         assert not problems, problems
 
 
-def _dump_history(path: Path, ops: list[Op], details: dict[Op, str], t0: float) -> None:
-    """One JSON line per op, by invocation; times also as seconds since ``t0``; errors of failed ops."""
-    with path.open("w") as f:
-        for op in sorted(ops, key=lambda o: o.invoke):
-            d: dict[str, object] = asdict(op)
-            d["key"] = op.key.decode(errors="replace")
-            d["value"] = None if op.value is None else op.value.decode(errors="replace")
-            d["t_invoke"] = round(op.invoke - t0, 6)
-            d["t_complete"] = None if op.complete is None else round(op.complete - t0, 6)
-            if op in details:
-                d["error"] = details[op]
-            f.write(json.dumps(d) + "\n")
-
-
 def _failed_but_read(history: list[Op], details: dict[Op, str], t0: float) -> str:
     """Puts the client was told definitely failed, whose value somebody read anyway (smoking guns)."""
     read = {(op.key, op.value) for op in history if op.kind == "get" and op.outcome == "ok"}
@@ -197,7 +182,7 @@ def test_faults(scenario: Scenario, fault_cluster: Callable[..., FaultCluster], 
         h0 = min((op.invoke for op in history), default=t0)
         wall0 = datetime.fromtimestamp(time.time() - (time.monotonic() - h0), UTC).strftime("%H:%M:%S.%f")
         hist_path = tmp_path / "history.jsonl"
-        _dump_history(hist_path, history, workload.details, h0)
+        dump_history(hist_path, history, workload.details, h0)
         return (f"\nseed={seed}; history in {hist_path}; full logs in {cluster.root / 'logs'}; "
                 f"+0 s (first invocation) = {wall0} UTC in the logs"
                 f"\nfaults (seconds since the first invocation):\n{nemesis.timeline(h0)}"

@@ -19,12 +19,14 @@ part of the history too.
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from client import Client
 from protocol.errors import InvalidRequest, NotEnoughReplicas
@@ -215,3 +217,17 @@ def summarize(ops: list[Op]) -> dict[str, int]:
         counts[op.outcome] += 1
         counts[f"{op.kind}_{op.outcome}"] += 1
     return dict(counts)
+
+
+def dump_history(path: Path, ops: list[Op], details: dict[Op, str], t0: float) -> None:
+    """One JSON line per op, by invocation; times also as seconds since ``t0``; errors of failed ops."""
+    with path.open("w") as f:
+        for op in sorted(ops, key=lambda o: o.invoke):
+            d: dict[str, object] = asdict(op)
+            d["key"] = op.key.decode(errors="replace")
+            d["value"] = None if op.value is None else op.value.decode(errors="replace")
+            d["t_invoke"] = round(op.invoke - t0, 6)
+            d["t_complete"] = None if op.complete is None else round(op.complete - t0, 6)
+            if op in details:
+                d["error"] = details[op]
+            f.write(json.dumps(d) + "\n")
