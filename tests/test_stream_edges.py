@@ -234,3 +234,36 @@ def test_async_put_stream_stops_sending_chunks_after_an_error() -> None:
     asyncio.run(main())
     after_abort = sent[sent.index(("put_abort", -1)) + 1:]
     assert after_abort == [], f"{len(after_abort)} chunks sent after the abort, e.g. {after_abort[:3]}"
+
+
+def test_a_chunk_is_answered_only_once_every_in_sync_replica_has_it(sim) -> None:  # type: ignore[no-untyped-def]
+    """The upload's flow control: a chunk committed by W replicas is not answered while a third,
+    live and in sync, has not applied it (so a slow replica holds the stream back instead of
+    chunks piling up in queues); it is answered once that replica acknowledges, or is declared
+    dead."""
+    from protocol.wire import W_ACK, slot_for_key
+
+    key = b"flow"
+    slot = sim.broker.slots[slot_for_key(key, sim.slots)]
+    slow = slot.replicas[2]
+    sim.intercept = lambda wid, frames: wid == slow and frames[0] == W_ACK  # its ACKs are late
+    stream = b"F" * 16
+    rid = sim.send(b"c1", "put_chunk", [b"x" * 1000], key=key, stream=stream, index=0)
+    sim.settle()
+    assert slot.committed == slot.last.seq, "two replicas committed the chunk"
+    assert sim.reply(b"c1", rid) is None, "answered before the third, in-sync replica had it"
+    sim.intercept = None
+    sim.release()
+    got = sim.reply(b"c1", rid)
+    assert got is not None and got[0] == {"id": rid, "ok": True, "index": 0}, got
+
+    # A replica that stops answering holds a chunk back only until it is declared dead.
+    sim.intercept = lambda wid, frames: wid == slow and frames[0] == W_ACK
+    rid = sim.send(b"c1", "put_chunk", [b"y" * 1000], key=key, stream=stream, index=1)
+    sim.settle()
+    assert sim.reply(b"c1", rid) is None
+    sim.kill_worker(slow)
+    sim.advance(4.0)  # past the heartbeat liveness: the broker declares it dead
+    got = sim.reply(b"c1", rid)
+    assert got is not None and got[0]["ok"] is True, got
+    sim.intercept = None
