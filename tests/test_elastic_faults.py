@@ -58,7 +58,7 @@ from broker.placement import replicas_for_slot
 from client import Client
 from protocol.wire import slot_for_key
 from tests.cluster import Cluster, wait_for
-from tests.helpers import copies
+from tests.helpers import copies, keys_in_slot
 from tests.linearizability import Op, check_history, lost_writes
 from tests.workload import Workload, WorkloadConfig, dump_history, summarize
 
@@ -227,16 +227,6 @@ def admin(cluster: Cluster, cmd: str, worker: str | None = None, **fields: Any) 
         return c.admin(cmd, worker, **fields)
 
 
-def keys_of_slot(slot: int, n: int, prefix: str) -> list[bytes]:
-    out, i = [], 0
-    while len(out) < n:
-        k = f"{prefix}{i}".encode()
-        if slot_for_key(k, SLOTS) == slot:
-            out.append(k)
-        i += 1
-    return out
-
-
 def pick_big_slots(avoid: set[int]) -> list[int]:
     """Slots that move both when w5 and w6 join (the six-worker placement names one of them) and when
     w1 and w2 are drained (it names one of those too)."""
@@ -313,10 +303,10 @@ def test_elastic_cluster_under_faults(cluster_factory: Callable[..., Cluster], t
     for i in range(PREFILL_KEYS):
         prefill[f"pre-{i}".encode()] = (f"{i:08d}".encode() * (PREFILL_VALUE // 8))
     for s in big_slots:
-        for j, k in enumerate(keys_of_slot(s, BIG_KEYS, f"big{s}-")):
+        for j, k in enumerate(keys_in_slot(s, SLOTS, BIG_KEYS, f"big{s}-")):
             prefill[k] = bytes([65 + j % 26]) * BIG_VALUE
     for s in hot_slots:  # the workload's slots take a while to copy too: writes go on during their moves
-        for j, k in enumerate(keys_of_slot(s, HOT_KEYS, f"hot{s}-")):
+        for j, k in enumerate(keys_in_slot(s, SLOTS, HOT_KEYS, f"hot{s}-")):
             prefill[k] = bytes([97 + j % 26]) * BIG_VALUE
     with Client(cluster.frontend, timeout=30.0, attempt_timeout=10.0) as c:
         items = list(prefill.items())

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from protocol.wire import C_REQUEST, MDPC, SERVICE, pack, slot_for_key
+from tests.helpers import keys_in_slot
 from tests.sim import SimCluster
 
 pytestmark = pytest.mark.timeout(120)
@@ -29,16 +30,6 @@ def test_nil_prefix_is_a_bad_request_not_a_crash(sim: SimCluster, op: str) -> No
     # on_client (the server loop logs it and the client never gets an answer).
     hdr, _ = call_raw(sim, {"op": op, "prefix": None})
     assert hdr["ok"] is False and hdr["code"] == "BAD_REQUEST", hdr
-
-
-def keys_in_slot(slot: int, slots: int, n: int, stem: bytes) -> list[bytes]:
-    out, i = [], 0
-    while len(out) < n:
-        k = stem + b"%d" % i
-        if slot_for_key(k, slots) == slot:
-            out.append(k)
-        i += 1
-    return out
 
 
 def report_all(sim: SimCluster) -> None:
@@ -87,9 +78,9 @@ def test_expired_keys_of_a_slot_without_quorum_do_not_hold_back_other_slots(
         dead, b, blockers = chosen
         # Older expiries in the quorum-less slots (2 per live replica of B), then one key in B.
         for w, slots in (blockers.items() if older_expiries else []):
-            for k in keys_in_slot(slots[0], sim.slots, 2, f"old-{w}-".encode()):
+            for k in keys_in_slot(slots[0], sim.slots, 2, f"old-{w}-"):
                 assert sim.put(k, b"x", ttl=100)["ok"]
-        kb = keys_in_slot(b, sim.slots, 1, b"watched-")[0]
+        kb = keys_in_slot(b, sim.slots, 1, "watched-")[0]
         rid = sim.send(b"w", "watch", prefix=b"watched-")
         sim.settle()
         assert sim.put(kb, b"v", ttl=500)["ok"]
