@@ -707,6 +707,17 @@ class BrokerCore:
         return ([WriteOp(OP_PUT, req.keys[i], expire_at, req.cond, req.expected) for i in idx],
                 [values[i] for i in idx])
 
+    def _sequence_unanswered(self, slot: Slot, op: str, ops: list[WriteOp]) -> int:
+        """A write the broker decides on its own (aborting a stream its client left, reaping
+        expired keys): sequenced, replicated and committed like any other, answered to nobody.
+        The caller has checked that the slot can take writes. Returns its seq."""
+        req = Request(0, b"", b"", op, float("inf"), [o.key for o in ops], [None] * len(ops),
+                      outstanding=1, done=True)
+        seq = self._publish(slot, ops, [b""] * len(ops), self.wall_ms())
+        slot.pending[seq] = WriteBatch(req, list(range(len(ops))))
+        req.parts.append([slot.id, self.epoch, seq])
+        return seq
+
     def _settle_from_before_restart(self, req: Request, parts: list[list[int]], results: list[Any] | None,
                                     by_slot: dict[int, list[int]]) -> dict[int, list[int]]:
         """A retried write that an earlier broker incarnation sequenced (found in the persisted
@@ -1038,16 +1049,12 @@ class BrokerCore:
     def _abort_stream(self, open_: OpenStream, why: str) -> None:
         """Sequence the abort of a stream its client left (or that went over the limit): every
         replica frees its staged chunks. Retried on the next tick if the slot cannot take writes."""
-        req = Request(0, b"", b"", "put_abort", self.clock() + self.cfg.request_timeout, [open_.key], [None],
-                      maybe_retry=False, stream=open_.stream)
-        req.done = True  # nobody waits for the answer
-        try:
-            self._start_write(req, [], None)
-            self.requests.pop(id(req), None)
-        except BadRequest as e:
-            log.info("stream_abort_deferred", stream=open_.stream.hex(), reason=str(e))
+        slot = self.slots[open_.slot]
+        if slot.recovering or self.live_replicas(slot) < self.cfg.w:
+            log.info("stream_abort_deferred", stream=open_.stream.hex(), slot=open_.slot)
             open_.last_activity = self.clock()
             return
+        self._sequence_unanswered(slot, "put_abort", [WriteOp(OP_ABORT_STREAM, open_.stream)])
         log.info("stream_aborted", stream=open_.stream.hex(), slot=open_.slot, bytes=open_.size, why=why)
         self.stats["streams_aborted"] += 1
         self._stream_closed(open_.stream)
@@ -2170,11 +2177,7 @@ class BrokerCore:
             slot = self.slots[s]
             if self.live_replicas(slot) < self.cfg.w:
                 continue
-            req = Request(0, b"", b"", "reap", float("inf"), [o.key for o in ops], [None] * len(ops),
-                          outstanding=1, done=True)  # done: nobody waits for an answer
-            seq = self._publish(slot, ops, [b""] * len(ops), now_ms)
-            slot.pending[seq] = WriteBatch(req, list(range(len(ops))))
-            req.parts.append([s, self.epoch, seq])
+            seq = self._sequence_unanswered(slot, "reap", ops)
             reaping = self.reaping.setdefault(s, {})
             for o in ops:
                 reaping[o.key] = (seq, now)
