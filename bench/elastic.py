@@ -33,7 +33,7 @@ from core import REPO, ZKV, local_cluster  # noqa: E402
 
 from broker.placement import slot_map  # noqa: E402
 from client.client import Client  # noqa: E402
-from protocol.wire import slot_for_key  # noqa: E402
+from protocol.replication import slot_for_key  # noqa: E402
 
 
 def bench_round(url: str, n: int) -> float:

@@ -29,32 +29,16 @@ import structlog
 from broker.meta import MetaStore
 from broker.placement import replicas_for_slot, slot_map
 from protocol.errors import ErrorCode
-from protocol.wire import (
+from protocol.frames import (
     C_FINAL,
     C_PARTIAL,
     C_REQUEST,
-    COND_ABSENT,
-    COND_NONE,
-    COND_VERSION,
-    DEFAULT_MAX_STREAM_BYTES,
-    DEFAULT_MAX_VALUE_BYTES,
-    DEFAULT_SLOTS,
-    MAX_CHUNK_BYTES,
-    MAX_KEY_BYTES,
     MDPC,
     MDPW,
     MMI_ADMIN,
     MMI_SERVICE,
     MMI_STATUS,
-    OP_ABORT_STREAM,
-    OP_CHUNK,
-    OP_DELETE,
-    OP_EXPIRE,
-    OP_PUT,
-    OP_PUT_STREAM,
-    OP_REAP,
     SERVICE,
-    STREAM_ID_BYTES,
     W_ACK,
     W_ASSIGN,
     W_DISCONNECT,
@@ -69,22 +53,47 @@ from protocol.wire import (
     W_SNAPSHOT_DELIVER,
     W_SNAPSHOT_PART,
     W_SNAPSHOT_REQUEST,
+    pack,
+    unpack,
+)
+from protocol.limits import (
+    DEFAULT_MAX_STREAM_BYTES,
+    DEFAULT_MAX_VALUE_BYTES,
+    DEFAULT_SCAN_LIMIT,
+    DEFAULT_SLOTS,
+    MAX_CHUNK_BYTES,
+    MAX_CHUNKS_PER_READ,
+    MAX_KEY_BYTES,
+    MAX_KEYS_PER_REQUEST,
+    MAX_SCAN_LIMIT,
+    MAX_TTL_MS,
+    SCAN_MAX_BYTES,
+    STREAM_ID_BYTES,
+    STREAM_INCOMPLETE,
+)
+from protocol.replication import (
+    COND_ABSENT,
+    COND_NONE,
+    COND_VERSION,
+    OP_ABORT_STREAM,
+    OP_CHUNK,
+    OP_DELETE,
+    OP_EXPIRE,
+    OP_PUT,
+    OP_PUT_STREAM,
+    OP_REAP,
     Manifest,
     Replicate,
     WriteOp,
     chunk_key,
     encode_replication,
-    pack,
     slot_for_key,
-    unpack,
 )
 
 log = structlog.get_logger("zkv.broker")
 
 INVALID_INPUT = frozenset({ErrorCode.BAD_REQUEST, ErrorCode.UNKNOWN_COMMAND, ErrorCode.KEY_TOO_LARGE,
                            ErrorCode.VALUE_TOO_LARGE})
-MAX_KEYS_PER_REQUEST = 10_000
-MAX_TTL_MS = 100 * 365 * 24 * 3600 * 1000  # a century
 TAIL_ENTRIES = 512  # per slot, kept in memory for gap repair
 TAIL_BYTES = 256 * 1024  # per slot (committed entries; uncommitted ones are all kept)
 MAX_UNCOMMITTED_BYTES = 64 * 1024 * 1024  # per slot: writes past this backlog get UNAVAILABLE
@@ -95,11 +104,6 @@ LAG_GRACE = 1.0  # s a replica may trail the slot's last write before the broker
 DEDUP_MEMORY = 100_000
 WRITE_OPS = frozenset({"put", "delete", "mset", "expire", "put_chunk", "put_commit", "put_abort"})
 READ_OPS = frozenset({"get", "exists", "mget", "ttl"})
-MAX_CHUNKS_PER_READ = 16  # credit one get_chunks request may ask for
-STREAM_INCOMPLETE = -1  # a replica's answer flag for a stream commit that found chunks missing
-DEFAULT_SCAN_LIMIT = 1000
-MAX_SCAN_LIMIT = 10_000  # keys in one scan page
-SCAN_MAX_BYTES = 8 << 20  # key and value bytes in one scan page (at least one entry); `more` says the rest
 MAX_WATCHES = 1024
 WATCH_HEARTBEAT = 1.0  # s between progress messages (events: [], with the cursor) to a watch
 WATCH_EXPIRY = 10.0  # s without a keepalive before a watch is dropped

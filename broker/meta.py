@@ -15,7 +15,7 @@ from typing import Any
 
 import lmdb
 
-from protocol.wire import pack, unpack
+from protocol.frames import pack, unpack
 
 SLOT = struct.Struct(">H")
 DEDUP_WINDOW = 4096  # remembered writes per client id (request numbers modulo this)

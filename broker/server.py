@@ -16,9 +16,9 @@ import zmq
 
 from broker.core import BrokerConfig, BrokerCore
 from broker.meta import MetaStore
+from protocol.limits import MAX_CHUNK_BYTES
 from protocol.process import tune_gc
 from protocol.sockets import send_frames
-from protocol.wire import MAX_CHUNK_BYTES
 
 log = structlog.get_logger("zkv.broker")
 

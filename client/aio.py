@@ -17,7 +17,8 @@ import zmq.asyncio
 from client import commands
 from client.commands import Key
 from protocol.errors import ValueChanged, ZkvError, ZkvTimeout
-from protocol.wire import C_FINAL, C_PARTIAL, C_REQUEST, DEFAULT_CHUNK_BYTES, MDPC, MMI_STATUS, SERVICE, unpack
+from protocol.frames import C_FINAL, C_PARTIAL, C_REQUEST, MDPC, MMI_STATUS, SERVICE, unpack
+from protocol.limits import DEFAULT_CHUNK_BYTES
 
 OnPartial = Callable[[dict[str, Any], list[bytes]], None]
 

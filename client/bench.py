@@ -39,7 +39,7 @@ import click
 import msgpack
 import zmq
 
-from protocol.wire import C_FINAL, C_REQUEST, MDPC, MMI_SERVICE, SERVICE
+from protocol.frames import C_FINAL, C_REQUEST, MDPC, MMI_SERVICE, SERVICE
 
 OPS: tuple[str, ...] = ("put", "get", "mget", "mset", "delete", "exists")
 READ_OPS = frozenset({"get", "mget", "exists"})

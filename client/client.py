@@ -20,11 +20,10 @@ import zmq
 from client import commands
 from client.commands import Key
 from protocol.errors import ValueChanged, ZkvError, ZkvTimeout
-from protocol.wire import (
+from protocol.frames import (
     C_FINAL,
     C_PARTIAL,
     C_REQUEST,
-    DEFAULT_CHUNK_BYTES,
     MDPC,
     MMI_ADMIN,
     MMI_SERVICE,
@@ -33,6 +32,7 @@ from protocol.wire import (
     pack,
     unpack,
 )
+from protocol.limits import DEFAULT_CHUNK_BYTES
 
 OnPartial = Callable[[dict[str, Any], list[bytes]], None]
 

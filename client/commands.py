@@ -23,7 +23,8 @@ from protocol.errors import (
     ZkvTimeout,
     error_from_reply,
 )
-from protocol.wire import C_PARTIAL, DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, pack, unpack
+from protocol.frames import C_PARTIAL, pack, unpack
+from protocol.limits import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES
 
 Key = bytes | str
 Reply = tuple[dict[str, Any], list[bytes]]

@@ -15,8 +15,10 @@ import zmq
 
 from client import Client
 from protocol.errors import ZkvError
-from protocol.wire import C_FINAL, C_REQUEST, MDPC, SERVICE, decode_record, pack, slot_for_key, unpack
+from protocol.frames import C_FINAL, C_REQUEST, MDPC, SERVICE, pack, unpack
+from protocol.replication import slot_for_key
 from tests.cluster import Cluster
+from worker.records import decode_record
 
 # -- raw frames -----------------------------------------------------------------------------------
 

@@ -14,21 +14,10 @@ from typing import Any
 
 from broker.core import BrokerConfig, BrokerCore
 from broker.meta import MetaStore
-from protocol.wire import (
-    C_REQUEST,
-    MDPC,
-    MDPW,
-    SERVICE,
-    W_HEARTBEAT,
-    W_READY,
-    Replicate,
-    decode_record,
-    decode_replication,
-    pack,
-    unpack,
-    worker_topic,
-)
+from protocol.frames import C_REQUEST, MDPC, MDPW, SERVICE, W_HEARTBEAT, W_READY, pack, unpack
+from protocol.replication import Replicate, decode_replication, worker_topic
 from worker.core import WorkerCore
+from worker.records import decode_record
 from worker.store import SlotStore
 
 DropRule = Callable[[str, Replicate], bool]

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from protocol.errors import NotEnoughReplicas
-from protocol.wire import slot_for_key
+from protocol.replication import slot_for_key
 from tests.cluster import Cluster, wait_for
 from tests.helpers import Writer, copies, keys_in_slot, terminate, worker_keys
 

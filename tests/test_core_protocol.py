@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from protocol.errors import ErrorCode, ValueTooLarge
-from protocol.wire import C_FINAL, C_PARTIAL, C_REQUEST, MDPC, MMI_SERVICE, SERVICE, pack, unpack
+from protocol.frames import C_FINAL, C_PARTIAL, C_REQUEST, MDPC, MMI_SERVICE, SERVICE, pack, unpack
 from tests.cluster import Cluster
 from tests.helpers import RawPeer, error_header
 

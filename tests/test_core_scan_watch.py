@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from protocol.wire import C_REQUEST, MDPC, MDPW, SERVICE, W_EXPIRED, pack, slot_for_key
+from protocol.frames import C_REQUEST, MDPC, MDPW, SERVICE, W_EXPIRED, pack
+from protocol.replication import slot_for_key
 from tests.sim import SimCluster
 
 pytestmark = pytest.mark.timeout(120)
@@ -334,7 +335,7 @@ def test_watches_are_bounded(sim: SimCluster, monkeypatch: pytest.MonkeyPatch) -
 
 def test_watch_session_resumes_from_its_cursor_after_a_lost_message() -> None:
     from client.commands import WatchSession
-    from protocol.wire import C_FINAL, C_PARTIAL, unpack
+    from protocol.frames import C_FINAL, C_PARTIAL, unpack
 
     ids = iter(range(1, 100))
     ws = WatchSession(b"p")

@@ -56,7 +56,7 @@ import pytest
 
 from broker.placement import replicas_for_slot
 from client import Client
-from protocol.wire import slot_for_key
+from protocol.replication import slot_for_key
 from tests.cluster import Cluster, wait_for
 from tests.helpers import copies, keys_in_slot
 from tests.linearizability import Op, check_history, lost_writes

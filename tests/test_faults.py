@@ -38,7 +38,7 @@ from pathlib import Path
 
 import pytest
 
-from protocol.wire import slot_for_key
+from protocol.replication import slot_for_key
 from tests.cluster import wait_for
 from tests.helpers import worker_records
 from tests.linearizability import Op, check_history, lost_writes

@@ -11,8 +11,8 @@ import zmq
 
 from client import commands
 from client.client import Client
+from protocol.replication import slot_for_key
 from protocol.sockets import send_frames
-from protocol.wire import slot_for_key
 from tests.sim import SimCluster
 
 

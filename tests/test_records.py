@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from protocol.wire import KEY_INLINE_MAX, decode_record, encode_record, key_suffix, storage_key
+from worker.records import KEY_INLINE_MAX, decode_record, encode_record, key_suffix, storage_key
 
 
 @given(st.binary(min_size=1, max_size=4096), st.integers(0, 2**63), st.integers(0, 2**63), st.binary(max_size=2048))

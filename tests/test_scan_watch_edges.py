@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from protocol.wire import C_REQUEST, MDPC, SERVICE, pack, slot_for_key
+from protocol.frames import C_REQUEST, MDPC, SERVICE, pack
+from protocol.replication import slot_for_key
 from tests.helpers import keys_in_slot
 from tests.sim import SimCluster
 

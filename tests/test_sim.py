@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from protocol.wire import slot_for_key
+from protocol.replication import slot_for_key
 from tests.sim import RandomFaults, SimCluster
 
 pytestmark = pytest.mark.timeout(120)
@@ -189,7 +189,7 @@ def test_ttl_follows_the_broker_clock(sim: SimCluster) -> None:
 
 
 def test_malformed_client_messages_get_errors_and_change_nothing(sim: SimCluster) -> None:
-    from protocol.wire import C_REQUEST, MDPC, SERVICE, pack
+    from protocol.frames import C_REQUEST, MDPC, SERVICE, pack
 
     before = {s: sl.last for s, sl in sim.broker.slots.items()}
     bad = [
@@ -644,7 +644,7 @@ def test_a_late_ack_from_a_worker_that_dropped_the_slot_is_not_counted(tmp_path:
     """Found by the elastic fault test: a slot moved off X and straight back to X; an ACK X had
     sent about its old copy arrived after X became a learner again, so the broker finished the
     move and counted X for W and reads before X had the data."""
-    from protocol.wire import W_ACK
+    from protocol.frames import W_ACK
 
     sim = SimCluster(tmp_path, n_workers=4, initial_workers=4, slots=4, auto_rebalance=False)
     try:

@@ -7,13 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from protocol.wire import (
-    OP_PUT,
-    W_ACK,
-    Replicate,
-    WriteOp,
-    chunk_key,
-)
+from protocol.frames import W_ACK
+from protocol.replication import OP_PUT, Replicate, WriteOp, chunk_key
 from worker.core import WorkerCore
 from worker.store import Position, SlotStore
 
@@ -64,7 +59,7 @@ def _replica_state(sim, wid: str, slot: int):  # noqa: ANN001, ANN202
 def test_move_during_open_stream_commits_everywhere(tmp_path: Path) -> None:
     """Chunks written on the old replica set, the slot moved, the commit on the new set: the
     learner must have received the staged chunks (snapshot or replay) and all replicas agree."""
-    from protocol.wire import slot_for_key
+    from protocol.replication import slot_for_key
     from tests.sim import SimCluster
 
     sim = SimCluster(tmp_path, n_workers=4, slots=4, auto_rebalance=False)
@@ -103,7 +98,7 @@ def test_an_abort_or_commit_naming_another_key_cannot_leak_staged_chunks(tmp_pat
     the broker's OpenStream (so the idle abort never ran) while the OP_ABORT_STREAM went to the
     other slot: the chunks stayed staged on every replica forever. Now the broker refuses it, the
     stream stays open, and the idle abort frees its chunks."""
-    from protocol.wire import slot_for_key
+    from protocol.replication import slot_for_key
     from tests.sim import SimCluster
 
     sim = SimCluster(tmp_path, slots=4)
@@ -174,7 +169,8 @@ def test_a_learner_holds_a_bounded_number_of_bytes_while_its_snapshot_is_pending
     snapshot) keeps every replication message of the slot in WorkerCore.held (limit: 10,000
     messages, whatever their size: up to 10,000 x 8 MiB) while the client streams at full speed."""
     import worker.core
-    from protocol.wire import W_SNAPSHOT_PART, slot_for_key
+    from protocol.frames import W_SNAPSHOT_PART
+    from protocol.replication import slot_for_key
     from tests.sim import SimCluster
 
     monkeypatch.setattr(worker.core, "MAX_HELD_BYTES", 16 * 100_000)  # 64 MiB in production
@@ -241,7 +237,8 @@ def test_a_chunk_is_answered_only_once_every_in_sync_replica_has_it(sim) -> None
     live and in sync, has not applied it (so a slow replica holds the stream back instead of
     chunks piling up in queues); it is answered once that replica acknowledges, or is declared
     dead."""
-    from protocol.wire import W_ACK, slot_for_key
+    from protocol.frames import W_ACK
+    from protocol.replication import slot_for_key
 
     key = b"flow"
     slot = sim.broker.slots[slot_for_key(key, sim.slots)]

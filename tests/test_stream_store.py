@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from protocol.wire import (
+from protocol.replication import (
     COND_ABSENT,
     OP_ABORT_STREAM,
     OP_CHUNK,

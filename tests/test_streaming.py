@@ -27,7 +27,7 @@ from client import (
     ValueChanged,
     ValueTooLarge,
 )
-from protocol.wire import C_PARTIAL, C_REQUEST, MDPC, SERVICE, pack, unpack
+from protocol.frames import C_PARTIAL, C_REQUEST, MDPC, SERVICE, pack, unpack
 from tests.cluster import Cluster, wait_for
 from tests.helpers import RawPeer, terminate, worker_stream_entries
 

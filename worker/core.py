@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import lmdb
 import structlog
 
-from protocol.wire import (
+from protocol.frames import (
     W_ACK,
     W_ASSIGN,
     W_DISCONNECT,
@@ -27,10 +27,11 @@ from protocol.wire import (
     W_SNAPSHOT_DELIVER,
     W_SNAPSHOT_PART,
     W_SNAPSHOT_REQUEST,
-    Replicate,
     pack,
     unpack,
 )
+from protocol.limits import MAX_CHUNKS_PER_READ, SCAN_MAX_BYTES
+from protocol.replication import Replicate
 from worker.store import Position, SlotStore
 
 log = structlog.get_logger("zkv.worker")
@@ -40,8 +41,6 @@ MAX_HELD_PER_SLOT = 10_000  # out-of-order messages kept while a gap is repaired
 MAX_HELD_BYTES = 64 << 20  # and their values in all (a learner behind a stream of large chunks)
 SNAPSHOT_PART_BYTES = 1 << 20
 DONATION_IDLE = 30.0  # s before an abandoned snapshot's read transaction is closed
-MAX_CHUNKS_PER_READ = 16  # credit one streamed read may ask for
-SCAN_MAX_BYTES = 8 << 20  # key and value bytes in one worker's share of a scan page
 EXPIRED_REPORT_MAX = 5000  # expired keys reported to the broker per reclaim interval (1 s)
 
 

@@ -16,18 +16,10 @@ from dataclasses import dataclass
 import structlog
 import zmq
 
+from protocol.frames import MDPW, SERVICE, W_DISCONNECT, W_HEARTBEAT, W_READY, pack
 from protocol.process import tune_gc
+from protocol.replication import decode_replication, worker_topic
 from protocol.sockets import send_frames
-from protocol.wire import (
-    MDPW,
-    SERVICE,
-    W_DISCONNECT,
-    W_HEARTBEAT,
-    W_READY,
-    decode_replication,
-    pack,
-    worker_topic,
-)
 from worker.core import WorkerCore
 from worker.store import SlotStore
 

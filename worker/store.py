@@ -23,24 +23,26 @@ from typing import Any
 
 import lmdb
 
-from protocol.wire import (
+from protocol.limits import STREAM_ID_BYTES, STREAM_INCOMPLETE
+from protocol.replication import (
     CHUNK_INDEX,
     COND_ABSENT,
     COND_NONE,
     COND_VERSION,
-    KEY_INLINE_MAX,
     OP_ABORT_STREAM,
     OP_CHUNK,
     OP_DELETE,
     OP_EXPIRE,
     OP_PUT_STREAM,
     OP_REAP,
-    RECORD_HEADER,
-    RECORD_STREAMED,
-    STREAM_ID_BYTES,
     Manifest,
     Replicate,
     WriteOp,
+)
+from worker.records import (
+    KEY_INLINE_MAX,
+    RECORD_HEADER,
+    RECORD_STREAMED,
     decode_record,
     decode_record_header,
     encode_record,
@@ -54,7 +56,6 @@ SLOT_PREFIX = struct.Struct(">H")
 
 # Snapshot entries are (tag + key within the slot, value): records, stored chunks, open streams.
 SNAP_RECORD, SNAP_CHUNK, SNAP_STAGED = b"d", b"b", b"s"
-STREAM_INCOMPLETE = -1  # the answer flag of a stream commit that found chunks missing
 
 
 @dataclass(slots=True, frozen=True)

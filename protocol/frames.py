@@ -1,0 +1,56 @@
+"""Frame layouts of the two Majordomo conversations, and the msgpack codec of their headers.
+
+1. Client <-> broker: MDP/0.2 client framing, service ``kv``.
+   request  ``[MDPC02, 0x01, service, header, *values]``
+   reply    ``[MDPC02, 0x03, service, header, *values]`` (0x02, PARTIAL, for streamed answers)
+2. Worker <-> broker: MDP/0.2 worker framing plus zkv extension commands (>= 0x10).
+
+Headers are msgpack maps. Values always travel as frames of their own so that the broker never
+decodes or copies them. The replication conversation (PUB -> SUB) is in protocol/replication.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+MDPC = b"MDPC02"
+MDPW = b"MDPW02"
+
+# Client commands (RFC 18).
+C_REQUEST = b"\x01"
+C_PARTIAL = b"\x02"
+C_FINAL = b"\x03"
+
+# Worker commands (RFC 18).
+W_READY = b"\x01"
+W_REQUEST = b"\x02"
+W_PARTIAL = b"\x03"
+W_FINAL = b"\x04"
+W_HEARTBEAT = b"\x05"
+W_DISCONNECT = b"\x06"
+# zkv extensions, worker -> broker.
+W_ACK = b"\x10"  # cumulative applied positions (and results of conditional ops)
+W_NACK = b"\x11"  # "I am at (epoch, seq) in this slot and need what follows"
+W_SNAPSHOT_PART = b"\x12"  # a part of a slot snapshot, sent by the donor
+W_EXPIRED = b"\x13"  # keys whose TTL ran out by the broker's clock: the broker sequences their reaping
+# zkv extensions, broker -> worker.
+W_ASSIGN = b"\x20"  # the slots this worker holds
+W_REPLAY = b"\x21"  # a replication message resent point-to-point (gap repair)
+W_SNAPSHOT_REQUEST = b"\x22"  # donor: send a snapshot of this slot
+W_SNAPSHOT_DELIVER = b"\x23"  # receiver: a snapshot part (forwarded from the donor)
+
+SERVICE = b"kv"
+MMI_SERVICE = b"mmi.service"
+MMI_STATUS = b"mmi.status"
+MMI_ADMIN = b"mmi.admin"
+
+
+def pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def unpack(data: bytes) -> Any:
+    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+
