@@ -15,6 +15,8 @@ from typing import Any
 
 import lmdb
 
+from broker.ready import Metadata
+from broker.state import Restored
 from protocol.frames import pack, unpack
 
 SLOT = struct.Struct(">H")
@@ -46,11 +48,6 @@ class MetaStore:
             raw = txn.get(b"cluster", db=self.cluster)
         return unpack(raw) if raw else {}
 
-    def save_cluster(self, info: dict[str, Any]) -> None:
-        with self.env.begin(write=True) as txn:
-            txn.put(b"cluster", pack(info), db=self.cluster)
-        self.env.sync(True)
-
     def next_epoch(self) -> int:
         """Increment and durably store the broker incarnation number."""
         with self.env.begin(write=True) as txn:
@@ -59,6 +56,14 @@ class MetaStore:
             txn.put(b"epoch", str(epoch).encode(), db=self.cluster)
         self.env.sync(True)
         return epoch
+
+    def load(self) -> Restored:
+        return Restored(self.load_cluster(), self.load_workers(), self.load_slots(), self.load_streams())
+
+    def apply(self, md: Metadata, sync: bool) -> None:
+        """Persist what one step of the broker changed (broker/ready.py); fsync if ``sync``."""
+        self.write(workers=md.workers, slots=md.slots, dedup=md.dedup, streams=md.streams,
+                   removed_workers=md.removed_workers, cluster=md.cluster, durable=sync)
 
     # -- workers and slots ----------------------------------------------------------------------
 
@@ -76,9 +81,13 @@ class MetaStore:
         slots: dict[int, dict[str, Any]] | None = None,
         dedup: list[tuple[bytes, int, list[list[int]], list[Any] | None]] | None = None,
         streams: dict[bytes, dict[str, Any] | None] | None = None,
+        removed_workers: list[str] | None = None,
+        cluster: dict[str, Any] | None = None,
         durable: bool = False,
     ) -> None:
         with self.env.begin(write=True) as txn:
+            if cluster is not None:
+                txn.put(b"cluster", pack(cluster), db=self.cluster)
             for stream, info in (streams or {}).items():
                 if info is None:
                     txn.delete(stream, db=self.streams)
@@ -86,6 +95,8 @@ class MetaStore:
                     txn.put(stream, pack(info), db=self.streams)
             for wid, info in (workers or {}).items():
                 txn.put(wid.encode(), pack(info), db=self.workers)
+            for wid in removed_workers or []:
+                txn.delete(wid.encode(), db=self.workers)
             for slot, info in (slots or {}).items():
                 txn.put(SLOT.pack(slot), pack(info), db=self.slots)
             now = time.time()
@@ -98,11 +109,6 @@ class MetaStore:
     def load_streams(self) -> dict[bytes, dict[str, Any]]:
         with self.env.begin() as txn:
             return {bytes(k): unpack(v) for k, v in txn.cursor(db=self.streams)}
-
-    def delete_worker(self, wid: str) -> None:
-        with self.env.begin(write=True) as txn:
-            txn.delete(wid.encode(), db=self.workers)
-        self.env.sync(True)
 
     def lookup_dedup(self, cid: bytes, rid: int) -> tuple[list[list[int]], list[Any] | None] | None:
         """(parts [slot, epoch, seq], results or None) of a write sequenced earlier, if remembered."""

@@ -1,7 +1,8 @@
 """The broker's socket loop: ROUTER frontend (clients), ROUTER backend (workers), PUB replication.
 
 Each turn: take what is waiting on both ROUTERs, let ``BrokerCore`` decide, tick its timers,
-persist the metadata that changed, then publish, send to workers, and answer clients.
+then carry out its Ready (broker/ready.py ``execute``: persist, publish, send to workers, answer
+clients). Only this module touches sockets, the clock and the broker's LMDB.
 """
 
 from __future__ import annotations
@@ -9,13 +10,16 @@ from __future__ import annotations
 import os
 import signal
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import structlog
 import zmq
 
-from broker.core import BrokerConfig, BrokerCore
+from broker.core import BrokerCore
 from broker.meta import MetaStore
+from broker.ready import execute
+from broker.state import TICK_SECONDS, BrokerConfig
 from protocol.limits import MAX_CHUNK_BYTES
 from protocol.process import tune_gc
 from protocol.sockets import send_frames
@@ -23,7 +27,7 @@ from protocol.sockets import send_frames
 log = structlog.get_logger("zkv.broker")
 
 DRAIN_LIMIT = 1000
-TICK = 0.1  # s
+TICK = TICK_SECONDS  # s between calls of BrokerCore.tick
 SYNC_INTERVAL = 1.0  # s between fsyncs of the metadata written without one
 DEDUP_PRUNE_INTERVAL = 300.0
 
@@ -46,7 +50,9 @@ class BrokerServer:
     def __init__(self, cfg: BrokerServerConfig) -> None:
         self.cfg = cfg
         self.meta = MetaStore(os.path.join(cfg.data_dir))
-        self.core = BrokerCore(cfg.core, self.meta)
+        self.core = BrokerCore(cfg.core, self.meta.load(), self.meta.next_epoch(), clock=time.monotonic,
+                               wall_ms=lambda: int(time.time() * 1000), new_id=lambda: uuid.uuid4().bytes,
+                               lookup_dedup=self.meta.lookup_dedup)
         self.ctx = zmq.Context()
         self.frontend = self._router(cfg.endpoints.frontend)
         # A value a little over the limit gets a clear error; a far larger one disconnects its sender
@@ -91,13 +97,11 @@ class BrokerServer:
                     self._drain(self.backend, self.core.on_worker)
                 if self.frontend in events:
                     self._drain(self.frontend, self.core.on_client)
-                self.core.end_turn()
                 now = time.monotonic()
                 if now - last_tick >= TICK:
                     last_tick = now
                     self.core.tick()
-                self.core.persist()
-                self._send_all()
+                self._execute()
                 if now - last_sync >= SYNC_INTERVAL:
                     last_sync = now
                     self.meta.sync()
@@ -123,18 +127,10 @@ class BrokerServer:
             except Exception:  # one bad message must never stop the broker
                 log.exception("message_handling_failed")
 
-    def _send_all(self) -> None:
-        core = self.core
-        for frames in core.take_replication():
-            send_frames(self.pub, frames)
-        if core.out_worker:
-            out, core.out_worker = core.out_worker, []
-            for identity, frames in out:
-                self._route(self.backend, identity, frames)
-        if core.out_client:
-            out, core.out_client = core.out_client, []
-            for identity, frames in out:
-                self._route(self.frontend, identity, frames)
+    def _execute(self) -> None:
+        execute(self.core.ready(), self.meta, publish=lambda frames: send_frames(self.pub, frames),
+                send_worker=lambda identity, frames: self._route(self.backend, identity, frames),
+                send_client=lambda identity, frames: self._route(self.frontend, identity, frames))
 
     def _route(self, sock: zmq.Socket, identity: bytes, frames: list[bytes]) -> None:
         try:
@@ -147,14 +143,13 @@ class BrokerServer:
 
     def shutdown(self) -> None:
         try:
-            self.core.persist()
-            self._send_all()
+            self._execute()
         finally:
             self.meta.close()
             for s in (self.frontend, self.backend, self.pub):
                 s.close(linger=0)
             self.ctx.term()
-            log.info("broker_stopped", epoch=self.core.epoch)
+            log.info("broker_stopped", epoch=self.core.state.epoch)
 
 
 def run_broker(cfg: BrokerServerConfig) -> None:

@@ -12,8 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from broker.core import BrokerConfig, BrokerCore
+from broker.core import BrokerCore
 from broker.meta import MetaStore
+from broker.ready import execute
+from broker.state import BrokerConfig
 from protocol.frames import C_REQUEST, MDPC, MDPW, SERVICE, W_HEARTBEAT, W_READY, pack, unpack
 from protocol.replication import Replicate, decode_replication, worker_topic
 from worker.core import WorkerCore
@@ -75,6 +77,7 @@ class SimCluster:
     def __post_init__(self) -> None:
         self._inc = itertools.count(1)
         self._rid = itertools.count(1)
+        self._ids = itertools.count(1)
         self.broker = self._new_broker()
         self.workers = {f"w{i}": SimWorker(f"w{i}", self.root / f"w{i}") for i in range(1, self.n_workers + 1)}
         for w in self.workers.values():
@@ -86,7 +89,9 @@ class SimCluster:
         cfg = BrokerConfig(slots=self.slots, rf=self.rf, w=self.w, heartbeat=1.0, request_timeout=5.0,
                            grace=self.grace, initial_workers=self.initial_workers,
                            auto_rebalance=self.auto_rebalance)
-        return BrokerCore(cfg, self.meta, clock=lambda: self.t, wall_ms=lambda: self.wall)
+        return BrokerCore(cfg, self.meta.load(), self.meta.next_epoch(), clock=lambda: self.t,
+                          wall_ms=lambda: self.wall, new_id=lambda: next(self._ids).to_bytes(16, "big"),
+                          lookup_dedup=self.meta.lookup_dedup)
 
     # -- faults ---------------------------------------------------------------------------------
 
@@ -125,26 +130,9 @@ class SimCluster:
     def step(self) -> bool:
         """Deliver everything queued once. Returns whether anything moved."""
         b = self.broker
-        b.end_turn()
-        b.persist()
-        moved = False
-        for frames in b.take_replication():
-            w = next(w for w in self.workers.values() if worker_topic(w.wid) == frames[0])
-            for rep in decode_replication(frames):
-                if w.up and w.core is not None and not (self.drop and self.drop(w.wid, rep)):
-                    w.core.on_replicate(rep, self.t)
-            moved = True
-        out, b.out_worker = b.out_worker, []
-        for identity, frames in out:
-            w = self._by_identity(identity)
-            if w is not None and w.core is not None:
-                w.core.on_broker(frames[1], frames[2:], self.t)
-            moved = True
-        cl, b.out_client = b.out_client, []
-        for identity, frames in cl:
-            self.replies.setdefault(identity, []).append(unpack(frames[3]))
-            self.reply_values.setdefault(identity, []).append(frames[4:])
-            moved = True
+        ready = b.ready()
+        moved = bool(ready.replication or ready.workers or ready.client)
+        execute(ready, self.meta, publish=self._publish, send_worker=self._to_worker, send_client=self._to_client)
         for w in self.workers.values():
             if w.up and w.core is not None:
                 w.core.flush()
@@ -156,6 +144,21 @@ class SimCluster:
                     b.on_worker(w.identity, [MDPW, *frames])
                     moved = True
         return moved
+
+    def _publish(self, frames: list[bytes]) -> None:
+        w = next(w for w in self.workers.values() if worker_topic(w.wid) == frames[0])
+        for rep in decode_replication(frames):
+            if w.up and w.core is not None and not (self.drop and self.drop(w.wid, rep)):
+                w.core.on_replicate(rep, self.t)
+
+    def _to_worker(self, identity: bytes, frames: list[bytes]) -> None:
+        w = self._by_identity(identity)
+        if w is not None and w.core is not None:
+            w.core.on_broker(frames[1], frames[2:], self.t)
+
+    def _to_client(self, identity: bytes, frames: list[bytes]) -> None:
+        self.replies.setdefault(identity, []).append(unpack(frames[3]))
+        self.reply_values.setdefault(identity, []).append(frames[4:])
 
     def settle(self, max_steps: int = 1000) -> None:
         for _ in range(max_steps):

@@ -115,7 +115,7 @@ def test_scan_bad_input(sim: SimCluster, fields: dict[str, Any], code: str) -> N
     assert hdr["ok"] is False and hdr["code"] == code, hdr
     assert vals == []
     assert {s: sim.broker.slots[s].last for s in sim.broker.slots} == last
-    assert not sim.broker.scans
+    assert not sim.broker.scans.scans
 
 
 def test_scan_page_is_held_until_what_it_read_commits(sim: SimCluster) -> None:
@@ -147,8 +147,7 @@ def test_scan_redispatched_when_the_worker_dies(sim: SimCluster) -> None:
         sim.put(b"k%02d" % i, b"v")
     # Requests to w2 are lost with it: the broker asks another replica when it declares w2 dead.
     rid = sim.send(b"c1", "scan", prefix=b"k")
-    sim.broker.persist()
-    asked = {wr[0] for scan in sim.broker.scans.values() for wr in scan.asked.values()}
+    asked = {wr[0] for scan in sim.broker.scans.scans.values() for wr in scan.asked.values()}
     assert "w2" in asked
     sim.kill_worker("w2")
     sim.advance(4.0)
@@ -227,7 +226,7 @@ def test_watch_resume_replays_the_changes_made_meanwhile(sim: SimCluster) -> Non
         cursor["s"][ev[2]] = max(cursor["s"][ev[2]], ev[3])
     # The client goes away (its watch expires); writes happen meanwhile.
     sim.advance(11.0)
-    assert not sim.broker.watches
+    assert not sim.broker.watches.watches
     sim.put(b"p2", b"2")
     sim.put(b"p1", b"1b")
     sim.call("delete", key=b"p2")
@@ -252,7 +251,7 @@ def test_watch_resync_when_the_cursor_is_too_old(sim: SimCluster) -> None:
     assert len(msgs) == 1 and msgs[0]["resync"] is True and msgs[0]["ok"] is True
     hot = slot_for_key(key, sim.slots)
     assert msgs[0]["cursor"]["s"][hot] == sim.broker.slots[hot].committed
-    assert not sim.broker.watches
+    assert not sim.broker.watches.watches
     # Resuming from the cursor the resync gave works.
     rid3 = sim.send(b"w", "watch", prefix=b"q", since=msgs[0]["cursor"])
     sim.settle()
@@ -291,7 +290,7 @@ def test_watch_after_broker_restart_resumes_or_resyncs(sim: SimCluster) -> None:
 def test_watch_bad_input(sim: SimCluster, fields: dict[str, Any]) -> None:
     hdr, _ = sim.call("watch", **fields)
     assert hdr["ok"] is False and hdr["code"] == "BAD_REQUEST", hdr
-    assert not sim.broker.watches
+    assert not sim.broker.watches.watches
 
 
 def test_watch_keepalive_of_an_unknown_watch_is_refused(sim: SimCluster) -> None:
@@ -304,7 +303,7 @@ def test_scan_asks_again_when_a_replica_lost_the_slot_meanwhile(sim: SimCluster)
     for k in keys:
         sim.put(k, b"v")
     rid = sim.send(b"c1", "scan", prefix=b"m")
-    scan = next(iter(sim.broker.scans.values()))
+    scan = next(iter(sim.broker.scans.scans.values()))
     wid, slots = next(iter(scan.asked.values()))
     # Before it answers, the asked worker drops one of the slots (as when a move away finishes).
     core = sim.workers[wid].core
@@ -318,9 +317,9 @@ def test_scan_asks_again_when_a_replica_lost_the_slot_meanwhile(sim: SimCluster)
 
 
 def test_watches_are_bounded(sim: SimCluster, monkeypatch: pytest.MonkeyPatch) -> None:
-    import broker.core
+    import broker.watch
 
-    monkeypatch.setattr(broker.core, "MAX_WATCHES", 2)
+    monkeypatch.setattr(broker.watch, "MAX_WATCHES", 2)
     a, b = sim.send(b"a", "watch"), sim.send(b"b", "watch")
     sim.settle()
     assert all(watch_messages(sim, c, r)[0]["n"] == 1 for c, r in ((b"a", a), (b"b", b)))
@@ -330,7 +329,7 @@ def test_watches_are_bounded(sim: SimCluster, monkeypatch: pytest.MonkeyPatch) -
     c = sim.send(b"c", "watch")  # a cancelled watch frees its place
     sim.settle()
     assert watch_messages(sim, b"c", c)[0]["n"] == 1
-    assert len(sim.broker.watches) == 2
+    assert len(sim.broker.watches.watches) == 2
 
 
 def test_watch_session_resumes_from_its_cursor_after_a_lost_message() -> None:

@@ -82,7 +82,7 @@ def test_one_failing_key_does_not_fail_unrelated_reads_batched_in_the_same_turn(
             return _orig(slots_keys, now, with_values)
 
         store.read = read
-    sim.broker._rr = itertools.repeat(0)  # both parts go to the first replica: one batch
+    sim.broker.state.rr = itertools.repeat(0)  # both parts go to the first replica: one batch
     r1 = sim.send(b"c1", "get", key=b"good")
     r2 = sim.send(b"c2", "get", key=bad)
     sim.settle()

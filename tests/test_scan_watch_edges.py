@@ -88,7 +88,7 @@ def test_expired_keys_of_a_slot_without_quorum_do_not_hold_back_other_slots(
         for wid in dead:
             sim.kill_worker(wid)
         sim.advance(4.0)  # both workers declared dead; B still has W live replicas
-        assert sim.broker.live_replicas(sim.broker.slots[b]) >= sim.w
+        assert sim.broker.state.live_replicas(sim.broker.slots[b]) >= sim.w
         for _ in range(5):  # five report rounds, a second apart
             sim.advance(1.0)
             report_all(sim)
@@ -130,11 +130,11 @@ def test_a_malformed_scan_answer_fails_the_page_at_once(sim: SimCluster) -> None
     assert sim.put(b"s1", b"v")["ok"]
     rid = next(sim._rid)
     sim.broker.on_client(b"c1", [MDPC, C_REQUEST, SERVICE, pack({"id": rid, "op": "scan", "prefix": b"s"})])
-    sim.broker.end_turn()
-    token = next(iter(sim.broker.scan_tokens))
-    wid = sim.broker.scan_tokens[token].asked[token][0]
-    sim.broker.out_worker.clear()  # the workers never see the request; one answers nonsense
-    sim.broker._on_scan_reply(wid, token, [pack({"ok": True, "keys": [b"s1"]}), b"v"])
+    sim.broker.reads.end_turn()
+    token = next(iter(sim.broker.scans.tokens))
+    wid = sim.broker.scans.tokens[token].asked[token][0]
+    sim.broker.state.ready.workers.clear()  # the workers never see the request; one answers nonsense
+    sim.broker.scans.on_answer(wid, token, [pack({"ok": True, "keys": [b"s1"]}), b"v"])
     sim.settle()
     got = sim.reply(b"c1", rid)
     assert got is not None and got[0]["ok"] is False and got[0]["code"] == "INTERNAL", got

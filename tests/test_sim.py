@@ -385,7 +385,7 @@ def test_a_joining_worker_receives_about_one_in_n_plus_one_slots(tmp_path: Path)
             if i % 10 == 0:
                 sim.advance(0.2)
         sim.advance(5.0)
-        assert sim.broker.moves == {} and sim.broker.misplaced(sim.t) == []
+        assert sim.broker.moves.moves == {} and sim.broker.moves.misplaced(sim.t) == []
         moved = sim.broker.stats["slots_moved"]
         assert moved == len(sim.broker.workers["w4"].slots)
         assert abs(moved - 32 * 3 / 4) <= 6  # rendezvous: the newcomer's fair share, no more
@@ -411,6 +411,7 @@ def test_drain_moves_every_slot_away_and_remove_needs_a_stopped_drained_worker(t
         sim.kill_worker("w1")
         sim.advance(4.0)
         assert sim.broker.admin({"cmd": "remove", "worker": "w1"})["ok"] is True
+        sim.step()  # the step's Ready persists the removal
         assert "w1" not in sim.broker.workers and "w1" not in sim.meta.load_workers()
         _check_placement(sim, acked)
     finally:
@@ -426,21 +427,21 @@ def test_a_move_whose_target_dies_is_abandoned_and_one_whose_source_dies_complet
         sim.broker.cfg.move_concurrency = 0  # hold the planner while the stage is set
         sim.add_worker("w4")
         sim.broker.cfg.move_concurrency = 8
-        sim.broker._plan_moves(sim.t)  # starts the moves; snapshots are requested, not yet delivered
-        moves = dict(sim.broker.moves)
+        sim.broker.moves.plan(sim.t)  # starts the moves; snapshots are requested, not yet delivered
+        moves = dict(sim.broker.moves.moves)
         assert moves
         sim.kill_worker("w4")  # the target dies mid-move
         sim.advance(4.0)
         assert all(len(sl.replicas) == 3 and not sl.learners for sl in sim.broker.slots.values())
         assert sim.broker.stats["moves_abandoned"] >= len(moves)
         sim.start_worker("w4")
-        sim.broker._plan_moves(sim.t)
-        source = next(iter(sim.broker.moves.values())).remove
+        sim.broker.moves.plan(sim.t)
+        source = next(iter(sim.broker.moves.moves.values())).remove
         sim.kill_worker(source)  # a source dies mid-move: another replica donates
         sim.advance(6.0)
         sim.start_worker(source)
         sim.advance(6.0)
-        assert sim.broker.moves == {} and sim.broker.misplaced(sim.t) == []
+        assert sim.broker.moves.moves == {} and sim.broker.moves.misplaced(sim.t) == []
         _check_placement(sim, acked)
     finally:
         sim.close()
@@ -489,7 +490,7 @@ def test_random_membership_changes_under_faults(tmp_path: Path, seed: int) -> No
         for w in sorted(sim.workers):
             sim.broker.admin({"cmd": "undrain", "worker": w})
         sim.advance(20.0)
-        assert sim.broker.moves == {} and sim.broker.misplaced(sim.t) == [], seed
+        assert sim.broker.moves.moves == {} and sim.broker.moves.misplaced(sim.t) == [], seed
         for s, slot in sim.broker.slots.items():
             assert len(slot.replicas) == 3 and not slot.learners
             copies = [{k: v for k, v in sim.worker_data(w).items() if slot_for_key(k, sim.slots) == s}
@@ -582,14 +583,14 @@ def test_a_message_of_an_older_broker_incarnation_is_never_applied(sim: SimClust
 def test_a_slot_moved_by_hand_moves_and_comes_back(sim: SimCluster) -> None:
     sim.add_worker("w4")
     sim.advance(3.0)
-    assert sim.broker.misplaced(sim.t) == []
+    assert sim.broker.moves.misplaced(sim.t) == []
     slot = next(s for s, sl in sim.broker.slots.items() if "w4" not in sl.replicas)
     src = sim.broker.slots[slot].replicas[0]
     before = sim.broker.stats["slots_moved"]
     assert sim.broker.admin({"cmd": "move", "slot": slot, "from": src, "to": "w4"})["ok"]
     assert sim.broker.admin({"cmd": "move", "slot": slot, "from": src, "to": "w4"})["ok"] is False
     sim.advance(5.0)  # it moves, then auto-rebalance puts it back where placement wants it
-    assert sim.broker.moves == {} and sim.broker.misplaced(sim.t) == []
+    assert sim.broker.moves.moves == {} and sim.broker.moves.misplaced(sim.t) == []
     assert sim.broker.stats["slots_moved"] == before + 2
 
 
@@ -754,8 +755,8 @@ def test_a_read_sent_to_a_replica_that_then_drops_the_slot_is_asked_again(sim: S
     sim.put(b"k", b"v")
     s = slot_for_key(b"k", sim.slots)
     rid = sim.send(b"c1", "get", key=b"k")
-    sim.broker.end_turn()
-    (chosen,) = {wr.worker for wr in sim.broker.worker_reads.values()}
+    sim.broker.reads.end_turn()
+    (chosen,) = {wr.worker for wr in sim.broker.reads.worker_reads.values()}
     w = sim.workers[chosen]
     assert w.core is not None
     # The move that takes the slot away finishes now: the broker's map no longer lists the

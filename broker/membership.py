@@ -1,0 +1,130 @@
+"""Workers joining, living and leaving: READY, heartbeats both ways, liveness, the loss of a
+worker, and forming the cluster once enough workers have registered."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+
+from broker.events import PositionReported, WorkerLost
+from broker.messages import Heartbeat
+from broker.placement import slot_map
+from broker.state import BrokerState, Pos, Slot, Worker
+from protocol.frames import SERVICE, W_DISCONNECT, W_HEARTBEAT, pack, unpack
+
+log = structlog.get_logger("zkv.broker")
+
+
+class Membership:
+    def __init__(self, state: BrokerState) -> None:
+        self.state = state
+
+    def on_ready(self, identity: bytes, body: list[bytes]) -> None:
+        """READY: a worker (re)registers, saying which data it holds and where each slot stands."""
+        try:
+            self._register(identity, body)
+        except Exception as e:
+            log.warning("bad_ready", error=str(e))
+            self.state.ready.to_worker(identity, [W_DISCONNECT])
+
+    def _register(self, identity: bytes, body: list[bytes]) -> None:
+        state = self.state
+        if len(body) < 2 or body[0] != SERVICE:
+            raise ValueError("READY must name service 'kv' and carry an info frame")
+        info = unpack(body[1])
+        wid = str(info["id"])
+        data_id, process = bytes(info["data_id"]), bytes(info.get("process", b""))
+        w = state.workers.get(wid)
+        if w is not None and w.alive and w.identity != identity and w.data_id != data_id:
+            log.error("duplicate_worker_id_refused", worker=wid, detail="a live worker with this id holds other data")
+            state.ready.to_worker(identity, [W_DISCONNECT])
+            return
+        if w is None:
+            w = state.workers[wid] = Worker(id=wid)
+        if w.identity is not None and w.identity != identity:
+            state.by_identity.pop(w.identity, None)
+            self.lose(w, "replaced by a new connection")
+        if w.data_id and w.data_id != data_id:
+            log.warning("worker_data_replaced", worker=wid,
+                        detail="same id, different data directory: its slots are re-filled")
+        w.data_id, w.process, w.identity, w.alive = data_id, process, identity, True
+        w.last_seen, w.last_seen_wall = state.clock(), state.wall_ms() / 1000
+        w.keys, w.disk_bytes = int(info.get("keys", 0)), int(info.get("disk_bytes", 0))
+        state.by_identity[identity] = wid
+        state.worker_changed(w)
+        reported = {int(s): Pos(int(q), int(e)) for s, e, q in info.get("positions", [])}
+        log.info("worker_ready", worker=wid, slots_with_data=len(reported))
+        if not state.slots:
+            self._maybe_form_cluster()
+            return
+        state.send_assign(w)
+        for s in w.slots:
+            state.emit(PositionReported(state.slots[s], wid, reported.get(s, Pos())))
+
+    def _maybe_form_cluster(self) -> None:
+        state, cfg = self.state, self.state.cfg
+        alive = sorted(w.id for w in state.workers.values() if w.alive)
+        need = max(cfg.rf, cfg.initial_workers)
+        if len(alive) < need:
+            log.info("waiting_for_workers", alive=len(alive), need=need)
+            return
+        for s, reps in slot_map(cfg.slots, alive, cfg.rf).items():
+            slot = Slot(s, reps)
+            for wid in reps:
+                slot.applied[wid] = Pos()
+                state.workers[wid].slots.add(s)
+            state.slots[s] = slot
+            state.slot_changed(slot)
+        for wid in alive:
+            state.worker_changed(state.workers[wid])
+        state.cluster_id = state.new_id()
+        state.ready.metadata.cluster = {"formed": True, "slots": cfg.slots, "rf": cfg.rf, "id": state.cluster_id}
+        state.ready.must_sync = True  # the slot map is durable before any worker acts on it
+        log.info("cluster_formed", workers=alive, slots=cfg.slots, rf=cfg.rf)
+        for wid in alive:
+            state.send_assign(state.workers[wid])
+
+    def seen(self, w: Worker) -> None:
+        w.last_seen = self.state.clock()
+        w.last_seen_wall = self.state.wall_ms() / 1000
+
+    def on_heartbeat(self, w: Worker, msg: Heartbeat) -> None:
+        st: dict[str, Any] | None = msg.stats
+        if st:
+            w.keys, w.disk_bytes = int(st.get("keys", 0)), int(st.get("disk_bytes", 0))
+            w.applied, w.commits = int(st.get("applied", 0)), int(st.get("commits", 0))
+            if "clock_ms" in st:
+                w.clock_offset_ms = int(st["clock_ms"]) - self.state.wall_ms()
+
+    def refuse(self, w: Worker, why: str) -> None:
+        """A protocol error: the worker is told to reconnect and counts as lost meanwhile."""
+        self.state.to_worker(w, [W_DISCONNECT])
+        self.lose(w, why)
+
+    def lose(self, w: Worker, why: str) -> None:
+        if not w.alive:
+            return
+        log.warning("worker_lost", worker=w.id, reason=why)
+        w.alive = False
+        w.dead_since = self.state.clock()
+        if w.identity is not None:
+            self.state.by_identity.pop(w.identity, None)
+        w.identity = None
+        self.state.worker_changed(w)
+        self.state.emit(WorkerLost(w))
+
+    def tick(self, now: float) -> None:
+        """Declare silent workers lost; heartbeat the others when nothing else was sent to them."""
+        state = self.state
+        expiry = state.cfg.heartbeat * state.cfg.liveness
+        hb = [W_HEARTBEAT, pack({"now": state.wall_ms()})]
+        for w in list(state.workers.values()):
+            if not w.alive:
+                continue
+            if now - w.last_seen > expiry:
+                self.lose(w, f"silent for {now - w.last_seen:.1f}s")
+                continue
+            if now - w.last_sent >= state.cfg.heartbeat:
+                state.to_worker(w, hb)
+

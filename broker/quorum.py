@@ -1,0 +1,33 @@
+"""The commit rule, as a pure function (etcd-io/raft's ``quorum.MajorityConfig.CommittedIndex``).
+
+A write at seq q of a slot is committed when W of the slot's replicas have applied (fsynced) a
+position at or past q. So the committed seq is the W-th highest applied seq among the replicas
+that count, capped by the last seq the broker sequenced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from broker.events import Committed
+from broker.state import BrokerState, Slot
+
+
+def committed_seq(applied: Iterable[int], w: int, last: int) -> int | None:
+    """The highest seq that ``w`` of these applied seqs reach, at most ``last``; None when fewer
+    than ``w`` replicas count (nothing can be said to be committed by them)."""
+    seqs = sorted(applied, reverse=True)
+    if len(seqs) < w:
+        return None
+    return min(seqs[w - 1], last)
+
+
+def advance(state: BrokerState, slot: Slot) -> None:
+    """Apply the commit rule to the slot's replicas; emit ``Committed`` if its committed seq rose."""
+    new = committed_seq((p.seq for w, p in slot.applied.items() if p is not None and w in slot.replicas),
+                        state.cfg.w, slot.last.seq)
+    if new is None or new <= slot.committed:
+        return
+    prev, slot.committed = slot.committed, new
+    state.slot_changed(slot)
+    state.emit(Committed(slot, prev, new))

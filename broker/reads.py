@@ -1,0 +1,186 @@
+"""Point reads (get, exists, mget, ttl): one replica per slot, chosen by ``BrokerState.choose_replica``,
+and an answer held back until what it shows is committed.
+
+A read goes to a live replica whose applied position is at or past the slot's committed seq; the
+replica answers with the version it read, and an answer newer than the committed seq is held until
+that version commits. So a read never misses an acknowledged write and never shows one that could
+still be lost. All reads of one turn of the loop to one worker travel in one request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import structlog
+
+from broker.answers import answer
+from broker.events import Committed, ReplicaAdvanced, WorkerLost
+from broker.messages import Answer, KvRequest, Unavailable
+from broker.requests import Request, RequestTable
+from broker.state import BrokerState
+from protocol.errors import ErrorCode
+from protocol.frames import W_REQUEST, pack, unpack
+from protocol.replication import slot_for_key
+
+log = structlog.get_logger("zkv.broker")
+
+
+@dataclass
+class ReadPart:
+    request: Request
+    slot: int
+    indices: list[int]
+    need: int = 0  # highest version in the answer; released once committed >= need
+    floor: int = 0  # the slot's committed seq when the part was sent: a replica below it lost the slot
+
+
+@dataclass
+class WorkerRead:
+    worker: str
+    parts: list[ReadPart]
+    keys: list[tuple[int, int]]  # (part index, key index in request)
+
+
+class Reads:
+    def __init__(self, state: BrokerState, requests: RequestTable) -> None:
+        self.state = state
+        self.requests = requests
+        self.queue: list[ReadPart] = []  # reads of this turn of the loop, not yet sent
+        self.worker_reads: dict[bytes, WorkerRead] = {}  # by request token
+        self.waiting: dict[int, list[ReadPart]] = {}  # slot -> parts no replica qualifies for yet
+        self.held: dict[int, list[ReadPart]] = {}  # slot -> answered parts waiting for commit
+
+    def start(self, identity: bytes, msg: KvRequest) -> None:
+        state = self.state
+        req = Request.of(identity, msg, state.clock() + state.cfg.request_timeout)
+        by_slot: dict[int, list[int]] = {}
+        for i, k in enumerate(req.keys):
+            by_slot.setdefault(slot_for_key(k, state.cfg.slots), []).append(i)
+        for s in by_slot:
+            if state.slots[s].recovering:
+                raise Unavailable(ErrorCode.UNAVAILABLE, f"slot {s} is recovering after a broker restart")
+        parts = [ReadPart(req, s, idx) for s, idx in by_slot.items()]
+        req.outstanding = len(parts)
+        self.requests.add(req)
+        # Dispatched at the end of the loop's turn (end_turn), together with every other read of
+        # the turn: one REQUEST per worker carries them all, one LMDB transaction answers them.
+        self.queue.extend(parts)
+
+    def end_turn(self) -> None:
+        if self.queue:
+            parts, self.queue = self.queue, []
+            self.dispatch(parts)
+
+    def dispatch(self, parts: list[ReadPart]) -> None:
+        state = self.state
+        per_worker: dict[str, list[ReadPart]] = {}
+        for part in parts:
+            if part.request.done:
+                continue
+            slot = state.slots[part.slot]
+            wid = state.choose_replica(slot)
+            if wid is None:
+                if not state.any_replica_alive(slot):
+                    self.requests.fail(part.request, ErrorCode.UNAVAILABLE, f"no live replica of slot {part.slot}")
+                else:
+                    self.waiting.setdefault(part.slot, []).append(part)
+                continue
+            part.floor = slot.committed
+            per_worker.setdefault(wid, []).append(part)
+        now_ms = state.wall_ms()
+        for wid, wparts in per_worker.items():
+            keys: list[tuple[int, int]] = []
+            wire_keys = []
+            for pi, part in enumerate(wparts):
+                for i in part.indices:
+                    keys.append((pi, i))
+                    wire_keys.append([part.slot, part.request.keys[i]])
+            token = state.token()
+            self.worker_reads[token] = WorkerRead(wid, wparts, keys)
+            op = "exists" if all(p.request.op in ("exists", "ttl") for p in wparts) else "get"
+            state.to_worker(state.workers[wid], [W_REQUEST, token, b"",
+                                                 pack({"op": op, "keys": wire_keys, "now": now_ms})])
+
+    def on_answer(self, wid: str, msg: Answer) -> None:
+        wr = self.worker_reads.get(msg.token)
+        if wr is None or wr.worker != wid:
+            return  # (an answer from another worker must not cancel the outstanding read)
+        del self.worker_reads[msg.token]
+        hdr = unpack(msg.body[0])
+        if not hdr.get("ok"):
+            log.error("worker_read_failed", worker=wid, code=hdr.get("code"), message=hdr.get("message"))
+            if len(wr.parts) > 1:
+                # Reads of several requests shared this REQUEST: ask again for each on its own, so
+                # that whatever failed fails only its own request.
+                for part in wr.parts:
+                    self.dispatch([part])
+                return
+            self.requests.fail(wr.parts[0].request, ErrorCode.INTERNAL, f"worker {wid}: {hdr.get('message')}")
+            return
+        values = msg.body[1:]
+        streamed = hdr.get("streamed") or [False] * len(wr.keys)
+        applied = {int(s): int(q) for s, q in hdr.get("applied", [])}
+        # A replica that holds less of a slot than was committed when it was asked has lost the
+        # slot meanwhile (a move finished and it dropped it): its answer is void, ask another.
+        lost = [p for p in wr.parts if p.slot in applied and applied[p.slot] < p.floor]
+        void = {id(p) for p in lost}
+        for n, (pi, i) in enumerate(wr.keys):
+            part = wr.parts[pi]
+            if id(part) in void:
+                continue
+            found, version = hdr["found"][n], hdr["versions"][n]
+            part.request.results[i] = (found, version, values[n] if found else b"", hdr["expire"][n], streamed[n])
+            part.need = max(part.need, version)
+        if lost:
+            log.info("read_redirected", worker=wid, slots=sorted({p.slot for p in lost}))
+            self.queue.extend(lost)
+        for part in wr.parts:
+            if id(part) in void:
+                continue
+            if part.need > self.state.slots[part.slot].committed:
+                self.held.setdefault(part.slot, []).append(part)  # seen on this replica, not yet committed
+            else:
+                self._part_done(part)
+
+    def _part_done(self, part: ReadPart) -> None:
+        req = part.request
+        if req.done:
+            return
+        req.outstanding -= 1
+        if req.outstanding == 0:
+            req.done = True
+            self.state.stats["reads_served"] += 1
+            self.requests.remove(req)
+            answer(self.state, req, req.identity)
+
+    # -- events ----------------------------------------------------------------------------------
+
+    def on_committed(self, ev: Committed) -> None:
+        held = self.held.get(ev.slot.id)
+        if held:
+            ready = [p for p in held if p.need <= ev.upto]
+            self.held[ev.slot.id] = [p for p in held if p.need > ev.upto]
+            for p in ready:
+                self._part_done(p)
+
+    def on_replica_advanced(self, ev: ReplicaAdvanced) -> None:
+        waiting = self.waiting.pop(ev.slot.id, None)
+        if waiting:
+            self.dispatch(waiting)
+
+    def on_worker_lost(self, ev: WorkerLost) -> None:
+        redo: list[ReadPart] = []
+        for token, wr in list(self.worker_reads.items()):
+            if wr.worker == ev.worker.id:
+                del self.worker_reads[token]
+                redo.extend(wr.parts)
+        if redo:
+            self.dispatch(redo)
+
+    def tick(self) -> None:
+        """Forget parts of requests that were answered meanwhile (timed out, failed)."""
+        for table in (self.waiting, self.held):
+            for s in [s for s, parts in table.items() if not parts]:
+                del table[s]
+            for s, parts in table.items():
+                table[s] = [p for p in parts if not p.request.done]

@@ -1,0 +1,52 @@
+"""Sequencing: a slot's next seq, its epoch history, the in-memory tail, the replication batch.
+
+Every write the broker publishes goes through ``sequence``: client writes (broker/writes.py) and
+the writes the broker decides on its own (``sequence_unanswered``: stream aborts, reaps)."""
+
+from __future__ import annotations
+
+from broker.requests import Request, WriteBatch
+from broker.state import BrokerState, Pos, Slot, TailEntry
+from protocol.replication import Replicate, WriteOp
+
+TAIL_ENTRIES = 512  # per slot, kept in memory for gap repair
+TAIL_BYTES = 256 * 1024  # per slot (committed entries; uncommitted ones are all kept)
+
+
+def sequence(state: BrokerState, slot: Slot, ops: list[WriteOp], values: list[bytes], now_ms: int) -> int:
+    """Stamp one write batch (slot, epoch, seq), keep it in the tail, publish it to the slot's
+    replicas and learners. Returns its seq."""
+    seq = slot.last.seq + 1
+    epoch = state.epoch
+    if not slot.epochs or slot.epochs[-1][0] != epoch:
+        slot.epochs.append((epoch, seq))
+    rep = Replicate(slot.id, epoch, seq, slot.last.epoch, slot.committed, now_ms, ops, values)
+    frames = rep.frames()
+    entry = TailEntry(seq, epoch, slot.last.epoch, frames, sum(len(f) for f in frames))
+    for wid in slot.replicas + slot.learners:
+        if state.alive(wid):
+            state.ready.publish(wid, frames)
+    slot.tail.append(entry)
+    slot.tail_bytes += entry.size
+    # Trim only what is committed: an uncommitted write may be on no replica at all yet (a PUB
+    # message lost to every subscriber), and then the tail is the only copy that can repair it.
+    # broker/writes.py bounds the uncommitted backlog instead.
+    while (len(slot.tail) > 1 and slot.tail[0].seq <= slot.committed
+           and (len(slot.tail) > TAIL_ENTRIES or slot.tail_bytes > TAIL_BYTES)):
+        slot.tail_bytes -= slot.tail.popleft().size
+    slot.last = Pos(seq, epoch)
+    slot.last_write = state.clock()
+    state.slot_changed(slot)
+    return seq
+
+
+def sequence_unanswered(state: BrokerState, slot: Slot, op: str, ops: list[WriteOp]) -> int:
+    """A write the broker decides on its own (aborting a stream its client left, reaping expired
+    keys): sequenced, replicated and committed like any other, answered to nobody. The caller has
+    checked that the slot can take writes. Returns its seq."""
+    req = Request(0, b"", b"", op, float("inf"), [o.key for o in ops], [None] * len(ops),
+                  outstanding=1, done=True)
+    seq = sequence(state, slot, ops, [b""] * len(ops), state.wall_ms())
+    slot.pending[seq] = WriteBatch(req, list(range(len(ops))))
+    req.parts.append([slot.id, state.epoch, seq])
+    return seq

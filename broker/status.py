@@ -1,0 +1,50 @@
+"""What ``zkv status`` shows (service mmi.status): the cluster, each worker, slots that lack
+replicas, moves in flight, counters."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from broker.state import BrokerState, Worker
+
+
+def behind(state: BrokerState, w: Worker) -> int:
+    """Slots of this worker that have not applied everything committed (or await a snapshot)."""
+    n = 0
+    for s in w.slots:
+        slot = state.slots.get(s)
+        if slot is not None:
+            p = slot.applied.get(w.id)
+            n += p is None or p.seq < slot.committed
+    return n
+
+
+def report(state: BrokerState, moves: list[dict[str, Any]], misplaced: int, open_streams: int) -> dict[str, Any]:
+    now_wall = state.wall_ms() / 1000
+    cfg = state.cfg
+    under = [s.id for s in state.slots.values() if s.recovering or state.live_replicas(s) < len(s.replicas)]
+    return {
+        "epoch": state.epoch,
+        "formed": bool(state.slots),
+        "slots": cfg.slots,
+        "rf": cfg.rf,
+        "w": cfg.w,
+        "max_value": cfg.max_value,
+        "max_stream": cfg.max_stream,
+        "workers": [
+            {"id": w.id, "state": "alive" if w.alive else "dead",
+             "last_heartbeat_ago": round(now_wall - w.last_seen_wall, 3) if w.last_seen_wall else None,
+             "slots": len(w.slots), "keys": w.keys, "disk_bytes": w.disk_bytes,
+             "behind_slots": behind(state, w), "clock_offset_ms": w.clock_offset_ms,
+             "applied": w.applied, "commits": w.commits, "draining": w.draining,
+             "learning": len(w.learning)}
+            for w in sorted(state.workers.values(), key=lambda w: w.id)
+        ],
+        "under_replicated_slots": under,
+        "recovering_slots": sum(1 for s in state.slots.values() if s.recovering),
+        "committed_writes": sum(s.committed for s in state.slots.values()),
+        "moves": moves,
+        "misplaced_slots": misplaced,
+        "open_streams": open_streams,
+        **state.stats,
+    }
