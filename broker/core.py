@@ -33,24 +33,15 @@ from broker.events import (
 from broker.expiry import Expiry
 from broker.membership import Membership
 from broker.messages import (
-    Ack,
-    Answer,
-    Disconnect,
-    Expired,
-    Heartbeat,
     Invalid,
     KvRequest,
     Limits,
     MmiRequest,
-    Nack,
     Refused,
     ScanRequest,
-    SnapshotPart,
     Unavailable,
-    UnknownCommand,
     WatchRequest,
     decode_client,
-    decode_worker,
 )
 from broker.moves import Moves
 from broker.reads import Reads
@@ -64,6 +55,17 @@ from broker.state import BrokerConfig, BrokerState, Restored, Worker
 from broker.status import report
 from broker.streams import Streams
 from broker.watch import Watches
+from broker.worker_messages import (
+    Ack,
+    Answer,
+    Disconnect,
+    Expired,
+    Heartbeat,
+    Nack,
+    SnapshotPart,
+    UnknownCommand,
+    decode_worker,
+)
 from broker.writes import DedupLookup, Writes
 from protocol.errors import ErrorCode
 from protocol.frames import (

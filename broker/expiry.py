@@ -5,9 +5,9 @@ so every replica deletes them at the same place in the slot's order and watches 
 from __future__ import annotations
 
 from broker.events import Committed
-from broker.messages import Expired
 from broker.sequencer import sequence_unanswered
 from broker.state import BrokerState, Worker
+from broker.worker_messages import Expired
 from protocol.replication import COND_VERSION, OP_REAP, WriteOp
 
 MAX_REAPING = 100_000  # expired keys whose reaping is sequenced and not yet committed

@@ -8,9 +8,9 @@ from typing import Any
 import structlog
 
 from broker.events import PositionReported, WorkerLost
-from broker.messages import Heartbeat
 from broker.placement import slot_map
 from broker.state import BrokerState, Pos, Slot, Worker
+from broker.worker_messages import Heartbeat
 from protocol.frames import SERVICE, W_DISCONNECT, W_HEARTBEAT, pack, unpack
 
 log = structlog.get_logger("zkv.broker")

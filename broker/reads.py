@@ -15,9 +15,10 @@ import structlog
 
 from broker.answers import answer
 from broker.events import Committed, ReplicaAdvanced, WorkerLost
-from broker.messages import Answer, KvRequest, Unavailable
+from broker.messages import KvRequest, Unavailable
 from broker.requests import Request, RequestTable
 from broker.state import BrokerState
+from broker.worker_messages import Answer
 from protocol.errors import ErrorCode
 from protocol.frames import W_REQUEST, pack, unpack
 from protocol.replication import slot_for_key

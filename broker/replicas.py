@@ -8,9 +8,9 @@ import structlog
 
 from broker.events import MoveAbandoned, PositionReported, RepairNeeded, ReplicaAdvanced, WorkerLost
 from broker.history import in_history
-from broker.messages import Ack, Nack, SnapshotPart
 from broker.quorum import advance
 from broker.state import TICK_SECONDS, BrokerState, Pos, Slot, Transfer, Worker
+from broker.worker_messages import Ack, Nack, SnapshotPart
 from protocol.frames import W_REPLAY, W_SNAPSHOT_DELIVER, W_SNAPSHOT_REQUEST, pack
 
 log = structlog.get_logger("zkv.broker")

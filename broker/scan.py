@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from broker.events import Committed, WorkerLost
-from broker.messages import ScanRequest, Unavailable
+from broker.messages import ScanRequest
 from broker.replies import error, manifest_field, reply
 from broker.state import BrokerState
 from protocol.errors import ErrorCode
@@ -44,16 +44,6 @@ class Scan:
     done: bool = False
 
 
-def serving_all_slots(state: BrokerState) -> None:
-    """Refuse a request that needs every slot (scan, watch) while any cannot serve."""
-    if not state.slots:
-        raise Unavailable(ErrorCode.UNAVAILABLE, f"cluster not formed: waiting for {state.cfg.rf} workers to register")
-    recovering = [s for s, sl in state.slots.items() if sl.recovering]
-    if recovering:
-        raise Unavailable(ErrorCode.UNAVAILABLE,
-                          f"{len(recovering)} slots recovering after a broker restart (slot {recovering[0]}, ...)")
-
-
 class Scans:
     def __init__(self, state: BrokerState) -> None:
         self.state = state
@@ -62,7 +52,7 @@ class Scans:
 
     def start(self, identity: bytes, msg: ScanRequest) -> None:
         state = self.state
-        serving_all_slots(state)
+        state.require_all_slots()
         scan = Scan(msg.rid, identity, state.clock() + state.cfg.request_timeout, msg.prefix, msg.start_after,
                     msg.limit, msg.values, state.wall_ms(), waiting=set(state.slots))
         self.scans[id(scan)] = scan

@@ -15,7 +15,9 @@ from typing import Any
 
 import structlog
 
+from broker.messages import Unavailable
 from broker.ready import Ready
+from protocol.errors import ErrorCode
 from protocol.frames import W_ASSIGN, pack
 from protocol.limits import DEFAULT_MAX_STREAM_BYTES, DEFAULT_MAX_VALUE_BYTES, DEFAULT_SLOTS, MAX_KEY_BYTES
 
@@ -229,6 +231,16 @@ class BrokerState:
 
     def any_replica_alive(self, slot: Slot) -> bool:
         return any(self.alive(w) for w in slot.replicas)
+
+    def require_all_slots(self) -> None:
+        """Refuse a request that needs every slot (scan, watch) while any cannot serve."""
+        if not self.slots:
+            raise Unavailable(ErrorCode.UNAVAILABLE,
+                              f"cluster not formed: waiting for {self.cfg.rf} workers to register")
+        recovering = [s for s, sl in self.slots.items() if sl.recovering]
+        if recovering:
+            raise Unavailable(ErrorCode.UNAVAILABLE,
+                              f"{len(recovering)} slots recovering after a broker restart (slot {recovering[0]}, ...)")
 
     # -- output --------------------------------------------------------------------------------
 

@@ -14,11 +14,12 @@ from typing import Any
 import structlog
 
 from broker.events import ChunkCommitted, WorkerLost
-from broker.messages import Answer, Invalid, KvRequest, Unavailable
+from broker.messages import Invalid, KvRequest, Unavailable
 from broker.replies import partial, reply
 from broker.requests import Request, RequestTable
 from broker.sequencer import sequence_unanswered
 from broker.state import BrokerState, Slot
+from broker.worker_messages import Answer
 from protocol.errors import ErrorCode
 from protocol.frames import W_REQUEST, pack, unpack
 from protocol.replication import OP_ABORT_STREAM, WriteOp, slot_for_key

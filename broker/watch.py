@@ -12,7 +12,6 @@ import structlog
 from broker.events import Committed, HistoryRewritten
 from broker.messages import Unavailable, WatchRequest
 from broker.replies import manifest_field, partial, reply
-from broker.scan import serving_all_slots
 from broker.state import BrokerState, Slot
 from protocol.errors import ErrorCode
 from protocol.frames import unpack
@@ -83,7 +82,7 @@ class Watches:
                                   "no such watch (it expired or the broker restarted): open it again with since")
             w.last_heard = now
             return
-        serving_all_slots(state)
+        state.require_all_slots()
         if key not in self.watches and len(self.watches) >= MAX_WATCHES:
             raise Unavailable(ErrorCode.UNAVAILABLE, f"too many watches ({MAX_WATCHES}); try again later")
         w = Watch(identity, msg.rid, msg.prefix, last_heard=now)
