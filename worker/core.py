@@ -1,7 +1,7 @@
 """The worker's decision logic, free of sockets: which replication messages to apply, when a gap
-needs repair, how snapshots are installed, what to acknowledge.
+needs repair, how snapshots are installed, what to acknowledge, and how it registers.
 
-The I/O loop (worker/server.py) feeds messages in and sends what ``outbox``
+The I/O loop (worker/server.py, or tests/sim.py) feeds messages in and sends what ``outbox``
 collects. Rule: the store commits a batch (fsync) *before* the ACK for it is queued; an ACK never
 runs ahead of the disk. Reads are answered by worker/serve.py, snapshots sent by worker/donor.py;
 messages that cannot be applied yet wait in worker/held.py.
@@ -9,18 +9,21 @@ messages that cannot be applied yet wait in worker/held.py.
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 
 import lmdb
 import structlog
 
 from protocol.frames import (
+    SERVICE,
     W_ACK,
     W_ASSIGN,
     W_DISCONNECT,
     W_EXPIRED,
     W_HEARTBEAT,
     W_NACK,
+    W_READY,
     W_REPLAY,
     W_REQUEST,
     W_SNAPSHOT_DELIVER,
@@ -52,9 +55,11 @@ class SnapshotInProgress:
 
 
 class WorkerCore:
-    def __init__(self, worker_id: str, store: SlotStore) -> None:
+    def __init__(self, worker_id: str, store: SlotStore, process_id: bytes | None = None) -> None:
         self.worker_id = worker_id
         self.store = store
+        # New for every process: READY tells the broker a restart from a reconnect of the same one.
+        self.process_id = process_id or uuid.uuid4().bytes
         # Positions including messages accepted into the batch that is not yet committed.
         self.pos: dict[int, Position] = dict(store.positions)
         self.assigned: set[int] = set()
@@ -268,8 +273,34 @@ class WorkerCore:
             self.store.drop_slot(slot)
             self.pos[slot] = Position()
 
+    # -- registration ---------------------------------------------------------------------------
+
+    def reconnect(self) -> list[bytes]:
+        """Start a new registration with the broker, on a new connection (the first one, after a
+        silent broker, after DISCONNECT, after a broker restart). Returns READY's frames (after
+        the MDPW02 header), to be sent on that connection before anything in ``outbox``.
+
+        The accepted batch is committed first, so the positions READY reports are on disk."""
+        self.reconnect_requested = False
+        self.flush()
+        self.on_reconnect()
+        return self.ready_frames()
+
     def on_reconnect(self) -> None:
         """A new registration (READY) is under way: until its ASSIGN arrives, apply nothing."""
         self.broker_epoch = None
         for slot in list(self.snapshots):
             self._abandon_snapshot(slot)
+
+    def ready_frames(self) -> list[bytes]:
+        """READY: who this worker is (id, data directory, process) and the committed position of
+        every slot it has data for, with its store's stats."""
+        st = self.store
+        info = {
+            "id": self.worker_id,
+            "data_id": st.data_id,
+            "process": self.process_id,
+            "positions": [[s, p.epoch, p.seq] for s, p in st.positions.items()],
+            **st.stats(),
+        }
+        return [W_READY, SERVICE, pack(info)]

@@ -10,13 +10,12 @@ import os
 import random
 import signal
 import time
-import uuid
 from dataclasses import dataclass
 
 import structlog
 import zmq
 
-from protocol.frames import MDPW, SERVICE, W_DISCONNECT, W_HEARTBEAT, W_READY, pack
+from protocol.frames import MDPW, W_DISCONNECT, W_HEARTBEAT, pack
 from protocol.process import tune_gc
 from protocol.replication import decode_replication, worker_topic
 from protocol.sockets import send_frames
@@ -91,13 +90,11 @@ class WorkerServer:
         self.broker_seen = 0.0
         self.last_heartbeat = 0.0
         self.stopping = False
-        self.process_id = uuid.uuid4().bytes
 
     # -- connection to the broker ---------------------------------------------------------------
 
     def connect(self) -> None:
-        # Commit what was accepted before, so the positions READY reports stay true.
-        self.core.flush()
+        ready = self.core.reconnect()
         if self.dealer is not None:
             self.poller.unregister(self.dealer)
             self.dealer.close(linger=0)
@@ -107,15 +104,7 @@ class WorkerServer:
         self.dealer.setsockopt(zmq.RCVHWM, 0)
         self.dealer.connect(self.cfg.broker)
         self.poller.register(self.dealer, zmq.POLLIN)
-        self.core.on_reconnect()
-        info = {
-            "id": self.cfg.worker_id,
-            "data_id": self.store.data_id,
-            "process": self.process_id,
-            "positions": [[s, p.epoch, p.seq] for s, p in self.store.positions.items()],
-            **self.store.stats(),
-        }
-        self.send([W_READY, SERVICE, pack(info)])
+        self.send(ready)
         self.broker_seen = time.monotonic()
         log.info("ready_sent", broker=self.cfg.broker, id=self.cfg.worker_id,
                  slots_with_data=len(self.store.positions))
@@ -237,7 +226,6 @@ class WorkerServer:
         self.core.on_broker(cmd, body, now)
         self.flush_outbox()
         if self.core.reconnect_requested:
-            self.core.reconnect_requested = False
             log.warning("broker_disconnected_us_reconnecting")
             time.sleep(0.2)  # do not spin if the broker keeps refusing (duplicate id)
             self.connect()
