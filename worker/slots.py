@@ -28,7 +28,7 @@ def half_installed(txn: lmdb.Transaction, t: Tables) -> list[int]:
 
 
 def _meta_entries(txn: lmdb.Transaction, t: Tables, kind: bytes) -> list[tuple[int, bytes]]:
-    out = []
+    out: list[tuple[int, bytes]] = []
     cur = txn.cursor(db=t.meta)
     if cur.set_range(kind):
         for k, v in cur:
