@@ -6,7 +6,6 @@ messages are delivered, dropped or delayed; no sockets, no sleeping, fully repea
 from __future__ import annotations
 
 import itertools
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +15,7 @@ from broker.core import BrokerCore
 from broker.meta import MetaStore
 from broker.ready import execute
 from broker.state import BrokerConfig
-from protocol.frames import C_REQUEST, MDPC, MDPW, SERVICE, W_HEARTBEAT, W_READY, pack, unpack
+from protocol.frames import C_REQUEST, MDPC, MDPW, SERVICE, W_HEARTBEAT, pack, unpack
 from protocol.replication import Replicate, decode_replication, worker_topic
 from worker.core import WorkerCore
 from worker.records import decode_record
@@ -32,13 +31,11 @@ class SimWorker:
     core: WorkerCore | None = None
     identity: bytes = b""
     up: bool = False
-    process: bytes = b""
 
     def start(self, incarnation: int) -> None:
         store = SlotStore(str(self.path), map_size=1 << 28, sync=False)
         self.core = WorkerCore(self.wid, store)
         self.identity = f"{self.wid}#{incarnation}".encode()
-        self.process = uuid.uuid4().bytes
         self.up = True
 
     def stop(self) -> None:
@@ -47,12 +44,11 @@ class SimWorker:
         self.core = None
         self.up = False
 
-    def ready_frames(self) -> list[bytes]:
+    def reconnect(self, incarnation: int) -> list[bytes]:
+        """As the real worker does: a new socket (identity), and READY from the core's reconnect."""
         assert self.core is not None
-        st = self.core.store
-        info = {"id": self.wid, "data_id": st.data_id, "process": self.process,
-                "positions": [[s, p.epoch, p.seq] for s, p in st.positions.items()], **st.stats()}
-        return [MDPW, W_READY, SERVICE, pack(info)]
+        self.identity = f"{self.wid}#{incarnation}".encode()
+        return [MDPW, *self.core.reconnect()]
 
 
 @dataclass
@@ -98,7 +94,8 @@ class SimCluster:
     def start_worker(self, wid: str) -> None:
         w = self.workers[wid]
         w.start(next(self._inc))
-        self.broker.on_worker(w.identity, w.ready_frames())
+        assert w.core is not None
+        self.broker.on_worker(w.identity, [MDPW, *w.core.reconnect()])
 
     def add_worker(self, wid: str) -> None:
         """A new worker joins the running cluster."""
@@ -114,10 +111,8 @@ class SimCluster:
         self.broker = self._new_broker()
         for w in self.workers.values():  # workers notice and re-register
             if w.up:
-                assert w.core is not None
-                w.identity = f"{w.wid}#{next(self._inc)}".encode()
-                w.core.on_reconnect()
-                self.broker.on_worker(w.identity, w.ready_frames())
+                ready = w.reconnect(next(self._inc))
+                self.broker.on_worker(w.identity, ready)
 
     # -- delivery -------------------------------------------------------------------------------
 
@@ -199,11 +194,8 @@ class SimCluster:
             self.wall += int(tick * 1000)
             for w in self.workers.values():
                 if w.up and w.core is not None and w.core.reconnect_requested:
-                    # As the real worker does: a new socket (identity) and READY again.
-                    w.core.reconnect_requested = False
-                    w.identity = f"{w.wid}#{next(self._inc)}".encode()
-                    w.core.on_reconnect()
-                    self.broker.on_worker(w.identity, w.ready_frames())
+                    ready = w.reconnect(next(self._inc))
+                    self.broker.on_worker(w.identity, ready)
                 if w.up and w.core is not None:
                     w.core.retry_stalled_repairs(self.t)
                     self.broker.on_worker(w.identity, [MDPW, W_HEARTBEAT])

@@ -166,14 +166,14 @@ def test_a_chunk_for_a_committed_stream_id_changes_nothing(tmp_path: Path) -> No
 def test_a_learner_holds_a_bounded_number_of_bytes_while_its_snapshot_is_pending(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Chunk replies wait only for in-sync *replicas*: a learner (or a replica receiving a
-    snapshot) keeps every replication message of the slot in WorkerCore.held (limit: 10,000
+    snapshot) keeps every replication message of the slot in HeldMessages (limit: 10,000
     messages, whatever their size: up to 10,000 x 8 MiB) while the client streams at full speed."""
-    import worker.core
+    import worker.held
     from protocol.frames import W_SNAPSHOT_PART
     from protocol.replication import slot_for_key
     from tests.sim import SimCluster
 
-    monkeypatch.setattr(worker.core, "MAX_HELD_BYTES", 16 * 100_000)  # 64 MiB in production
+    monkeypatch.setattr(worker.held, "MAX_HELD_BYTES", 16 * 100_000)  # 64 MiB in production
 
     sim = SimCluster(tmp_path, n_workers=4, slots=4, auto_rebalance=False)
     try:
@@ -192,7 +192,7 @@ def test_a_learner_holds_a_bounded_number_of_bytes_while_its_snapshot_is_pending
             assert hdr["ok"], hdr  # nothing slows the client down
         core = sim.workers[spare].core
         assert core is not None
-        held = sum(len(v) for r in core.held.get(s, {}).values() for v in r.values)
+        held = sum(len(v) for r in core.held.by_slot.get(s, {}).values() for v in r.values)
         assert held <= 16 * len(chunk), f"learner holds {held} bytes of chunks in memory"
     finally:
         sim.intercept = None

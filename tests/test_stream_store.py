@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from protocol.limits import STREAM_INCOMPLETE
 from protocol.replication import (
     COND_ABSENT,
     OP_ABORT_STREAM,
@@ -20,7 +21,7 @@ from protocol.replication import (
     WriteOp,
     chunk_key,
 )
-from worker.store import STREAM_INCOMPLETE, Position, SlotStore
+from worker.store import Position, SlotStore
 
 pytestmark = pytest.mark.timeout(60)
 

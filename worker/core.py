@@ -1,60 +1,46 @@
 """The worker's decision logic, free of sockets: which replication messages to apply, when a gap
-needs repair, how snapshots are installed, what to acknowledge.
+needs repair, how snapshots are installed, what to acknowledge, and how it registers.
 
-The I/O loop (worker/server.py) feeds messages in and sends what ``outbox`` collects. Rule: the
-store commits a batch (fsync) *before* the ACK for it is queued; an ACK never runs ahead of the disk.
+The I/O loop (worker/server.py, or tests/sim.py) feeds messages in and sends what ``outbox``
+collects. Rule: the store commits a batch (fsync) *before* the ACK for it is queued; an ACK never
+runs ahead of the disk. Reads are answered by worker/serve.py, snapshots sent by worker/donor.py;
+messages that cannot be applied yet wait in worker/held.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Generator
+import uuid
 from dataclasses import dataclass
 
 import lmdb
 import structlog
 
 from protocol.frames import (
+    SERVICE,
     W_ACK,
     W_ASSIGN,
     W_DISCONNECT,
     W_EXPIRED,
-    W_FINAL,
     W_HEARTBEAT,
     W_NACK,
-    W_PARTIAL,
+    W_READY,
     W_REPLAY,
     W_REQUEST,
     W_SNAPSHOT_DELIVER,
-    W_SNAPSHOT_PART,
     W_SNAPSHOT_REQUEST,
     pack,
     unpack,
 )
-from protocol.limits import MAX_CHUNKS_PER_READ, SCAN_MAX_BYTES
 from protocol.replication import Replicate
+from worker import serve
+from worker.donor import Donations
+from worker.held import HeldMessages
 from worker.store import Position, SlotStore
 
 log = structlog.get_logger("zkv.worker")
 
 NACK_INTERVAL = 0.5  # s between repair requests for one slot
-MAX_HELD_PER_SLOT = 10_000  # out-of-order messages kept while a gap is repaired
-MAX_HELD_BYTES = 64 << 20  # and their values in all (a learner behind a stream of large chunks)
-SNAPSHOT_PART_BYTES = 1 << 20
-DONATION_IDLE = 30.0  # s before an abandoned snapshot's read transaction is closed
 EXPIRED_REPORT_MAX = 5000  # expired keys reported to the broker per reclaim interval (1 s)
-
-
-def _value_bytes(rep: Replicate) -> int:
-    return sum(len(v) for v in rep.values)
-
-
-@dataclass
-class Donation:
-    slot: int
-    pos: Position
-    records: Generator[tuple[bytes, bytes], None, None]
-    next_part: int
-    last_used: float
 
 
 @dataclass
@@ -69,18 +55,19 @@ class SnapshotInProgress:
 
 
 class WorkerCore:
-    def __init__(self, worker_id: str, store: SlotStore) -> None:
+    def __init__(self, worker_id: str, store: SlotStore, process_id: bytes | None = None) -> None:
         self.worker_id = worker_id
         self.store = store
+        # New for every process: READY tells the broker a restart from a reconnect of the same one.
+        self.process_id = process_id or uuid.uuid4().bytes
         # Positions including messages accepted into the batch that is not yet committed.
         self.pos: dict[int, Position] = dict(store.positions)
         self.assigned: set[int] = set()
         self.batch: list[Replicate] = []
-        self.held: dict[int, dict[int, Replicate]] = {}
-        self.held_bytes = 0  # value bytes of every held message (kept as they come and go)
+        self.held = HeldMessages()
         self.last_nack: dict[int, float] = {}
         self.snapshots: dict[int, SnapshotInProgress] = {}  # receiving, by slot
-        self.donations: dict[bytes, Donation] = {}  # sending, by transfer token
+        self.donations = Donations(store)  # sending
         self.outbox: list[list[bytes]] = []  # frames after the MDPW02 header
         self.broker_now = 0  # latest broker wall clock seen (ms); decides reclaiming of TTLs
         self.applied_total = 0  # replication batches applied (for status: group commit at work)
@@ -95,17 +82,7 @@ class WorkerCore:
     def on_broker(self, cmd: bytes, body: list[bytes], now: float) -> None:
         """One command from the broker's DEALER conversation (after the MDPW02 frame)."""
         if cmd == W_REQUEST:
-            token = body[0]
-            try:
-                req = unpack(body[2])
-                if req.get("op") == "chunks":
-                    partials, reply = self.serve_chunks(token, req)
-                    self.outbox.extend(partials)
-                else:
-                    reply = self.serve_read(req)
-            except Exception as e:  # a malformed read request gets an error answer, nothing else
-                reply = [pack({"ok": False, "code": "BAD_REQUEST", "message": str(e)})]
-            self.outbox.append([W_FINAL, token, b"", *reply])
+            self.outbox.extend(serve.answer(self.store, body))
         elif cmd == W_REPLAY:
             self.on_replicate(Replicate.decode(body[0], body[1:]), now)
         elif cmd == W_HEARTBEAT:
@@ -115,61 +92,14 @@ class WorkerCore:
             self.on_assign_message(unpack(body[0]))
         elif cmd == W_SNAPSHOT_REQUEST:
             info = unpack(body[0])
-            self.outbox.append(self.snapshot_part(int(info["slot"]), bytes(info["token"]),
-                                                  int(info.get("part", 0)), now))
+            self.outbox.append(self.donations.part(int(info["slot"]), bytes(info["token"]),
+                                                   int(info.get("part", 0)), now))
         elif cmd == W_SNAPSHOT_DELIVER:
             self.on_snapshot_part(unpack(body[0]), body[1:], now)
         elif cmd == W_DISCONNECT:
             self.reconnect_requested = True
         else:
             log.warning("unknown_broker_command", command=cmd.hex())
-
-    def serve_read(self, req: dict) -> list[bytes]:
-        """Answer a read from committed state. A miss reports the slot's applied seq as its version,
-        so the broker can hold the answer back until that position is committed."""
-        if req.get("op") == "scan":
-            return self.serve_scan(req)
-        slots_keys = [(int(s), bytes(k)) for s, k in req["keys"]]
-        results = self.store.read(slots_keys, int(req["now"]), with_values=req.get("op") != "exists")
-        hdr = {
-            "ok": True,
-            "found": [r.found for r in results],
-            "versions": [r.version for r in results],
-            "expire": [r.expire_at for r in results],
-            # What this replica holds of each slot asked about: a slot it lost since the broker
-            # chose it (dropped after a move) shows a position below what the broker counted.
-            "applied": [[s, self.store.position(s).seq] for s in {s for s, _ in slots_keys}],
-        }
-        if any(r.streamed for r in results):
-            hdr["streamed"] = [r.streamed for r in results]  # their value frame is the manifest
-        return [pack(hdr), *[r.value for r in results]]
-
-    def serve_chunks(self, token: bytes, req: dict) -> tuple[list[list[bytes]], list[bytes]]:
-        """Chunks of a streamed value, one PARTIAL each, as many as the request's credit allows,
-        then the FINAL's body: how many were sent (fewer than asked: the end, or the value is gone)."""
-        slot, first, count = int(req["slot"]), int(req["first"]), int(req["count"])
-        stream = bytes(req["stream"])
-        if first < 0 or not 0 < count <= MAX_CHUNKS_PER_READ:
-            raise ValueError(f"first must be >= 0 and count 1..{MAX_CHUNKS_PER_READ}")
-        chunks = self.store.read_chunks(slot, stream, first, count)
-        partials = [[W_PARTIAL, token, b"", pack({"index": first + i}), c] for i, c in enumerate(chunks)]
-        return partials, [pack({"ok": True, "sent": len(chunks)})]
-
-    # -- scan -----------------------------------------------------------------------------------
-
-    def serve_scan(self, req: dict) -> list[bytes]:
-        """One worker's share of a scan page: its slots' matching entries merged in key order,
-        and each slot's applied seq (the broker holds the page until those are committed)."""
-        prefix, start_after = bytes(req["prefix"]), req.get("start_after")
-        with_values = bool(req.get("values", True))
-        res = self.store.scan([int(s) for s in req["slots"]], prefix,
-                              None if start_after is None else bytes(start_after), int(req["limit"]),
-                              int(req["now"]), with_values, int(req.get("max_bytes", SCAN_MAX_BYTES)))
-        hdr = {"ok": True, "keys": [e.key for e in res.entries], "versions": [e.version for e in res.entries],
-               "complete": res.complete, "applied": [[s, q] for s, q in res.applied.items()]}
-        if with_values and any(e.streamed for e in res.entries):
-            hdr["streamed"] = [e.streamed for e in res.entries]  # their value frame is the manifest
-        return [pack(hdr), *([e.value for e in res.entries] if with_values else [])]
 
     # -- expiry ---------------------------------------------------------------------------------
 
@@ -211,14 +141,7 @@ class WorkerCore:
             self._drain_held(rep.slot)
             return
         # A gap, a diverged history, or a snapshot being installed: hold it and ask for repair.
-        held = self.held.setdefault(rep.slot, {})
-        old = held.pop(rep.seq, None)  # a later copy of a seq replaces the earlier (another epoch's)
-        if old is not None:
-            self.held_bytes -= _value_bytes(old)
-        size = _value_bytes(rep)
-        if len(held) < MAX_HELD_PER_SLOT and self.held_bytes + size <= MAX_HELD_BYTES:
-            held[rep.seq] = rep  # else dropped: the repair sends it again (tail or snapshot)
-            self.held_bytes += size
+        self.held.hold(rep)
         if rep.slot not in self.snapshots:
             self._request_repair(rep.slot, now)
 
@@ -227,18 +150,8 @@ class WorkerCore:
         self.pos[rep.slot] = Position(rep.epoch, rep.seq)
 
     def _drain_held(self, slot: int) -> None:
-        held = self.held.get(slot)
-        while held:
-            cur = self.position(slot)
-            for seq in [s for s in held if s <= cur.seq]:
-                self.held_bytes -= _value_bytes(held.pop(seq))
-            nxt = held.get(cur.seq + 1)
-            if nxt is None or nxt.prev_epoch != cur.epoch:
-                break
-            self.held_bytes -= _value_bytes(held.pop(nxt.seq))
+        while (nxt := self.held.take_next(slot, self.position(slot))) is not None:
             self._accept(nxt)
-        if held is not None and not held:
-            del self.held[slot]
 
     def _request_repair(self, slot: int, now: float) -> None:
         if now - self.last_nack.get(slot, -1e9) < NACK_INTERVAL:
@@ -249,8 +162,8 @@ class WorkerCore:
 
     def retry_stalled_repairs(self, now: float) -> None:
         """Ask again for slots still holding messages past a gap (a lost NACK or replay)."""
-        self.close_idle_donations(now)
-        for slot in list(self.held):
+        self.donations.close_idle(now)
+        for slot in self.held.slots():
             if slot not in self.snapshots:
                 self._request_repair(slot, now)
 
@@ -310,50 +223,11 @@ class WorkerCore:
         added, removed = new - self.assigned, self.assigned - new
         self.assigned = new
         for s in removed:
-            self.held_bytes -= sum(_value_bytes(r) for r in self.held.pop(s, {}).values())
+            self.held.discard(s)
             self._abandon_snapshot(s)
         return added, removed
 
-    # -- snapshots ------------------------------------------------------------------------------
-
-    def snapshot_part(self, slot: int, token: bytes, part: int, now: float) -> list[bytes]:
-        """Donor side: part ``part`` (about 1 MiB) of a consistent snapshot of ``slot``. Part 0
-        opens a read transaction that later parts continue, so all parts come from one cut."""
-        hdr: dict = {"slot": slot, "token": token, "part": part}
-        if part == 0:
-            self._close_donation(token)
-            pos, totals, records = self.store.snapshot(slot)
-            self.donations[token] = Donation(slot, pos, records, 0, now)
-            hdr["total_keys"], hdr["total_bytes"] = totals
-        d = self.donations.get(token)
-        if d is None or d.slot != slot or d.next_part != part:
-            hdr["error"] = "unknown snapshot or part out of order"
-            return [W_SNAPSHOT_PART, pack(hdr)]
-        frames: list[bytes] = []
-        size = 0
-        last = True
-        for key, record in d.records:
-            frames += [key, record]
-            size += len(key) + len(record)
-            if size >= SNAPSHOT_PART_BYTES:
-                last = False
-                break
-        d.next_part += 1
-        d.last_used = now
-        if last:
-            self._close_donation(token)
-        hdr.update({"last": last, "epoch": d.pos.epoch, "seq": d.pos.seq})
-        return [W_SNAPSHOT_PART, pack(hdr), *frames]
-
-    def _close_donation(self, token: bytes) -> None:
-        d = self.donations.pop(token, None)
-        if d is not None:
-            d.records.close()  # ends the read transaction
-
-    def close_idle_donations(self, now: float) -> None:
-        for token, d in list(self.donations.items()):
-            if now - d.last_used > DONATION_IDLE:
-                self._close_donation(token)
+    # -- snapshots received ------------------------------------------------------------------------------
 
     def on_snapshot_part(self, hdr: dict, frames: list[bytes], now: float) -> None:
         slot = int(hdr["slot"])
@@ -387,7 +261,7 @@ class WorkerCore:
                  entries=snap.entries)
         self.outbox.append([W_ACK, pack({"pos": [[slot, snap.pos.epoch, snap.pos.seq]], "res": [], "snap": token})])
         self._drain_held(slot)
-        if self.held.get(slot):
+        if self.held.has_messages(slot):
             self._request_repair(slot, now)
 
     def _abandon_snapshot(self, slot: int) -> None:
@@ -399,8 +273,34 @@ class WorkerCore:
             self.store.drop_slot(slot)
             self.pos[slot] = Position()
 
+    # -- registration ---------------------------------------------------------------------------
+
+    def reconnect(self) -> list[bytes]:
+        """Start a new registration with the broker, on a new connection (the first one, after a
+        silent broker, after DISCONNECT, after a broker restart). Returns READY's frames (after
+        the MDPW02 header), to be sent on that connection before anything in ``outbox``.
+
+        The accepted batch is committed first, so the positions READY reports are on disk."""
+        self.reconnect_requested = False
+        self.flush()
+        self.on_reconnect()
+        return self.ready_frames()
+
     def on_reconnect(self) -> None:
         """A new registration (READY) is under way: until its ASSIGN arrives, apply nothing."""
         self.broker_epoch = None
         for slot in list(self.snapshots):
             self._abandon_snapshot(slot)
+
+    def ready_frames(self) -> list[bytes]:
+        """READY: who this worker is (id, data directory, process) and the committed position of
+        every slot it has data for, with its store's stats."""
+        st = self.store
+        info = {
+            "id": self.worker_id,
+            "data_id": st.data_id,
+            "process": self.process_id,
+            "positions": [[s, p.epoch, p.seq] for s, p in st.positions.items()],
+            **st.stats(),
+        }
+        return [W_READY, SERVICE, pack(info)]

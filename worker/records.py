@@ -1,5 +1,16 @@
-"""The worker's on-disk record layout (LMDB). Snapshots carry records verbatim between workers.
+"""The worker's on-disk layout: how the keys of its LMDB databases are built and what their values
+hold. Snapshots carry records verbatim between workers, so a change here is a change of the
+snapshot protocol too.
 
+Every key except meta's ids begins with the slot (SLOT_PREFIX), so a slot is one key range per
+database:
+
+- ``data``: storage key (slot + key suffix) -> record (RECORD_HEADER, the long key, the value)
+- ``expiry``: EXPIRY_KEY (expire_at, slot) + key suffix -> b"": the TTL index, soonest first
+- ``blobs``: slot + stream id + chunk index -> one chunk of a streamed value
+- ``staged``: slot + stream id -> b"": a stream whose value is not committed yet
+- ``meta``: b"p" + slot -> POSITION; b"i" + slot -> b"" while a snapshot install of the slot is
+  half done; b"uuid" -> this data directory's id; b"cluster" -> the cluster's id
 """
 
 from __future__ import annotations
@@ -7,6 +18,15 @@ from __future__ import annotations
 import hashlib
 import struct
 from dataclasses import dataclass
+
+SLOT_PREFIX = struct.Struct(">H")
+POSITION = struct.Struct(">QQ")  # epoch, seq
+EXPIRY_KEY = struct.Struct(">QH")  # expire_at, slot (then the key suffix)
+
+META_POSITION = b"p"
+META_INSTALLING = b"i"
+META_DATA_ID = b"uuid"
+META_CLUSTER = b"cluster"
 
 # LMDB keys are at most 511 bytes. Keys up to KEY_INLINE_MAX bytes are stored as they are (so a
 # slot's records are in key order); a longer key is stored as its first KEY_INLINE_MAX bytes plus
@@ -17,6 +37,14 @@ RECORD_HEADER = struct.Struct(">QQH")  # version (slot seq of the last write), e
 # length of the whole key kept in the record (0 when the key is stored inline), with the top bit
 # set when the value is streamed (the record then holds the stream's manifest, not the value)
 RECORD_STREAMED = 0x8000
+
+
+@dataclass(slots=True, frozen=True)
+class Position:
+    """How far a slot's history has been applied: the last write batch's (epoch, seq)."""
+
+    epoch: int = 0
+    seq: int = 0
 
 
 @dataclass(slots=True)
@@ -37,7 +65,25 @@ def key_suffix(key: bytes) -> bytes:
 
 def storage_key(slot: int, key: bytes) -> bytes:
     """Worker LMDB key: slot (2 bytes BE) then the key (or its long form), so a slot is one key range."""
-    return struct.pack(">H", slot) + key_suffix(key)
+    return SLOT_PREFIX.pack(slot) + key_suffix(key)
+
+
+def expiry_key(expire_at: int, slot: int, suffix: bytes) -> bytes:
+    """The expiry index entry of the record stored under ``slot + suffix``."""
+    return EXPIRY_KEY.pack(expire_at, slot) + suffix
+
+
+def meta_key(kind: bytes, slot: int) -> bytes:
+    """A slot's entry in ``meta``: META_POSITION or META_INSTALLING."""
+    return kind + SLOT_PREFIX.pack(slot)
+
+
+def encode_position(pos: Position) -> bytes:
+    return POSITION.pack(pos.epoch, pos.seq)
+
+
+def decode_position(raw: bytes | None) -> Position:
+    return Position(*POSITION.unpack(raw)) if raw else Position()
 
 
 def encode_record(version: int, expire_at: int, key: bytes, value: bytes, streamed: bool = False) -> bytes:
@@ -51,10 +97,15 @@ def decode_record_header(record: bytes) -> tuple[int, int]:
     return version, expire_at
 
 
-def decode_record(record: bytes) -> Record:
+def is_streamed(record: bytes) -> bool:
+    return bool(RECORD_HEADER.unpack_from(record)[2] & RECORD_STREAMED)
+
+
+def decode_record(record: bytes, with_value: bool = True) -> Record:
+    """The record's fields; ``with_value=False`` leaves the value out (b""), not copying it."""
     version, expire_at, klen = RECORD_HEADER.unpack_from(record)
     streamed = bool(klen & RECORD_STREAMED)
     klen &= ~RECORD_STREAMED
     start = RECORD_HEADER.size
-    return Record(version, expire_at, bytes(record[start : start + klen]), bytes(record[start + klen :]), streamed)
-
+    value = bytes(record[start + klen :]) if with_value else b""
+    return Record(version, expire_at, bytes(record[start : start + klen]), value, streamed)

@@ -6,20 +6,19 @@ batch (group commit: one transaction, one fsync), send one cumulative ACK, heart
 
 from __future__ import annotations
 
-import os
-import random
 import signal
 import time
-import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
 import zmq
 
-from protocol.frames import MDPW, SERVICE, W_DISCONNECT, W_HEARTBEAT, W_READY, pack
+from protocol.frames import MDPW, W_DISCONNECT, W_HEARTBEAT, pack
 from protocol.process import tune_gc
 from protocol.replication import decode_replication, worker_topic
 from protocol.sockets import send_frames
+from worker import faults
 from worker.core import WorkerCore
 from worker.store import SlotStore
 
@@ -39,44 +38,30 @@ class WorkerConfig:
     heartbeat: float = 1.0
     liveness: int = 3
     map_size: int = 1 << 36
-    # Test hooks, set only by tests: drop replication messages; offset this process's clock.
+    # Test options, set only by tests; worker/faults.py turns them into hooks for the loop.
     drop_replication: str = ""
     clock_skew_ms: int = 0
 
 
-class ReplicationDropper:
-    """Test hook: drops chosen replication messages (``every=N`` or ``prob=P``)."""
+# Called with each replication message's frames before it is decoded; False drops it.
+ReplicationFilter = Callable[[list[bytes]], bool]
 
-    def __init__(self, spec: str) -> None:
-        self.every = 0
-        self.prob = 0.0
-        self.count = 0
-        self.dropped = 0
-        self.rng = random.Random(os.getpid())
-        for part in filter(None, spec.split(",")):
-            name, _, val = part.partition("=")
-            if name == "every":
-                self.every = int(val)
-            elif name == "prob":
-                self.prob = float(val)
-            else:
-                raise ValueError(f"unknown drop spec {part!r}")
 
-    def drop(self) -> bool:
-        self.count += 1
-        hit = (self.every and self.count % self.every == 0) or (self.prob and self.rng.random() < self.prob)
-        if hit:
-            self.dropped += 1
-        return bool(hit)
+def system_wall_ms() -> int:
+    """The wall clock the worker reports to the broker, which shows the skew in status; it decides
+    nothing: expiry follows the broker's clock alone."""
+    return int(time.time() * 1000)
 
 
 class WorkerServer:
-    def __init__(self, cfg: WorkerConfig) -> None:
+    def __init__(self, cfg: WorkerConfig, replication_filter: ReplicationFilter | None = None,
+                 wall_ms: Callable[[], int] = system_wall_ms) -> None:
         self.cfg = cfg
         self.ctx = zmq.Context()
         self.store = SlotStore(cfg.data_dir, map_size=cfg.map_size)
         self.core = WorkerCore(cfg.worker_id, self.store)
-        self.dropper = ReplicationDropper(cfg.drop_replication) if cfg.drop_replication else None
+        self.replication_filter = replication_filter
+        self.wall_ms = wall_ms
         self.sub = self.ctx.socket(zmq.SUB)
         self.sub.setsockopt(zmq.RCVHWM, 0)  # queue at the subscriber rather than drop at the PUB
         self.sub.setsockopt(zmq.SNDHWM, 100_000)  # >1000 subscriptions resent on reconnect
@@ -91,13 +76,11 @@ class WorkerServer:
         self.broker_seen = 0.0
         self.last_heartbeat = 0.0
         self.stopping = False
-        self.process_id = uuid.uuid4().bytes
 
     # -- connection to the broker ---------------------------------------------------------------
 
     def connect(self) -> None:
-        # Commit what was accepted before, so the positions READY reports stay true.
-        self.core.flush()
+        ready = self.core.reconnect()
         if self.dealer is not None:
             self.poller.unregister(self.dealer)
             self.dealer.close(linger=0)
@@ -107,23 +90,10 @@ class WorkerServer:
         self.dealer.setsockopt(zmq.RCVHWM, 0)
         self.dealer.connect(self.cfg.broker)
         self.poller.register(self.dealer, zmq.POLLIN)
-        self.core.on_reconnect()
-        info = {
-            "id": self.cfg.worker_id,
-            "data_id": self.store.data_id,
-            "process": self.process_id,
-            "positions": [[s, p.epoch, p.seq] for s, p in self.store.positions.items()],
-            **self.store.stats(),
-        }
-        self.send([W_READY, SERVICE, pack(info)])
+        self.send(ready)
         self.broker_seen = time.monotonic()
         log.info("ready_sent", broker=self.cfg.broker, id=self.cfg.worker_id,
                  slots_with_data=len(self.store.positions))
-
-    def wall_clock_ms(self) -> int:
-        """This worker's wall clock (with the test offset). Reported to the broker, which shows the
-        skew in status; it decides nothing: expiry follows the broker's clock alone."""
-        return int(time.time() * 1000) + self.cfg.clock_skew_ms
 
     def send(self, frames: list[bytes]) -> None:
         assert self.dealer is not None
@@ -160,7 +130,7 @@ class WorkerServer:
                 if now - self.last_heartbeat >= self.cfg.heartbeat:
                     # Every interval, busy or idle: it carries the stats `zkv status` shows.
                     self.last_heartbeat = now
-                    self.send([W_HEARTBEAT, pack({**self.store.stats(), "clock_ms": self.wall_clock_ms(),
+                    self.send([W_HEARTBEAT, pack({**self.store.stats(), "clock_ms": self.wall_ms(),
                                                       "applied": self.core.applied_total,
                                                       "commits": self.core.commits})])
                 if now - self.broker_seen > self.cfg.heartbeat * self.cfg.liveness:
@@ -205,7 +175,7 @@ class WorkerServer:
                 frames = self.sub.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            if self.dropper and self.dropper.drop():
+            if self.replication_filter is not None and not self.replication_filter(frames):
                 continue
             try:
                 batches = decode_replication(frames)
@@ -237,11 +207,12 @@ class WorkerServer:
         self.core.on_broker(cmd, body, now)
         self.flush_outbox()
         if self.core.reconnect_requested:
-            self.core.reconnect_requested = False
             log.warning("broker_disconnected_us_reconnecting")
             time.sleep(0.2)  # do not spin if the broker keeps refusing (duplicate id)
             self.connect()
 
 
 def run_worker(cfg: WorkerConfig) -> None:
-    WorkerServer(cfg).run()
+    hooks = faults.hooks(cfg.drop_replication, cfg.clock_skew_ms)
+    WorkerServer(cfg, replication_filter=hooks.replication_filter,
+                 wall_ms=hooks.wall_ms or system_wall_ms).run()

@@ -1,0 +1,115 @@
+"""Applying replication batches: every op of every batch, and the slots' new positions, in one
+LMDB write transaction, whose commit is the fsync. A position on disk therefore always describes
+exactly the data on disk.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lmdb
+
+from protocol.limits import STREAM_INCOMPLETE
+from protocol.replication import (
+    COND_ABSENT,
+    COND_NONE,
+    COND_VERSION,
+    OP_ABORT_STREAM,
+    OP_CHUNK,
+    OP_DELETE,
+    OP_EXPIRE,
+    OP_PUT_STREAM,
+    OP_REAP,
+    Manifest,
+    Replicate,
+    WriteOp,
+)
+from worker import chunks
+from worker.expiry import apply_reap
+from worker.records import (
+    META_POSITION,
+    SLOT_PREFIX,
+    Position,
+    decode_record,
+    decode_record_header,
+    encode_position,
+    encode_record,
+    expiry_key,
+    key_suffix,
+    meta_key,
+)
+from worker.tables import Tables
+
+# Per batch whose answer depends on what the replica found: (slot, seq, [[flag, version before], ...]).
+BatchResults = list[tuple[int, int, list[list[Any]]]]
+
+
+def apply_batch(t: Tables, batch: list[Replicate]) -> tuple[BatchResults, dict[int, Position]]:
+    """Apply sequenced writes in one transaction (one fsync). The caller has checked order.
+
+    Returns the new positions of the touched slots and, for batches whose answer depends on what
+    the replica found (deletes, TTL changes, conditional writes), ``(slot, seq, [[flag, version
+    before], ...])`` with one entry per op: flag is "the key existed" for a plain delete or
+    expire, "the condition held" for a conditional op. Every replica computes the same answers:
+    they apply the same history and judge expiry by the broker's clock carried in the batch.
+    """
+    results: BatchResults = []
+    positions: dict[int, Position] = {}
+    with t.env.begin(write=True) as txn:
+        for rep in batch:
+            found = [_apply_op(txn, t, rep, op, value) for op, value in zip(rep.ops, rep.values, strict=True)]
+            if any(op.needs_result for op in rep.ops):
+                results.append((rep.slot, rep.seq, found))
+            pos = Position(rep.epoch, rep.seq)
+            positions[rep.slot] = pos
+            txn.put(meta_key(META_POSITION, rep.slot), encode_position(pos), db=t.meta)
+    return results, positions
+
+
+def _apply_op(txn: lmdb.Transaction, t: Tables, rep: Replicate, op: WriteOp, value: bytes) -> list[Any]:
+    if op.op == OP_CHUNK:
+        return chunks.stage_chunk(txn, t, rep.slot, op.key, value)
+    if op.op == OP_ABORT_STREAM:
+        return [chunks.drop_staged(txn, t, rep.slot, op.key), 0]
+    if op.op == OP_REAP:
+        return apply_reap(txn, t, rep, op)
+    suffix = key_suffix(op.key)
+    sk = SLOT_PREFIX.pack(rep.slot) + suffix
+    old = txn.get(sk, db=t.data)
+    old_version, old_exp = decode_record_header(old) if old is not None else (0, 0)
+    live = old is not None and (old_exp == 0 or old_exp > rep.now)
+    if op.cond == COND_ABSENT:
+        held = not live
+    elif op.cond == COND_VERSION:
+        held = live and old_version == op.expected
+    else:
+        held = True
+    answer: list[Any] = [held if op.cond != COND_NONE else live, old_version if live else 0]
+    if op.op == OP_PUT_STREAM:
+        manifest = Manifest.decode(value)
+        if not chunks.stream_complete(txn, t, rep.slot, manifest):
+            chunks.drop_staged(txn, t, rep.slot, manifest.stream)
+            return [STREAM_INCOMPLETE, answer[1]]
+        if not held:
+            chunks.drop_staged(txn, t, rep.slot, manifest.stream)
+            return answer
+        chunks.commit_stream(txn, t, rep.slot, manifest.stream)
+    if not held or (op.op == OP_EXPIRE and not live):
+        return answer
+    if old is not None and old_exp:
+        txn.delete(expiry_key(old_exp, rep.slot, suffix), db=t.expiry)
+    streamed = op.op == OP_PUT_STREAM
+    if op.op == OP_EXPIRE:
+        assert old is not None
+        kept = decode_record(old)
+        value, streamed = kept.value, kept.streamed
+    elif old is not None:
+        chunks.drop_record_chunks(txn, t, rep.slot, old)
+    if op.op == OP_DELETE:
+        if old is not None:
+            txn.delete(sk, db=t.data)
+        return answer
+    txn.put(sk, encode_record(rep.seq, op.expire_at, op.key, value, streamed), db=t.data)
+    if op.expire_at:
+        txn.put(expiry_key(op.expire_at, rep.slot, suffix), b"", db=t.expiry)
+    return answer
