@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import Cluster
-from tests.sim import SimCluster
+from tests.support.cluster import Cluster
+from tests.support.sim import SimCluster
 
 
 @pytest.fixture
@@ -28,7 +28,7 @@ def cluster_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator:
 
 @pytest.fixture
 def sim(tmp_path: Path) -> Iterator[SimCluster]:
-    """The in-memory cluster of tests/sim.py: the broker and worker cores, real LMDB, no sockets."""
+    """The in-memory cluster of tests/support/sim.py: the broker and worker cores, real LMDB, no sockets."""
     s = SimCluster(tmp_path)
     yield s
     s.close()

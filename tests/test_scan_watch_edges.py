@@ -9,8 +9,8 @@ import pytest
 
 from protocol.frames import C_REQUEST, MDPC, SERVICE, pack
 from protocol.replication import slot_for_key
-from tests.helpers import keys_in_slot
-from tests.sim import SimCluster
+from tests.support.helpers import keys_in_slot
+from tests.support.sim import SimCluster
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -1,8 +1,8 @@
 """Fault injection: a concurrent register workload runs while a nemesis kills, pauses and cuts off
 processes; afterwards every key's history must be linearizable and no acknowledged write lost.
 
-Each scenario: start a cluster (3 workers, RF=3, W=2, heartbeats 0.3 s), run ``tests.workload``
-(10 clients, 8 keys, put 40 % / get 35 % / delete 25 %, up to ~500 ops/s) while ``tests.nemesis``
+Each scenario: start a cluster (3 workers, RF=3, W=2, heartbeats 0.3 s), run ``tests.support.workload``
+(10 clients, 8 keys, put 40 % / get 35 % / delete 25 %, up to ~500 ops/s) while ``tests.support.nemesis``
 injects faults at random, heal everything, wait until the cluster is fully replicated (every
 worker alive, no slot recovering, under-replicated or behind), read every key (those reads join
 the history), then check:
@@ -39,12 +39,12 @@ from pathlib import Path
 import pytest
 
 from protocol.replication import slot_for_key
-from tests.cluster import wait_for
-from tests.helpers import worker_records
-from tests.linearizability import Op, check_history, lost_writes
-from tests.nemesis import FAULT_KINDS, FaultCluster, Nemesis, NemesisConfig
-from tests.netns import NetLab, netns_unavailable
-from tests.workload import Workload, WorkloadConfig, dump_history, summarize
+from tests.support.cluster import wait_for
+from tests.support.helpers import worker_records
+from tests.support.linearizability import Op, check_history, lost_writes
+from tests.support.nemesis import FAULT_KINDS, FaultCluster, Nemesis, NemesisConfig
+from tests.support.netns import NetLab, netns_unavailable
+from tests.support.workload import Workload, WorkloadConfig, dump_history, summarize
 
 SCALE = float(os.environ.get("ZKV_FAULT_SCALE", "1"))
 BASE_SEED = int(os.environ.get("ZKV_FAULT_SEED") or random.SystemRandom().randrange(1 << 31))

@@ -9,8 +9,8 @@ import pytest
 
 from protocol.errors import NotEnoughReplicas
 from protocol.replication import slot_for_key
-from tests.cluster import Cluster, wait_for
-from tests.helpers import Writer, copies, keys_in_slot, terminate, worker_keys
+from tests.support.cluster import Cluster, wait_for
+from tests.support.helpers import Writer, copies, keys_in_slot, terminate, worker_keys
 
 pytestmark = pytest.mark.timeout(120)
 

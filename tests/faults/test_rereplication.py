@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.cluster import Cluster, wait_for
-from tests.helpers import Writer, copies, terminate, worker_keys
+from tests.support.cluster import Cluster, wait_for
+from tests.support.helpers import Writer, copies, terminate, worker_keys
 
 pytestmark = pytest.mark.timeout(120)
 

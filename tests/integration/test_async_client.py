@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from client import AsyncClient, ConditionFailed, InvalidRequest
-from tests.cluster import Cluster
+from tests.support.cluster import Cluster
 
 pytestmark = pytest.mark.timeout(120)
 

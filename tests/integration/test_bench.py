@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.cluster import Cluster
+from tests.support.cluster import Cluster
 
 
 @pytest.mark.timeout(120)

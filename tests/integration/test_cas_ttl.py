@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from client import ConditionFailed, KeyNotFound
-from tests.cluster import Cluster, wait_for
+from tests.support.cluster import Cluster, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -10,8 +10,8 @@ import pytest
 
 from protocol.errors import ErrorCode, ValueTooLarge
 from protocol.frames import C_FINAL, C_PARTIAL, C_REQUEST, MDPC, MMI_SERVICE, SERVICE, pack, unpack
-from tests.cluster import Cluster
-from tests.helpers import RawPeer, error_header
+from tests.support.cluster import Cluster
+from tests.support.helpers import RawPeer, error_header
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from tests.cluster import Cluster, wait_for
-from tests.helpers import Writer, copies, terminate
+from tests.support.cluster import Cluster, wait_for
+from tests.support.helpers import Writer, copies, terminate
 
 pytestmark = pytest.mark.timeout(150)
 

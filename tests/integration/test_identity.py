@@ -9,8 +9,8 @@ import signal
 import lmdb
 import pytest
 
-from tests.cluster import Cluster, wait_for
-from tests.helpers import copies, terminate, worker_keys
+from tests.support.cluster import Cluster, wait_for
+from tests.support.helpers import copies, terminate, worker_keys
 
 pytestmark = pytest.mark.timeout(120)
 

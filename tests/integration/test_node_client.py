@@ -1,6 +1,6 @@
 """Drive a real cluster from Node.js with a client written from docs/protocol.md alone.
 
-The JavaScript client lives in tests/node/ (client.mjs and package.json: npm packages ``zeromq`` v6
+The JavaScript client lives in tests/integration/node/ (client.mjs and package.json: npm packages ``zeromq`` v6
 and ``@msgpack/msgpack``). The test installs them with npm into a folder of its own, runs the
 script's scenario against the cluster, checks the JSON it prints, and cross-checks the data with
 the Python client in both directions.
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import Cluster
+from tests.support.cluster import Cluster
 
 NODE_DIR = Path(__file__).parent / "node"
 NPM_INSTALL_TIMEOUT = 240  # s

@@ -9,8 +9,8 @@ import time
 import pytest
 
 from protocol.errors import InvalidRequest, KeyTooLarge
-from tests.cluster import Cluster, wait_for
-from tests.helpers import copies, terminate, worker_expiry_entries, worker_keys
+from tests.support.cluster import Cluster, wait_for
+from tests.support.helpers import copies, terminate, worker_expiry_entries, worker_keys
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from client import AsyncClient, InvalidRequest, KeyTooLarge
-from tests.cluster import Cluster, wait_for
+from tests.support.cluster import Cluster, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 

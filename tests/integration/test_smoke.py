@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from tests.cluster import Cluster
+from tests.support.cluster import Cluster
 
 
 def test_put_get_delete_roundtrip(cluster: Cluster) -> None:

@@ -28,8 +28,8 @@ from client import (
     ValueTooLarge,
 )
 from protocol.frames import C_PARTIAL, C_REQUEST, MDPC, SERVICE, pack, unpack
-from tests.cluster import Cluster, wait_for
-from tests.helpers import RawPeer, terminate, worker_stream_entries
+from tests.support.cluster import Cluster, wait_for
+from tests.support.helpers import RawPeer, terminate, worker_stream_entries
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -257,7 +257,7 @@ def start_stalled_stream(cluster: Cluster, tmp_path: Path) -> subprocess.Popen[b
     staged, invisible, on every replica. The caller kills it (and must, also on failure)."""
     script = tmp_path / "cut_client.py"
     script.write_text(CUT_CLIENT)
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]
     proc = subprocess.Popen([sys.executable, str(script), cluster.frontend], stdout=subprocess.PIPE,
                             cwd=repo, env={**cluster.env, "PYTHONPATH": str(repo)})
     try:

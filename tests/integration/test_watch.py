@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from client import AsyncClient, Client, InvalidRequest, KeyTooLarge, WatchEvent
-from tests.cluster import Cluster, wait_for
+from tests.support.cluster import Cluster, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -268,7 +268,7 @@ def test_cli_watch_prints_changes_and_exits_0_on_sigint(cluster: Cluster) -> Non
 def test_streamed_values_in_scan_and_watch_and_their_expiry(cluster: Cluster) -> None:
     import io
 
-    from tests.helpers import worker_stream_entries
+    from tests.support.helpers import worker_stream_entries
 
     c = cluster.client()
     big = bytes(range(256)) * 1024  # 256 KiB in 64 KiB chunks

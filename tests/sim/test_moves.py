@@ -1,4 +1,4 @@
-"""The broker and worker cores driven through an in-memory network (tests/sim.py): write and
+"""The broker and worker cores driven through an in-memory network (tests/support/sim.py): write and
 read paths, commit rules, gap repair, snapshots, broker restart, divergent replicas, and many
 seeded random fault schedules. No sockets; real LMDB."""
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from protocol.replication import slot_for_key
-from tests.sim import RandomFaults, SimCluster
+from tests.support.sim import RandomFaults, SimCluster
 
 pytestmark = pytest.mark.timeout(120)
 

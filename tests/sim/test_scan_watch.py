@@ -1,4 +1,4 @@
-"""Scan, watch and expiry-through-the-log in the sans-I/O cores (tests/sim.py): no sockets, a
+"""Scan, watch and expiry-through-the-log in the sans-I/O cores (tests/support/sim.py): no sockets, a
 test-controlled clock, real LMDB."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 
 from protocol.frames import C_REQUEST, MDPC, MDPW, SERVICE, W_EXPIRED, pack
 from protocol.replication import slot_for_key
-from tests.sim import SimCluster
+from tests.support.sim import SimCluster
 
 pytestmark = pytest.mark.timeout(120)
 

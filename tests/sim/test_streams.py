@@ -52,7 +52,7 @@ def test_an_abandoned_snapshot_leaves_no_marker_to_wipe_a_replayed_slot_at_resta
 
 
 def _replica_state(sim, wid: str, slot: int):  # noqa: ANN001, ANN202
-    from tests.test_sim import replica_state
+    from tests.sim.test_moves import replica_state
     return replica_state(sim, wid, slot)
 
 
@@ -60,7 +60,7 @@ def test_move_during_open_stream_commits_everywhere(tmp_path: Path) -> None:
     """Chunks written on the old replica set, the slot moved, the commit on the new set: the
     learner must have received the staged chunks (snapshot or replay) and all replicas agree."""
     from protocol.replication import slot_for_key
-    from tests.sim import SimCluster
+    from tests.support.sim import SimCluster
 
     sim = SimCluster(tmp_path, n_workers=4, slots=4, auto_rebalance=False)
     try:
@@ -99,7 +99,7 @@ def test_an_abort_or_commit_naming_another_key_cannot_leak_staged_chunks(tmp_pat
     other slot: the chunks stayed staged on every replica forever. Now the broker refuses it, the
     stream stays open, and the idle abort frees its chunks."""
     from protocol.replication import slot_for_key
-    from tests.sim import SimCluster
+    from tests.support.sim import SimCluster
 
     sim = SimCluster(tmp_path, slots=4)
     try:
@@ -128,7 +128,7 @@ def test_a_chunk_for_a_committed_stream_id_changes_nothing(tmp_path: Path) -> No
     stream id overwrites that committed value's chunk in place (OP_CHUNK puts blindly and re-stages
     the id): the value changes with no new version and no watch event; a later idle abort of the
     re-opened stream then frees every chunk of the committed value."""
-    from tests.sim import SimCluster
+    from tests.support.sim import SimCluster
 
     sim = SimCluster(tmp_path, slots=4)
     try:
@@ -171,7 +171,7 @@ def test_a_learner_holds_a_bounded_number_of_bytes_while_its_snapshot_is_pending
     import worker.core
     from protocol.frames import W_SNAPSHOT_PART
     from protocol.replication import slot_for_key
-    from tests.sim import SimCluster
+    from tests.support.sim import SimCluster
 
     monkeypatch.setattr(worker.core, "MAX_HELD_BYTES", 16 * 100_000)  # 64 MiB in production
 

@@ -17,7 +17,7 @@ from client import Client
 from protocol.errors import ZkvError
 from protocol.frames import C_FINAL, C_REQUEST, MDPC, SERVICE, pack, unpack
 from protocol.replication import slot_for_key
-from tests.cluster import Cluster
+from tests.support.cluster import Cluster
 from worker.records import decode_record
 
 # -- raw frames -----------------------------------------------------------------------------------

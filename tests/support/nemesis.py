@@ -1,6 +1,6 @@
 """Faults injected into a running cluster, repeatedly and at random (seeded), while a workload runs.
 
-``FaultCluster`` is a ``Cluster`` that can put workers in network namespaces (``tests/netns.py``):
+``FaultCluster`` is a ``Cluster`` that can put workers in network namespaces (``tests/support/netns.py``):
 clients reach the broker frontend on 127.0.0.1, workers reach its backend and replication
 endpoints on the lab's service address; every worker keeps its extra flags (the replication-drop
 test hook) across restarts.
@@ -42,8 +42,8 @@ from pathlib import Path
 from typing import Any
 
 from client import Client
-from tests.cluster import Cluster, Proc, free_port
-from tests.netns import NetLab
+from tests.support.cluster import Cluster, Proc, free_port
+from tests.support.netns import NetLab
 
 FAULT_KINDS = ("kill_worker", "pause_worker", "kill_broker", "partition")
 

@@ -13,7 +13,7 @@ from client import commands
 from client.client import Client
 from protocol.replication import slot_for_key
 from protocol.sockets import send_frames
-from tests.sim import SimCluster
+from tests.support.sim import SimCluster
 
 
 def test_send_frames_refuses_a_bad_frame_before_sending_any(tmp_path: Path) -> None:

@@ -2,7 +2,7 @@
 //
 // As a library: `import { ZkvClient } from "./client.mjs"`.
 // As a script:  `node client.mjs <frontend-url> <key-prefix> <python-key-hex>` runs a scenario against a
-// live cluster and prints one JSON object on stdout (tests/test_node_client.py checks it).
+// live cluster and prints one JSON object on stdout (tests/integration/test_node_client.py checks it).
 
 import { createHash, randomBytes } from "node:crypto";
 import { pathToFileURL } from "node:url";
