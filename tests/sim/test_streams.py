@@ -1,5 +1,6 @@
-"""Streamed values at their edges: bugs a review found (each test failed before its fix), and a
-slot moved while a stream is open."""
+"""Streamed values in the cores (tests/support/sim.py): a slot moved while a stream is open, aborts
+and commits naming another key, a chunk for a committed stream, a learner's bounded memory, and
+the upload's flow control."""
 
 from __future__ import annotations
 
@@ -7,52 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from protocol.frames import W_ACK
-from protocol.replication import OP_PUT, Replicate, WriteOp, chunk_key
-from worker.core import WorkerCore
-from worker.store import Position, SlotStore
-
 pytestmark = pytest.mark.timeout(60)
-
-SLOT = 3
-
-
-def rep(seq: int, op: WriteOp, value: bytes = b"", epoch: int = 1) -> Replicate:
-    return Replicate(SLOT, epoch, seq, epoch if seq > 1 else 0, 0, 1_000, [op], [value])
-
-
-def test_an_abandoned_snapshot_leaves_no_marker_to_wipe_a_replayed_slot_at_restart(tmp_path: Path) -> None:
-    """A snapshot install cut short (the worker re-registers mid-transfer) leaves the slot empty,
-    without a position, and marked half-installed ("i" in meta). If the broker then repairs the
-    slot by replaying its tail from seq 1 (a young slot: the tail reaches back that far), the
-    replica applies and ACKs those writes, but the half-install marker is never cleared: at the
-    next restart the store empties the slot again, losing writes the broker counted towards W."""
-    store = SlotStore(str(tmp_path / "w"), map_size=1 << 26, sync=False)
-    core = WorkerCore("w1", store)
-    core.on_assign_message({"slots": [SLOT], "epoch": 1, "cluster": b"c"})
-    # A snapshot arrives in several parts; only part 0 gets here before the worker re-registers.
-    core.on_snapshot_part({"slot": SLOT, "token": b"t1", "part": 0, "last": False, "epoch": 1, "seq": 5},
-                          [b"b" + chunk_key(b"S" * 16, 0), b"chunk"], now=0.0)
-    core.on_reconnect()  # abandons the snapshot: the slot is emptied, marker set
-    core.on_assign_message({"slots": [SLOT], "epoch": 1, "cluster": b"c"})
-    # READY said "no position": the broker replays its tail from seq 1.
-    for seq in (1, 2, 3):
-        core.on_replicate(rep(seq, WriteOp(OP_PUT, b"k%d" % seq), b"v%d" % seq), now=1.0)
-    core.flush()
-    assert store.position(SLOT) == Position(1, 3)
-    assert any(f[0] == W_ACK for f in core.outbox)  # seq 3 acknowledged to the broker
-    store.close()
-    reopened = SlotStore(str(tmp_path / "w"), map_size=1 << 26, sync=False)
-    try:
-        # Fails on main: the slot is wiped at open (position (0, 0), records gone).
-        assert reopened.position(SLOT) == Position(1, 3)
-        assert reopened.read([(SLOT, b"k3")], now=1_000)[0].found
-    finally:
-        reopened.close()
 
 
 def _replica_state(sim, wid: str, slot: int):  # noqa: ANN001, ANN202
-    from tests.sim.test_moves import replica_state
+    from tests.support.sim import replica_state
     return replica_state(sim, wid, slot)
 
 
@@ -197,39 +157,6 @@ def test_a_learner_holds_a_bounded_number_of_bytes_while_its_snapshot_is_pending
     finally:
         sim.intercept = None
         sim.close()
-
-
-def test_async_put_stream_stops_sending_chunks_after_an_error() -> None:
-    """AsyncClient.put_stream runs its lanes with asyncio.gather, which does not cancel the other
-    lanes when one fails: put_stream sends put_abort and raises, but the surviving lanes go on
-    reading the whole file and sending its chunks, after the abort (they re-open the stream on
-    the broker: staged garbage until the idle abort, and traffic/fsyncs for nothing)."""
-    import asyncio
-    import io
-
-    from client.aio import AsyncClient
-    from protocol.errors import ZkvError
-
-    sent: list[tuple[str, int]] = []
-
-    async def fake_run(call):  # noqa: ANN001, ANN202
-        sent.append((call.op, call.header.get("index", -1)))
-        await asyncio.sleep(0.001)
-        if call.op == "put_chunk" and call.header["index"] == 1:
-            raise ZkvError("VALUE_TOO_LARGE")
-        return None
-
-    client = object.__new__(AsyncClient)
-    client._run = fake_run  # type: ignore[method-assign]
-
-    async def main() -> None:
-        with pytest.raises(ZkvError):
-            await client.put_stream(b"k", io.BytesIO(b"x" * 100), chunk_size=1, window=4)
-        await asyncio.sleep(0.5)  # the other lanes, still running
-
-    asyncio.run(main())
-    after_abort = sent[sent.index(("put_abort", -1)) + 1:]
-    assert after_abort == [], f"{len(after_abort)} chunks sent after the abort, e.g. {after_abort[:3]}"
 
 
 def test_a_chunk_is_answered_only_once_every_in_sync_replica_has_it(sim) -> None:  # type: ignore[no-untyped-def]

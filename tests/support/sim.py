@@ -304,3 +304,21 @@ class RandomFaults:
         if self.down is not None:
             self.sim.start_worker(self.down)
             self.down = None
+
+
+def replica_state(sim: SimCluster, wid: str, slot: int) -> tuple[dict[bytes, bytes], dict[bytes, bytes], set[bytes]]:
+    """One replica's records, stored chunks and open streams in one slot."""
+    w = sim.workers[wid]
+    assert w.core is not None
+    st = w.core.store
+    prefix = slot.to_bytes(2, "big")
+    out: tuple[dict[bytes, bytes], dict[bytes, bytes], set[bytes]] = ({}, {}, set())
+    with st.env.begin() as txn:
+        for db, target in ((st.data, out[0]), (st.blobs, out[1])):
+            for k, v in txn.cursor(db=db):
+                if bytes(k[:2]) == prefix:
+                    target[bytes(k[2:])] = bytes(v)
+        for k, _ in txn.cursor(db=st.staged):
+            if bytes(k[:2]) == prefix:
+                out[2].add(bytes(k[2:]))
+    return out
