@@ -31,7 +31,7 @@ import os
 import random
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -43,7 +43,7 @@ from tests.support.cluster import wait_for
 from tests.support.helpers import worker_records
 from tests.support.linearizability import Op, check_history, lost_writes
 from tests.support.nemesis import FAULT_KINDS, FaultCluster, Nemesis, NemesisConfig
-from tests.support.netns import NetLab, netns_unavailable
+from tests.support.netns import netns_unavailable
 from tests.support.workload import Workload, WorkloadConfig, dump_history, summarize
 
 SCALE = float(os.environ.get("ZKV_FAULT_SCALE", "1"))
@@ -82,39 +82,6 @@ SCENARIOS = [
 
 def _seed(name: str) -> int:
     return zlib.crc32(f"{BASE_SEED}/{name}".encode())
-
-
-@pytest.fixture
-def fault_cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., FaultCluster]]:
-    """Makes one FaultCluster (with a NetLab when asked); kills every process and deletes every
-    namespace and veth afterwards, even when the test fails."""
-    made: list[FaultCluster] = []
-    labs: list[NetLab] = []
-
-    def make(netns: bool = False, **kw: object) -> FaultCluster:
-        lab = None
-        if netns:
-            lab = NetLab()
-            labs.append(lab)  # registered before setup: a half-made lab is cleaned up too
-            lab.setup()
-            kw.setdefault("netns_workers", tuple(f"w{i}" for i in range(1, int(kw.get("workers", 3)) + 1)))
-        c = FaultCluster(tmp_path / f"c{len(made)}", lab=lab, **kw)  # type: ignore[arg-type]
-        made.append(c)
-        return c
-
-    try:
-        yield make
-    finally:
-        failed = getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed
-        for c in made:
-            if failed:
-                print(c.logs())
-            c.stop_all()
-        problems: list[str] = []
-        for lab in labs:
-            problems += lab.cleanup()
-            problems += [f"left over: {n}" for n in lab.leftovers()]
-        assert not problems, problems
 
 
 def _failed_but_read(history: list[Op], details: dict[Op, str], t0: float) -> str:
