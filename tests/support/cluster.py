@@ -1,8 +1,14 @@
-"""Real zkv processes on loopback for tests: free ports, temporary data, cleanup on failure.
+"""Real zkv processes on loopback, for the tests and for bench/: free ports, data directories,
+cleanup on failure.
 
 ``Cluster`` owns every process it starts (each in its own process group, so a test can SIGKILL,
 SIGSTOP or SIGCONT exactly one) and kills whatever is left in ``stop_all``, which the fixture
-calls even when the test fails.
+calls even when the test fails; ``stop`` is the graceful variant (SIGTERM, then SIGKILL).
+
+The defaults suit tests (64 slots, 0.3 s heartbeats, 3 s request timeout, 1 GiB LMDB maps).
+bench/core.py's ``bench_cluster`` passes ``None`` for the heartbeat, the request timeout and the
+map size (the product's defaults: the flag is not passed), 1024 slots and ``cwd`` = the repository;
+bench/whatif.py starts the processes through a wrapper with ``command``.
 """
 
 from __future__ import annotations
@@ -19,6 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from client import Client
+
+ZKV: list[str] = [sys.executable, "-m", "client.cli"]
+"""How a zkv process is started: ``ZKV + ["broker", ...]``."""
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -45,12 +54,14 @@ class Proc:
     log_path: Path
     env: dict[str, str]
     popen: subprocess.Popen | None = None
+    command: list[str] = field(default_factory=lambda: list(ZKV))  # the process is command + args
+    cwd: Path | None = None
 
     def start(self) -> None:
         log = open(self.log_path, "ab")
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "client.cli", *self.args],
-            stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True,
+            [*self.command, *self.args],
+            stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True, cwd=self.cwd,
         )
         log.close()
 
@@ -95,10 +106,13 @@ class Cluster:
     rf: int = 3
     w: int = 2
     slots: int = 64
-    heartbeat: float = 0.3
-    request_timeout: float = 3.0
+    heartbeat: float | None = 0.3  # None: the product's default (no --heartbeat flag)
+    request_timeout: float | None = 3.0  # None: the broker's default
     broker_args: list[str] = field(default_factory=list)
     host: str = "127.0.0.1"
+    map_size: int | None = 1 << 30  # workers' --map-size; None: the worker's default
+    command: list[str] = field(default_factory=lambda: list(ZKV))  # how each process is started
+    cwd: Path | None = None  # of every process started; None: this process's
 
     def __post_init__(self) -> None:
         self.frontend = f"tcp://{self.host}:{free_port(self.host)}"
@@ -114,9 +128,11 @@ class Cluster:
     def start_broker(self) -> Proc:
         args = ["broker", "--data", str(self.root / "broker"), "--frontend", self.frontend,
                 "--backend", self.backend, "--replication", self.replication, "--slots", str(self.slots),
-                "--rf", str(self.rf), "-w", str(self.w), "--heartbeat", str(self.heartbeat),
-                "--request-timeout", str(self.request_timeout), *self.broker_args]
-        p = self.procs.get("broker") or Proc("broker", args, self.root / "logs" / "broker.log", self.env)
+                "--rf", str(self.rf), "-w", str(self.w),
+                *self._flag("--heartbeat", self.heartbeat), *self._flag("--request-timeout", self.request_timeout),
+                *self.broker_args]
+        p = self.procs.get("broker") or Proc("broker", args, self.root / "logs" / "broker.log", self.env,
+                                             command=self.command, cwd=self.cwd)
         p.args = args
         self.procs["broker"] = p
         p.start()
@@ -129,25 +145,36 @@ class Cluster:
                      name: str | None = None) -> Proc:
         """Start ``zkv worker --id wid``; ``name`` (default: the id) names the process in ``procs``."""
         args = ["worker", "--id", wid, "--data", str(data or self.worker_dir(wid)), "--broker", self.backend,
-                "--replication", self.replication, "--heartbeat", str(self.heartbeat),
-                "--map-size", str(1 << 30), *(extra or [])]
+                "--replication", self.replication, *self._flag("--heartbeat", self.heartbeat),
+                *self._flag("--map-size", self.map_size), *(extra or [])]
         name = name or wid
-        p = Proc(name, args, self.root / "logs" / f"{name}.log", self.env)
+        p = Proc(name, args, self.root / "logs" / f"{name}.log", self.env, command=self.command, cwd=self.cwd)
         self.procs[name] = p
         p.start()
         return p
 
-    def start(self, worker_extra: dict[str, list[str]] | None = None) -> Cluster:
+    @staticmethod
+    def _flag(name: str, value: float | None) -> list[str]:
+        return [] if value is None else [name, str(value)]
+
+    def start(self, worker_extra: dict[str, list[str]] | None = None, timeout: float = 30.0) -> Cluster:
+        """Start the broker and ``workers`` workers (w1..wN); wait until every slot is fully
+        replicated (failing at once, with its log, if a process exits meanwhile)."""
         self.start_broker()
         for i in range(1, self.workers + 1):
             wid = f"w{i}"
             self.start_worker(wid, (worker_extra or {}).get(wid))
-        self.wait_ready()
+        self.wait_ready(timeout, require_running=True)
         return self
+
+    def pids(self) -> dict[str, int]:
+        """Process name -> pid of every process started (running or not)."""
+        return {name: p.popen.pid for name, p in self.procs.items() if p.popen is not None}
 
     def client(self, **kw: Any) -> Client:
         kw.setdefault("timeout", 15.0)
-        kw.setdefault("attempt_timeout", self.request_timeout + 1.0)
+        if self.request_timeout is not None:
+            kw.setdefault("attempt_timeout", self.request_timeout + 1.0)
         c = Client(self.frontend, **kw)
         self.clients.append(c)
         return c
@@ -159,8 +186,15 @@ class Cluster:
     def alive_workers(self) -> set[str]:
         return {w["id"] for w in self.status()["workers"] if w["state"] == "alive"}
 
-    def wait_ready(self, timeout: float = 30.0) -> None:
+    def wait_ready(self, timeout: float = 30.0, require_running: bool = False) -> None:
+        """Wait until the cluster is formed with every slot fully replicated. With
+        ``require_running``, a process that has exited fails the wait at once (with its log)."""
+
         def ready() -> bool:
+            if require_running:
+                for name, p in self.procs.items():
+                    if p.popen is not None and p.popen.poll() is not None:
+                        raise AssertionError(f"{name} exited with code {p.popen.returncode}:\n{p.log_tail()}")
             try:
                 st = self.status()
             except Exception:
@@ -174,14 +208,33 @@ class Cluster:
                  timeout, 0.1, f"{wid} {state}")
 
     def zkv(self, *args: str, timeout: float = 30.0, input: bytes | None = None) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "client.cli", *args], capture_output=True,
-                              timeout=timeout, env=self.env, input=input)
+        return subprocess.run([*ZKV, *args], capture_output=True, timeout=timeout, env=self.env, input=input,
+                              cwd=self.cwd)
 
     def stop_all(self) -> None:
+        """SIGKILL every process left (the fixtures' cleanup, also after a failed test)."""
         for c in self.clients:
             c.close()
         for p in self.procs.values():
             p.kill()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop gracefully: SIGTERM every running process (SIGCONT first, in case it is paused),
+        wait up to ``timeout`` s in all, then SIGKILL what is left."""
+        for c in self.clients:
+            c.close()
+        for p in self.procs.values():
+            if p.running:
+                p.signal(signal.SIGCONT)
+                p.signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for p in self.procs.values():
+            if p.popen is None:
+                continue
+            try:
+                p.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
 
     def logs(self) -> str:
         return "\n".join(f"----- {name} -----\n{p.log_tail()}" for name, p in self.procs.items())
