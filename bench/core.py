@@ -8,6 +8,10 @@ Each run starts a fresh cluster in a temporary directory on free loopback ports:
 (1024 slots, RF=3, W=2) and three workers (LMDB with fsync on every commit, which is not
 configurable), runs every configuration against it with ``zkv bench --json``, and stops it.
 The processes are stopped on success, on failure and on Ctrl-C / SIGTERM.
+
+The cluster is the tests' launcher, ``tests.support.cluster.Cluster``, with the product's
+defaults for heartbeats, request timeout and map size (``bench_cluster``); the other bench
+scripts start theirs through ``bench_cluster`` or ``local_cluster`` too.
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ import platform
 import resource
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,12 +30,14 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-ZKV = [sys.executable, "-m", "client.cli"]
+sys.path.insert(0, str(REPO))
+
+from tests.support.cluster import ZKV, Cluster  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -74,92 +79,23 @@ CONFIGS: tuple[Config, ...] = (
 )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class LocalCluster:
-    """One broker and ``workers`` workers as child processes (each in its own process group)."""
-
-    root: Path
-    workers: int = 3
-    rf: int = 3
-    w: int = 2
-    slots: int = 1024
-    broker_args: list[str] = field(default_factory=list)
-    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.frontend = f"tcp://127.0.0.1:{free_port()}"
-        self.backend = f"tcp://127.0.0.1:{free_port()}"
-        self.replication = f"tcp://127.0.0.1:{free_port()}"
-        (self.root / "logs").mkdir(parents=True, exist_ok=True)
-
-    def _spawn(self, name: str, args: list[str]) -> None:
-        with open(self.root / "logs" / f"{name}.log", "ab") as log:
-            self.procs[name] = subprocess.Popen(
-                [*ZKV, *args], cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-    def start(self, timeout: float = 60.0) -> None:
-        self._spawn("broker", ["broker", "--data", str(self.root / "broker"), "--frontend", self.frontend,
-                               "--backend", self.backend, "--replication", self.replication,
-                               "--slots", str(self.slots), "--rf", str(self.rf), "-w", str(self.w),
-                               *self.broker_args])
-        for i in range(1, self.workers + 1):
-            wid = f"w{i}"
-            self._spawn(wid, ["worker", "--id", wid, "--data", str(self.root / wid), "--broker", self.backend,
-                              "--replication", self.replication])
-        self.wait_ready(timeout)
-
-    def wait_ready(self, timeout: float) -> None:
-        sys.path.insert(0, str(REPO))
-        from client.client import Client
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for name, p in self.procs.items():
-                if p.poll() is not None:
-                    raise RuntimeError(f"{name} exited with code {p.returncode}:\n{self.log_tail(name)}")
-            try:
-                with Client(self.frontend, timeout=2.0, attempt_timeout=2.0) as c:
-                    st = c.status()
-                if st["formed"] and not st["recovering_slots"] and not st["under_replicated_slots"]:
-                    return
-            except Exception:  # not up yet
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"cluster not ready within {timeout}s")
-
-    def pids(self) -> dict[str, int]:
-        return {name: p.pid for name, p in self.procs.items()}
-
-    def log_tail(self, name: str, lines: int = 20) -> str:
-        path = self.root / "logs" / f"{name}.log"
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
-
-    def stop(self) -> None:
-        for p in self.procs.values():
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        for p in self.procs.values():
-            try:
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+def bench_cluster(root: Path, **kw: Any) -> Cluster:
+    """A cluster as the benchmarks run it (not started): 1024 slots, RF=3, W=2, three workers, and
+    the product's defaults where the tests shorten them (heartbeats, request timeout, map size);
+    its processes run in the repository. ``kw`` overrides any of these."""
+    settings: dict[str, Any] = {"workers": 3, "rf": 3, "w": 2, "slots": 1024, "heartbeat": None,
+                                "request_timeout": None, "map_size": None, "cwd": REPO}
+    return Cluster(root, **{**settings, **kw})
 
 
 @contextmanager
-def local_cluster(keep: bool = False, broker_args: list[str] | None = None) -> Iterator[LocalCluster]:
+def local_cluster(keep: bool = False, broker_args: list[str] | None = None) -> Iterator[Cluster]:
+    """A started ``bench_cluster`` in a temporary directory, stopped (and the directory deleted
+    unless ``keep``) on leaving."""
     root = Path(tempfile.mkdtemp(prefix="zkv-bench-"))
-    cluster = LocalCluster(root, broker_args=broker_args or [])
+    cluster = bench_cluster(root, broker_args=broker_args or [])
     try:
-        cluster.start()
+        cluster.start(timeout=60.0)
         yield cluster
     finally:
         cluster.stop()
@@ -209,7 +145,7 @@ def wait_quiet(limit: float, idle_share: float = 0.85) -> float:
             return idle
 
 
-def run_config(cfg: Config, cluster: LocalCluster, scale: float) -> dict[str, Any]:
+def run_config(cfg: Config, cluster: Cluster, scale: float) -> dict[str, Any]:
     """One ``zkv bench`` run; returns the op's figures (the JSON of ``zkv bench``) plus
     ``background_cpu``: the share of the machine's CPU that other programs used meanwhile."""
     pids = list(cluster.pids().values())

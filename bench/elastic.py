@@ -96,8 +96,7 @@ def main() -> int:
         probe_before = len(probe.latencies)
 
         started = time.monotonic()
-        cluster._spawn("w4", ["worker", "--id", "w4", "--data", str(cluster.root / "w4"), "--broker",
-                              cluster.backend, "--replication", cluster.replication])
+        cluster.start_worker("w4")
         during: list[float] = []
         done = threading.Event()
 

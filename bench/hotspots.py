@@ -2,7 +2,7 @@
 
     python bench/hotspots.py [--seconds 8] [--rate 200] [--native] [--out bench/profiles]
 
-Starts a fresh cluster (bench/core.py's LocalCluster: 1024 slots, RF=3, W=2, three workers, fsync),
+Starts a fresh cluster (bench/core.py's bench_cluster: 1024 slots, RF=3, W=2, three workers, fsync),
 runs ``zkv bench`` in the background (PUT: ``-t put -c 200 -d 1024 --key-size 256``; GET: ``-t get
 -c 200 -d 100 --key-size 256``, after its untimed prefill), and while the load runs records the
 broker and worker ``w1`` with ``py-spy record --format raw`` (collapsed stacks; idle samples
@@ -37,6 +37,8 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
 
 import core  # noqa: E402
+
+from tests.support.cluster import Cluster  # noqa: E402
 
 PY_SPY = shutil.which("py-spy") or "/root/.pyenv/shims/py-spy"
 
@@ -91,7 +93,7 @@ def cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])
 
 
-def profile_load(cluster: core.LocalCluster, load: str, seconds: float, rate: int, native: bool,
+def profile_load(cluster: Cluster, load: str, seconds: float, rate: int, native: bool,
                  outdir: Path) -> dict[str, Any]:
     pids = cluster.pids()
     bench = subprocess.Popen([*core.ZKV, "bench", "--url", cluster.frontend, *LOADS[load], "-P", "1", "--json"],
@@ -133,7 +135,7 @@ def profile_load(cluster: core.LocalCluster, load: str, seconds: float, rate: in
     return result
 
 
-def _bench(cluster: core.LocalCluster, load: str, n: int) -> tuple[dict[str, int], float]:
+def _bench(cluster: Cluster, load: str, n: int) -> tuple[dict[str, int], float]:
     """One unprofiled run of ``load`` with ``-n n``: CPU ticks per process, and the timed rate."""
     args = list(LOADS[load])
     args[args.index("-n") + 1] = str(n)
@@ -147,7 +149,7 @@ def _bench(cluster: core.LocalCluster, load: str, n: int) -> tuple[dict[str, int
     return ticks, float(json.loads(proc.stdout)["ops"][load]["ops_per_sec"])
 
 
-def cpu_per_request(cluster: core.LocalCluster, load: str, n1: int = 5_000, n2: int = 35_000
+def cpu_per_request(cluster: Cluster, load: str, n1: int = 5_000, n2: int = 35_000
                     ) -> tuple[dict[str, float], float]:
     """CPU microseconds per request of each process, without the profiler: the difference of two
     runs of ``n1`` and ``n2`` requests (so start-up and the GET prefill, the same in both, cancel),

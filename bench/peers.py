@@ -7,7 +7,7 @@
 Starts, on loopback with free ports and temporary directories (always removed, also on Ctrl-C,
 SIGTERM or failure):
 
-- a zkv cluster (bench/core.py's LocalCluster: one broker, 1024 slots, RF=3, W=2, three workers,
+- a zkv cluster (bench/core.py's bench_cluster: one broker, 1024 slots, RF=3, W=2, three workers,
   fsync on every worker commit) driven by ``zkv bench`` (one client process, as bench/core.py);
 - a 3-node etcd cluster (Debian's ``etcd-server``) measured by ``etcdctl check perf --load=xl``
   (256-byte keys, 1 KiB values, 1000 clients, 60 s; every write is a raft commit fsynced by a
@@ -54,6 +54,8 @@ sys.path.insert(0, str(REPO))
 
 import core  # noqa: E402  (bench/core.py)
 import relay  # noqa: E402  (bench/relay.py)
+
+from tests.support.cluster import Cluster, free_port  # noqa: E402
 
 APT_INSTALL = "apt-get update && apt-get install -y etcd-server etcd-client redis-server redis-tools"
 BEGIN, END = "<!-- peers:begin -->", "<!-- peers:end -->"
@@ -278,7 +280,7 @@ def _killpg(p: subprocess.Popen[bytes]) -> None:
 @contextmanager
 def etcd_cluster(root: Path, nodes: int = 3) -> Iterator[tuple[str, list[subprocess.Popen[bytes]]]]:
     """``nodes`` etcd members on loopback, data under ``root``; yields (endpoints, processes)."""
-    ports = [(core.free_port(), core.free_port()) for _ in range(nodes)]
+    ports = [(free_port(), free_port()) for _ in range(nodes)]
     initial = ",".join(f"e{i}=http://127.0.0.1:{peer}" for i, (_, peer) in enumerate(ports))
     procs: list[subprocess.Popen[bytes]] = []
     try:
@@ -312,7 +314,7 @@ def etcd_cluster(root: Path, nodes: int = 3) -> Iterator[tuple[str, list[subproc
 
 @contextmanager
 def redis_server(root: Path, durable: bool) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
-    port = core.free_port()
+    port = free_port()
     persist = ["--appendonly", "yes", "--appendfsync", "always"] if durable else ["--appendonly", "no"]
     log = open(root / f"redis-{port}.log", "wb")
     p = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(root),
@@ -383,7 +385,7 @@ class Plan:
     quiet_wait: float = 30.0  # s to wait for an idle machine before each measurement
 
 
-def zkv_bench(cluster: core.LocalCluster, test: str, c: int, n: int, d: int, batch: int = 1,
+def zkv_bench(cluster: Cluster, test: str, c: int, n: int, d: int, batch: int = 1,
               key_size: int = 256) -> dict[str, Any]:
     """``zkv bench --json`` against ``cluster``; returns the ops."""
     args = ["bench", "--url", cluster.frontend, "-t", test, "-c", str(c), "-n", str(n), "-d", str(d),
@@ -420,11 +422,11 @@ def run_all(plan: Plan, root: Path, log: Callable[[str], None]) -> list[Measurem
     MGET_W = "MGET 256 B keys, 100 B values"
     relay_runs: list[dict[str, Any]] = []
 
-    cluster = core.LocalCluster(root / "zkv")
+    cluster = core.bench_cluster(root / "zkv")
     extra: list[int] = []
     watch = CpuWatch(lambda: list(cluster.pids().values()) + extra, plan.quiet_wait)
     try:
-        cluster.start()
+        cluster.start(timeout=60.0)
         log(f"zkv cluster up: {cluster.frontend}")
 
         # --- GET: the relay, zkv, Redis

@@ -4,7 +4,7 @@
     python bench/scaling.py --quick         # fewer requests per point, no doc update
     python bench/scaling.py --only size     # one sweep ("concurrency" or "size")
 
-One fresh zkv cluster (bench/core.py's LocalCluster: 1024 slots, RF=3, W=2, three workers, fsync on
+One fresh zkv cluster (bench/core.py's bench_cluster: 1024 slots, RF=3, W=2, three workers, fsync on
 every commit). Each point is one ``zkv bench -t put,get`` (one client process): the PUT phase writes
 ``-n`` new keys (256 bytes) and the GET phase reads the same keys back (so there is no untimed
 prefill, which for 1 MiB values would send 100 MiB MSETs). ``-n`` is chosen per point so that the
@@ -41,6 +41,8 @@ sys.path.insert(0, str(REPO))
 import core  # noqa: E402
 import peers  # noqa: E402
 
+from tests.support.cluster import Cluster  # noqa: E402
+
 BEGIN, END = "<!-- scaling:begin -->", "<!-- scaling:end -->"
 
 # (concurrency, requests) at 1 KiB values
@@ -58,7 +60,7 @@ def human(n: int) -> str:
     return f"{n} B"
 
 
-def sweep(cluster: core.LocalCluster, kind: str, scale: float, log: Any, quiet_wait: float = 0.0,
+def sweep(cluster: Cluster, kind: str, scale: float, log: Any, quiet_wait: float = 0.0,
           retries: int = 0, max_background: float = 1.0) -> list[dict[str, Any]]:
     """Each point once; with ``retries``, measured again (up to that many times) while other programs
     took more than ``max_background`` of the CPU, keeping the measurement with the least."""

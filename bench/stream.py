@@ -23,7 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.core import LocalCluster  # noqa: E402
+from bench.core import bench_cluster  # noqa: E402
 from client.client import Client  # noqa: E402
 
 MIB = 1 << 20
@@ -83,8 +83,8 @@ def write_random_file(path: Path, size: int) -> str:
 def run(size_mib: int, workdir: Path) -> dict:
     src, dst = workdir / "value.in", workdir / "value.out"
     digest = write_random_file(src, size_mib * MIB)
-    cluster = LocalCluster(workdir / "cluster")
-    cluster.start()
+    cluster = bench_cluster(workdir / "cluster")
+    cluster.start(timeout=60.0)
     try:
         baseline = {n: rss_kib(p) for n, p in cluster.pids().items()}
         sampler = PeakSampler(cluster.pids())

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -64,23 +63,13 @@ main()
 """
 
 
-class PatchedCluster(core.LocalCluster):
-    variant: str = "base"
-
-    def _spawn(self, name: str, args: list[str]) -> None:
-        with open(self.root / "logs" / f"{name}.log", "ab") as log:
-            self.procs[name] = subprocess.Popen(
-                [sys.executable, "-c", BOOT, self.variant, *args], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True)
-
-
 def run_variant(variant: str) -> dict[str, Any]:
     """CPU us per request of each process and the rate, for the PUT and the GET load."""
     root = Path(tempfile.mkdtemp(prefix="zkv-whatif-"))
-    cluster = PatchedCluster(root)
-    cluster.variant = variant
+    # The broker and the workers start through BOOT, which patches the interpreter, then runs zkv.
+    cluster = core.bench_cluster(root, command=[sys.executable, "-c", BOOT, variant])
     try:
-        cluster.start()
+        cluster.start(timeout=60.0)
         out: dict[str, Any] = {}
         for load in ("put", "get"):
             per_req, rate = hotspots.cpu_per_request(cluster, load, *hotspots.CPU_RUNS[load])

@@ -1,3 +1,9 @@
+"""Fixtures shared by the integration and fault tests: ``cluster_factory`` (real processes on
+loopback, tests/support/cluster.py; every process killed afterwards, logs printed if the test
+failed) and ``cluster`` (a started 3-worker cluster). The report hook records each phase's
+outcome on the test item (``rep_call``) for those finalizers. Per-folder fixtures live in
+tests/sim/conftest.py (``sim``) and tests/faults/conftest.py (``fault_cluster``)."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -5,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import Cluster
-from tests.sim import SimCluster
+from tests.support.cluster import Cluster
 
 
 @pytest.fixture
@@ -24,14 +29,6 @@ def cluster_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator:
         if failed:
             print(c.logs())
         c.stop_all()
-
-
-@pytest.fixture
-def sim(tmp_path: Path) -> Iterator[SimCluster]:
-    """The in-memory cluster of tests/sim.py: the broker and worker cores, real LMDB, no sockets."""
-    s = SimCluster(tmp_path)
-    yield s
-    s.close()
 
 
 @pytest.fixture

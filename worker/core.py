@@ -1,7 +1,7 @@
 """The worker's decision logic, free of sockets: which replication messages to apply, when a gap
 needs repair, how snapshots are installed, what to acknowledge, and how it registers.
 
-The I/O loop (worker/server.py, or tests/sim.py) feeds messages in and sends what ``outbox``
+The I/O loop (worker/server.py, or tests/support/sim.py) feeds messages in and sends what ``outbox``
 collects. Rule: the store commits a batch (fsync) *before* the ACK for it is queued; an ACK never
 runs ahead of the disk. Reads are answered by worker/serve.py, snapshots sent by worker/donor.py;
 messages that cannot be applied yet wait in worker/held.py.

@@ -1,0 +1,319 @@
+"""An in-memory network for the sans-I/O cores: one ``BrokerCore``, several ``WorkerCore``s with
+real LMDB stores in a temporary directory, and a test-controlled clock. Tests decide which
+messages are delivered, dropped or delayed; no sockets, no sleeping, fully repeatable.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from broker.core import BrokerCore
+from broker.meta import MetaStore
+from broker.ready import execute
+from broker.state import BrokerConfig
+from protocol.frames import C_REQUEST, MDPC, MDPW, SERVICE, W_HEARTBEAT, pack, unpack
+from protocol.replication import Replicate, decode_replication, worker_topic
+from worker.core import WorkerCore
+from worker.records import decode_record
+from worker.store import SlotStore
+
+DropRule = Callable[[str, Replicate], bool]
+
+
+@dataclass
+class SimWorker:
+    wid: str
+    path: Path
+    core: WorkerCore | None = None
+    identity: bytes = b""
+    up: bool = False
+
+    def start(self, incarnation: int) -> None:
+        store = SlotStore(str(self.path), map_size=1 << 28, sync=False)
+        self.core = WorkerCore(self.wid, store)
+        self.identity = f"{self.wid}#{incarnation}".encode()
+        self.up = True
+
+    def stop(self) -> None:
+        if self.core is not None:
+            self.core.store.close()
+        self.core = None
+        self.up = False
+
+    def reconnect(self, incarnation: int) -> list[bytes]:
+        """As the real worker does: a new socket (identity), and READY from the core's reconnect."""
+        assert self.core is not None
+        self.identity = f"{self.wid}#{incarnation}".encode()
+        return [MDPW, *self.core.reconnect()]
+
+
+@dataclass
+class SimCluster:
+    root: Path
+    n_workers: int = 3
+    slots: int = 8
+    rf: int = 3
+    w: int = 2
+    grace: float = 30.0
+    initial_workers: int = 0
+    auto_rebalance: bool = True
+    t: float = 0.0
+    wall: int = 1_700_000_000_000
+    drop: DropRule | None = None
+    # Holds a worker's message to the broker (wid, frames) -> True to hold; release() delivers.
+    intercept: Callable[[str, list[bytes]], bool] | None = None
+    held_messages: list[tuple[str, list[bytes]]] = field(default_factory=list)
+    replies: dict[bytes, list[dict[str, Any]]] = field(default_factory=dict)
+    reply_values: dict[bytes, list[list[bytes]]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._inc = itertools.count(1)
+        self._rid = itertools.count(1)
+        self._ids = itertools.count(1)
+        self.broker = self._new_broker()
+        self.workers = {f"w{i}": SimWorker(f"w{i}", self.root / f"w{i}") for i in range(1, self.n_workers + 1)}
+        for w in self.workers.values():
+            self.start_worker(w.wid)
+        self.settle()
+
+    def _new_broker(self) -> BrokerCore:
+        self.meta = MetaStore(str(self.root / "broker"))
+        cfg = BrokerConfig(slots=self.slots, rf=self.rf, w=self.w, heartbeat=1.0, request_timeout=5.0,
+                           grace=self.grace, initial_workers=self.initial_workers,
+                           auto_rebalance=self.auto_rebalance)
+        return BrokerCore(cfg, self.meta.load(), self.meta.next_epoch(), clock=lambda: self.t,
+                          wall_ms=lambda: self.wall, new_id=lambda: next(self._ids).to_bytes(16, "big"),
+                          lookup_dedup=self.meta.lookup_dedup)
+
+    # -- faults ---------------------------------------------------------------------------------
+
+    def start_worker(self, wid: str) -> None:
+        w = self.workers[wid]
+        w.start(next(self._inc))
+        assert w.core is not None
+        self.broker.on_worker(w.identity, [MDPW, *w.core.reconnect()])
+
+    def add_worker(self, wid: str) -> None:
+        """A new worker joins the running cluster."""
+        self.workers[wid] = SimWorker(wid, self.root / wid)
+        self.start_worker(wid)
+
+    def kill_worker(self, wid: str) -> None:
+        self.workers[wid].stop()
+
+    def restart_broker(self) -> None:
+        """The broker process dies (its outboxes with it) and starts again on the same metadata."""
+        self.meta.close()
+        self.broker = self._new_broker()
+        for w in self.workers.values():  # workers notice and re-register
+            if w.up:
+                ready = w.reconnect(next(self._inc))
+                self.broker.on_worker(w.identity, ready)
+
+    # -- delivery -------------------------------------------------------------------------------
+
+    def _by_identity(self, identity: bytes) -> SimWorker | None:
+        for w in self.workers.values():
+            if w.up and w.identity == identity:
+                return w
+        return None
+
+    def step(self) -> bool:
+        """Deliver everything queued once. Returns whether anything moved."""
+        b = self.broker
+        ready = b.ready()
+        moved = bool(ready.replication or ready.workers or ready.client)
+        execute(ready, self.meta, publish=self._publish, send_worker=self._to_worker, send_client=self._to_client)
+        for w in self.workers.values():
+            if w.up and w.core is not None:
+                w.core.flush()
+                outbox, w.core.outbox = w.core.outbox, []
+                for frames in outbox:
+                    if self.intercept is not None and self.intercept(w.wid, frames):
+                        self.held_messages.append((w.wid, frames))
+                        continue
+                    b.on_worker(w.identity, [MDPW, *frames])
+                    moved = True
+        return moved
+
+    def _publish(self, frames: list[bytes]) -> None:
+        w = next(w for w in self.workers.values() if worker_topic(w.wid) == frames[0])
+        for rep in decode_replication(frames):
+            if w.up and w.core is not None and not (self.drop and self.drop(w.wid, rep)):
+                w.core.on_replicate(rep, self.t)
+
+    def _to_worker(self, identity: bytes, frames: list[bytes]) -> None:
+        w = self._by_identity(identity)
+        if w is not None and w.core is not None:
+            w.core.on_broker(frames[1], frames[2:], self.t)
+
+    def _to_client(self, identity: bytes, frames: list[bytes]) -> None:
+        self.replies.setdefault(identity, []).append(unpack(frames[3]))
+        self.reply_values.setdefault(identity, []).append(frames[4:])
+
+    def settle(self, max_steps: int = 1000) -> None:
+        for _ in range(max_steps):
+            moved = self.step()
+            self.check_invariants()
+            if not moved:
+                return
+        raise AssertionError("network did not settle")
+
+    def release(self) -> None:
+        """Deliver the held worker messages (late, as a slow network would)."""
+        held, self.held_messages = self.held_messages, []
+        for wid, frames in held:
+            w = self.workers[wid]
+            if w.up:
+                self.broker.on_worker(w.identity, [MDPW, *frames])
+        self.settle()
+
+    def check_invariants(self) -> None:
+        """The broker never counts more than a replica has on disk (for W, for reads)."""
+        for s, slot in self.broker.slots.items():
+            if slot.recovering:
+                continue
+            for wid, pos in slot.applied.items():
+                w = self.workers.get(wid)
+                if pos is None or w is None or not w.up or w.core is None or wid not in slot.replicas:
+                    continue
+                if self.broker.workers[wid].identity != w.identity:
+                    continue  # this process is not registered (yet): the broker knows another one
+                disk = w.core.store.position(s)
+                assert pos.seq <= disk.seq, f"slot {s}: broker counts {wid} at {pos}, its disk is at {disk}"
+
+    def advance(self, seconds: float, tick: float = 0.1) -> None:
+        """Let time pass: ticks, heartbeats from the live workers, deliveries."""
+        steps = max(1, int(round(seconds / tick)))
+        for _ in range(steps):
+            self.t += tick
+            self.wall += int(tick * 1000)
+            for w in self.workers.values():
+                if w.up and w.core is not None and w.core.reconnect_requested:
+                    ready = w.reconnect(next(self._inc))
+                    self.broker.on_worker(w.identity, ready)
+                if w.up and w.core is not None:
+                    w.core.retry_stalled_repairs(self.t)
+                    self.broker.on_worker(w.identity, [MDPW, W_HEARTBEAT])
+            self.broker.tick()
+            self.settle()
+
+    # -- client ---------------------------------------------------------------------------------
+
+    def send(self, client: bytes, op: str, values: list[bytes] | None = None, cid: bytes = b"",
+             rid: int | None = None, **fields: Any) -> int:
+        rid = next(self._rid) if rid is None else rid
+        hdr = {"op": op, "id": rid, "cid": cid or client, **fields}
+        self.broker.on_client(client, [MDPC, C_REQUEST, SERVICE, pack(hdr), *(values or [])])
+        return rid
+
+    def reply(self, client: bytes, rid: int) -> tuple[dict[str, Any], list[bytes]] | None:
+        for hdr, vals in zip(self.replies.get(client, []), self.reply_values.get(client, []), strict=True):
+            if hdr.get("id") == rid:
+                return hdr, vals
+        return None
+
+    def call(self, op: str, values: list[bytes] | None = None, client: bytes = b"c1", settle_time: float = 0.0,
+             **fields: Any) -> tuple[dict[str, Any], list[bytes]]:
+        rid = self.send(client, op, values, **fields)
+        self.settle()
+        if settle_time:
+            self.advance(settle_time)
+        got = self.reply(client, rid)
+        assert got is not None, f"no reply to {op} {fields}"
+        return got
+
+    def put(self, key: bytes, value: bytes, **kw: Any) -> dict[str, Any]:
+        return self.call("put", [value], key=key, **kw)[0]
+
+    def get(self, key: bytes, **kw: Any) -> bytes | None:
+        hdr, vals = self.call("get", key=key, **kw)
+        assert hdr["ok"], hdr
+        return vals[0] if hdr["found"] else None
+
+    def positions(self, slot: int) -> dict[str, tuple[int, int]]:
+        out = {}
+        for w in self.workers.values():
+            if w.up and w.core is not None:
+                p = w.core.store.position(slot)
+                out[w.wid] = (p.epoch, p.seq)
+        return out
+
+    def worker_data(self, wid: str) -> dict[bytes, bytes]:
+        """Every live record of one worker: user key -> value."""
+        w = self.workers[wid]
+        assert w.core is not None
+        out = {}
+        with w.core.store.env.begin() as txn:
+            for k, v in txn.cursor(db=w.core.store.data):
+                r = decode_record(v)
+                out[r.long_key or bytes(k[2:])] = r.value
+        return out
+
+    def close(self) -> None:
+        for w in self.workers.values():
+            w.stop()
+        self.meta.close()
+
+
+class RandomFaults:
+    """Random faults for a simulation, one ``step`` at a time: at most one worker down, one worker
+    that loses a share of its replication messages, broker restarts, time passing. Probabilities
+    are per step; ``heal`` ends every fault."""
+
+    def __init__(self, sim: SimCluster, rng: Any, p_kill: float, p_restart: float, p_lossy: float,
+                 p_broker: float, p_advance: float = 0.0, loss: float = 0.4, after_broker: float = 0.0) -> None:
+        self.sim, self.rng = sim, rng
+        # Cumulative thresholds over one draw per step (kill, restart, lossy, broker, advance).
+        self.edges = list(itertools.accumulate([p_kill, p_restart, p_lossy, p_broker, p_advance]))
+        self.after_broker = after_broker
+        self.down: str | None = None
+        self.lossy: str | None = None
+        sim.drop = lambda wid, rep: wid == self.lossy and rng.random() < loss
+
+    def step(self) -> None:
+        sim, rng, (kill, restart, lossy, broker, advance) = self.sim, self.rng, self.edges
+        r = rng.random()
+        if r < kill and self.down is None:
+            self.down = rng.choice(sorted(sim.workers))
+            sim.kill_worker(self.down)
+        elif r < restart and self.down is not None:
+            sim.start_worker(self.down)
+            self.down = None
+        elif r < lossy:
+            self.lossy = rng.choice([None, *sorted(sim.workers)])
+        elif r < broker:
+            sim.restart_broker()
+            if self.after_broker:
+                sim.advance(self.after_broker)
+        elif r < advance:
+            sim.advance(rng.choice([0.2, 1.0, 3.5, 6.0]))
+
+    def heal(self) -> None:
+        self.sim.drop = None
+        self.lossy = None
+        if self.down is not None:
+            self.sim.start_worker(self.down)
+            self.down = None
+
+
+def replica_state(sim: SimCluster, wid: str, slot: int) -> tuple[dict[bytes, bytes], dict[bytes, bytes], set[bytes]]:
+    """One replica's records, stored chunks and open streams in one slot."""
+    w = sim.workers[wid]
+    assert w.core is not None
+    st = w.core.store
+    prefix = slot.to_bytes(2, "big")
+    out: tuple[dict[bytes, bytes], dict[bytes, bytes], set[bytes]] = ({}, {}, set())
+    with st.env.begin() as txn:
+        for db, target in ((st.data, out[0]), (st.blobs, out[1])):
+            for k, v in txn.cursor(db=db):
+                if bytes(k[:2]) == prefix:
+                    target[bytes(k[2:])] = bytes(v)
+        for k, _ in txn.cursor(db=st.staged):
+            if bytes(k[:2]) == prefix:
+                out[2].add(bytes(k[2:]))
+    return out
