@@ -8,16 +8,23 @@ from __future__ import annotations
 
 import click
 
-from protocol.limits import DEFAULT_MAX_STREAM_BYTES, DEFAULT_MAX_VALUE_BYTES, DEFAULT_SLOTS
+from protocol.limits import (
+    DEFAULT_BACKEND,
+    DEFAULT_FRONTEND,
+    DEFAULT_MAX_STREAM_BYTES,
+    DEFAULT_MAX_VALUE_BYTES,
+    DEFAULT_REPLICATION,
+    DEFAULT_SLOTS,
+)
 
 MIB = 1024 * 1024
 
 
 @click.command()
 @click.option("--data", default="./data/broker", show_default=True, help="Metadata directory (LMDB).")
-@click.option("--frontend", default="tcp://127.0.0.1:5555", show_default=True, help="Clients connect here.")
-@click.option("--backend", default="tcp://127.0.0.1:5556", show_default=True, help="Workers connect here.")
-@click.option("--replication", default="tcp://127.0.0.1:5557", show_default=True,
+@click.option("--frontend", default=DEFAULT_FRONTEND, show_default=True, help="Clients connect here.")
+@click.option("--backend", default=DEFAULT_BACKEND, show_default=True, help="Workers connect here.")
+@click.option("--replication", default=DEFAULT_REPLICATION, show_default=True,
               help="Replication PUB endpoint.")
 @click.option("--slots", default=DEFAULT_SLOTS, show_default=True, help="Hash slots (fixed when the cluster forms).")
 @click.option("--rf", default=3, show_default=True, help="Replicas per slot.")

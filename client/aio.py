@@ -19,10 +19,11 @@ from client import programs
 from client.api import Build, Commands
 from client.client import dealer
 from client.commands import Call, OnPartial, Reply, StreamInfo, needs_size_check, oversize
-from client.retry import Attempts
+from client.retry import DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_TIMEOUT, Attempts
 from client.watch import WatchEvent, WatchSession
 from protocol.errors import ClientClosed
 from protocol.frames import C_FINAL, C_PARTIAL, C_REQUEST, MDPC, SERVICE, unpack
+from protocol.limits import DEFAULT_FRONTEND
 
 
 class AsyncClient(Commands):
@@ -31,9 +32,9 @@ class AsyncClient(Commands):
 
     def __init__(
         self,
-        url: str = "tcp://127.0.0.1:5555",
-        timeout: float = 10.0,
-        attempt_timeout: float = 6.0,
+        url: str = DEFAULT_FRONTEND,
+        timeout: float = DEFAULT_TIMEOUT,
+        attempt_timeout: float = DEFAULT_ATTEMPT_TIMEOUT,
         context: zmq.asyncio.Context | None = None,
     ) -> None:
         """``timeout``: the most one call may take, retries included (seconds).

@@ -15,6 +15,8 @@ from protocol.errors import NoReply, ZkvError
 from protocol.frames import pack, unpack
 
 BACKOFF_FIRST, BACKOFF_MAX = 0.05, 1.0  # s before resending after a retried error, doubling
+DEFAULT_TIMEOUT = 10.0  # s one call may take, retries included
+DEFAULT_ATTEMPT_TIMEOUT = 6.0  # s one attempt waits for its reply before the request is sent again
 
 
 def no_reply(url: str, timeout: float) -> NoReply:

@@ -28,3 +28,8 @@ SCAN_MAX_BYTES = 8 << 20  # key and value bytes in one scan page (at least one e
 # Ops that read and never write: the broker sends them to one in-sync replica; `zkv bench` writes
 # the keys of its read phases first. (broker/core.py still has its own copy of this set.)
 READ_OPS = frozenset({"get", "exists", "mget", "ttl"})
+
+# Default endpoints (all on 127.0.0.1): clients, workers, replication.
+DEFAULT_FRONTEND = "tcp://127.0.0.1:5555"
+DEFAULT_BACKEND = "tcp://127.0.0.1:5556"
+DEFAULT_REPLICATION = "tcp://127.0.0.1:5557"

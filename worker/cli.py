@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import click
 
+from protocol.limits import DEFAULT_BACKEND, DEFAULT_REPLICATION
+
 
 @click.command()
 @click.option("--id", "worker_id", required=True, help="Stable worker id (keep it across restarts).")
 @click.option("--data", required=True, help="Data directory (LMDB).")
-@click.option("--broker", default="tcp://127.0.0.1:5556", show_default=True, help="Broker backend.")
-@click.option("--replication", default="tcp://127.0.0.1:5557", show_default=True,
+@click.option("--broker", default=DEFAULT_BACKEND, show_default=True, help="Broker backend.")
+@click.option("--replication", default=DEFAULT_REPLICATION, show_default=True,
               help="Broker replication PUB.")
 @click.option("--heartbeat", default=1.0, show_default=True, help="Heartbeat interval, seconds.")
 @click.option("--map-size", default=1 << 36, show_default=True, help="LMDB map size, bytes.")

@@ -8,6 +8,7 @@ import json
 from array import array
 from dataclasses import asdict, dataclass, field
 
+from protocol.limits import DEFAULT_FRONTEND
 from protocol.limits import READ_OPS as PROTOCOL_READ_OPS
 
 OPS: tuple[str, ...] = ("put", "get", "mget", "mset", "delete", "exists")
@@ -26,7 +27,7 @@ class BenchError(Exception):
 
 @dataclass(frozen=True)
 class BenchConfig:
-    url: str = "tcp://127.0.0.1:5555"
+    url: str = DEFAULT_FRONTEND
     clients: int = 50
     requests: int = 100_000
     data_size: int = 3

@@ -9,7 +9,9 @@ from typing import Any
 import click
 
 from client.client import Client
+from client.retry import DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_TIMEOUT
 from protocol.errors import ErrorCode, ZkvError
+from protocol.limits import DEFAULT_FRONTEND
 
 # Exit codes: 1 generic failure, 2 usage (click), 3 not found, 4 not enough replicas,
 # 5 timeout or unavailable.
@@ -24,11 +26,11 @@ class ZkvCommandError(click.ClickException):
 
 
 def connect(url: str, timeout: float) -> Client:
-    return Client(url, timeout=timeout, attempt_timeout=min(timeout, 6.0))
+    return Client(url, timeout=timeout, attempt_timeout=min(timeout, DEFAULT_ATTEMPT_TIMEOUT))
 
 
 url_option: Callable[[Any], Any] = click.option(
-    "--url", default="tcp://127.0.0.1:5555", show_default=True, envvar="ZKV_URL", help="Broker frontend.")
+    "--url", default=DEFAULT_FRONTEND, show_default=True, envvar="ZKV_URL", help="Broker frontend.")
 timeout_option: Callable[[Any], Any] = click.option(
-    "--timeout", default=10.0, show_default=True, help="Seconds, retries included.")
+    "--timeout", default=DEFAULT_TIMEOUT, show_default=True, help="Seconds, retries included.")
 
