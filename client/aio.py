@@ -9,7 +9,7 @@ import itertools
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import zmq
@@ -133,7 +133,7 @@ class AsyncClient(Commands):
                 return answer
             await asyncio.sleep(answer)
 
-    async def _run_window(self, calls: Any, window: int) -> None:
+    async def _run_window(self, calls: Iterator[Call], window: int) -> None:
         """Run ``calls`` with up to ``window`` in flight: ``window`` lanes, each one call at a time.
         When one lane fails the others are cancelled, so that no chunk is sent after it."""
 
