@@ -11,7 +11,7 @@ Three kinds of processes on loopback, each its own Python interpreter:
 - one client process: one DEALER connected to the frontend that keeps ``--window`` requests in
   flight, matches replies to requests by an 8-byte id and records each latency.
 
-The client loop has the shape of ``zkv bench``'s (client/bench.py ``Pipeline.run``: one process,
+The client loop has the shape of ``zkv bench``'s (client/cli/bench_load.py ``Pipeline.run``: one process,
 one DEALER, fill the window, ``poll``, drain with ``recv_multipart(NOBLOCK)``, a dict of send
 times); it sends ``[id, payload]`` (``--payload`` bytes, 100 by default) where ``zkv bench`` sends
 ``[MDPC02, 0x01, "kv", msgpack header]`` and unpacks a msgpack reply header. So the relay is the
@@ -47,7 +47,7 @@ def free_port() -> int:
 
 
 def percentile(sorted_values: list[int], q: float) -> int:
-    """Nearest-rank percentile, as in client/bench.py."""
+    """Nearest-rank percentile, as in client/cli/bench_plan.py."""
     if not sorted_values:
         return 0
     rank = max(1, -(-len(sorted_values) * q // 100))

@@ -1,17 +1,30 @@
-"""The zkv Python client library and the ``zkv`` command line."""
+"""The zkv Python client library: ``Client`` (sync) and ``AsyncClient`` (asyncio), the same methods.
 
-from client.aio import AsyncClient
-from client.client import Client
-from client.commands import ScanItem, ScanPage, WatchEvent
+Importing it loads no broker, worker or command-line code; the ``zkv`` command line lives in
+``client.cli`` (tests/test_client_imports.py holds that).
+"""
+
+from client.aio import AsyncClient, AsyncValueStream, AsyncWatchStream
+from client.client import Client, WatchStream
+from client.commands import ScanItem, ScanPage, StreamInfo
+from client.streams import ValueStream
+from client.watch import WatchEvent
 from protocol.errors import (
+    RETRIED,
+    RETRYABLE,
+    BrokerTimeout,
+    ClientClosed,
     ConditionFailed,
     ErrorCode,
     InternalError,
     InvalidRequest,
     KeyNotFound,
     KeyTooLarge,
+    NoReply,
     NotEnoughReplicas,
+    ResponseError,
     StreamIncomplete,
+    TransportError,
     Unavailable,
     UnknownCommand,
     ValueChanged,
@@ -21,23 +34,35 @@ from protocol.errors import (
 )
 
 __all__ = [
+    "RETRIED",
+    "RETRYABLE",
     "AsyncClient",
+    "AsyncValueStream",
+    "AsyncWatchStream",
+    "BrokerTimeout",
     "Client",
+    "ClientClosed",
     "ConditionFailed",
     "ErrorCode",
     "InternalError",
     "InvalidRequest",
     "KeyNotFound",
     "KeyTooLarge",
+    "NoReply",
     "NotEnoughReplicas",
+    "ResponseError",
+    "ScanItem",
+    "ScanPage",
     "StreamIncomplete",
+    "StreamInfo",
+    "TransportError",
     "Unavailable",
     "UnknownCommand",
     "ValueChanged",
+    "ValueStream",
     "ValueTooLarge",
-    "ScanItem",
-    "ScanPage",
     "WatchEvent",
+    "WatchStream",
     "ZkvError",
     "ZkvTimeout",
 ]

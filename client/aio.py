@@ -1,5 +1,6 @@
-"""``AsyncClient``: the asyncio twin of ``Client``, same methods (awaitable), same exceptions,
-same retry rules; the commands themselves are written once in client/commands.py."""
+"""``AsyncClient``: the asyncio twin of ``Client``: the same methods (written once in
+client/api.py; awaitable here), the same exceptions, the same retry rules. This module only
+moves frames."""
 
 from __future__ import annotations
 
@@ -8,27 +9,36 @@ import itertools
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from typing import Any, BinaryIO
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import zmq
 import zmq.asyncio
 
-from client import commands
-from client.commands import Key
-from protocol.errors import ValueChanged, ZkvError, ZkvTimeout
-from protocol.frames import C_FINAL, C_PARTIAL, C_REQUEST, MDPC, MMI_STATUS, SERVICE, unpack
-from protocol.limits import DEFAULT_CHUNK_BYTES
+from client import programs
+from client.api import Build, Commands
+from client.client import dealer
+from client.commands import Call, OnPartial, Reply, StreamInfo, needs_size_check, oversize
+from client.retry import DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_TIMEOUT, Attempts
+from client.watch import WatchEvent, WatchSession
+from protocol.errors import ClientClosed
+from protocol.frames import C_FINAL, C_PARTIAL, C_REQUEST, MDPC, SERVICE, unpack
+from protocol.limits import DEFAULT_FRONTEND
 
-OnPartial = Callable[[dict[str, Any], list[bytes]], None]
 
-
-class AsyncClient:
+class AsyncClient(Commands):
     """One DEALER socket; many requests may be in flight at once (``asyncio.gather``): replies
     are matched to requests by their id."""
 
-    def __init__(self, url: str = "tcp://127.0.0.1:5555", timeout: float = 10.0, attempt_timeout: float = 6.0,
-                 context: zmq.asyncio.Context | None = None) -> None:
+    def __init__(
+        self,
+        url: str = DEFAULT_FRONTEND,
+        timeout: float = DEFAULT_TIMEOUT,
+        attempt_timeout: float = DEFAULT_ATTEMPT_TIMEOUT,
+        context: zmq.asyncio.Context | None = None,
+    ) -> None:
+        """``timeout``: the most one call may take, retries included (seconds).
+        ``attempt_timeout``: how long one attempt waits for a reply before it is sent again."""
         self.url = url
         self.timeout = timeout
         self.attempt_timeout = attempt_timeout
@@ -44,9 +54,7 @@ class AsyncClient:
     def _open(self) -> None:
         if self._sock is not None:
             self._sock.close(linger=0)
-        self._sock = self._ctx.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.connect(self.url)
+        self._sock = dealer(self._ctx, self.url)
         if self._reader is not None:
             self._reader.cancel()
         self._reader = None
@@ -90,7 +98,7 @@ class AsyncClient:
     async def _roundtrip(self, service: bytes, body: list[bytes], rid: Any, wait: float,
                          on_partial: OnPartial | None = None) -> list[bytes] | None:
         if self._sock is None:
-            raise ZkvError("client is closed")
+            raise ClientClosed("client is closed")
         if self._reader is None or self._reader.done():
             self._reader = asyncio.ensure_future(self._read_replies())
         fut: asyncio.Future[list[bytes]] = asyncio.get_running_loop().create_future()
@@ -107,14 +115,17 @@ class AsyncClient:
             self._partials.pop((service, rid), None)
 
     async def request(self, op: str, header: dict[str, Any], values: list[bytes] | None = None,
-                      on_partial: OnPartial | None = None) -> commands.Reply:
+                      on_partial: OnPartial | None = None) -> Reply:
         """Send one kv request with retries; returns (reply header, value frames) or raises."""
-        attempts = commands.Attempts(self.url, op, next(self._ids), self.client_id, header, values or [],
-                                     self.timeout, self.attempt_timeout)
+        attempts = Attempts(self.url, op, next(self._ids), self.client_id, header, values or [],
+                            self.timeout, self.attempt_timeout)
         while True:
             body, wait = attempts.next()
+            sock = self._sock
             reply = await self._roundtrip(SERVICE, body, attempts.rid, wait, on_partial)
             if reply is None:
+                if self._sock is sock:  # once for the requests in flight that went unanswered with this one
+                    self._open()  # drop whatever the old socket still queues for a dead broker
                 attempts.no_reply()
                 continue
             answer = attempts.answer(reply)
@@ -122,157 +133,103 @@ class AsyncClient:
                 return answer
             await asyncio.sleep(answer)
 
-    async def _run(self, call: commands.Call) -> Any:
+    async def _run_window(self, calls: Iterator[Call], window: int) -> None:
+        """Run ``calls`` with up to ``window`` in flight: ``window`` lanes, each one call at a time.
+        When one lane fails the others are cancelled, so that no chunk is sent after it."""
+
+        async def lane() -> None:
+            for call in calls:
+                await self._run(call)
+
+        lanes = [asyncio.ensure_future(lane()) for _ in range(window)]
+        try:
+            await asyncio.gather(*lanes)
+        finally:
+            for t in lanes:
+                t.cancel()
+
+    # -- running commands (written once in client/api.py and client/programs.py) ---------------
+
+    async def _run(self, call: Call) -> Any:
         if not call.op:
             return call.parse({}, [])
-        if call.values and sum(len(v) for v in call.values) > commands.CHECK_SIZE_ABOVE:
+        if needs_size_check(call):
             # Asked for each large request: the broker may have restarted with another limit.
-            err = commands.oversize(call, (await self.status()).get("max_value"))
+            err = oversize(call, (await self.status()).get("max_value"))
             if err is not None:
                 raise err
-        return call.parse(*await self.request(call.op, call.header, call.values))
+        if call.on_partial is None:
+            return call.parse(*await self.request(call.op, call.header, call.values))
+        return call.parse(*await self.request(call.op, call.header, call.values, call.on_partial))
 
-    # -- commands (the same as Client's) --------------------------------------------------------
+    async def _perform(self, step: programs.Step) -> Any:
+        if isinstance(step, Call):
+            return await self._run(step)
+        if isinstance(step, programs.Window):
+            return await self._run_window(step.calls, step.size)
+        if isinstance(step, programs.Mmi):
+            return await self._roundtrip(step.service, step.body, None, step.wait)
+        if isinstance(step, programs.Reopen):
+            return self._open()
+        raise TypeError(f"not a step: {step!r}")
 
-    async def put(self, key: Key, value: bytes, ttl: int | None = None, if_version: int | None = None,
-                  if_absent: bool = False) -> int:
-        return await self._run(commands.put(key, value, ttl, if_version, if_absent))
-
-    async def _whole(self, key: Key, value: Any) -> Any:
-        if isinstance(value, commands.StreamInfo):
-            return b"".join([c async for c in self._chunks(key, value, 4)])
-        return value
-
-    async def get(self, key: Key) -> bytes | None:
-        return await self._whole(key, await self._run(commands.get(key)))
-
-    async def get_versioned(self, key: Key) -> tuple[bytes, int] | None:
-        found = await self._run(commands.get_versioned(key))
-        return None if found is None else (await self._whole(key, found[0]), found[1])
-
-    async def put_stream(self, key: Key, fileobj: BinaryIO, ttl: int | None = None, if_version: int | None = None,
-                         if_absent: bool = False, chunk_size: int = DEFAULT_CHUNK_BYTES, window: int = 4,
-                         progress: Callable[[int], None] | None = None) -> int:
-        """As ``Client.put_stream``: chunks with ``window`` in flight, then one commit."""
-        up = commands.StreamPut(key, fileobj, chunk_size, ttl, if_version, if_absent, progress)
-        if up.single is not None:
-            version = await self._run(up.single)
-            if progress is not None:
-                progress(len(up.single.values[0]))
-            return version
+    async def _answer(self, step: programs.Step) -> tuple[Any, BaseException | None]:
         try:
-            calls = up.chunk_calls()
+            return await self._perform(step), None
+        except BaseException as e:  # thrown into the program, which may clean up (put_stream aborts)
+            return None, e
 
-            async def lane() -> None:  # each lane keeps one chunk in flight
-                for call in calls:
-                    await self._run(call)
-
-            lanes = [asyncio.ensure_future(lane()) for _ in range(max(1, window))]
-            try:
-                await asyncio.gather(*lanes)
-            finally:
-                for t in lanes:  # one lane failed: the others must not go on sending chunks
-                    t.cancel()
-            return await self._run(up.commit())
-        except BaseException:
-            try:
-                await self._run(up.abort())
-            except ZkvError:
-                pass  # the broker aborts it when the stream has been idle long enough
-            raise
-
-    async def get_stream(self, key: Key, credit: int = 4) -> AsyncValueStream | None:
-        """As ``Client.get_stream``: an ``AsyncValueStream`` (``async for chunk in ...``)."""
-        info = await self._run(commands.stream_info(key))
-        if info is None:
-            return None
-        return AsyncValueStream(info, self._chunks(key, info, credit))
-
-    async def _chunks(self, key: Key, info: commands.StreamInfo, credit: int) -> AsyncIterator[bytes]:
-        if info.inline is not None:
-            yield info.inline
-            return
-        for batch in commands.batches(info, max(1, min(credit, 16))):
-            call = commands.get_chunks(key, info, batch.first, batch.count)
-            await self.request(call.op, call.header, on_partial=batch.on_partial)
-            for chunk in batch.take():
-                yield chunk
-
-    async def delete(self, key: Key, if_version: int | None = None) -> bool | None:
-        return await self._run(commands.delete(key, if_version))
-
-    async def ttl(self, key: Key) -> int | None:
-        return await self._run(commands.ttl(key))
-
-    async def expire(self, key: Key, ttl: int | None) -> bool:
-        return await self._run(commands.expire(key, ttl))
-
-    async def exists(self, key: Key) -> bool:
-        return await self._run(commands.exists(key))
-
-    async def mget(self, keys: Iterable[Key]) -> list[bytes | None]:
-        keys = list(keys)
-        return [await self._whole(k, v) for k, v in zip(keys, await self._run(commands.mget(keys)), strict=True)]
-
-    async def mset(self, items: Mapping[Key, bytes] | Iterable[tuple[Key, bytes]]) -> None:
-        await self._run(commands.mset(items))
-
-    async def scan(self, prefix: Key = b"", start_after: Key | None = None, limit: int = 1000,
-                   values: bool = True) -> AsyncIterator[commands.ScanItem]:
-        start = None if start_after is None else commands.key_bytes(start_after)
+    async def _execute(self, build: Build, *args: Any) -> Any:
+        todo = build(*args)
+        if isinstance(todo, Call):
+            return await self._run(todo)
+        answer, error = None, None
         while True:
-            page = await self.scan_page(prefix, start, limit, values)
-            for item in page.items:  # a streamed value is fetched whole, as get does
-                if not values or not isinstance(item.value, commands.StreamInfo):
-                    yield item
-                    continue
-                try:
-                    yield item._replace(value=await self._whole(item.key, item.value))
-                except ValueChanged:  # replaced or deleted since the page: read it as it is now
-                    now = await self.get_versioned(item.key)
-                    if now is not None:
-                        yield item._replace(value=now[0], version=now[1])
-            start = commands.next_start(page)
-            if start is None:
-                return
+            done, step = programs.advance(todo, answer, error)
+            if done:
+                return step
+            answer, error = await self._answer(step)
 
-    async def scan_page(self, prefix: Key = b"", start_after: Key | None = None, limit: int = 1000,
-                        values: bool = True) -> commands.ScanPage:
-        return await self._run(commands.scan_page(prefix, start_after, limit, values))
+    async def _iterate(self, program: programs.Program[None]) -> AsyncIterator[Any]:
+        answer, error = None, None
+        try:
+            while True:
+                done, step = programs.advance(program, answer, error)
+                if done:
+                    return
+                if isinstance(step, programs.Out):
+                    answer, error = None, None
+                    yield step.item
+                else:
+                    answer, error = await self._answer(step)
+        finally:
+            program.close()
 
-    async def scan_keys(self, prefix: Key = b"", start_after: Key | None = None,
-                        limit: int = 1000) -> AsyncIterator[bytes]:
-        async for item in self.scan(prefix, start_after, limit, values=False):
-            yield item.key
+    def _open_stream(self, info: StreamInfo, chunks: programs.Program[None]) -> AsyncValueStream:
+        return AsyncValueStream(info, self._iterate(chunks))
 
-    def watch(self, prefix: Key = b"", since: dict[str, Any] | None = None) -> AsyncWatchStream:
-        """As ``Client.watch``: ``async for event in kv.watch(prefix)``."""
-        return AsyncWatchStream(self, commands.WatchSession(prefix, since))
-
-    async def status(self) -> dict[str, Any]:
-        reply = await self._roundtrip(MMI_STATUS, [], None, self.timeout)
-        if reply is None:
-            raise ZkvTimeout(f"no reply from {self.url} within {self.timeout}s")
-        return unpack(reply[0])
+    def _watch_stream(self, session: WatchSession) -> AsyncWatchStream:
+        return AsyncWatchStream(self, session)
 
 
 class AsyncWatchStream:
     """An open watch (see ``AsyncClient.watch``); ``async for`` it, ``await close()`` when done."""
 
-    def __init__(self, client: AsyncClient, session: commands.WatchSession) -> None:
+    def __init__(self, client: AsyncClient, session: WatchSession) -> None:
         self._client = client
         self.session = session
         self._sock: zmq.asyncio.Socket | None = None
-        self._events: deque[commands.WatchEvent] = deque()
+        self._events: deque[WatchEvent] = deque()
 
     @property
     def cursor(self) -> dict[str, Any] | None:
+        """Where the events delivered so far end: pass it as ``since`` to resume later."""
         return self.session.cursor
 
     def __aiter__(self) -> AsyncWatchStream:
         return self
 
-    async def __anext__(self) -> commands.WatchEvent:
+    async def __anext__(self) -> WatchEvent:
         while not self._events:
             if self.session.ended:
                 await self.close()
@@ -285,7 +242,7 @@ class AsyncWatchStream:
         act = self.session.due(now, lambda: next(self._client._ids))
         if act is not None:
             if act[0] == "open" or self._sock is None:
-                self._reopen()
+                self._reopen()  # a fresh socket: nothing of an earlier subscription reaches it
             assert self._sock is not None
             await self._sock.send_multipart([MDPC, C_REQUEST, SERVICE, *act[1]])
             return
@@ -298,11 +255,10 @@ class AsyncWatchStream:
     def _reopen(self) -> None:
         if self._sock is not None:
             self._sock.close(linger=0)
-        self._sock = self._client._ctx.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.connect(self._client.url)
+        self._sock = dealer(self._client._ctx, self._client.url)
 
     async def close(self) -> None:
+        """Cancel the watch (best effort: the broker also drops it without keepalives)."""
         if self._sock is not None:
             if not self.session.ended:
                 try:
@@ -321,17 +277,31 @@ class AsyncWatchStream:
 
 
 class AsyncValueStream:
-    """A value being read: ``async for chunk in stream``, or ``await stream.read()``."""
+    """A value being read: ``async for chunk in stream``, or ``await stream.read()`` (as
+    ``ValueStream``: all of it, or up to ``n`` bytes)."""
 
-    def __init__(self, info: commands.StreamInfo, chunks: AsyncIterator[bytes]) -> None:
+    def __init__(self, info: StreamInfo, chunks: AsyncIterator[bytes]) -> None:
         self.version, self.size = info.version, info.size
         self._chunks = chunks
+        self._buf = b""
 
     def __aiter__(self) -> AsyncValueStream:
         return self
 
     async def __anext__(self) -> bytes:
+        if self._buf:
+            buf, self._buf = self._buf, b""
+            return buf
         return await self._chunks.__anext__()
 
-    async def read(self) -> bytes:
-        return b"".join([c async for c in self])
+    async def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            return b"".join([c async for c in self])
+        while len(self._buf) < n:
+            try:
+                nxt = await self._chunks.__anext__()
+            except StopAsyncIteration:
+                break
+            self._buf += nxt
+        out, self._buf = self._buf[:n], self._buf[n:]
+        return out

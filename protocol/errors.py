@@ -2,6 +2,21 @@
 
 Every error reply's header has ``ok: false``, a ``code`` from ``ErrorCode`` and a
 human ``message``. The client maps each code to one exception class.
+
+The tree is typed by fault, as redis-py's is (``ConnectionError``/``TimeoutError`` apart from
+``ResponseError``)::
+
+    ZkvError
+    +-- TransportError          no usable reply reached the client: raised by the client itself
+    |   +-- NoReply             nothing within the client's timeout (also a ZkvTimeout)
+    |   +-- ClientClosed        a call on a closed client
+    +-- ResponseError           the broker answered with an error code (or would have: the client
+        |                       checks a few things itself before sending and raises the same class)
+        +-- InvalidRequest      -> UnknownCommand, KeyTooLarge, ValueTooLarge, StreamIncomplete
+        +-- NotEnoughReplicas, Unavailable, ConditionFailed, KeyNotFound, ValueChanged, InternalError
+        +-- BrokerTimeout       the broker's request timeout expired (also a ZkvTimeout)
+
+``ZkvTimeout`` (the outcome of a write is unknown) is caught as before for both kinds of timeout.
 """
 
 from __future__ import annotations
@@ -25,8 +40,17 @@ class ErrorCode(StrEnum):
 
 
 # Codes after which repeating the same request (same client id and request number) is safe
-# and may succeed.
+# and may succeed (docs/protocol.md §1.4, §1.6): ``ZkvError.retryable``.
 RETRYABLE = frozenset({ErrorCode.TIMEOUT, ErrorCode.UNAVAILABLE, ErrorCode.NOT_ENOUGH_REPLICAS})
+
+# The part of RETRYABLE that the zkv clients resend by themselves (with backoff, until their
+# ``timeout``): ``ZkvError.retried``. NOT_ENOUGH_REPLICAS is left out on purpose, since the first
+# client (it resent on TIMEOUT and UNAVAILABLE only): the broker refuses such a write at once and
+# nothing is written, a definite failure the caller must learn at once (README "fail at once with
+# NotEnoughReplicas"; tests/test_core_faults.py wants it in under a second, `zkv put` exits 4;
+# tests/workload.py counts it as certainly not applied). Resending it would turn that fast, definite
+# "no" into a wait of up to ``timeout`` seconds. The caller may resend it, once replicas are back.
+RETRIED = RETRYABLE - {ErrorCode.NOT_ENOUGH_REPLICAS}
 
 
 class ZkvError(Exception):
@@ -41,10 +65,27 @@ class ZkvError(Exception):
 
     @property
     def retryable(self) -> bool:
+        """Sending the same request again is safe and may succeed."""
         return self.code in RETRYABLE
 
+    @property
+    def retried(self) -> bool:
+        """The client resends the request itself after this error (until its timeout runs out)."""
+        return self.code in RETRIED
 
-class InvalidRequest(ZkvError):
+
+class TransportError(ZkvError):
+    """No usable reply reached the client (nothing in time, or its socket is unusable). Raised by
+    the client itself, never sent by a broker; the request may or may not have been applied."""
+
+
+class ResponseError(ZkvError):
+    """The broker answered the request with an error reply; ``code`` says which. The client checks
+    a few of these itself before sending (key types, a value over the broker's limit, chunks
+    missing from a streamed read) and raises the class the broker would have answered with."""
+
+
+class InvalidRequest(ResponseError):
     """The request was malformed or out of limits; retrying it will not help."""
 
     code = ErrorCode.BAD_REQUEST
@@ -62,25 +103,39 @@ class ValueTooLarge(InvalidRequest):
     code = ErrorCode.VALUE_TOO_LARGE
 
 
-class NotEnoughReplicas(ZkvError):
+class NotEnoughReplicas(ResponseError):
     """Fewer than W replicas of the key's slot are alive; the write was not applied."""
 
     code = ErrorCode.NOT_ENOUGH_REPLICAS
 
 
-class Unavailable(ZkvError):
+class Unavailable(ResponseError):
     """The cluster cannot serve this key right now (not formed yet, or recovering)."""
 
     code = ErrorCode.UNAVAILABLE
 
 
 class ZkvTimeout(ZkvError):
-    """No answer in time. For a write the outcome is unknown; a retry is applied at most once."""
+    """No answer in time. For a write the outcome is unknown; a retry is applied at most once.
+    Raised as ``NoReply`` (the client heard nothing) or ``BrokerTimeout`` (the broker said so)."""
 
     code = ErrorCode.TIMEOUT
 
 
-class ConditionFailed(ZkvError):
+class NoReply(ZkvTimeout, TransportError):
+    """Nothing came back within the client's ``timeout`` (every attempt included)."""
+
+
+class BrokerTimeout(ZkvTimeout, ResponseError):
+    """A TIMEOUT reply: the broker's request timeout expired (a write had no W acknowledgements in
+    time, or a read no answer)."""
+
+
+class ClientClosed(TransportError):
+    """A call on a client (or stream) that was closed."""
+
+
+class ConditionFailed(ResponseError):
     """A compare-and-set did not hold; nothing was written. ``version`` is the key's current
     version (None if it does not exist)."""
 
@@ -91,7 +146,7 @@ class ConditionFailed(ZkvError):
         self.version = version
 
 
-class KeyNotFound(ZkvError):
+class KeyNotFound(ResponseError):
     code = ErrorCode.NOT_FOUND
 
 
@@ -102,13 +157,13 @@ class StreamIncomplete(InvalidRequest):
     code = ErrorCode.STREAM_INCOMPLETE
 
 
-class ValueChanged(ZkvError):
+class ValueChanged(ResponseError):
     """The streamed value being read was replaced or deleted meanwhile; read it again."""
 
     code = ErrorCode.VALUE_CHANGED
 
 
-class InternalError(ZkvError):
+class InternalError(ResponseError):
     code = ErrorCode.INTERNAL
 
 
@@ -121,7 +176,7 @@ _BY_CODE: dict[ErrorCode, type[ZkvError]] = {
         ValueTooLarge,
         NotEnoughReplicas,
         Unavailable,
-        ZkvTimeout,
+        BrokerTimeout,
         ConditionFailed,
         KeyNotFound,
         StreamIncomplete,
@@ -132,9 +187,9 @@ _BY_CODE: dict[ErrorCode, type[ZkvError]] = {
 
 
 def error_from_reply(code: str, message: str) -> ZkvError:
-    """The exception for an error reply; unknown codes (a newer broker) map to ZkvError."""
+    """The exception for an error reply; unknown codes (a newer broker) map to ResponseError."""
     try:
         ec = ErrorCode(code)
     except ValueError:
-        return ZkvError(f"{code}: {message}")
-    return _BY_CODE.get(ec, ZkvError)(message, ec)
+        return ResponseError(f"{code}: {message}")
+    return _BY_CODE.get(ec, ResponseError)(message, ec)

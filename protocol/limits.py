@@ -24,3 +24,12 @@ STREAM_INCOMPLETE = -1  # a replica's answer flag for a stream commit that found
 DEFAULT_SCAN_LIMIT = 1000
 MAX_SCAN_LIMIT = 10_000  # keys in one scan page
 SCAN_MAX_BYTES = 8 << 20  # key and value bytes in one scan page (at least one entry); `more` says the rest
+
+# Ops that read and never write: the broker sends them to one in-sync replica; `zkv bench` writes
+# the keys of its read phases first. (broker/core.py still has its own copy of this set.)
+READ_OPS = frozenset({"get", "exists", "mget", "ttl"})
+
+# Default endpoints (all on 127.0.0.1): clients, workers, replication.
+DEFAULT_FRONTEND = "tcp://127.0.0.1:5555"
+DEFAULT_BACKEND = "tcp://127.0.0.1:5556"
+DEFAULT_REPLICATION = "tcp://127.0.0.1:5557"

@@ -336,7 +336,7 @@ def test_watches_are_bounded(sim: SimCluster, monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_watch_session_resumes_from_its_cursor_after_a_lost_message() -> None:
-    from client.commands import WatchSession
+    from client.watch import WatchSession
     from protocol.frames import C_FINAL, C_PARTIAL, unpack
 
     ids = iter(range(1, 100))

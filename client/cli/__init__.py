@@ -1,0 +1,58 @@
+"""``zkv``: one command for running and using a cluster.
+
+Every option can also be set through an environment variable ``ZKV_<COMMAND>_<OPTION>`` (for
+example ``ZKV_BROKER_DATA``, ``ZKV_WORKER_ID``); the client commands read ``ZKV_URL``.
+
+The client commands are here (client/cli/data.py, cluster.py, bench.py); the process launchers
+belong to their programs (broker/cli.py, worker/cli.py) and are loaded only when run, as the load
+generator is, so that ``zkv get`` imports no broker, worker or benchmark code.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+from client.cli import cluster, data
+from protocol.logs import configure_logging
+
+# name -> "module:attribute" of a command imported only when it is run (or listed by --help).
+LAZY_COMMANDS = {
+    "bench": "client.cli.bench:bench",
+    "broker": "broker.cli:broker",
+    "worker": "worker.cli:worker",
+}
+
+
+class Group(click.Group):
+    """A click group with commands from other packages, imported when needed (click's documented
+    lazy-loading pattern)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *LAZY_COMMANDS])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        where = LAZY_COMMANDS.get(cmd_name)
+        if where is None:
+            return super().get_command(ctx, cmd_name)
+        module, attr = where.split(":")
+        command = getattr(importlib.import_module(module), attr)
+        assert isinstance(command, click.Command)
+        return command
+
+
+@click.group(cls=Group, context_settings={"auto_envvar_prefix": "ZKV", "help_option_names": ["-h", "--help"]})
+@click.option("--log-json", is_flag=True, help="Log JSON lines instead of key=value.")
+@click.option("--log-level", default="info", show_default=True)
+@click.version_option(package_name="zkv")
+def main(log_json: bool, log_level: str) -> None:
+    """zkv: a sharded, replicated key-value store (ZeroMQ broker, LMDB workers)."""
+    configure_logging(json=log_json, level=log_level)
+
+
+for _command in (data.put, data.get, data.delete, data.scan, data.watch, cluster.status, cluster.drain,
+                 cluster.undrain, cluster.remove, cluster.rebalance):
+    main.add_command(_command)
+
+__all__ = ["main"]

@@ -1,0 +1,191 @@
+"""``zkv bench``: one client process's load, pipelined requests on one DEALER socket.
+
+Nothing is retried: error replies and requests without a reply in ``timeout`` seconds are counted
+as errors, by kind (see client/cli/bench.py for the whole run).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from array import array
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import zmq
+
+from client.cli.bench_plan import BATCH_OPS, BenchConfig, BenchError, make_key
+from protocol.frames import C_FINAL, C_REQUEST, MDPC, MMI_SERVICE, SERVICE
+
+PREFILL_BATCH = 100  # keys per MSET request while prefilling
+CHECK_INTERVAL = 0.05  # s between scans for requests that have timed out
+READY_TIMEOUT = 10.0  # s to wait for the broker to answer mmi.service with 200
+CLIENT_TIMEOUT_KIND = "CLIENT_TIMEOUT"  # no reply at all within the bench's timeout
+
+
+@dataclass(frozen=True)
+class Request:
+    header: dict[str, Any]
+    values: list[bytes]
+
+
+class Pipeline:
+    """One DEALER socket with up to ``window`` requests in flight, matched to replies by ``id``."""
+
+    def __init__(self, ctx: zmq.Context, url: str, window: int, timeout: float) -> None:
+        self.window = window
+        self.timeout = timeout
+        self.cid = uuid.uuid4().bytes
+        self.next_id = 1
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SNDHWM, max(1000, 2 * window))
+        self.sock.setsockopt(zmq.RCVHWM, max(1000, 2 * window))
+        self.sock.connect(url)
+        self.packer = msgpack.Packer(use_bin_type=True)
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+    def wait_ready(self, url: str) -> None:
+        """Ask the broker (MMI) whether service ``kv`` is up; also proves the connection works."""
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline:
+            self.sock.send_multipart([MDPC, C_REQUEST, MMI_SERVICE, SERVICE])
+            if self.sock.poll(1000):
+                frames = self.sock.recv_multipart()
+                if frames[2:4] == [MMI_SERVICE, b"200"]:
+                    return
+                time.sleep(0.2)
+        raise BenchError(f"the broker at {url} did not report service 'kv' ready within {READY_TIMEOUT:.0f}s")
+
+    def run(
+        self,
+        requests: Iterator[Request],
+        count: int,
+        on_reply: Callable[[dict[str, Any]], None],
+        latencies: array | None,
+        errors: dict[str, int],
+        window: int | None = None,
+    ) -> None:
+        """Send ``count`` requests keeping ``window`` (default: the pipeline's) in flight; append
+        each latency (us) to ``latencies`` and count failures by kind in ``errors``."""
+        window = window or self.window
+        sock = self.sock
+        packer = self.packer
+        inflight: dict[int, int] = {}  # request id -> send time, ns
+        deadlines: deque[tuple[float, int]] = deque()  # (monotonic deadline, id), in send order
+        timeout_ns = int(self.timeout * 1e9)
+        sent = 0
+        next_check = time.monotonic() + CHECK_INTERVAL
+        now_ns = time.perf_counter_ns
+        unpack = msgpack.unpackb
+        while sent < count or inflight:
+            while sent < count and len(inflight) < window:
+                req = next(requests)
+                rid = self.next_id
+                self.next_id += 1
+                req.header["id"] = rid
+                req.header["cid"] = self.cid
+                req.header["retry"] = False  # never resent: spare the broker the look-up of earlier attempts
+                sock.send_multipart([MDPC, C_REQUEST, SERVICE, packer.pack(req.header), *req.values])
+                inflight[rid] = now_ns()
+                deadlines.append((time.monotonic() + self.timeout, rid))
+                sent += 1
+            if sock.poll(int(CHECK_INTERVAL * 1000)):
+                while True:
+                    try:
+                        frames = sock.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    t1 = now_ns()
+                    if len(frames) < 4 or frames[1] != C_FINAL or frames[2] != SERVICE:
+                        continue
+                    header = unpack(frames[3], raw=False)
+                    t0 = inflight.pop(header.get("id"), None)
+                    if t0 is None:
+                        if header.get("id") is None and not header.get("ok"):
+                            raise BenchError(f"the broker refused a request: {header}")
+                        continue  # a reply after its request timed out: already counted
+                    if t1 - t0 > timeout_ns:  # answered, but later than the timeout: as if unanswered
+                        errors[CLIENT_TIMEOUT_KIND] = errors.get(CLIENT_TIMEOUT_KIND, 0) + 1
+                        continue
+                    if latencies is not None:
+                        latencies.append((t1 - t0) // 1000)
+                    if header.get("ok"):
+                        on_reply(header)
+                    else:
+                        kind = str(header.get("code", "UNKNOWN"))
+                        errors[kind] = errors.get(kind, 0) + 1
+            now = time.monotonic()
+            if now >= next_check:
+                next_check = now + CHECK_INTERVAL
+                while deadlines and deadlines[0][0] <= now:
+                    _, rid = deadlines.popleft()
+                    if inflight.pop(rid, None) is not None:
+                        errors[CLIENT_TIMEOUT_KIND] = errors.get(CLIENT_TIMEOUT_KIND, 0) + 1
+
+
+class Workload:
+    """The requests of one process: which keys, which values, and how replies are judged."""
+
+    def __init__(self, cfg: BenchConfig, proc: int) -> None:
+        self.cfg = cfg
+        self.proc = proc
+        self.value = random.Random(cfg.seed * 7919 + proc).randbytes(cfg.data_size)
+        self.rng = random.Random(cfg.seed * 104729 + proc)
+        self.misses = 0
+        self.ok = 0
+
+    def _indices(self, first: int, n: int) -> list[int]:
+        if self.cfg.keyspace:
+            return [self.rng.randrange(self.cfg.keyspace) for _ in range(n)]
+        return list(range(first, first + n))
+
+    def requests(self, op: str) -> Iterator[Request]:
+        """This process's requests of ``op``: every procs-th of the run's request numbers."""
+        cfg = self.cfg
+        per = cfg.batch if op in BATCH_OPS else 1
+        for j in range(self.proc, cfg.requests, cfg.procs):
+            keys = [make_key(i, cfg.key_size) for i in self._indices(j * per, per)]
+            if op == "put":
+                yield Request({"op": op, "key": keys[0]}, [self.value])
+            elif op in ("get", "exists", "delete"):
+                yield Request({"op": op, "key": keys[0]}, [])
+            elif op == "mget":
+                yield Request({"op": op, "keys": keys}, [])
+            else:  # mset
+                yield Request({"op": op, "keys": keys}, [self.value] * len(keys))
+
+    def prefill_requests(self, lo: int, hi: int) -> Iterator[Request]:
+        """MSETs writing this process's share of key indices ``[lo, hi)``."""
+        step = PREFILL_BATCH * self.cfg.procs
+        for start in range(lo + self.proc * PREFILL_BATCH, hi, step):
+            keys = [make_key(i, self.cfg.key_size) for i in range(start, min(start + PREFILL_BATCH, hi))]
+            yield Request({"op": "mset", "keys": keys}, [self.value] * len(keys))
+
+    def judge(self, op: str) -> Callable[[dict[str, Any]], None]:
+        """The reply handler of ``op``: counts successes and misses."""
+
+        def on_reply(header: dict[str, Any]) -> None:
+            self.ok += 1
+            if op == "get":
+                self.misses += not header.get("found")
+            elif op == "exists":
+                self.misses += not header.get("exists")
+            elif op == "delete":
+                self.misses += not header.get("deleted")
+            elif op == "mget":
+                self.misses += sum(1 for f in header.get("found", ()) if not f)
+
+        return on_reply
+
+
+def prefill_count(lo: int, hi: int, procs: int, proc: int) -> int:
+    """How many prefill MSETs process ``proc`` sends for key indices ``[lo, hi)``."""
+    step = PREFILL_BATCH * procs
+    return len(range(lo + proc * PREFILL_BATCH, hi, step))

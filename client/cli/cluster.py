@@ -1,0 +1,159 @@
+"""``zkv status``, ``drain``, ``undrain``, ``remove`` and ``rebalance``: operating a cluster."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import click
+
+from client.cli.common import ZkvCommandError, connect, timeout_option, url_option
+from protocol.errors import ZkvError
+
+
+def _human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return str(n)
+
+
+@click.command()
+@url_option
+@timeout_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def status(url: str, timeout: float, as_json: bool) -> None:
+    """Show workers, slots and replication state."""
+    with connect(url, timeout) as c:
+        try:
+            st = c.status()
+        except ZkvError as e:
+            raise ZkvCommandError(e) from None
+    if as_json:
+        click.echo(json.dumps(st, indent=2, default=lambda b: b.hex()))
+        return
+    click.echo(f"epoch {st['epoch']}  slots {st['slots']}  RF {st['rf']}  W {st['w']}  "
+               f"formed {'yes' if st['formed'] else 'no'}  committed writes {st['committed_writes']}")
+    rows = [("WORKER", "STATE", "LAST HEARTBEAT", "SLOTS", "KEYS", "DISK")]
+    for w in st["workers"]:
+        ago = "-" if w["last_heartbeat_ago"] is None else f"{w['last_heartbeat_ago']:.1f}s ago"
+        state = w["state"] + (" draining" if w.get("draining") else "")
+        rows.append((w["id"], state, ago, str(w["slots"]), str(w["keys"]), _human_bytes(w["disk_bytes"])))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  ".join(c.ljust(widths[i]) for i, c in enumerate(r)).rstrip())
+    for m in st["moves"]:
+        eta = "-" if m["eta_s"] is None else f"{m['eta_s']:.0f}s"
+        click.echo(f"move slot {m['slot']}: {m['from']} -> {m['to']} ({m['reason']}, {m['state']}) "
+                   f"{m['keys_copied']}/{m['keys_total']} keys {_human_bytes(m['bytes_copied'])}/"
+                   f"{_human_bytes(m['bytes_total'])} {_human_bytes(m['rate_bytes_per_s'])}/s ETA {eta}")
+    if st["misplaced_slots"]:
+        click.echo(f"slots to move: {st['misplaced_slots']}")
+    under = st["under_replicated_slots"]
+    click.echo(f"under-replicated slots: {len(under)}" + (f" ({_slot_ranges(under)})" if under else ""))
+    if st["recovering_slots"]:
+        click.echo(f"recovering slots: {st['recovering_slots']}")
+
+
+
+def _admin(url: str, timeout: float, cmd: str, worker: str | None = None) -> dict[str, Any]:
+    with connect(url, timeout) as c:
+        try:
+            reply = c.admin(cmd, worker)
+        except ZkvError as e:
+            raise ZkvCommandError(e) from None
+    if not reply.get("ok"):
+        raise click.ClickException(str(reply.get("message")))
+    click.echo(reply["message"])
+    return reply
+
+
+def _wait_for_moves(url: str, timeout: float, done: Any, label: str) -> None:
+    """Show a progress bar of slots still to move until ``done(status)``."""
+    with connect(url, timeout) as c:
+        st = c.status()
+        total = max(st["misplaced_slots"], 1)
+        with click.progressbar(length=total, label=label, show_eta=True, show_percent=True) as bar:
+            shown = 0
+            while True:
+                st = c.status()
+                remaining = st["misplaced_slots"]
+                if remaining > total:
+                    total = bar.length = remaining
+                target = total - remaining
+                if target > shown:
+                    bar.update(target - shown)
+                    shown = target
+                if done(st):
+                    bar.update(total - shown)
+                    break
+                time.sleep(0.5)
+
+
+@click.command()
+@url_option
+@timeout_option
+@click.option("--wait", is_flag=True, help="Show progress until every slot has left the worker.")
+@click.argument("worker")
+def drain(url: str, timeout: float, wait: bool, worker: str) -> None:
+    """Move every slot away from WORKER (before taking it out)."""
+    _admin(url, timeout, "drain", worker)
+    if wait:
+        def drained(st: dict[str, Any]) -> bool:
+            w = next(w for w in st["workers"] if w["id"] == worker)
+            return w["slots"] == 0 and w["learning"] == 0
+        _wait_for_moves(url, timeout, drained, f"draining {worker}")
+        click.echo(f"{worker} holds no slots: stop it, then `zkv remove {worker}`")
+
+
+@click.command()
+@url_option
+@timeout_option
+@click.argument("worker")
+def undrain(url: str, timeout: float, worker: str) -> None:
+    """Let WORKER take slots again."""
+    _admin(url, timeout, "undrain", worker)
+
+
+@click.command()
+@url_option
+@timeout_option
+@click.argument("worker")
+def remove(url: str, timeout: float, worker: str) -> None:
+    """Take a drained, stopped WORKER out of the cluster's metadata."""
+    _admin(url, timeout, "remove", worker)
+
+
+@click.command()
+@url_option
+@timeout_option
+@click.option("--wait", is_flag=True, help="Show progress until every slot is where placement wants it.")
+def rebalance(url: str, timeout: float, wait: bool) -> None:
+    """Move slots so that every worker holds its share (minimal movement)."""
+    _admin(url, timeout, "rebalance")
+    if wait:
+        _wait_for_moves(url, timeout, lambda st: st["misplaced_slots"] == 0 and not st["moves"], "rebalancing")
+        click.echo("balanced")
+
+
+def _slot_ranges(slots: list[int]) -> str:
+    out: list[str] = []
+    start = prev = None
+    for s in sorted(slots):
+        if start is None:
+            start = prev = s
+        elif s == prev + 1:  # type: ignore[operator]
+            prev = s
+        else:
+            out.append(f"{start}-{prev}" if start != prev else str(start))
+            start = prev = s
+    if start is not None:
+        out.append(f"{start}-{prev}" if start != prev else str(start))
+    text = ",".join(out)
+    return text if len(text) < 80 else text[:77] + "..."
+
+
+# -- scan and watch ------------------------------------------------------------------------------

@@ -1,0 +1,71 @@
+"""The retry rules of a kv request, shared by ``Client`` and ``AsyncClient``.
+
+Every attempt of a request carries the same client id (``cid``) and request number (``id``), so
+the broker applies a retried write once (docs/protocol.md §1.6). Which error replies are resent is
+``protocol.errors.RETRIED``; the rest are raised at once.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from client.commands import Reply, error_for
+from protocol.errors import NoReply, ZkvError
+from protocol.frames import pack, unpack
+
+BACKOFF_FIRST, BACKOFF_MAX = 0.05, 1.0  # s before resending after a retried error, doubling
+DEFAULT_TIMEOUT = 10.0  # s one call may take, retries included
+DEFAULT_ATTEMPT_TIMEOUT = 6.0  # s one attempt waits for its reply before the request is sent again
+
+
+def no_reply(url: str, timeout: float) -> NoReply:
+    """The error of a request that got no reply within the client's ``timeout``."""
+    return NoReply(f"no reply from {url} within {timeout}s")
+
+
+class Attempts:
+    """The retry rules of one kv request, shared by both clients (they only move the frames):
+    every attempt sends the same id and client id, marked as a retry after the first; a missing
+    reply (the client then reopens its socket), or an error in ``protocol.errors.RETRIED``
+    (TIMEOUT, UNAVAILABLE), means try again after a backoff until ``timeout`` runs out."""
+
+    def __init__(self, url: str, op: str, rid: int, cid: bytes, header: dict[str, Any], values: list[bytes],
+                 timeout: float, attempt_timeout: float) -> None:
+        self.url, self.rid, self.timeout, self.attempt_timeout = url, rid, timeout, attempt_timeout
+        # "retry": false on the first attempt spares the broker a look-up of earlier attempts.
+        self.header = {"op": op, "id": rid, "cid": cid, "retry": False, **header}
+        self.body = [pack(self.header), *values]
+        self.deadline = time.monotonic() + timeout
+        self.backoff = BACKOFF_FIRST
+        self.sent = 0
+        self.last_error: ZkvError | None = None
+
+    def next(self) -> tuple[list[bytes], float]:
+        """The frames of the next attempt and how long it may wait; raises when time is up."""
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise self.last_error or no_reply(self.url, self.timeout)
+        if self.sent:
+            self.header["retry"] = True
+            self.body[0] = pack(self.header)
+        self.sent += 1
+        return self.body, min(left, self.attempt_timeout)
+
+    def no_reply(self) -> None:
+        """An attempt got no reply in its time (the caller reopens its socket before the next)."""
+        self.last_error = no_reply(self.url, self.timeout)
+
+    def answer(self, reply: list[bytes]) -> Reply | float:
+        """The reply if it is final; raises a final error; else seconds to wait before resending."""
+        rh = unpack(reply[0])
+        if rh.get("ok"):
+            return rh, reply[1:]
+        err = error_for(rh)
+        if not err.retried:
+            raise err
+        self.last_error = err
+        wait = min(self.backoff, max(0.0, self.deadline - time.monotonic()))
+        self.backoff = min(self.backoff * 2, BACKOFF_MAX)
+        return wait
+

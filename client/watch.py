@@ -1,0 +1,125 @@
+"""Watches (docs/protocol.md §1.10): the rules of one watch, shared by both clients.
+
+``WatchSession`` decides what to send when (open, keepalive, resume from the cursor) and turns
+the broker's messages into ``WatchEvent``s; ``client.client.WatchStream`` and
+``client.aio.AsyncWatchStream`` only move its frames on a socket of their own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from client.commands import Key, StreamInfo, error_for, key_bytes
+from client.retry import BACKOFF_FIRST, BACKOFF_MAX
+from protocol.frames import C_PARTIAL, pack, unpack
+
+WATCH_KEEPALIVE = 2.0  # s between keepalives (the broker drops a watch after 10 s without one)
+WATCH_SILENCE = 4.0  # s without any message (the broker sends progress every second): resume
+
+
+class WatchEvent(NamedTuple):
+    """A committed change: ``put`` (value set), ``delete``, ``ttl`` (TTL changed, value kept),
+    ``expired`` (the TTL ran out, the key is gone), or ``resync`` (the broker could not replay
+    what happened since the cursor: re-read with scan; later events follow the new cursor)."""
+
+    kind: str
+    key: bytes
+    value: bytes | None  # put only
+    version: int  # the change's seq in its slot: the key's version after a put or ttl
+    expire_at: int  # ms since the epoch by the broker's clock, 0 = none (put, ttl)
+    slot: int
+    # A put of a streamed value carries no value (``value`` is None) but where its chunks are:
+    # read it with get_stream (it raises ValueChanged if the key was rewritten since).
+    stream: StreamInfo | None = None
+
+
+class WatchSession:
+    """The rules of one watch, shared by both clients (they only move frames): open it, keep it
+    alive, check the message counter, keep the cursor, and resume from the cursor after a lost
+    message, a silence, a broker restart or a retryable error."""
+
+    def __init__(self, prefix: Key = b"", since: dict[str, Any] | None = None) -> None:
+        self.prefix = key_bytes(prefix)
+        self.cursor = since  # {"c": cluster id, "s": [seq per slot]}: opaque, pass it back as since
+        self.rid = 0
+        self.n = 0
+        self.open_at: float | None = 0.0  # when to (re)open the watch; None while it is open
+        self.last_heard = self.last_keepalive = 0.0
+        self.backoff = BACKOFF_FIRST
+        self.ended = False
+
+    def due(self, now: float, next_id: Callable[[], int]) -> tuple[str, list[bytes]] | None:
+        """What to send now: ("open", body) on a fresh socket, ("send", body), or None."""
+        if self.ended:
+            return None
+        if self.open_at is None and now - self.last_heard > WATCH_SILENCE:
+            self._resume(now, 0.0)
+        if self.open_at is not None:
+            if now < self.open_at:
+                return None
+            self.rid, self.n, self.open_at = next_id(), 0, None
+            self.last_heard = self.last_keepalive = now
+            hdr: dict[str, Any] = {"op": "watch", "id": self.rid, "prefix": self.prefix}
+            if self.cursor is not None:
+                hdr["since"] = self.cursor
+            return "open", [pack(hdr)]
+        if now - self.last_keepalive >= WATCH_KEEPALIVE:
+            self.last_keepalive = now
+            return "send", [pack({"op": "watch", "id": self.rid, "keepalive": True})]
+        return None
+
+    def wait(self, now: float) -> float:
+        """Seconds until ``due`` has something to do."""
+        if self.open_at is not None:
+            return max(self.open_at - now, 0.0)
+        return max(min(self.last_heard + WATCH_SILENCE, self.last_keepalive + WATCH_KEEPALIVE) - now, 0.0)
+
+    def cancel(self) -> list[bytes]:
+        self.ended = True
+        return [pack({"op": "watch", "id": self.rid, "cancel": True})]
+
+    def _resume(self, now: float, delay: float) -> None:
+        self.open_at = now + delay
+
+    def received(self, command: bytes, frames: list[bytes], now: float) -> list[WatchEvent]:
+        """A message from the broker (``command`` PARTIAL or FINAL, ``frames`` = header, values)."""
+        rh = unpack(frames[0])
+        if self.open_at is not None or rh.get("id") != self.rid:
+            return []  # an earlier subscription's message
+        self.last_heard = now
+        if command == C_PARTIAL:
+            if rh.get("n") != self.n + 1:
+                self._resume(now, 0.0)  # a message was lost (a full queue): resume from the cursor
+                return []
+            self.n += 1
+            self.backoff = BACKOFF_FIRST
+            events = []
+            streams = rh.get("streams") or {}
+            for i, ((kind, key, slot, seq, expire_at), value) in enumerate(zip(rh["events"], frames[1:], strict=True)):
+                m = streams.get(i)
+                if m is not None:
+                    info = StreamInfo(seq, int(m["size"]), bytes(m["stream"]), int(m["chunks"]))
+                    events.append(WatchEvent(kind, bytes(key), None, seq, expire_at, slot, info))
+                else:
+                    events.append(WatchEvent(kind, bytes(key), value if kind == "put" else None, seq, expire_at, slot))
+                if self.cursor is not None:
+                    self.cursor["s"][slot] = max(self.cursor["s"][slot], seq)
+            if "cursor" in rh:
+                self.cursor = rh["cursor"]
+            return events
+        if rh.get("ok"):
+            if rh.get("resync"):
+                self.cursor = rh["cursor"]
+                self._resume(now, 0.0)
+                return [WatchEvent("resync", b"", None, 0, 0, -1)]
+            self.ended = True  # cancelled
+            return []
+        err = error_for(rh)
+        if not err.retried:
+            self.ended = True
+            raise err
+        self._resume(now, self.backoff)
+        self.backoff = min(self.backoff * 2, BACKOFF_MAX)
+        return []
+

@@ -1,0 +1,32 @@
+"""``zkv worker``: the storage worker's command-line options, and its configuration built from them.
+
+The ``zkv`` group (client/cli/) adds this command when it is run; importing this module loads no
+worker code (the worker starts inside the command).
+"""
+
+from __future__ import annotations
+
+import click
+
+from protocol.limits import DEFAULT_BACKEND, DEFAULT_REPLICATION
+
+
+@click.command()
+@click.option("--id", "worker_id", required=True, help="Stable worker id (keep it across restarts).")
+@click.option("--data", required=True, help="Data directory (LMDB).")
+@click.option("--broker", default=DEFAULT_BACKEND, show_default=True, help="Broker backend.")
+@click.option("--replication", default=DEFAULT_REPLICATION, show_default=True,
+              help="Broker replication PUB.")
+@click.option("--heartbeat", default=1.0, show_default=True, help="Heartbeat interval, seconds.")
+@click.option("--map-size", default=1 << 36, show_default=True, help="LMDB map size, bytes.")
+@click.option("--test-drop-replication", default="", hidden=True,
+              help="Test hook: drop replication messages (every=N or prob=P).")
+@click.option("--test-clock-skew-ms", default=0, hidden=True, help="Test hook: offset this worker's clock.")
+def worker(worker_id: str, data: str, broker: str, replication: str, heartbeat: float, map_size: int,
+           test_drop_replication: str, test_clock_skew_ms: int) -> None:
+    """Run a storage worker."""
+    from worker.server import WorkerConfig, run_worker
+
+    run_worker(WorkerConfig(worker_id=worker_id, data_dir=data, broker=broker, replication=replication,
+                            heartbeat=heartbeat, map_size=map_size,
+                            drop_replication=test_drop_replication, clock_skew_ms=test_clock_skew_ms))
