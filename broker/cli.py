@@ -1,23 +1,18 @@
 """``zkv broker``: the broker's command-line options, and the broker configuration built from them.
 
-The ``zkv`` group (client/cli/) adds this command when it is run; importing this module loads no
-broker code (the broker starts inside the command).
+The ``zkv`` group (client/cli/) loads this module only when the command is run. Every default is
+BrokerConfig's (broker/state.py), so there is one definition of each.
 """
 
 from __future__ import annotations
 
 import click
 
-from protocol.limits import (
-    DEFAULT_BACKEND,
-    DEFAULT_FRONTEND,
-    DEFAULT_MAX_STREAM_BYTES,
-    DEFAULT_MAX_VALUE_BYTES,
-    DEFAULT_REPLICATION,
-    DEFAULT_SLOTS,
-)
+from broker.state import BrokerConfig
+from protocol.limits import DEFAULT_BACKEND, DEFAULT_FRONTEND, DEFAULT_REPLICATION
 
 MIB = 1024 * 1024
+D = BrokerConfig()
 
 
 @click.command()
@@ -26,32 +21,32 @@ MIB = 1024 * 1024
 @click.option("--backend", default=DEFAULT_BACKEND, show_default=True, help="Workers connect here.")
 @click.option("--replication", default=DEFAULT_REPLICATION, show_default=True,
               help="Replication PUB endpoint.")
-@click.option("--slots", default=DEFAULT_SLOTS, show_default=True, help="Hash slots (fixed when the cluster forms).")
-@click.option("--rf", default=3, show_default=True, help="Replicas per slot.")
-@click.option("-w", "--write-quorum", "w", default=2, show_default=True,
+@click.option("--slots", default=D.slots, show_default=True, help="Hash slots (fixed when the cluster forms).")
+@click.option("--rf", default=D.rf, show_default=True, help="Replicas per slot.")
+@click.option("-w", "--write-quorum", "w", default=D.w, show_default=True,
               help="Replicas that must have a write on disk before it is acknowledged.")
-@click.option("--heartbeat", default=1.0, show_default=True, help="Heartbeat interval, seconds.")
-@click.option("--request-timeout", default=5.0, show_default=True, help="Seconds before a request times out.")
-@click.option("--max-value", default=DEFAULT_MAX_VALUE_BYTES, show_default=True,
+@click.option("--heartbeat", default=D.heartbeat, show_default=True, help="Heartbeat interval, seconds.")
+@click.option("--request-timeout", default=D.request_timeout, show_default=True,
+              help="Seconds before a request times out.")
+@click.option("--max-value", default=D.max_value, show_default=True,
               help="Largest value sent in one request (put, mset), bytes.")
-@click.option("--max-stream", default=DEFAULT_MAX_STREAM_BYTES, show_default=True,
+@click.option("--max-stream", default=D.max_stream, show_default=True,
               help="Largest streamed value (put_stream, zkv put --file), bytes.")
-@click.option("--stream-idle", default=60.0, show_default=True,
+@click.option("--stream-idle", default=D.stream_idle, show_default=True,
               help="Seconds without a chunk before an unfinished streamed put is aborted and its chunks freed.")
-@click.option("--grace", default=30.0, show_default=True,
+@click.option("--grace", default=D.grace, show_default=True,
               help="Seconds a dead worker keeps its slots before they get new replicas.")
-@click.option("--initial-workers", default=0, show_default=True,
+@click.option("--initial-workers", default=D.initial_workers, show_default=True,
               help="Workers to wait for before the cluster forms (at least RF).")
-@click.option("--auto-rebalance/--no-auto-rebalance", default=True, show_default=True,
+@click.option("--auto-rebalance/--no-auto-rebalance", default=D.auto_rebalance, show_default=True,
               help="Move slots to joining workers without waiting for `zkv rebalance`.")
-@click.option("--move-concurrency", default=4, show_default=True, help="Slot moves in flight at once.")
-@click.option("--copy-rate", default=64, show_default=True,
+@click.option("--move-concurrency", default=D.move_concurrency, show_default=True, help="Slot moves in flight at once.")
+@click.option("--copy-rate", default=D.copy_rate // MIB, show_default=True,
               help="MiB/s of snapshot data relayed for moves and repairs (the throttle).")
 def broker(data: str, frontend: str, backend: str, replication: str, slots: int, rf: int, w: int,
            heartbeat: float, request_timeout: float, max_value: int, max_stream: int, stream_idle: float,
            grace: float, initial_workers: int, auto_rebalance: bool, move_concurrency: int, copy_rate: int) -> None:
     """Run the broker (the master)."""
-    from broker.core import BrokerConfig
     from broker.server import BrokerEndpoints, BrokerServerConfig, run_broker
 
     if not 1 <= w <= rf:

@@ -60,7 +60,6 @@ SINGLE_KEY_OPS = frozenset({"get", "exists", "delete", "put", "ttl", "expire", "
                             "put_abort", "get_chunks"})
 MULTI_KEY_OPS = frozenset({"mget", "mset"})
 WRITE_OPS = frozenset({"put", "delete", "mset", "expire", "put_chunk", "put_commit", "put_abort"})
-READ_OPS = frozenset({"get", "exists", "mget", "ttl"})
 STREAM_OPS = frozenset({"put_chunk", "put_commit", "put_abort", "get_chunks"})
 
 

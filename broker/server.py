@@ -20,7 +20,7 @@ from broker.core import BrokerCore
 from broker.meta import MetaStore
 from broker.ready import execute
 from broker.state import TICK_SECONDS, BrokerConfig
-from protocol.limits import MAX_CHUNK_BYTES
+from protocol.limits import DEFAULT_BACKEND, DEFAULT_FRONTEND, DEFAULT_REPLICATION, MAX_CHUNK_BYTES
 from protocol.process import tune_gc
 from protocol.sockets import send_frames
 
@@ -34,9 +34,9 @@ DEDUP_PRUNE_INTERVAL = 300.0
 
 @dataclass
 class BrokerEndpoints:
-    frontend: str = "tcp://127.0.0.1:5555"
-    backend: str = "tcp://127.0.0.1:5556"
-    replication: str = "tcp://127.0.0.1:5557"
+    frontend: str = DEFAULT_FRONTEND
+    backend: str = DEFAULT_BACKEND
+    replication: str = DEFAULT_REPLICATION
 
 
 @dataclass

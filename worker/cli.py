@@ -1,7 +1,7 @@
 """``zkv worker``: the storage worker's command-line options, and its configuration built from them.
 
-The ``zkv`` group (client/cli/) adds this command when it is run; importing this module loads no
-worker code (the worker starts inside the command).
+The ``zkv`` group (client/cli/) loads this module only when the command is run; the defaults
+are WorkerConfig's, so there is one definition of each.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import click
 
 from protocol.limits import DEFAULT_BACKEND, DEFAULT_REPLICATION
+from worker.server import WorkerConfig, run_worker
 
 
 @click.command()
@@ -17,15 +18,14 @@ from protocol.limits import DEFAULT_BACKEND, DEFAULT_REPLICATION
 @click.option("--broker", default=DEFAULT_BACKEND, show_default=True, help="Broker backend.")
 @click.option("--replication", default=DEFAULT_REPLICATION, show_default=True,
               help="Broker replication PUB.")
-@click.option("--heartbeat", default=1.0, show_default=True, help="Heartbeat interval, seconds.")
-@click.option("--map-size", default=1 << 36, show_default=True, help="LMDB map size, bytes.")
+@click.option("--heartbeat", default=WorkerConfig.heartbeat, show_default=True, help="Heartbeat interval, seconds.")
+@click.option("--map-size", default=WorkerConfig.map_size, show_default=True, help="LMDB map size, bytes.")
 @click.option("--test-drop-replication", default="", hidden=True,
               help="Test hook: drop replication messages (every=N or prob=P).")
 @click.option("--test-clock-skew-ms", default=0, hidden=True, help="Test hook: offset this worker's clock.")
 def worker(worker_id: str, data: str, broker: str, replication: str, heartbeat: float, map_size: int,
            test_drop_replication: str, test_clock_skew_ms: int) -> None:
     """Run a storage worker."""
-    from worker.server import WorkerConfig, run_worker
 
     run_worker(WorkerConfig(worker_id=worker_id, data_dir=data, broker=broker, replication=replication,
                             heartbeat=heartbeat, map_size=map_size,

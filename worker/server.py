@@ -15,6 +15,7 @@ import structlog
 import zmq
 
 from protocol.frames import MDPW, W_DISCONNECT, W_HEARTBEAT, pack
+from protocol.limits import DEFAULT_BACKEND, DEFAULT_REPLICATION
 from protocol.process import tune_gc
 from protocol.replication import decode_replication, worker_topic
 from protocol.sockets import send_frames
@@ -33,8 +34,8 @@ REAP_FALLBACK_MS = 600_000  # ms past its expiry before a key is reclaimed local
 class WorkerConfig:
     worker_id: str
     data_dir: str
-    broker: str = "tcp://127.0.0.1:5556"
-    replication: str = "tcp://127.0.0.1:5557"
+    broker: str = DEFAULT_BACKEND
+    replication: str = DEFAULT_REPLICATION
     heartbeat: float = 1.0
     liveness: int = 3
     map_size: int = 1 << 36

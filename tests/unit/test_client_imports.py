@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 LIBRARY = sorted(f"client.{p.stem}" for p in (REPO / "client").glob("*.py") if p.stem != "__init__")
 
 # Run in a fresh interpreter, from the repository root (so that it imports this tree).
