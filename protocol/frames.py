@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import msgpack
+import msgspec
 
 MDPC = b"MDPC02"
 MDPW = b"MDPW02"
@@ -47,10 +47,18 @@ MMI_STATUS = b"mmi.status"
 MMI_ADMIN = b"mmi.admin"
 
 
+# msgspec's msgpack codec: the same bytes as msgpack-python's packb(use_bin_type=True) and the same
+# objects as its unpackb(raw=False, strict_map_key=False) for every header zkv sends, 3-7 times
+# faster (bench/decode.py). str stays str, bin stays bytes, arrays are lists.
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder()
+
+
 def pack(obj: Any) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)
+    return _encoder.encode(obj)
 
 
 def unpack(data: bytes) -> Any:
-    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+    """Raises ``msgspec.DecodeError`` (a ValueError) on malformed, truncated or trailing input."""
+    return _decoder.decode(data)
 

@@ -15,11 +15,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import msgpack
 import zmq
 
 from client.cli.bench_plan import BATCH_OPS, BenchConfig, BenchError, make_key
-from protocol.frames import C_FINAL, C_REQUEST, MDPC, MMI_SERVICE, SERVICE
+from protocol.frames import C_FINAL, C_REQUEST, MDPC, MMI_SERVICE, SERVICE, pack, unpack
 
 PREFILL_BATCH = 100  # keys per MSET request while prefilling
 CHECK_INTERVAL = 0.05  # s between scans for requests that have timed out
@@ -46,7 +45,6 @@ class Pipeline:
         self.sock.setsockopt(zmq.SNDHWM, max(1000, 2 * window))
         self.sock.setsockopt(zmq.RCVHWM, max(1000, 2 * window))
         self.sock.connect(url)
-        self.packer = msgpack.Packer(use_bin_type=True)
 
     def close(self) -> None:
         self.sock.close(linger=0)
@@ -76,14 +74,12 @@ class Pipeline:
         each latency (us) to ``latencies`` and count failures by kind in ``errors``."""
         window = window or self.window
         sock = self.sock
-        packer = self.packer
         inflight: dict[int, int] = {}  # request id -> send time, ns
         deadlines: deque[tuple[float, int]] = deque()  # (monotonic deadline, id), in send order
         timeout_ns = int(self.timeout * 1e9)
         sent = 0
         next_check = time.monotonic() + CHECK_INTERVAL
         now_ns = time.perf_counter_ns
-        unpack = msgpack.unpackb
         while sent < count or inflight:
             while sent < count and len(inflight) < window:
                 req = next(requests)
@@ -92,7 +88,7 @@ class Pipeline:
                 req.header["id"] = rid
                 req.header["cid"] = self.cid
                 req.header["retry"] = False  # never resent: spare the broker the look-up of earlier attempts
-                sock.send_multipart([MDPC, C_REQUEST, SERVICE, packer.pack(req.header), *req.values])
+                sock.send_multipart([MDPC, C_REQUEST, SERVICE, pack(req.header), *req.values])
                 inflight[rid] = now_ns()
                 deadlines.append((time.monotonic() + self.timeout, rid))
                 sent += 1
@@ -105,7 +101,7 @@ class Pipeline:
                     t1 = now_ns()
                     if len(frames) < 4 or frames[1] != C_FINAL or frames[2] != SERVICE:
                         continue
-                    header = unpack(frames[3], raw=False)
+                    header = unpack(frames[3])
                     t0 = inflight.pop(header.get("id"), None)
                     if t0 is None:
                         if header.get("id") is None and not header.get("ok"):
