@@ -135,27 +135,28 @@ def profile_load(cluster: Cluster, load: str, seconds: float, rate: int, native:
     return result
 
 
-def _bench(cluster: Cluster, load: str, n: int) -> tuple[dict[str, int], float]:
-    """One unprofiled run of ``load`` with ``-n n``: CPU ticks per process, and the timed rate."""
+def _bench(cluster: Cluster, load: str, n: int, cwd: Path = REPO) -> tuple[dict[str, int], float]:
+    """One unprofiled run of ``load`` with ``-n n`` (``zkv bench`` of the tree ``cwd``): CPU ticks per
+    process, and the timed rate."""
     args = list(LOADS[load])
     args[args.index("-n") + 1] = str(n)
     pids = cluster.pids()
     t0 = {k: cpu_ticks(p) for k, p in pids.items()}
     c0 = core.children_jiffies()
-    proc = subprocess.run([*core.ZKV, "bench", "--url", cluster.frontend, *args, "-P", "1", "--json"], cwd=REPO,
+    proc = subprocess.run([*core.ZKV, "bench", "--url", cluster.frontend, *args, "-P", "1", "--json"], cwd=cwd,
                           capture_output=True, text=True, timeout=600)
     ticks = {k: cpu_ticks(p) - t0[k] for k, p in pids.items()}
     ticks["client"] = core.children_jiffies() - c0
     return ticks, float(json.loads(proc.stdout)["ops"][load]["ops_per_sec"])
 
 
-def cpu_per_request(cluster: Cluster, load: str, n1: int = 5_000, n2: int = 35_000
+def cpu_per_request(cluster: Cluster, load: str, n1: int = 5_000, n2: int = 35_000, cwd: Path = REPO
                     ) -> tuple[dict[str, float], float]:
     """CPU microseconds per request of each process, without the profiler: the difference of two
     runs of ``n1`` and ``n2`` requests (so start-up and the GET prefill, the same in both, cancel),
     divided by ``n2 - n1``. Also the rate of the longer run."""
-    a, _ = _bench(cluster, load, n1)
-    b, rate = _bench(cluster, load, n2)
+    a, _ = _bench(cluster, load, n1, cwd)
+    b, rate = _bench(cluster, load, n2, cwd)
     tick = 1e6 / os.sysconf("SC_CLK_TCK")
     return {k: max(0.0, (b[k] - a[k]) * tick / (n2 - n1)) for k in b}, rate
 

@@ -39,6 +39,7 @@ from pathlib import Path
 import pytest
 
 from protocol.replication import slot_for_key
+from tests.support import requirements
 from tests.support.cluster import wait_for
 from tests.support.helpers import worker_records
 from tests.support.linearizability import Op, check_history, lost_writes
@@ -116,7 +117,7 @@ def _replicas_agree(cluster: FaultCluster, final: dict[bytes, bytes | None]) -> 
 def test_faults(scenario: Scenario, fault_cluster: Callable[..., FaultCluster], tmp_path: Path,
                 capsys: pytest.CaptureFixture[str]) -> None:
     if scenario.netns and (reason := netns_unavailable()):
-        pytest.skip(reason)
+        requirements.missing(reason)
     seed = _seed(scenario.name)
     with capsys.disabled():
         print(f"\n[{scenario.name}] fault seed={seed} (ZKV_FAULT_SEED={BASE_SEED} replays this run)")

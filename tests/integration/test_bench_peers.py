@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.requirements import missing
+
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 sys.path.insert(0, str(BENCH))
 
@@ -104,9 +106,9 @@ def test_parse_check_perf_and_redis_csv() -> None:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.skipif(shutil.which("redis-server") is None or shutil.which("redis-benchmark") is None,
-                    reason="redis-server / redis-benchmark not installed (apt-get install -y redis-server redis-tools)")
 def test_redis_peer_starts_and_is_measured() -> None:
+    if shutil.which("redis-server") is None or shutil.which("redis-benchmark") is None:
+        missing("redis-server / redis-benchmark not installed (apt-get install -y redis-server redis-tools)")
     root = Path(tempfile.mkdtemp(prefix="zkv-test-redis-"))
     try:
         with peers.redis_server(root, durable=False) as (port, proc):

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.cluster import Cluster
+from tests.support.requirements import missing
 
 NODE_DIR = Path(__file__).parent / "node"
 NPM_INSTALL_TIMEOUT = 240  # s
@@ -32,7 +33,7 @@ def node_dir(tmp_path: Path) -> Path:
     workdir = tmp_path / "node"
     npm, node = shutil.which("npm"), shutil.which("node")
     if npm is None or node is None:
-        pytest.skip(f"Node.js is not installed (node: {node}, npm: {npm}); the Node client test needs both")
+        missing(f"Node.js is not installed (node: {node}, npm: {npm}); the Node client test needs both")
     workdir.mkdir(parents=True, exist_ok=True)
     for name in ("package.json", "client.mjs"):
         shutil.copy2(NODE_DIR / name, workdir / name)

@@ -1,0 +1,94 @@
+"""CPU per request of two source trees, side by side in one run: this tree and an earlier commit.
+
+    python bench/before_after.py --before REV [--rounds 3] [--loads put,get,mset]
+
+Checks REV out into a temporary git worktree, then, round after round (the order of the two trees
+alternates), starts a fresh cluster from each tree (bench/core.py's ``bench_cluster`` with
+``cwd`` = that tree: 1024 slots, RF=3, W=2, three workers, fsync) and measures, for each load of
+bench/hotspots.py, the CPU time per request of the broker, each worker and the client (the
+difference of two runs of different lengths, from /proc), the client being the tree's own
+``zkv bench``. Prints the median of the rounds per tree and the ratio after/before. On a shared
+machine CPU per request is far steadier than requests/s; still, compare within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(REPO))
+
+import core  # noqa: E402
+import hotspots  # noqa: E402  (bench/hotspots.py)
+
+PROCESSES = ("broker", "worker", "client", "all")
+
+
+def measure(tree: Path, loads: list[str]) -> dict[str, dict[str, float]]:
+    """CPU us per request of each process (workers: their mean) and the rate, per load."""
+    root = Path(tempfile.mkdtemp(prefix="zkv-before-after-"))
+    cluster = core.bench_cluster(root, cwd=tree)
+    try:
+        cluster.start(timeout=60.0)
+        out: dict[str, dict[str, float]] = {}
+        for load in loads:
+            per_req, rate = hotspots.cpu_per_request(cluster, load, *hotspots.CPU_RUNS[load], cwd=tree)
+            workers = [v for k, v in per_req.items() if k.startswith("w")]
+            out[load] = {"rate": rate, "broker": per_req["broker"], "worker": statistics.mean(workers),
+                         "client": per_req["client"], "all": sum(per_req.values())}
+        return out
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--before", required=True, help="the commit to compare with (e.g. a merge base)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--loads", default="put,get,mset")
+    opts = parser.parse_args()
+    loads = opts.loads.split(",")
+    before = Path(tempfile.mkdtemp(prefix="zkv-before-tree-")) / "tree"
+    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(before), opts.before], check=True,
+                   capture_output=True)
+    trees = {"before": before, "after": REPO}
+    results: dict[str, list[dict[str, Any]]] = {"before": [], "after": []}
+    try:
+        for r in range(opts.rounds):
+            for name in (("before", "after") if r % 2 == 0 else ("after", "before")):
+                res = measure(trees[name], loads)
+                results[name].append(res)
+                print(f"round {r + 1} {name:<6} " + "  ".join(
+                    f"{load} {res[load]['rate']:,.0f}/s broker {res[load]['broker']:.1f} worker "
+                    f"{res[load]['worker']:.1f} client {res[load]['client']:.1f} us" for load in loads),
+                    file=sys.stderr, flush=True)
+    finally:
+        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(before)], capture_output=True)
+
+    def med(name: str, load: str, key: str) -> float:
+        return statistics.median(x[load][key] for x in results[name])
+
+    print(f"CPU us per request, median of {opts.rounds} rounds (before = {opts.before}); workers: each\n")
+    print("| load | process | before | after | after / before |")
+    print("|---|---|---:|---:|---:|")
+    for load in loads:
+        for key in PROCESSES:
+            b, a = med("before", load, key), med("after", load, key)
+            print(f"| {load.upper()} | {key} | {b:.1f} | {a:.1f} | {a / b:.2f} |")
+        b, a = med("before", load, "rate"), med("after", load, "rate")
+        print(f"| {load.upper()} | req/s (noisy) | {b:,.0f} | {a:,.0f} | {a / b:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
