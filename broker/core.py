@@ -139,7 +139,7 @@ class BrokerCore:
             Nack: self.replicas.on_nack,
             SnapshotPart: self.replicas.on_snapshot_part,
             Expired: self.expiry.on_report,
-            Disconnect: lambda w, msg: self.membership.lose(w, "disconnected"),
+            Disconnect: lambda w, msg: self.membership.lose(w, "disconnected", clean=True),
             UnknownCommand: self._on_unknown_command,
         }
         log.info("broker_started", epoch=epoch, formed=bool(state.slots), workers=len(state.workers),

@@ -102,10 +102,14 @@ class Membership:
         self.state.to_worker(w, [W_DISCONNECT])
         self.lose(w, why)
 
-    def lose(self, w: Worker, why: str) -> None:
+    def lose(self, w: Worker, why: str, clean: bool = False) -> None:
+        """``clean``: the worker said goodbye (DISCONNECT on SIGTERM): not a fault."""
         if not w.alive:
             return
-        log.warning("worker_lost", worker=w.id, reason=why)
+        if clean:
+            log.info("worker_left", worker=w.id, reason=why)
+        else:
+            log.warning("worker_lost", worker=w.id, reason=why)
         w.alive = False
         w.dead_since = self.state.clock()
         if w.identity is not None:

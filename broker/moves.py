@@ -23,6 +23,9 @@ class Moves:
         self.moves: dict[int, Move] = {}  # by slot
         self.rebalance_requested = False
         self._targets: tuple[tuple[str, ...], dict[int, list[str]]] = ((), {})
+        # The run of moves under way (from the first move started while none was in flight to the
+        # moment none is left): its start, and how many moves finished and were abandoned in it.
+        self._run: dict[str, float] | None = None
 
     # -- the target ------------------------------------------------------------------------------
 
@@ -76,6 +79,9 @@ class Moves:
 
     def _start(self, move: Move) -> None:
         state = self.state
+        if self._run is None:
+            self._run = {"started": state.clock(), "finished": 0, "abandoned": 0}
+            log.info("moves_started", reason=move.reason, misplaced=len(self.misplaced(state.clock())))
         slot = state.slots[move.slot]
         self.moves[move.slot] = move
         slot.learners.append(move.add)
@@ -114,7 +120,19 @@ class Moves:
                  seconds=round(state.clock() - move.started, 3))
         state.send_assign(add)
         state.send_assign(remove)
+        if self._run is not None:
+            self._run["finished"] += 1
         self.plan(state.clock())  # keep the pipeline of moves full
+        self._end_run()
+
+    def _end_run(self) -> None:
+        """One summary line when the last move of a run ends."""
+        if self._run is None or self.moves:
+            return
+        run, self._run = self._run, None
+        now = self.state.clock()
+        log.info("moves_finished", moves=int(run["finished"]), abandoned=int(run["abandoned"]),
+                 seconds=round(now - run["started"], 1), misplaced=len(self.misplaced(now)))
 
     def _abandon(self, move: Move, why: str) -> None:
         state = self.state
@@ -132,6 +150,9 @@ class Moves:
         self.moves.pop(move.slot, None)
         state.stats["moves_abandoned"] += 1
         log.warning("move_abandoned", slot=move.slot, add=move.add, remove=move.remove, reason=why)
+        if self._run is not None:
+            self._run["abandoned"] += 1
+        self._end_run()
 
     def finish_ready(self) -> None:
         for move in list(self.moves.values()):
@@ -157,6 +178,7 @@ class Moves:
         state = self.state
         alive = [w.id for w in state.workers.values() if w.alive]
         changed: set[str] = set()
+        given: dict[str, list[int]] = {}  # dead worker -> its slots given new replicas
         for dead in state.workers.values():
             if dead.alive or not dead.slots or now - dead.dead_since < state.cfg.grace:
                 continue
@@ -179,9 +201,12 @@ class Moves:
                 state.slot_changed(slot)
                 changed.add(new)
                 state.stats["slots_rereplicated"] += 1
-                log.info("slot_rereplicated", slot=s, dead=dead.id, to=new)
+                log.debug("slot_rereplicated", slot=s, dead=dead.id, to=new)
+                given.setdefault(dead.id, []).append(s)
         if not changed:
             return
+        for dead_id, slots in given.items():
+            log.info("slots_rereplicated", dead=dead_id, slots=len(slots), to=sorted(changed))
         state.ready.must_sync = True  # the new slot map is durable before any worker acts on it
         for wid in sorted(changed):
             w = state.workers[wid]

@@ -17,6 +17,7 @@ from broker.answers import answer
 from broker.events import Committed, ReplicaAdvanced, WorkerLost
 from broker.messages import KvRequest, Unavailable
 from broker.requests import Request, RequestTable
+from broker.sequencer import cannot_commit, uncommitted_change
 from broker.state import BrokerState
 from broker.worker_messages import Answer
 from protocol.errors import ErrorCode
@@ -125,12 +126,19 @@ class Reads:
         # slot meanwhile (a move finished and it dropped it): its answer is void, ask another.
         lost = [p for p in wr.parts if p.slot in applied and applied[p.slot] < p.floor]
         void = {id(p) for p in lost}
+        slots = self.state.slots
         for n, (pi, i) in enumerate(wr.keys):
             part = wr.parts[pi]
             if id(part) in void:
                 continue
             found, version = hdr["found"][n], hdr["versions"][n]
             part.request.results[i] = (found, version, values[n] if found else b"", hdr["expire"][n], streamed[n])
+            if not found:
+                # A miss reports the replica's applied seq: what it shows is committed once no write
+                # above the committed seq touched the key (a delete of it, say), whatever else is pending.
+                key = part.request.keys[i]
+                change = uncommitted_change(slots[part.slot], lambda k, key=key: k == key)  # type: ignore[misc]
+                version = version if change is None else min(version, change)
             part.need = max(part.need, version)
         if lost:
             log.info("read_redirected", worker=wid, slots=sorted({p.slot for p in lost}))
@@ -139,9 +147,18 @@ class Reads:
             if id(part) in void:
                 continue
             if part.need > self.state.slots[part.slot].committed:
-                self.held.setdefault(part.slot, []).append(part)  # seen on this replica, not yet committed
+                self._hold(part)  # seen on this replica, not yet committed
             else:
                 self._part_done(part)
+
+    def _hold(self, part: ReadPart) -> None:
+        """Wait for the write the answer shows to commit, unless it cannot commit now: then the
+        read fails at once, naming the slot, rather than at its timeout."""
+        why = cannot_commit(self.state, self.state.slots[part.slot])
+        if why is not None:
+            self.requests.fail(part.request, ErrorCode.UNAVAILABLE, why)
+        else:
+            self.held.setdefault(part.slot, []).append(part)
 
     def _part_done(self, part: ReadPart) -> None:
         req = part.request
@@ -170,6 +187,12 @@ class Reads:
             self.dispatch(waiting)
 
     def on_worker_lost(self, ev: WorkerLost) -> None:
+        for s, held in list(self.held.items()):  # writes that could commit may no longer
+            why = cannot_commit(self.state, self.state.slots[s]) if held else None
+            if why is not None:
+                del self.held[s]
+                for part in held:
+                    self.requests.fail(part.request, ErrorCode.UNAVAILABLE, why)
         redo: list[ReadPart] = []
         for token, wr in list(self.worker_reads.items()):
             if wr.worker == ev.worker.id:

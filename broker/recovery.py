@@ -50,6 +50,12 @@ class Recovery:
             if not everyone:
                 return  # the replicas that hold the committed writes have not reported yet
             log.error("slot_lost_committed_writes", slot=slot.id, committed=slot.committed, best=best.seq)
+            state.lost[slot.id] = {"slot": slot.id, "committed": slot.committed, "recovered_at": best.seq,
+                                   "at": state.wall_ms() / 1000}
+            # The slot serves again from what survived: its committed seq is the survivor's (the
+            # writes above it are gone), else no replica would qualify for reads and no new write
+            # would count as committed until the seqs passed the old mark.
+            slot.committed = best.seq
             state.emit(HistoryRewritten(slot, f"slot {slot.id} lost committed writes (recovered at seq {best.seq})"))
         slot.last = best
         slot.epochs = [(e, q) for e, q in slot.epochs if q <= best.seq]

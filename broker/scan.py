@@ -12,7 +12,8 @@ import structlog
 from broker.events import Committed, WorkerLost
 from broker.messages import ScanRequest
 from broker.replies import error, manifest_field, reply
-from broker.state import BrokerState
+from broker.sequencer import cannot_commit, uncommitted_change
+from broker.state import BrokerState, Slot
 from protocol.errors import ErrorCode
 from protocol.frames import W_REQUEST, pack, unpack
 from protocol.limits import SCAN_MAX_BYTES
@@ -113,16 +114,30 @@ class Scans:
         entries = zip(keys, hdr["versions"], values if scan.values else [b""] * len(keys),
                       hdr.get("streamed") or [False] * len(keys), strict=True)
         slots = self.state.cfg.slots
-        scan.entries.extend(e for e in entries if not lost or slot_for_key(e[0], slots) not in lost)
+        read: dict[int, int] = {}  # slot -> highest version of its entries in this answer
+        for e in entries:
+            s = slot_for_key(e[0], slots)
+            if s not in lost:
+                scan.entries.append(e)
+                read[s] = max(read.get(s, 0), e[1])
         if not hdr["complete"] and keys:
             scan.bound = keys[-1] if scan.bound is None else min(scan.bound, keys[-1])
         for s in asked[1]:
             if s not in lost:
-                scan.need[s] = applied.get(s, 0)
+                scan.need[s] = self._need(scan, self.state.slots[s], applied.get(s, 0), read.get(s, 0))
         if lost:
             scan.waiting.update(lost)
             self._dispatch(scan)
         self._maybe_finish(scan)
+
+    def _need(self, scan: Scan, slot: Slot, applied: int, read: int) -> int:
+        """The seq the slot must commit before the page may show what was read of it: the latest
+        write above the committed seq to a key in the scanned range (its effect, a key added or
+        removed, may be in the answer), or the applied seq when the broker does not know every such
+        write; not every pending write of the slot (a stalled one would hold every page)."""
+        prefix, after = scan.prefix, scan.start_after
+        change = uncommitted_change(slot, lambda k: k.startswith(prefix) and (after is None or k > after))
+        return applied if change is None else max(min(change, applied), read)
 
     def _maybe_finish(self, scan: Scan) -> None:
         """Answer once every slot is answered and committed up to the state it was read at, so a
@@ -132,6 +147,11 @@ class Scans:
         if not scan.held:
             scan.held = True
             scan.unmet = {s for s, q in scan.need.items() if self.state.slots[s].committed < q}
+        for s in sorted(scan.unmet):
+            why = cannot_commit(self.state, self.state.slots[s])
+            if why is not None:  # it would wait for its timeout: fail now, naming the slot
+                self._fail(scan, ErrorCode.UNAVAILABLE, why)
+                return
         if scan.unmet:
             return
         entries = sorted(scan.entries, key=lambda e: e[0])
@@ -188,6 +208,8 @@ class Scans:
         for scan in redo:
             if not scan.done:
                 self._dispatch(scan)
+        for scan in [s for s in self.scans.values() if s.held and s.unmet]:
+            self._maybe_finish(scan)  # a held page whose slot can no longer commit fails now
 
     def tick(self, now: float) -> None:
         for scan in list(self.scans.values()):

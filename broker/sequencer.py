@@ -5,6 +5,8 @@ the writes the broker decides on its own (``sequence_unanswered``: stream aborts
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from broker.requests import Request, WriteBatch
 from broker.state import BrokerState, Pos, Slot, TailEntry
 from protocol.replication import Replicate, WriteOp
@@ -50,3 +52,30 @@ def sequence_unanswered(state: BrokerState, slot: Slot, op: str, ops: list[Write
     slot.pending[seq] = WriteBatch(req, list(range(len(ops))))
     req.parts.append([slot.id, state.epoch, seq])
     return seq
+
+
+def uncommitted_change(slot: Slot, touches: Callable[[bytes], bool]) -> int | None:
+    """The seq of the latest write not yet committed whose keys ``touches`` selects (0: none), or
+    None when the broker does not know every write above the committed seq (it inherited some
+    from an earlier incarnation, after a restart): then any of them may touch any key.
+
+    A replica that has applied everything committed answers a key from the committed state
+    unless a later write changed it; so a read of a key need only wait for that write, not for
+    every write of its slot (a slot whose writes cannot commit would hold every read otherwise)."""
+    if len(slot.pending) < slot.last.seq - slot.committed:
+        return None
+    latest = 0
+    for seq, batch in slot.pending.items():
+        keys = batch.request.keys
+        if any(touches(keys[i]) for i in batch.indices):
+            latest = seq
+    return latest
+
+
+def cannot_commit(state: BrokerState, slot: Slot) -> str | None:
+    """Why the slot's pending writes cannot commit now (fewer than W live replicas), or None."""
+    live = state.live_replicas(slot)
+    if live >= state.cfg.w:
+        return None
+    return (f"slot {slot.id} has writes that cannot commit now ({live} live replicas, {state.cfg.w} needed); "
+            "what was asked for depends on them")

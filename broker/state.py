@@ -173,6 +173,10 @@ class BrokerState:
         self.by_identity: dict[bytes, str] = {}
         self.slots: dict[int, Slot] = {}
         self.ready = Ready()
+        # Slots whose committed writes were lost (more replicas than the fault model allows), as
+        # recovery found them: shown by status until the broker restarts.
+        self.lost: dict[int, dict[str, Any]] = {}
+        self.started = clock()  # when this incarnation started (status: workers not heard from since)
         # Set by the entry (broker/core.py): hands an event to every part that handles it.
         self.emit: Callable[[Any], None] = lambda event: None
         self.stats: dict[str, int] = {
@@ -191,9 +195,9 @@ class BrokerState:
                 log.warning("cluster_settings_from_metadata", slots=cluster["slots"], rf=cluster["rf"])
             self.cfg.slots, self.cfg.rf = cluster["slots"], cluster["rf"]
             self.cluster_id = bytes(cluster.get("id", b""))
-        now = self.clock()
         for wid, info in restored.workers.items():
-            self.workers[wid] = Worker(id=wid, data_id=info["data_id"], keys=info.get("keys", 0), dead_since=now,
+            self.workers[wid] = Worker(id=wid, data_id=info["data_id"], keys=info.get("keys", 0),
+                                       dead_since=self.started,
                                        draining=bool(info.get("draining", False)),
                                        disk_bytes=info.get("disk_bytes", 0), last_seen_wall=info.get("last_seen", 0.0))
         for sid, info in restored.slots.items():

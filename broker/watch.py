@@ -205,6 +205,7 @@ class Watches:
     def on_history_rewritten(self, ev: HistoryRewritten) -> None:
         # The seqs above the surviving position will be reused for other writes: no watch cursor
         # past it means anything any more.
+        self.seq[ev.slot.id] = ev.slot.committed  # changes are delivered again from what survived
         for w in list(self.watches.values()):
             self._resync(w, ev.reason)
 

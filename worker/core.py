@@ -214,8 +214,9 @@ class WorkerCore:
             for s in stale:
                 self.store.drop_slot(s)
                 self.pos.pop(s, None)
-        log.info("slots_assigned", slots=len(self.assigned), added=len(added), removed=len(removed),
-                 dropped=len(stale))
+        # Every move re-sends the assignment to both workers: log what changed, not what did not.
+        (log.info if added or removed or stale else log.debug)(
+            "slots_assigned", slots=len(self.assigned), added=len(added), removed=len(removed), dropped=len(stale))
 
     def on_assign(self, slots: list[int]) -> tuple[set[int], set[int]]:
         """New slot set; returns (added, removed) so the loop can change its subscriptions."""
@@ -257,7 +258,7 @@ class WorkerCore:
         del self.snapshots[slot]
         self.store.finish_snapshot_install(slot, snap.pos)
         self.pos[slot] = snap.pos
-        log.info("snapshot_installed", slot=slot, epoch=snap.pos.epoch, seq=snap.pos.seq,
+        log.debug("snapshot_installed", slot=slot, epoch=snap.pos.epoch, seq=snap.pos.seq,
                  entries=snap.entries)
         self.outbox.append([W_ACK, pack({"pos": [[slot, snap.pos.epoch, snap.pos.seq]], "res": [], "snap": token})])
         self._drain_held(slot)

@@ -55,7 +55,14 @@ def status(url: str, timeout: float, as_json: bool) -> None:
     under = st["under_replicated_slots"]
     click.echo(f"under-replicated slots: {len(under)}" + (f" ({_slot_ranges(under)})" if under else ""))
     if st["recovering_slots"]:
-        click.echo(f"recovering slots: {st['recovering_slots']}")
+        click.echo(f"recovering slots: {st['recovering_slots']} (the broker restarted; they serve once enough "
+                   "replicas have reported)")
+    for s in st.get("stalled_slots", []):
+        click.echo(f"stalled slot {s['slot']}: {s['pending_writes']} writes cannot commit: {s['live_replicas']} live "
+                   f"replicas of {', '.join(s['replicas'])}, W={s['w']}")
+    for lost in st.get("lost_writes", []):
+        click.echo(f"slot {lost['slot']} LOST committed writes {lost['recovered_at'] + 1}..{lost['committed']} "
+                   "(more replicas lost than RF - W); it serves what survived")
 
 
 
