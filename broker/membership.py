@@ -91,7 +91,7 @@ class Membership:
 
     def on_heartbeat(self, w: Worker, msg: Heartbeat) -> None:
         st: dict[str, Any] | None = msg.stats
-        if st:
+        if st is not None:
             w.keys, w.disk_bytes = int(st.get("keys", 0)), int(st.get("disk_bytes", 0))
             w.applied, w.commits = int(st.get("applied", 0)), int(st.get("commits", 0))
             if "clock_ms" in st:

@@ -63,6 +63,9 @@ WRITE_OPS = frozenset({"put", "delete", "mset", "expire", "put_chunk", "put_comm
 STREAM_OPS = frozenset({"put_chunk", "put_commit", "put_abort", "get_chunks"})
 
 
+MAX_MANIFEST_CHUNKS = 2**32 - 1  # a Manifest holds the chunk count in 32 bits
+
+
 def is_int(v: Any) -> bool:
     """A msgpack integer (Python's bool is an int, and is not one here)."""
     return isinstance(v, int) and not isinstance(v, bool)
@@ -246,7 +249,7 @@ def _stream_fields(req: KvRequest, header: dict[str, Any], limits: Limits) -> No
             raise Invalid(ErrorCode.VALUE_TOO_LARGE,
                           f"streamed value of {size} bytes; the limit is {limits.max_stream} (--max-stream)")
         size = int_field(header, "size", 1, limits.max_stream)
-        chunks = int_field(header, "chunks", 1, max_chunks)
+        chunks = int_field(header, "chunks", 1, min(max_chunks, MAX_MANIFEST_CHUNKS))
         req.manifest = Manifest(stream, chunks, size).encode()
     elif req.op == "get_chunks":
         req.index = int_field(header, "first", 0, max_chunks)

@@ -58,6 +58,8 @@ class Writes:
             prior = self.dedup.get(key)
             if prior is not None:
                 if prior.committed:
+                    # (A put_chunk's answer may still be held for flow control: this one is final.)
+                    self.requests.remove(prior)
                     answer(state, prior, req.identity)
                 else:
                     # Still committing (perhaps after a TIMEOUT answer): answer this retry when it does.

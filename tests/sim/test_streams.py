@@ -191,3 +191,15 @@ def test_a_chunk_is_answered_only_once_every_in_sync_replica_has_it(sim) -> None
     got = sim.reply(b"c1", rid)
     assert got is not None and got[0]["ok"] is True, got
     sim.intercept = None
+
+
+def test_malformed_stream_fields_are_refused_at_decode(sim: SimCluster) -> None:
+    """get_chunks' count must be an integer (it was converted with int(), or crashed the handler:
+    no reply), and put_commit's chunk count must fit the manifest's 32 bits (struct.error: no reply)."""
+    stream = b"s" * 16
+    for count in (None, {}, [1], "", "3", 2.5, True):
+        hdr, _ = sim.call("get_chunks", key=b"k", stream=stream, first=0, count=count)
+        assert hdr["ok"] is False and hdr["code"] == "BAD_REQUEST" and "count" in hdr["message"], (count, hdr)
+    hdr, _ = sim.call("put_commit", key=b"k", stream=stream, size=2**32, chunks=2**32)
+    assert hdr["ok"] is False and hdr["code"] == "BAD_REQUEST" and "chunks" in hdr["message"], hdr
+    assert sim.broker.status()["open_streams"] == 0
