@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.sim import SimCluster
+
 pytestmark = pytest.mark.timeout(60)
 
 
