@@ -10,8 +10,8 @@ import structlog
 from broker.events import PositionReported, WorkerLost
 from broker.placement import slot_map
 from broker.state import BrokerState, Pos, Slot, Worker
-from broker.worker_messages import Heartbeat
-from protocol.frames import SERVICE, W_DISCONNECT, W_HEARTBEAT, pack, unpack
+from broker.worker_messages import Heartbeat, decode_ready
+from protocol.frames import W_DISCONNECT, W_HEARTBEAT, pack
 
 log = structlog.get_logger("zkv.broker")
 
@@ -29,12 +29,11 @@ class Membership:
             self.state.ready.to_worker(identity, [W_DISCONNECT])
 
     def _register(self, identity: bytes, body: list[bytes]) -> None:
+        """Everything is checked (decode_ready) before anything changes: a refused READY leaves
+        no trace."""
         state = self.state
-        if len(body) < 2 or body[0] != SERVICE:
-            raise ValueError("READY must name service 'kv' and carry an info frame")
-        info = unpack(body[1])
-        wid = str(info["id"])
-        data_id, process = bytes(info["data_id"]), bytes(info.get("process", b""))
+        reg = decode_ready(body)
+        wid, data_id, process = reg.wid, reg.data_id, reg.process
         w = state.workers.get(wid)
         if w is not None and w.alive and w.identity != identity and w.data_id != data_id:
             log.error("duplicate_worker_id_refused", worker=wid, detail="a live worker with this id holds other data")
@@ -50,10 +49,10 @@ class Membership:
                         detail="same id, different data directory: its slots are re-filled")
         w.data_id, w.process, w.identity, w.alive = data_id, process, identity, True
         w.last_seen, w.last_seen_wall = state.clock(), state.wall_ms() / 1000
-        w.keys, w.disk_bytes = int(info.get("keys", 0)), int(info.get("disk_bytes", 0))
+        w.keys, w.disk_bytes = reg.keys, reg.disk_bytes
         state.by_identity[identity] = wid
         state.worker_changed(w)
-        reported = {int(s): Pos(int(q), int(e)) for s, e, q in info.get("positions", [])}
+        reported = {s: Pos(q, e) for s, (e, q) in reg.positions.items()}
         log.info("worker_ready", worker=wid, slots_with_data=len(reported))
         if not state.slots:
             self._maybe_form_cluster()

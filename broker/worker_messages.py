@@ -1,13 +1,18 @@
-"""A registered worker's messages (MDP/0.2 worker side plus zkv's extensions), decoded once at
-the edge into typed objects. READY is decoded by broker/membership.py, which registers the worker.
+"""The workers' messages (MDP/0.2 worker side plus zkv's extensions), decoded once at the edge
+into typed, checked objects. Every field is checked for its type and size, never converted: a
+worker's ``bytes(n)`` of an integer would allocate n bytes, and ``int("3")`` would accept a string.
+A malformed message raises ``ValueError`` and changes nothing.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from broker.messages import is_int
 from protocol.frames import (
+    SERVICE,
     W_ACK,
     W_DISCONNECT,
     W_EXPIRED,
@@ -75,25 +80,103 @@ class UnknownCommand:
 WorkerMessage = Ack | Nack | Heartbeat | Answer | SnapshotPart | Expired | Disconnect | UnknownCommand
 
 
+WORKER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # printable, no NUL, fits the metadata key
+MAX_ID_BYTES = 64  # data ids, process ids, transfer tokens
+
+
+@dataclass(slots=True)
+class Register:
+    """READY: who the worker is, which data directory it holds, and where each slot stands."""
+
+    wid: str
+    data_id: bytes
+    process: bytes
+    positions: dict[int, tuple[int, int]]  # slot -> (epoch, seq)
+    keys: int = 0
+    disk_bytes: int = 0
+
+
+def _map(frame: bytes) -> dict[str, Any]:
+    v = unpack(frame)
+    if not isinstance(v, dict):
+        raise ValueError("expected a msgpack map")
+    return v
+
+
+def _int(v: Any, name: str) -> int:
+    if not is_int(v) or not 0 <= v < 2**63:
+        raise ValueError(f"{name} must be a non-negative integer")
+    return v
+
+
+def _bytes(v: Any, name: str, max_len: int = MAX_ID_BYTES, allow_empty: bool = True) -> bytes:
+    if not isinstance(v, bytes) or len(v) > max_len or (not v and not allow_empty):
+        raise ValueError(f"{name} must be bytes of {'0' if allow_empty else '1'} to {max_len}")
+    return v
+
+
+def _triples(v: Any, name: str) -> list[tuple[int, int, int]]:
+    if not isinstance(v, list):
+        raise ValueError(f"{name} must be a list")
+    out = []
+    for item in v:
+        if not isinstance(item, list) or len(item) != 3:
+            raise ValueError(f"{name} entries must be [int, int, int]")
+        out.append((_int(item[0], name), _int(item[1], name), _int(item[2], name)))
+    return out
+
+
+def decode_ready(body: list[bytes]) -> Register:
+    if len(body) < 2 or body[0] != SERVICE:
+        raise ValueError("READY must name service 'kv' and carry an info frame")
+    info = _map(body[1])
+    wid = info.get("id")
+    if not isinstance(wid, str) or not WORKER_ID.fullmatch(wid):
+        raise ValueError("worker id must be 1 to 64 of A-Z a-z 0-9 . _ - (starting with a letter or digit)")
+    positions = {s: (e, q) for s, e, q in _triples(info.get("positions", []), "positions")}
+    return Register(wid, _bytes(info.get("data_id"), "data_id", allow_empty=False),
+                    _bytes(info.get("process", b""), "process"), positions,
+                    _int(info.get("keys", 0), "keys"), _int(info.get("disk_bytes", 0), "disk_bytes"))
+
+
 def decode_worker(cmd: bytes, body: list[bytes]) -> WorkerMessage:
-    """One message of a registered worker (READY is decoded by the membership part). Raises
-    ValueError (or another exception) when the message is malformed."""
+    """One message of a registered worker (READY: ``decode_ready``). Raises ValueError (or
+    another exception) when the message is malformed."""
     if cmd == W_ACK:
-        ack = unpack(body[0])
-        return Ack([(int(s), int(e), int(q)) for s, e, q in ack.get("pos", [])],
-                   [(int(s), int(q), found) for s, q, found in ack.get("res", [])], bytes(ack.get("snap") or b""))
+        ack = _map(body[0])
+        results = ack.get("res", [])
+        if not isinstance(results, list) or not all(
+                isinstance(r, list) and len(r) == 3 and isinstance(r[2], list) for r in results):
+            raise ValueError("res entries must be [slot, seq, [found, ...]]")
+        return Ack(_triples(ack.get("pos", []), "pos"),
+                   [(_int(s, "res"), _int(q, "res"), found) for s, q, found in results],
+                   _bytes(ack.get("snap") or b"", "snap"))
     if cmd == W_FINAL or cmd == W_PARTIAL:
+        if len(body) < 3:
+            raise ValueError("an answer needs [token, empty, header, *values]")
         return Answer(cmd == W_FINAL, body[0], body[2:])
     if cmd == W_HEARTBEAT:
-        return Heartbeat(unpack(body[0]) if body else None)
+        stats = _map(body[0]) if body else None
+        if stats is not None:
+            for name in ("keys", "disk_bytes", "applied", "commits", "clock_ms"):
+                if name in stats:
+                    _int(stats[name], name)
+        return Heartbeat(stats)
     if cmd == W_NACK:
-        info = unpack(body[0])
-        return Nack(int(info["slot"]), int(info["epoch"]), int(info["seq"]))
+        info = _map(body[0])
+        return Nack(_int(info.get("slot"), "slot"), _int(info.get("epoch"), "epoch"), _int(info.get("seq"), "seq"))
     if cmd == W_SNAPSHOT_PART:
-        return SnapshotPart(unpack(body[0]), body)
+        hdr = _map(body[0])
+        hdr["token"] = _bytes(hdr.get("token"), "token", allow_empty=False)
+        _int(hdr.get("part", 0), "part")
+        return SnapshotPart(hdr, body)
     if cmd == W_EXPIRED:
-        return Expired(unpack(body[0]).get("keys", []))
+        keys = _map(body[0]).get("keys", [])
+        if not isinstance(keys, list) or not all(
+                isinstance(k, list) and len(k) == 4 and isinstance(k[1], bytes) and is_int(k[0]) and is_int(k[2])
+                and is_int(k[3]) for k in keys):
+            raise ValueError("keys entries must be [slot, key (bin), version, expire_at]")
+        return Expired(keys)
     if cmd == W_DISCONNECT:
         return Disconnect()
     return UnknownCommand(cmd)
-

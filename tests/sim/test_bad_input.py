@@ -1,0 +1,73 @@
+"""Malformed messages the fuzzing of issue 12 found: each is refused (an error reply, or a
+DISCONNECT for a worker) and nothing else changes; none can stop the broker."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from protocol.frames import MDPW, SERVICE, W_ACK, W_EXPIRED, W_HEARTBEAT, W_NACK, W_READY, W_SNAPSHOT_PART, pack
+from tests.support.sim import SimCluster
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _ready(info: dict[str, Any]) -> list[bytes]:
+    return [MDPW, W_READY, SERVICE, pack(info)]
+
+
+GOOD = {"id": "w9", "data_id": b"d" * 16, "process": b"p" * 16, "positions": []}
+
+
+@pytest.mark.parametrize("info", [
+    {**GOOD, "id": ""},  # crashed the broker: lmdb.BadValsizeError when the metadata was written
+    {**GOOD, "id": "w" * 512},  # likewise (over LMDB's key size)
+    {**GOOD, "id": 7},  # converted with str()
+    {**GOOD, "id": "w\x001"},  # an id with NUL registered
+    {**GOOD, "id": "w 1"},
+    {**GOOD, "data_id": 30_000_000},  # bytes(30000000): 30 MB of metadata
+    {**GOOD, "data_id": b""},
+    {**GOOD, "process": 2**31},
+    {**GOOD, "positions": [[0, "1", 2]]},
+    {**GOOD, "positions": [[0, 1]]},
+    {**GOOD, "keys": "many"},
+    {"data_id": b"d" * 16},  # no id
+])
+def test_a_malformed_ready_is_refused_and_registers_nothing(sim: SimCluster, info: dict[str, Any]) -> None:
+    before = set(sim.broker.workers)
+    sim.broker.on_worker(b"intruder", _ready(info))
+    ready = sim.broker.ready()
+    assert ready.workers == [(b"intruder", [MDPW, b"\x06"])]  # DISCONNECT, and nothing else
+    assert not ready.metadata.workers and set(sim.broker.workers) == before
+    assert sim.put(b"k", b"v")["ok"] and sim.get(b"k") == b"v"
+
+
+@pytest.mark.parametrize(("cmd", "body"), [
+    (W_ACK, [pack({"pos": [], "snap": 2**31})]),  # bytes(2**31): 2 GiB
+    (W_ACK, [pack({"pos": [["1", "2", "3"]]})]),
+    (W_ACK, [pack({"pos": [], "res": [[0, 1, 5]]})]),
+    (W_ACK, [b"\xc1"]),
+    (W_SNAPSHOT_PART, [pack({"token": 2**31, "part": 0})]),  # stalled the broker ~1 s per message
+    (W_SNAPSHOT_PART, [pack({"token": b"t", "part": "0"})]),
+    (W_EXPIRED, [pack({"keys": [[0, 2**31, 1, 1]]})]),
+    (W_EXPIRED, [pack({"keys": "all"})]),
+    (W_NACK, [pack({"slot": "0", "epoch": 1, "seq": 1})]),
+    (W_HEARTBEAT, [pack({"keys": "x"})]),
+    (W_HEARTBEAT, [pack([1, 2])]),
+])
+def test_a_malformed_worker_message_changes_nothing(sim: SimCluster, cmd: bytes, body: list[bytes]) -> None:
+    w = sim.workers["w1"]
+    keys_before = sim.broker.workers["w1"].keys
+    sim.broker.on_worker(w.identity, [MDPW, cmd, *body])
+    assert sim.broker.workers["w1"].alive and sim.broker.workers["w1"].keys == keys_before
+    assert not sim.broker.replicas.transfers
+    assert sim.put(b"k", b"v")["ok"] and sim.get(b"k") == b"v"
+
+
+@pytest.mark.parametrize("if_absent", [0, 1, {}, "", []])
+def test_if_absent_must_be_a_boolean(sim: SimCluster, if_absent: Any) -> None:
+    assert sim.put(b"k", b"first")["ok"]
+    hdr = sim.put(b"k", b"second", if_absent=if_absent)  # 0 and {} overwrote unconditionally
+    assert hdr["ok"] is False and hdr["code"] == "BAD_REQUEST" and "if_absent" in hdr["message"], hdr
+    assert sim.get(b"k") == b"first"
