@@ -261,7 +261,9 @@ def _stream_fields(req: KvRequest, header: dict[str, Any], limits: Limits) -> No
 def _condition(op: str, header: dict[str, Any]) -> tuple[int, int]:
     """The compare-and-set condition of a put or delete: if_absent, or if_version=N."""
     if_version, if_absent = header.get("if_version"), header.get("if_absent")
-    if if_version is None and (if_absent is None or if_absent is False):  # (0 or {} is not a boolean)
+    if if_absent is None:  # absent, or nil
+        if_absent = False
+    if if_version is None and if_absent is False:  # (0 or {} is not False: refused below)
         return COND_NONE, 0
     if op not in ("put", "delete", "put_commit"):
         raise Invalid(ErrorCode.BAD_REQUEST, f"{op} takes no condition")
