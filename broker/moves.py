@@ -278,18 +278,23 @@ class Moves:
         return {"ok": True, "message": f"moving slot {s} from {src} to {dst}"}
 
     def report(self) -> list[dict[str, Any]]:
-        """Each move in flight with its copy progress (for status)."""
+        """Each move in flight with its copy progress (for status): ``starting`` until the donor's
+        first part gives the totals, ``copying``, then ``catching up`` (the copy done, its figures
+        kept) until the new replica has applied the writes made since its snapshot."""
         now = self.state.clock()
         out = []
         for m in sorted(self.moves.values(), key=lambda m: m.slot):
             t = self.transfer_to(m.slot, m.add)
             elapsed = max(now - m.started, 1e-6)
-            copied = t.bytes if t else 0
+            started = t is not None and t.next_part > 0
+            keys, total_keys = (t.keys, t.total_keys) if started else (0, 0)  # type: ignore[union-attr]
+            copied, total = (t.bytes, t.total_bytes) if started else (0, 0)  # type: ignore[union-attr]
             rate = copied / elapsed
-            left = max((t.total_bytes if t else 0) - copied, 0)
+            left = total - copied
+            state = "catching up" if t is None or t.done else "copying" if started else "starting"
             out.append({"slot": m.slot, "from": m.remove, "to": m.add, "reason": m.reason,
-                        "keys_copied": t.keys if t else 0, "keys_total": t.total_keys if t else 0,
-                        "bytes_copied": copied, "bytes_total": t.total_bytes if t else 0,
-                        "rate_bytes_per_s": round(rate), "eta_s": round(left / rate, 1) if rate > 0 else None,
-                        "state": "copying" if t else "catching up", "elapsed_s": round(elapsed, 3)})
+                        "keys_copied": keys, "keys_total": total_keys, "bytes_copied": copied, "bytes_total": total,
+                        "rate_bytes_per_s": round(rate),
+                        "eta_s": round(left / rate, 1) if rate > 0 and state == "copying" else None,
+                        "state": state, "elapsed_s": round(elapsed, 3)})
         return out

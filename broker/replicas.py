@@ -24,6 +24,7 @@ class Replicas:
     def __init__(self, state: BrokerState) -> None:
         self.state = state
         self.transfers: dict[bytes, Transfer] = {}  # by token
+        self.copied: dict[tuple[int, str], Transfer] = {}  # the last finished one per (slot, receiver)
         self.copy_budget = float(state.cfg.copy_rate)  # token bucket for relayed snapshot bytes
         self.throttled: list[Transfer] = []  # transfers waiting for budget before their next part
 
@@ -121,6 +122,7 @@ class Replicas:
         donor = max(donors, key=lambda d: slot.applied[d])  # type: ignore[arg-type, return-value]
         t = Transfer(state.token(), slot.id, donor, wid, started=now, last_activity=now)
         self.transfers[t.token] = t
+        self.copied.pop((slot.id, wid), None)
         slot.repairs[wid] = now
         slot.applied[wid] = None  # its data is being replaced; it counts again once installed
         slot.snapshot_pending[wid] = t.token
@@ -152,14 +154,16 @@ class Replicas:
         state.to_worker(state.workers[t.receiver], [W_SNAPSHOT_DELIVER, *msg.frames])
         size = sum(len(f) for f in msg.frames)
         t.last_activity = state.clock()
-        t.keys += (len(msg.frames) - 1) // 2
-        t.bytes += size
+        t.keys += int(hdr.get("keys", 0))  # the donor counts as it counted the totals of part 0
+        t.bytes += int(hdr.get("bytes", 0))
         if t.next_part == 0:
             t.total_keys, t.total_bytes = int(hdr.get("total_keys", 0)), int(hdr.get("total_bytes", 0))
         t.next_part += 1
         self.copy_budget -= size
         if hdr.get("last"):
             del self.transfers[t.token]
+            t.done = True
+            self.copied[(t.slot, t.receiver)] = t  # status shows what was copied while the move catches up
             return
         if self.copy_budget >= 0:
             self._request_part(t)
@@ -175,12 +179,15 @@ class Replicas:
             slot.repairs.pop(t.receiver, None)  # the tick starts another one
 
     def transfer_to(self, slot: int, receiver: str) -> Transfer | None:
-        """The snapshot transfer filling ``receiver`` with ``slot``, if one is under way."""
-        return next((t for t in self.transfers.values() if t.slot == slot and t.receiver == receiver), None)
+        """The snapshot transfer filling ``receiver`` with ``slot``: the one under way, else the
+        last one finished (``done``), if any."""
+        return next((t for t in self.transfers.values() if t.slot == slot and t.receiver == receiver),
+                    self.copied.get((slot, receiver)))
 
     # -- events and time -------------------------------------------------------------------------
 
     def on_move_abandoned(self, ev: MoveAbandoned) -> None:
+        self.copied.pop((ev.slot, ev.receiver), None)
         for t in list(self.transfers.values()):
             if t.slot == ev.slot and t.receiver == ev.receiver:
                 self._end_transfer(t)

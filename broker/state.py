@@ -135,6 +135,7 @@ class Transfer:
     bytes: int = 0
     total_keys: int = 0
     total_bytes: int = 0
+    done: bool = False  # its last part was relayed
 
 
 @dataclass

@@ -8,6 +8,7 @@ when a committed chunk may be answered, and which replica sends which chunks of 
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,8 @@ from protocol.frames import W_REQUEST, pack, unpack
 from protocol.replication import OP_ABORT_STREAM, WriteOp, slot_for_key
 
 log = structlog.get_logger("zkv.broker")
+
+ABORTED_MEMORY = 10_000  # aborted stream ids remembered, so that a late chunk cannot re-open one
 
 
 @dataclass
@@ -64,6 +67,10 @@ class Streams:
         # put_chunk answers waiting for every in-sync replica, per slot: [(seq, request)]
         self.chunk_replies: dict[int, list[tuple[int, Request]]] = {}
         self.chunk_reads: dict[bytes, ChunkRead] = {}  # by request token
+        # Aborted streams -> the refusal of a later chunk. A client streams with several chunks
+        # in flight: those sent before it learnt of an abort (over the limit, idle) would open
+        # the stream again, and their chunks would stay staged until the next idle abort.
+        self.aborted: OrderedDict[bytes, tuple[ErrorCode, str]] = OrderedDict()
 
     # -- uploads ---------------------------------------------------------------------------------
 
@@ -75,12 +82,18 @@ class Streams:
             # free nothing there and the stream would be forgotten with its chunks left behind.
             raise Invalid(ErrorCode.BAD_REQUEST, "a stream's chunks, commit and abort must all name the same key")
         if msg.op == "put_chunk":
+            refusal = self.aborted.get(msg.stream)
+            if refusal is not None:
+                raise Invalid(*refusal)
             total = (known.size - known.sizes.get(msg.index, 0) if known else 0) + len(msg.values[0])
             if total > self.state.cfg.max_stream:
+                refusal = (ErrorCode.VALUE_TOO_LARGE,
+                           f"streamed value over {self.state.cfg.max_stream} bytes (--max-stream); stream aborted")
                 if known is not None:
-                    self._abort(known, "over the size limit")
-                raise Invalid(ErrorCode.VALUE_TOO_LARGE,
-                              f"streamed value over {self.state.cfg.max_stream} bytes (--max-stream); stream aborted")
+                    self._abort(known, "over the size limit", refusal)
+                else:
+                    self._remember_aborted(msg.stream, refusal)
+                raise Invalid(*refusal)
 
     def chunk_sequenced(self, identity: bytes, msg: KvRequest) -> None:
         open_ = self.open.get(msg.stream)
@@ -94,13 +107,24 @@ class Streams:
 
     def closed(self, identity: bytes, msg: KvRequest) -> None:
         """put_commit / put_abort was sequenced: the stream is no longer open."""
+        if msg.op == "put_abort":
+            if msg.stream in self.open:
+                self.state.stats["streams_aborted"] += 1  # by its client: counted as the broker's are
+            self._remember_aborted(msg.stream, (ErrorCode.STREAM_INCOMPLETE,
+                                                "the stream was aborted by its client: send the value again"))
         self._close(msg.stream)
+
+    def _remember_aborted(self, stream: bytes, refusal: tuple[ErrorCode, str]) -> None:
+        self.aborted[stream] = refusal
+        self.aborted.move_to_end(stream)
+        if len(self.aborted) > ABORTED_MEMORY:
+            self.aborted.popitem(last=False)
 
     def _close(self, stream: bytes) -> None:
         if self.open.pop(stream, None) is not None:
             self.state.ready.metadata.streams[stream] = None
 
-    def _abort(self, open_: OpenStream, why: str) -> None:
+    def _abort(self, open_: OpenStream, why: str, refusal: tuple[ErrorCode, str] | None = None) -> None:
         """Sequence the abort of a stream its client left (or that went over the limit): every
         replica frees its staged chunks. Retried on the next tick if the slot cannot take writes."""
         state = self.state
@@ -112,6 +136,8 @@ class Streams:
         sequence_unanswered(state, slot, "put_abort", [WriteOp(OP_ABORT_STREAM, open_.stream)])
         log.info("stream_aborted", stream=open_.stream.hex(), slot=open_.slot, bytes=open_.size, why=why)
         state.stats["streams_aborted"] += 1
+        self._remember_aborted(open_.stream, refusal or (
+            ErrorCode.STREAM_INCOMPLETE, f"the stream was aborted ({why}): send the value again"))
         self._close(open_.stream)
 
     def on_chunk_committed(self, ev: ChunkCommitted) -> None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from protocol.frames import W_SNAPSHOT_PART, pack
 from worker.records import Position
-from worker.snapshots import SnapshotEntries
+from worker.snapshots import SNAP_RECORD, SnapshotEntries
 from worker.store import SlotStore
 
 SNAPSHOT_PART_BYTES = 1 << 20
@@ -46,11 +46,15 @@ class Donations:
             hdr["error"] = "unknown snapshot or part out of order"
             return [W_SNAPSHOT_PART, pack(hdr)]
         frames: list[bytes] = []
-        size = 0
+        size = keys = data = 0
         last = True
         for key, record in d.records:
             frames += [key, record]
             size += len(key) + len(record)
+            # What this part adds to the totals of part 0, counted as snapshots.cut counts them:
+            # records are keys (chunks are not); bytes are entries less their tag.
+            keys += key[:1] == SNAP_RECORD
+            data += len(key) - 1 + len(record)
             if size >= SNAPSHOT_PART_BYTES:
                 last = False
                 break
@@ -58,7 +62,7 @@ class Donations:
         d.last_used = now
         if last:
             self.close(token)
-        hdr.update({"last": last, "epoch": d.pos.epoch, "seq": d.pos.seq})
+        hdr.update({"last": last, "epoch": d.pos.epoch, "seq": d.pos.seq, "keys": keys, "bytes": data})
         return [W_SNAPSHOT_PART, pack(hdr), *frames]
 
     def close(self, token: bytes) -> None:

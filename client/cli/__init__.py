@@ -51,8 +51,9 @@ def main(log_json: bool, log_level: str) -> None:
     configure_logging(json=log_json, level=log_level)
 
 
-for _command in (data.put, data.get, data.delete, data.scan, data.watch, cluster.status, cluster.drain,
-                 cluster.undrain, cluster.remove, cluster.rebalance):
+for _command in (data.put, data.get, data.delete, data.exists, data.mget, data.mset, data.ttl, data.expire,
+                 data.scan, data.watch, cluster.status, cluster.drain, cluster.undrain, cluster.remove,
+                 cluster.rebalance):
     main.add_command(_command)
 
 __all__ = ["main"]

@@ -32,7 +32,7 @@ from typing import Any, Protocol
 import click
 import zmq
 
-from client.cli.bench_load import Pipeline, Workload, prefill_count
+from client.cli.bench_load import Pipeline, Workload, cleanup_count, prefill_count
 from client.cli.bench_plan import (
     BATCH_OPS,
     BenchConfig,
@@ -41,6 +41,7 @@ from client.cli.bench_plan import (
     ProcResult,
     format_summary,
     format_table,
+    new_prefix,
     plan_phases,
     split,
     summarize,
@@ -65,12 +66,16 @@ PREFILL_WINDOW = 16  # MSET requests in flight per process while prefilling
 @click.option("-P", "--procs", default=1, show_default=True, help="Client processes sharing -c.")
 @click.option("--timeout", default=10.0, show_default=True, help="Seconds before a request counts as failed.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--prefix", default=None, help="Key prefix (default: a new one per run, such as b3k9x:).")
+@click.option("--keep", is_flag=True, help="Leave the run's keys behind (they are deleted otherwise).")
 def bench(url: str, clients: int, requests: int, data_size: int, key_size: int, keyspace: int, tests: str,
-          batch: int, procs: int, timeout: float, as_json: bool) -> None:
-    """Benchmark a cluster in the manner of redis-benchmark."""
+          batch: int, procs: int, timeout: float, as_json: bool, prefix: str | None, keep: bool) -> None:
+    """Benchmark a cluster in the manner of redis-benchmark. Its keys start with a prefix of
+    its own and are deleted when it ends, unless --keep."""
     run_cli(BenchConfig(url=url, clients=clients, requests=requests, data_size=data_size, key_size=key_size,
                         keyspace=keyspace, tests=tuple(t.strip() for t in tests.split(",") if t.strip()),
-                        procs=procs, batch=batch, timeout=timeout), as_json)
+                        procs=procs, batch=batch, timeout=timeout, prefix=prefix or new_prefix(), keep=keep),
+            as_json)
 
 
 class Sync(Protocol):
@@ -102,6 +107,12 @@ def run_process(cfg: BenchConfig, proc: int, sync: Sync, emit: Callable[[tuple[A
             result.end = time.monotonic()
             result.ok, result.misses = work.ok, work.misses
             emit(("result", result))
+        if not cfg.keep:
+            failed: dict[str, int] = {}
+            pipe.run(work.cleanup_requests(), cleanup_count(cfg, proc), lambda _h: None, None, failed,
+                     window=PREFILL_WINDOW)
+            if failed:
+                raise BenchError(f"deleting the run's keys ({cfg.prefix}*) failed: {failed}")
     finally:
         pipe.close()
         ctx.term()
@@ -213,7 +224,7 @@ def run_cli(cfg: BenchConfig, as_json: bool) -> None:
     except BenchError as e:
         raise click.ClickException(str(e)) from None
     except KeyboardInterrupt:
-        click.echo("zkv bench: interrupted", err=True)
+        click.echo(f"zkv bench: interrupted; its keys remain: zkv del --prefix {cfg.prefix}", err=True)
         raise SystemExit(130) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -221,6 +232,8 @@ def run_cli(cfg: BenchConfig, as_json: bool) -> None:
         click.echo(to_json(cfg, summaries))
     elif len(summaries) > 1:
         click.echo(format_table(summaries))
+    if not as_json:
+        click.echo(f"keys {cfg.prefix}* " + ("kept" if cfg.keep else "deleted"), err=True)
     failed = [s for s in summaries if s.errors]
     if failed:
         detail = "; ".join(f"{s.op}: {s.errors} of {s.requests} ({s.errors_by_kind})" for s in failed)

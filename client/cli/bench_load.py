@@ -147,7 +147,7 @@ class Workload:
         cfg = self.cfg
         per = cfg.batch if op in BATCH_OPS else 1
         for j in range(self.proc, cfg.requests, cfg.procs):
-            keys = [make_key(i, cfg.key_size) for i in self._indices(j * per, per)]
+            keys = [make_key(i, cfg) for i in self._indices(j * per, per)]
             if op == "put":
                 yield Request({"op": op, "key": keys[0]}, [self.value])
             elif op in ("get", "exists", "delete"):
@@ -161,8 +161,13 @@ class Workload:
         """MSETs writing this process's share of key indices ``[lo, hi)``."""
         step = PREFILL_BATCH * self.cfg.procs
         for start in range(lo + self.proc * PREFILL_BATCH, hi, step):
-            keys = [make_key(i, self.cfg.key_size) for i in range(start, min(start + PREFILL_BATCH, hi))]
+            keys = [make_key(i, self.cfg) for i in range(start, min(start + PREFILL_BATCH, hi))]
             yield Request({"op": "mset", "keys": keys}, [self.value] * len(keys))
+
+    def cleanup_requests(self) -> Iterator[Request]:
+        """Deletes of this process's share of every key index the run may have written."""
+        for i in range(self.proc, self.cfg.max_key_index(), self.cfg.procs):
+            yield Request({"op": "delete", "key": make_key(i, self.cfg)}, [])
 
     def judge(self, op: str) -> Callable[[dict[str, Any]], None]:
         """The reply handler of ``op``: counts successes and misses."""
@@ -179,6 +184,10 @@ class Workload:
                 self.misses += sum(1 for f in header.get("found", ()) if not f)
 
         return on_reply
+
+
+def cleanup_count(cfg: BenchConfig, proc: int) -> int:
+    return len(range(proc, cfg.max_key_index(), cfg.procs))
 
 
 def prefill_count(lo: int, hi: int, procs: int, proc: int) -> int:

@@ -14,7 +14,15 @@ from protocol.limits import READ_OPS as PROTOCOL_READ_OPS
 OPS: tuple[str, ...] = ("put", "get", "mget", "mset", "delete", "exists")
 READ_OPS = PROTOCOL_READ_OPS & frozenset(OPS)  # phases that read, so their keys are written first
 BATCH_OPS = frozenset({"mget", "mset"})
-KEY_PREFIX = b"key:"
+KEY_PREFIX = "key:"  # with --prefix key: (a run's default prefix is new_prefix())
+PREFIX_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+def new_prefix() -> str:
+    """A run's own key prefix, ``b`` + 4 random characters + ``:`` (1.7 million of them): short
+    enough to leave the default 16-byte keys 10 digits, so that runs do not share keys."""
+    import secrets
+    return "b" + "".join(secrets.choice(PREFIX_ALPHABET) for _ in range(4)) + ":"
 
 
 class BenchError(Exception):
@@ -38,6 +46,8 @@ class BenchConfig:
     batch: int = 10
     timeout: float = 10.0
     seed: int = 0
+    prefix: str = KEY_PREFIX  # every key of the run starts with it
+    keep: bool = False  # leave the run's keys behind (else they are deleted when it ends)
 
     def validate(self) -> None:
         if self.clients < 1 or self.requests < 1 or self.procs < 1 or self.batch < 1:
@@ -51,7 +61,7 @@ class BenchConfig:
             raise ValueError(f"unknown test(s) {','.join(unknown)}; choose from {','.join(OPS)}")
         if len(set(self.tests)) != len(self.tests):
             raise ValueError("each test may be named once in -t")
-        need = len(KEY_PREFIX) + len(str(max(self.max_key_index(), 1)))
+        need = len(self.prefix.encode()) + len(str(max(self.max_key_index(), 1)))
         if self.key_size < need:
             raise ValueError(f"--key-size {self.key_size} is too small for these keys; need at least {need}")
 
@@ -91,8 +101,9 @@ def split(total: int, parts: int, index: int) -> int:
     return total // parts + (1 if index < total % parts else 0)
 
 
-def make_key(index: int, key_size: int) -> bytes:
-    return KEY_PREFIX + str(index).zfill(key_size - len(KEY_PREFIX)).encode()
+def make_key(index: int, cfg: BenchConfig) -> bytes:
+    prefix = cfg.prefix.encode()
+    return prefix + str(index).zfill(cfg.key_size - len(prefix)).encode()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -46,10 +46,8 @@ def status(url: str, timeout: float, as_json: bool) -> None:
     for r in rows:
         click.echo("  ".join(c.ljust(widths[i]) for i, c in enumerate(r)).rstrip())
     for m in st["moves"]:
-        eta = "-" if m["eta_s"] is None else f"{m['eta_s']:.0f}s"
-        click.echo(f"move slot {m['slot']}: {m['from']} -> {m['to']} ({m['reason']}, {m['state']}) "
-                   f"{m['keys_copied']}/{m['keys_total']} keys {_human_bytes(m['bytes_copied'])}/"
-                   f"{_human_bytes(m['bytes_total'])} {_human_bytes(m['rate_bytes_per_s'])}/s ETA {eta}")
+        click.echo(f"move slot {m['slot']}: {m['from']} -> {m['to']} ({m['reason']}, {m['state']})"
+                   + _move_progress(m))
     if st["misplaced_slots"]:
         click.echo(f"slots to move: {st['misplaced_slots']}")
     under = st["under_replicated_slots"]
@@ -64,6 +62,19 @@ def status(url: str, timeout: float, as_json: bool) -> None:
         click.echo(f"slot {lost['slot']} LOST committed writes {lost['recovered_at'] + 1}..{lost['committed']} "
                    "(more replicas lost than RF - W); it serves what survived")
 
+
+
+def _move_progress(m: dict[str, Any]) -> str:
+    """What a move has copied: nothing before the donor's first part; keys and bytes against the
+    snapshot's totals (with rate and ETA) while copying; the totals once copied."""
+    if m["state"] == "starting" or (m["state"] == "catching up" and not m["keys_total"] and not m["bytes_total"]):
+        return ""
+    copied = f"{m['keys_total']} keys {_human_bytes(m['bytes_total'])}"
+    if m["state"] != "copying":
+        return f" copied {copied}"
+    eta = "-" if m["eta_s"] is None else f"{m['eta_s']:.0f}s"
+    return (f" {m['keys_copied']}/{m['keys_total']} keys {_human_bytes(m['bytes_copied'])}/"
+            f"{_human_bytes(m['bytes_total'])} {_human_bytes(m['rate_bytes_per_s'])}/s ETA {eta}")
 
 
 def _admin(url: str, timeout: float, cmd: str, worker: str | None = None) -> dict[str, Any]:

@@ -14,9 +14,10 @@ from protocol.errors import ErrorCode, ZkvError
 from protocol.limits import DEFAULT_FRONTEND
 
 # Exit codes: 1 generic failure, 2 usage (click), 3 not found, 4 not enough replicas,
-# 5 timeout or unavailable.
+# 5 timeout or unavailable, 6 a compare-and-set whose condition did not hold, 130 interrupted.
 EXIT_NOT_FOUND = 3
-EXIT_CODES = {ErrorCode.NOT_ENOUGH_REPLICAS: 4, ErrorCode.TIMEOUT: 5, ErrorCode.UNAVAILABLE: 5}
+EXIT_CODES = {ErrorCode.NOT_ENOUGH_REPLICAS: 4, ErrorCode.TIMEOUT: 5, ErrorCode.UNAVAILABLE: 5,
+              ErrorCode.CONDITION_FAILED: 6}
 
 
 class ZkvCommandError(click.ClickException):

@@ -44,3 +44,21 @@ def test_bench_reports_errors_without_broker(cluster_factory) -> None:  # type: 
     proc = cluster.zkv("bench", "--url", cluster.frontend, "-n", "10", "-c", "2", "-t", "put", timeout=60)
     assert proc.returncode != 0
     assert b"did not report service 'kv' ready" in proc.stderr
+
+
+@pytest.mark.timeout(120)
+def test_bench_cleans_up_its_keys_unless_kept(cluster: Cluster) -> None:
+    """`zkv bench` left its `key:*` keys behind: a run now writes under a prefix of its own and
+    deletes its keys when it ends; --keep leaves them (under a prefix given or printed)."""
+    c = cluster.client()
+    c.put(b"mine", b"untouched")
+    for args in (["-t", "put,get"], ["-t", "mset,mget", "-b", "4", "-P", "2"], ["-r", "30", "-t", "put"]):
+        proc = cluster.zkv("bench", "--url", cluster.frontend, "-n", "60", "-c", "4", *args, timeout=100)
+        assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+        assert b"deleted" in proc.stderr
+        assert [i.key for i in c.scan(b"")] == [b"mine"], args
+    proc = cluster.zkv("bench", "--url", cluster.frontend, "-n", "50", "-c", "4", "-t", "put", "--keep",
+                       "--prefix", "kept:", "--json", timeout=100)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    assert json.loads(proc.stdout)["config"]["prefix"] == "kept:"
+    assert len(list(c.scan_keys(b"kept:"))) == 50

@@ -180,3 +180,46 @@ def test_a_late_ack_from_a_worker_that_dropped_the_slot_is_not_counted(tmp_path:
         assert len(set(reads)) == 1, reads  # no alternating old/new values
     finally:
         sim.close()
+
+
+def test_move_progress_never_shows_more_copied_than_total(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Move progress (status `moves`) said "19/11 keys" (every snapshot entry, chunks of streamed
+    values too, counted as a key against a total of records) and mostly "0/0 keys 0 B/0 B" (before
+    the first part and once the copy was done). Copied never exceeds total, the totals are known
+    whenever the state is `copying`, and a finished copy keeps its figures while catching up."""
+    import worker.donor
+
+    monkeypatch.setattr(worker.donor, "SNAPSHOT_PART_BYTES", 400)  # many parts
+    sim = SimCluster(tmp_path, n_workers=4, slots=4, auto_rebalance=False)
+    try:
+        s = slot_for_key(b"big", 4)
+        keys = [k for k in (b"k%d" % i for i in range(400)) if slot_for_key(k, 4) == s][:30]
+        for k in keys:
+            assert sim.put(k, b"v" * 50)["ok"]
+        stream = b"S" * 16
+        for i in range(5):  # a streamed value: five chunks, one record
+            assert sim.call("put_chunk", [b"c" * 100], key=b"big", stream=stream, index=i)[0]["ok"]
+        assert sim.call("put_commit", key=b"big", stream=stream, chunks=5, size=500)[0]["ok"]
+        sim.broker.state.cfg.copy_rate = 1000  # bytes/s: a part or so per tick
+        slot = sim.broker.slots[s]
+        spare = next(w for w in sim.workers if w not in slot.replicas)
+        assert sim.broker.admin({"cmd": "move", "slot": s, "from": slot.replicas[0], "to": spare})["ok"]
+        seen = []
+        for _ in range(200):
+            moves = sim.broker.status()["moves"]
+            if not moves:
+                break
+            seen.extend(moves)
+            sim.advance(0.1)
+        assert not sim.broker.status()["moves"], "the move finished"
+        states = {m["state"] for m in seen}
+        assert "copying" in states, states
+        for m in seen:
+            assert m["keys_copied"] <= m["keys_total"] and m["bytes_copied"] <= m["bytes_total"], m
+            if m["state"] in ("copying", "catching up"):
+                assert m["keys_total"] == len(keys) + 1 and m["bytes_total"] > 0, m
+            if m["state"] == "catching up":
+                assert (m["keys_copied"], m["bytes_copied"]) == (m["keys_total"], m["bytes_total"]), m
+        assert any(0 < m["keys_copied"] < m["keys_total"] for m in seen), "progress seen mid-copy"
+    finally:
+        sim.close()

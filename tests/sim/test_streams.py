@@ -204,4 +204,46 @@ def test_malformed_stream_fields_are_refused_at_decode(sim: SimCluster) -> None:
         assert hdr["ok"] is False and hdr["code"] == "BAD_REQUEST" and "count" in hdr["message"], (count, hdr)
     hdr, _ = sim.call("put_commit", key=b"k", stream=stream, size=2**32, chunks=2**32)
     assert hdr["ok"] is False and hdr["code"] == "BAD_REQUEST" and "chunks" in hdr["message"], hdr
+
+
+def test_a_chunk_after_the_over_limit_refusal_cannot_reopen_the_stream(sim) -> None:  # type: ignore[no-untyped-def]
+    """A client with several chunks in flight (put_stream's window) has some sent after the one
+    the broker refused over --max-stream (which aborts the stream). Those used to re-open the
+    stream in the broker: their chunks stayed staged on every replica until the 60 s idle abort
+    unless the client's own put_abort came after them (issue 13, 8b). Now a chunk (or a retry)
+    of an aborted stream is refused and the refusal frees everything at once."""
+    from protocol.replication import slot_for_key
+
+    sim.broker.state.cfg.max_stream = 300
+    key, stream = b"huge", b"O" * 16
+    s = slot_for_key(key, sim.slots)
+    rids = [sim.send(b"c1", "put_chunk", [b"x" * 100], key=key, stream=stream, index=i) for i in range(3)]
+    over = sim.send(b"c1", "put_chunk", [b"x" * 100], key=key, stream=stream, index=3)
+    in_flight = [sim.send(b"c1", "put_chunk", [b"x" * 100], key=key, stream=stream, index=i) for i in (4, 5)]
+    retry = sim.send(b"c1", "put_chunk", [b"x" * 100], key=key, stream=stream, index=1, rid=rids[1], retry=True)
+    sim.settle()
+    sim.advance(1.0)  # well inside --stream-idle
+    got = sim.reply(b"c1", over)
+    assert got is not None and got[0]["code"] == "VALUE_TOO_LARGE", got
+    for rid in [*in_flight, retry]:
+        got = sim.reply(b"c1", rid)
+        assert got is not None and got[0]["ok"] is False, ("a chunk of an aborted stream was taken", got)
+    assert sim.broker.status()["open_streams"] == 0
+    for w in sim.broker.slots[s].replicas:
+        _records, chunks, staged = _replica_state(sim, w, s)
+        assert staged == set() and chunks == {}, (w, "chunks of the refused stream still staged")
+
+
+def test_a_client_abort_is_counted_and_final(sim) -> None:  # type: ignore[no-untyped-def]
+    """`streams_aborted` counted only the broker's own aborts (issue 13, defect 7); and a chunk
+    that reaches the broker after its client's put_abort must not open the stream again."""
+    key, stream = b"gone", b"A" * 16
+    assert sim.call("put_chunk", [b"x" * 10], key=key, stream=stream, index=0)[0]["ok"]
+    before = sim.broker.stats["streams_aborted"]
+    assert sim.call("put_abort", key=key, stream=stream)[0]["ok"]
+    assert sim.broker.stats["streams_aborted"] == before + 1
+    assert sim.call("put_abort", key=key, stream=stream)[0]["ok"]  # a second abort is not another one
+    assert sim.broker.stats["streams_aborted"] == before + 1
+    hdr, _ = sim.call("put_chunk", [b"x" * 10], key=key, stream=stream, index=1)
+    assert hdr["ok"] is False and hdr["code"] == "STREAM_INCOMPLETE", hdr
     assert sim.broker.status()["open_streams"] == 0
