@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.support.linearizability import CheckResult, Op, _live, _prepare, _search, _sweep, check_history, lost_writes
+from client.cli.linearizability import CheckResult, Op, _live, _prepare, _search, _sweep, check_history, lost_writes
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -3,7 +3,7 @@
 ``Workload`` runs ``clients`` threads, each with its own ``Client`` (clients are not thread-safe),
 on a small key space so operations on the same key overlap. Each thread picks a key and an
 operation (put / get / delete) at random (seeded), writes a value never written before
-(``b"<process>-<n>"``), and records every operation as a ``tests.support.linearizability.Op``:
+(``b"<process>-<n>"``), and records every operation as a ``client.cli.linearizability.Op``:
 
 - ``invoke`` / ``complete``: ``time.monotonic()`` just before the call and just after it returned;
 - ``outcome``: ``ok`` when the call returned; ``fail`` when it raised ``NotEnoughReplicas`` or
@@ -30,7 +30,7 @@ from pathlib import Path
 
 from client import Client
 from protocol.errors import InvalidRequest, NotEnoughReplicas
-from tests.support.linearizability import Op
+from client.cli.linearizability import Op
 
 # Errors after which the request was certainly not applied; every other error leaves a write's
 # outcome unknown.
