@@ -29,8 +29,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from client import Client
-from protocol.errors import InvalidRequest, NotEnoughReplicas
 from client.cli.linearizability import Op
+from protocol.errors import InvalidRequest, NotEnoughReplicas
 
 # Errors after which the request was certainly not applied; every other error leaves a write's
 # outcome unknown.

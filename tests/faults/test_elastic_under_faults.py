@@ -56,11 +56,11 @@ import pytest
 
 from broker.placement import replicas_for_slot
 from client import Client
+from client.cli.linearizability import Op, check_history, lost_writes
+from client.cli.workload import Workload, WorkloadConfig, dump_history, summarize
 from protocol.replication import slot_for_key
 from tests.support.cluster import Cluster, wait_for
 from tests.support.helpers import copies, keys_in_slot
-from client.cli.linearizability import Op, check_history, lost_writes
-from client.cli.workload import Workload, WorkloadConfig, dump_history, summarize
 
 pytestmark = pytest.mark.timeout(240)
 

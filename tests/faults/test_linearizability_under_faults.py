@@ -38,14 +38,14 @@ from pathlib import Path
 
 import pytest
 
+from client.cli.linearizability import Op, check_history, lost_writes
+from client.cli.workload import Workload, WorkloadConfig, dump_history, summarize
 from protocol.replication import slot_for_key
 from tests.support import requirements
 from tests.support.cluster import wait_for
 from tests.support.helpers import worker_records
-from client.cli.linearizability import Op, check_history, lost_writes
 from tests.support.nemesis import FAULT_KINDS, FaultCluster, Nemesis, NemesisConfig
 from tests.support.netns import netns_unavailable
-from client.cli.workload import Workload, WorkloadConfig, dump_history, summarize
 
 SCALE = float(os.environ.get("ZKV_FAULT_SCALE", "1"))
 BASE_SEED = int(os.environ.get("ZKV_FAULT_SEED") or random.SystemRandom().randrange(1 << 31))
