@@ -20,6 +20,7 @@ from protocol.logs import configure_logging
 # name -> "module:attribute" of a command imported only when it is run (or listed by --help).
 LAZY_COMMANDS = {
     "bench": "client.cli.bench:bench",
+    "verify": "client.cli.verify:verify",
     "broker": "broker.cli:broker",
     "worker": "worker.cli:worker",
 }
