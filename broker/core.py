@@ -20,6 +20,7 @@ from typing import Any
 
 import structlog
 
+from broker.dumps import Dumps
 from broker.events import (
     ChunkCommitted,
     Committed,
@@ -33,6 +34,7 @@ from broker.events import (
 from broker.expiry import Expiry
 from broker.membership import Membership
 from broker.messages import (
+    DumpRequest,
     Invalid,
     KvRequest,
     Limits,
@@ -104,19 +106,20 @@ class BrokerCore:
         self.scans = Scans(state)
         self.watches = Watches(state)
         self.expiry = Expiry(state)
+        self.dumps = Dumps(state)
         self.last_second = 0.0
         # Who handles each event, in this order. Committed: watches keep what the replicas found
         # and deliver before the writes are answered; held reads are released last.
         self.events: dict[type, list[Callable[[Any], None]]] = {
             Committed: [self.watches.on_committed, self.expiry.on_committed, self.scans.on_committed,
-                        self.writes.on_committed, self.reads.on_committed],
+                        self.writes.on_committed, self.reads.on_committed, self.dumps.on_committed],
             ChunkCommitted: [self.streams.on_chunk_committed],
             ReplicaAdvanced: [lambda ev: self.streams.release(ev.slot), self.moves.on_replica_advanced,
                               self.reads.on_replica_advanced],
             PositionReported: [self.replicas.on_position, self.recovery.on_position],
             RepairNeeded: [self.replicas.on_repair_needed],
             WorkerLost: [self.streams.on_worker_lost, self.replicas.on_worker_lost, self.moves.on_worker_lost,
-                         self.reads.on_worker_lost, self.scans.on_worker_lost],
+                         self.reads.on_worker_lost, self.scans.on_worker_lost, self.dumps.on_worker_lost],
             MoveAbandoned: [self.replicas.on_move_abandoned],
             HistoryRewritten: [self.watches.on_history_rewritten],
         }
@@ -203,6 +206,8 @@ class BrokerCore:
                 self.scans.start(identity, msg)
             elif isinstance(msg, WatchRequest):
                 self.watches.on_request(identity, msg)
+            elif isinstance(msg, DumpRequest):
+                self.dumps.start(identity, msg)
         except Refused as e:
             error(state, identity, msg.rid, e.code, str(e))  # type: ignore[union-attr]
 
@@ -249,6 +254,8 @@ class BrokerCore:
         """A worker's answer goes to the part that asked (the token says which)."""
         if msg.final and msg.token in self.scans.tokens:
             self.scans.on_answer(w.id, msg.token, msg.body)
+        elif msg.final and msg.token in self.dumps.tokens:
+            self.dumps.on_answer(w.id, msg.token, msg.body)
         elif msg.token in self.streams.chunk_reads:
             self.streams.on_answer(w.id, msg)
         elif msg.final:
@@ -277,6 +284,7 @@ class BrokerCore:
         self.scans.tick(now)
         self.watches.tick(now)
         self.expiry.tick(now)
+        self.dumps.tick(now)
 
     # -- a Ready out -----------------------------------------------------------------------------
 

@@ -109,6 +109,18 @@ class ScanRequest:
 
 
 @dataclass(slots=True)
+class DumpRequest:
+    """One part of a slot's backup dump (docs/protocol.md §1.11): part 0 opens it; later parts
+    name the dump and the worker holding it, as the previous part's answer gave them."""
+
+    rid: int
+    slot: int
+    part: int
+    dump: bytes = b""
+    worker: str = ""
+
+
+@dataclass(slots=True)
 class WatchRequest:
     rid: int
     cancel: bool = False
@@ -125,7 +137,7 @@ class MmiRequest:
     body: bytes = b""
 
 
-ClientMessage = KvRequest | ScanRequest | WatchRequest | MmiRequest
+ClientMessage = KvRequest | ScanRequest | WatchRequest | DumpRequest | MmiRequest
 
 
 def decode_client(frames: list[bytes], limits: Limits) -> ClientMessage:
@@ -163,6 +175,8 @@ def _decode_header(rid: int, header: dict[str, Any], values: list[bytes], limits
         return _scan(rid, header, limits)
     if op == "watch":
         return _watch(rid, header, limits)
+    if op == "dump":
+        return _dump(rid, header)
     if op in SINGLE_KEY_OPS:
         keys = [_key(header.get("key"), limits)]
     elif op in MULTI_KEY_OPS:
@@ -325,3 +339,15 @@ def _watch(rid: int, header: dict[str, Any], limits: Limits) -> WatchRequest:
                 and all(is_int(q) and q >= 0 for q in seqs)):
             raise Invalid(ErrorCode.BAD_REQUEST, "since must be a cursor {c: bin, s: [int, ...]} from a watch")
     return WatchRequest(rid, prefix=prefix, since=since)
+
+
+def _dump(rid: int, header: dict[str, Any]) -> DumpRequest:
+    slot = int_field(header, "slot", 0, 0xFFFF)  # below the cluster's slot count: checked by the part
+    part = int_field(header, "part", 0, 2**32)
+    if part == 0:
+        return DumpRequest(rid, slot, 0)
+    dump, worker = header.get("dump"), header.get("worker")
+    if not isinstance(dump, bytes) or not 0 < len(dump) <= 64 or not isinstance(worker, str) or not worker:
+        raise Invalid(ErrorCode.BAD_REQUEST, "a dump's part after the first needs 'dump' (bin) and 'worker' "
+                                             "(str) from the previous part's answer")
+    return DumpRequest(rid, slot, part, dump, worker)

@@ -53,6 +53,7 @@ def report(state: BrokerState, moves: list[dict[str, Any]], misplaced: int, open
     return {
         "epoch": state.epoch,
         "formed": bool(state.slots),
+        "now_ms": state.wall_ms(),  # the broker's clock, which TTLs are absolute on (zkv restore)
         "slots": cfg.slots,
         "rf": cfg.rf,
         "w": cfg.w,

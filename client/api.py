@@ -143,6 +143,13 @@ class Commands:
         earlier watch. Uses a socket of its own."""
         return self._watch_stream(WatchSession(prefix, since))
 
+    def dump_slot(self, slot: int) -> Any:
+        """Every live key of one slot as it was at one committed position (a consistent cut, for
+        backups: ``zkv backup``): a ``SlotCut``, then ``DumpEntry``s, the chunks (``bytes``) of a
+        streamed value right after its entry. Iterate it to the end; if it raises, dump the slot
+        again. An iterator (Client) or an async iterator (AsyncClient)."""
+        return self._iterate(programs.dump_slot(slot))
+
     # -- management ----------------------------------------------------------------------------------
 
     def status(self) -> Result[dict[str, Any]]:

@@ -200,6 +200,59 @@ def next_start(page: ScanPage) -> bytes | None:
 
 
 
+# -- backup dumps (docs/protocol.md §1.11) ------------------------------------------------------
+
+
+class DumpEntry(NamedTuple):
+    """One live key of a slot's cut: its value (``value``), or, when ``chunks`` > 0, a streamed
+    value of ``size`` bytes whose chunks follow as ``bytes`` items."""
+
+    key: bytes
+    version: int
+    expire_at: int  # ms on the broker's clock, 0 = never
+    value: bytes
+    size: int = 0
+    chunks: int = 0
+
+
+class SlotCut(NamedTuple):
+    """What a slot's dump begins with: the committed position it is a cut at."""
+
+    slot: int
+    epoch: int
+    seq: int
+
+
+class DumpPart(NamedTuple):
+    cut: SlotCut
+    items: list[DumpEntry | bytes]
+    last: bool
+    dump: bytes
+    worker: str
+
+
+def dump_part(slot: int, part: int = 0, dump: bytes = b"", worker: str = "") -> Call:
+    """Part ``part`` of a dump of ``slot``; parts after the first name the dump and worker the
+    previous part's answer gave."""
+    hdr: dict[str, Any] = {"slot": slot, "part": part}
+    if part:
+        hdr.update({"dump": dump, "worker": worker})
+
+    def parse(rh: dict[str, Any], frames: list[bytes]) -> DumpPart:
+        items: list[DumpEntry | bytes] = []
+        for item, frame in zip(rh["items"], frames, strict=True):
+            if item[0] == "v":
+                items.append(DumpEntry(bytes(item[1]), int(item[2]), int(item[3]), frame))
+            elif item[0] == "s":
+                items.append(DumpEntry(bytes(item[1]), int(item[2]), int(item[3]), b"", int(item[4]), int(item[5])))
+            else:
+                items.append(frame)
+        return DumpPart(SlotCut(slot, int(rh["epoch"]), int(rh["seq"])), items, bool(rh["last"]),
+                        bytes(rh["dump"]), str(rh["worker"]))
+
+    return Call("dump", hdr, parse)
+
+
 # -- streamed values (docs/protocol.md §1.8): what a get says about them -----------------------
 
 

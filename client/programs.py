@@ -166,6 +166,22 @@ def scan(prefix: Key, start_after: Key | None, limit: int, values: bool, keys_on
             return
 
 
+def dump_slot(slot: int) -> Program[None]:
+    """A slot's cut as ``Out``s: its ``SlotCut``, then its ``DumpEntry``s, each streamed value's
+    chunks (``bytes``) right after its entry. Raises if the dump breaks off (its worker was lost,
+    the cut did not commit): the caller dumps the slot again from the start."""
+    page = yield commands.dump_part(slot)
+    yield Out(page.cut)
+    part = 0
+    while True:
+        for item in page.items:
+            yield Out(item)
+        if page.last:
+            return
+        part += 1
+        page = yield commands.dump_part(slot, part, page.dump, page.worker)
+
+
 # -- management (MMI) ---------------------------------------------------------------------------
 
 

@@ -33,7 +33,7 @@ from protocol.frames import (
 )
 from protocol.replication import Replicate
 from worker import serve
-from worker.donor import Donations
+from worker.donor import Donations, Dumps
 from worker.held import HeldMessages
 from worker.store import Position, SlotStore
 
@@ -68,6 +68,7 @@ class WorkerCore:
         self.last_nack: dict[int, float] = {}
         self.snapshots: dict[int, SnapshotInProgress] = {}  # receiving, by slot
         self.donations = Donations(store)  # sending
+        self.dumps = Dumps(store)  # backups being read
         self.outbox: list[list[bytes]] = []  # frames after the MDPW02 header
         self.broker_now = 0  # latest broker wall clock seen (ms); decides reclaiming of TTLs
         self.applied_total = 0  # replication batches applied (for status: group commit at work)
@@ -82,7 +83,7 @@ class WorkerCore:
     def on_broker(self, cmd: bytes, body: list[bytes], now: float) -> None:
         """One command from the broker's DEALER conversation (after the MDPW02 frame)."""
         if cmd == W_REQUEST:
-            self.outbox.extend(serve.answer(self.store, body))
+            self.outbox.extend(serve.answer(self.store, body, self.dumps, now))
         elif cmd == W_REPLAY:
             self.on_replicate(Replicate.decode(body[0], body[1:]), now)
         elif cmd == W_HEARTBEAT:
@@ -163,6 +164,7 @@ class WorkerCore:
     def retry_stalled_repairs(self, now: float) -> None:
         """Ask again for slots still holding messages past a gap (a lost NACK or replay)."""
         self.donations.close_idle(now)
+        self.dumps.close_idle(now)
         for slot in self.held.slots():
             if slot not in self.snapshots:
                 self._request_repair(slot, now)

@@ -6,18 +6,22 @@ from __future__ import annotations
 
 from protocol.frames import W_FINAL, W_PARTIAL, pack, unpack
 from protocol.limits import MAX_CHUNKS_PER_READ, SCAN_MAX_BYTES
+from worker.donor import Dumps
 from worker.store import SlotStore
 
 
-def answer(store: SlotStore, body: list[bytes]) -> list[list[bytes]]:
+def answer(store: SlotStore, body: list[bytes], dumps: Dumps, now: float) -> list[list[bytes]]:
     """The messages (after the MDPW02 header) answering one REQUEST (``body``: the frames after
-    its command, ``[token, b"", request]``): PARTIALs, then its FINAL."""
+    its command, ``[token, b"", request]``): PARTIALs, then its FINAL. A backup dump's part is
+    read from the dump's own read transaction (``dumps``)."""
     token = body[0]
     partials: list[list[bytes]] = []
     try:
         req = unpack(body[2])
         if req.get("op") == "chunks":
             partials, reply = serve_chunks(store, token, req)
+        elif req.get("op") == "dump":
+            reply = dumps.part(req, now)
         else:
             reply = serve_read(store, req)
     except Exception as e:  # a malformed read request gets an error answer, nothing else

@@ -8,12 +8,14 @@ from collections.abc import Generator
 
 import lmdb
 
+from protocol.replication import CHUNK_INDEX, Manifest
 from worker.records import (
     META_INSTALLING,
     META_POSITION,
     SLOT_PREFIX,
     Position,
     decode_position,
+    decode_record,
     decode_record_header,
     encode_position,
     expiry_key,
@@ -58,6 +60,48 @@ def cut(txn: lmdb.Transaction, t: Tables, slot: int) -> tuple[Position, tuple[in
             txn.abort()
 
     return pos, (keys, size), entries()
+
+
+# A live entry of a backup dump: (item, frame). Items: ["v", key, version, expire_at] with the value
+# as frame; ["s", key, version, expire_at, size, chunks] (frame b"") followed by its chunks, each
+# ["c"] with the chunk as frame (docs/protocol.md §1.11).
+DumpEntries = Generator[tuple[list, bytes], None, None]
+
+
+def live_cut(txn: lmdb.Transaction, t: Tables, slot: int, now: int) -> tuple[Position, DumpEntries]:
+    """A backup's cut of one slot: its position in ``txn`` and its records not expired at
+    ``now`` (the broker's clock), as a client sees them, each streamed value followed by its
+    chunks from the same transaction (a value replaced meanwhile is still read whole). The
+    generator owns ``txn`` as ``cut``'s does."""
+    pos = decode_position(txn.get(meta_key(META_POSITION, slot), db=t.meta))
+    prefix = SLOT_PREFIX.pack(slot)
+
+    def entries() -> DumpEntries:
+        try:
+            cur = txn.cursor(db=t.data)
+            if not cur.set_range(prefix):
+                return
+            for k, v in cur:
+                if bytes(k[:SLOT_PREFIX.size]) != prefix:
+                    break
+                r = decode_record(v)
+                if r.expire_at and r.expire_at <= now:
+                    continue  # expired, not yet reaped
+                key = r.long_key or bytes(k[SLOT_PREFIX.size:])
+                if not r.streamed:
+                    yield ["v", key, r.version, r.expire_at], r.value
+                    continue
+                m = Manifest.decode(r.value)
+                yield ["s", key, r.version, r.expire_at, m.size, m.chunks], b""
+                for i in range(m.chunks):
+                    chunk = txn.get(prefix + m.stream + CHUNK_INDEX.pack(i), db=t.blobs)
+                    if chunk is None:
+                        raise ValueError(f"slot {slot}: chunk {i} of a streamed value is missing")
+                    yield ["c"], bytes(chunk)
+        finally:
+            txn.abort()
+
+    return pos, entries()
 
 
 def begin_install(txn: lmdb.Transaction, t: Tables, slot: int) -> None:

@@ -120,6 +120,11 @@ class SlotStore:
         until the entries are exhausted or closed."""
         return snapshots.cut(self.env.begin(buffers=True), self.tables, slot)
 
+    def live_cut(self, slot: int, now: int) -> tuple[Position, snapshots.DumpEntries]:
+        """A backup's consistent cut of one slot (``snapshots.live_cut``); its read transaction
+        stays open until the entries are exhausted or closed."""
+        return snapshots.live_cut(self.env.begin(buffers=True), self.tables, slot, now)
+
     def begin_snapshot_install(self, slot: int) -> None:
         """Empty a slot that a snapshot is about to replace. Until finish_snapshot_install, the
         slot has no position and is marked half written (emptied again if the worker restarts)."""

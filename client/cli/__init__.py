@@ -19,8 +19,11 @@ from protocol.logs import configure_logging
 
 # name -> "module:attribute" of a command imported only when it is run (or listed by --help).
 LAZY_COMMANDS = {
+    "backup": "client.cli.backup:backup",
     "bench": "client.cli.bench:bench",
+    "verify": "client.cli.verify:verify",
     "broker": "broker.cli:broker",
+    "restore": "client.cli.backup:restore",
     "worker": "worker.cli:worker",
 }
 

@@ -12,7 +12,7 @@ The scenario (one test, seeded; ``ZKV_ELASTIC_SEED=<n>`` replays the choices, no
    slot the workload writes, and two "big" slots of about 2.6 MiB (three snapshot parts each), so
    a move of a big slot is in flight, half copied, for a second or more, long enough to be caught
    by polling ``status()["moves"]``.
-2. ``tests.support.workload`` (10 clients on 8 keys) starts and runs until everything has settled; a
+2. ``client.cli.workload`` (10 clients on 8 keys) starts and runs until everything has settled; a
    mover thread issues random ``admin move`` commands (a random slot, 60 % of them among the
    workload's slots, from a random live worker to another) throughout, as TiDB's Jepsen test
    shuffles regions.
@@ -24,7 +24,7 @@ The scenario (one test, seeded; ``ZKV_ELASTIC_SEED=<n>`` replays the choices, no
 6. Random moves stop, ``rebalance``, wait until no slot is misplaced and no move is in flight,
    then the workload stops; final reads; checks:
 
-- the history is linearizable and no acknowledged write is lost (``tests.support.linearizability``);
+- the history is linearizable and no acknowledged write is lost (``client.cli.linearizability``);
 - every slot has RF replicas (no under-replicated slot; per-worker slot counts sum to RF x slots);
 - the slots are balanced within 10 % across the remaining workers (w3..w6);
 - every prefilled key reads back its value;
@@ -56,11 +56,11 @@ import pytest
 
 from broker.placement import replicas_for_slot
 from client import Client
+from client.cli.linearizability import Op, check_history, lost_writes
+from client.cli.workload import Workload, WorkloadConfig, dump_history, summarize
 from protocol.replication import slot_for_key
 from tests.support.cluster import Cluster, wait_for
 from tests.support.helpers import copies, keys_in_slot
-from tests.support.linearizability import Op, check_history, lost_writes
-from tests.support.workload import Workload, WorkloadConfig, dump_history, summarize
 
 pytestmark = pytest.mark.timeout(240)
 

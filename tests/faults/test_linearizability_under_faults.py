@@ -1,7 +1,7 @@
 """Fault injection: a concurrent register workload runs while a nemesis kills, pauses and cuts off
 processes; afterwards every key's history must be linearizable and no acknowledged write lost.
 
-Each scenario: start a cluster (3 workers, RF=3, W=2, heartbeats 0.3 s), run ``tests.support.workload``
+Each scenario: start a cluster (3 workers, RF=3, W=2, heartbeats 0.3 s), run ``client.cli.workload``
 (10 clients, 8 keys, put 40 % / get 35 % / delete 25 %, up to ~500 ops/s) while ``tests.support.nemesis``
 injects faults at random, heal everything, wait until the cluster is fully replicated (every
 worker alive, no slot recovering, under-replicated or behind), read every key (those reads join
@@ -38,14 +38,14 @@ from pathlib import Path
 
 import pytest
 
+from client.cli.linearizability import Op, check_history, lost_writes
+from client.cli.workload import Workload, WorkloadConfig, dump_history, summarize
 from protocol.replication import slot_for_key
 from tests.support import requirements
 from tests.support.cluster import wait_for
 from tests.support.helpers import worker_records
-from tests.support.linearizability import Op, check_history, lost_writes
 from tests.support.nemesis import FAULT_KINDS, FaultCluster, Nemesis, NemesisConfig
 from tests.support.netns import netns_unavailable
-from tests.support.workload import Workload, WorkloadConfig, dump_history, summarize
 
 SCALE = float(os.environ.get("ZKV_FAULT_SCALE", "1"))
 BASE_SEED = int(os.environ.get("ZKV_FAULT_SEED") or random.SystemRandom().randrange(1 << 31))

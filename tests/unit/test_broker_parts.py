@@ -13,7 +13,8 @@ from broker.ready import Metadata, Ready, execute
 
 BROKER = Path(__file__).resolve().parents[2] / "broker"
 # The parts: each owns one responsibility and its state, and talks to the others through events.
-PARTS = {"writes", "reads", "streams", "replicas", "recovery", "membership", "moves", "scan", "watch", "expiry"}
+PARTS = {"writes", "reads", "streams", "replicas", "recovery", "membership", "moves", "scan", "watch", "expiry",
+         "dumps"}
 ENTRY = {"core"}
 EDGE = {"server", "meta", "cli"}  # sockets, disk and the command line: they may use the entry
 

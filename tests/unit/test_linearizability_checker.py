@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.support.linearizability import CheckResult, Op, _live, _prepare, _search, _sweep, check_history, lost_writes
+from client.cli.linearizability import CheckResult, Op, _live, _prepare, _search, _sweep, check_history, lost_writes
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -244,8 +244,14 @@ def reference_linearizable(ops: list[Op], initial: bytes | None) -> bool:
             if o.kind == "get":
                 if o.value == state and search(placed | {i}, state):
                     return True
-            elif o.kind == "put":
+            elif o.kind == "put" or (o.kind == "cas" and o.outcome == "unknown"):
+                # an unknown cas counts as an optional unconditional put (as the checker documents)
                 if search(placed | {i}, o.value):
+                    return True
+            elif o.kind == "cas":
+                if o.swapped and o.expected == state and search(placed | {i}, o.value):
+                    return True
+                if not o.swapped and o.expected != state and search(placed | {i}, state):
                     return True
             elif o.deleted is None or o.deleted == (state is not None):
                 if search(placed | {i}, None):
@@ -275,6 +281,65 @@ def small_histories(draw: st.DrawFn) -> tuple[list[Op], bytes | None]:
         deleted = draw(st.sampled_from([None, True, False])) if kind == "delete" and outcome == "ok" else None
         ops.append(op(draw(st.integers(0, 3)), kind, value, invoke, complete, outcome, deleted))
     return ops, draw(st.sampled_from([None, b"a"]))
+
+
+def cas(p: int, expected: bytes | None, v: bytes, i: float, c: float | None, swapped: bool | None = True,
+        outcome: str = "ok") -> Op:
+    if outcome != "ok":
+        c, swapped = (None, None) if outcome == "unknown" else (c, None)
+    return Op(p, K, "cas", v, i, c, outcome, expected=expected, swapped=swapped)
+
+
+def test_cas_hand_made() -> None:
+    passes(put(1, b"a", 0, 1), cas(2, b"a", b"b", 2, 3), get(1, b"b", 4, 5))
+    passes(cas(1, None, b"a", 0, 1), get(2, b"a", 2, 3))  # if-absent on an empty key
+    passes(put(1, b"a", 0, 1), cas(2, None, b"b", 2, 3, swapped=False), get(1, b"a", 4, 5))
+    fails(put(1, b"a", 0, 1), cas(2, None, b"b", 2, 3))  # the key held a: if-absent cannot have written
+    fails(put(1, b"a", 0, 1), cas(2, b"a", b"b", 2, 3, swapped=False))  # it held a: the cas must have swapped
+    fails(put(1, b"a", 0, 1), put(1, b"c", 2, 3), cas(2, b"a", b"b", 4, 5))  # a stale compare
+    # two cas from the same value: only one may swap
+    fails(put(1, b"a", 0, 1), cas(2, b"a", b"b", 2, 6), cas(3, b"a", b"c", 2, 6))
+    passes(put(1, b"a", 0, 1), cas(2, b"a", b"b", 2, 6), cas(3, b"a", b"c", 2, 6, swapped=False), get(1, b"b", 7, 8))
+    # an unknown cas whose value is read happened; one never read may not have
+    passes(put(1, b"a", 0, 1), cas(2, b"a", b"b", 2, None, outcome="unknown"), get(1, b"b", 9, 10))
+    passes(put(1, b"a", 0, 1), cas(2, b"a", b"b", 2, None, outcome="unknown"), get(1, b"a", 9, 10))
+    r = fails(put(1, b"a", 0, 1), cas(2, b"a", b"b", 2, 3), get(1, b"a", 4, 5))
+    assert "cas b'a' -> b'b'" in r.failures[0]
+    assert r.lost_writes == [cas(2, b"a", b"b", 2, 3)]  # an acknowledged cas whose value vanished
+    with pytest.raises(ValueError):
+        check_history([Op(1, K, "cas", b"x", 0, 1, "ok", expected=None)])  # ok cas without swapped
+
+
+@st.composite
+def cas_histories(draw: st.DrawFn) -> tuple[list[Op], bytes | None]:
+    n = draw(st.integers(1, 7))
+    ops: list[Op] = []
+    for j in range(n):
+        kind = draw(st.sampled_from(["put", "get", "cas", "cas", "delete"]))
+        invoke = draw(st.integers(0, 8))
+        complete = invoke + draw(st.integers(0, 4))
+        outcome = draw(st.sampled_from(["ok", "ok", "ok", "unknown", "fail"]))
+        seen = [None, b"a", *(b"p%d" % i for i in range(j))]
+        if kind == "cas":
+            ops.append(cas(draw(st.integers(0, 3)), draw(st.sampled_from(seen)), b"p%d" % j, invoke, complete,
+                           draw(st.booleans()), outcome))
+            continue
+        value = b"p%d" % j if kind == "put" else draw(st.sampled_from(seen)) if kind == "get" else None
+        deleted = draw(st.sampled_from([None, True, False])) if kind == "delete" and outcome == "ok" else None
+        ops.append(op(draw(st.integers(0, 3)), kind, value, invoke, complete, outcome, deleted))
+    return ops, draw(st.sampled_from([None, b"a"]))
+
+
+@settings(max_examples=700, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cas_histories())
+def test_cas_agrees_with_brute_force(case: tuple[list[Op], bytes | None]) -> None:
+    ops, initial = case
+    expected = reference_linearizable(ops, initial)
+    r = check_history(ops, {K: initial})
+    assert r.ok == expected, (expected, r.failures, r.lost_writes)
+    k = _prepare(_live(ops), initial)
+    assert _search(k, math.inf, max_steps=10**9).verdict == expected
+    assert _sweep(k, math.inf).verdict == expected
 
 
 def prefix(ops: list[Op], t: float) -> list[Op]:

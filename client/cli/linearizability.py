@@ -1,4 +1,5 @@
-"""Linearizability checker for per-key register histories (put / get / delete), after Wing & Gong and Lowe.
+"""Linearizability checker for per-key register histories (put / get / delete / compare-and-set), after Wing &
+Gong and Lowe.
 
 Search (as in Knossos and porcupine): a key's ops become a doubly linked list of call and return events in time
 order (calls first on ties, so touching intervals are concurrent). Depth-first, each call before the first
@@ -16,6 +17,13 @@ Depth-first search finds a witness fast but refutes slowly (it revisits late con
 variation). When it finds no witness within a budget, a just-in-time sweep (Lowe's JIT linearization, Knossos'
 `linear`) decides: in time order it keeps the non-dominated configurations in which every returned op is
 linearized; the set empties at the first return that leaves no valid order, which names the op to explain.
+
+Compare-and-set (``cas``): writes ``value`` only if the register holds ``expected`` (None: only if it is empty).
+With unique values, zkv's ``put(if_version=N)`` is one: N is the version of the one write of the value read. An
+answered cas that swapped needs the register to hold ``expected`` and leaves ``value``; one refused
+(``swapped=False``) observes that it held something else. A cas whose outcome is unknown is checked as an
+unconditional optional put of its value: that allows more orders than the real op, so it can miss a violation but
+never report one that did not happen.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import cast
 
-KINDS = ("put", "get", "delete")
+KINDS = ("put", "get", "delete", "cas")
 OUTCOMES = ("ok", "fail", "unknown")
 
 
@@ -36,12 +44,14 @@ OUTCOMES = ("ok", "fail", "unknown")
 class Op:
     process: int  # which client issued it
     key: bytes
-    kind: str  # "put" | "get" | "delete"
-    value: bytes | None  # put: value written (unique per put); get: value read (None = not found); delete: None
+    kind: str  # "put" | "get" | "delete" | "cas"
+    value: bytes | None  # put, cas: value written (unique per write); get: value read (None = not found); delete: None
     invoke: float  # time.monotonic() when the call started
     complete: float | None  # time.monotonic() when the answer arrived; None when the outcome is unknown
     outcome: str  # "ok" | "fail" (definitely not applied) | "unknown" (may take effect any time after invoke, or never)
     deleted: bool | None = None  # for an ok delete: whether the key existed; None if not known
+    expected: bytes | None = None  # cas: the value the register must hold (None: it must be empty)
+    swapped: bool | None = None  # for an ok cas: whether it wrote (False: refused, the condition did not hold)
 
 
 @dataclass
@@ -55,7 +65,7 @@ class CheckResult:
 
 # -- preparation -------------------------------------------------------------------------------------------------
 
-_PUT, _GET, _DEL = 0, 1, 2
+_PUT, _GET, _DEL, _CAS, _CAS_REFUSED = 0, 1, 2, 3, 4
 _KIND_CODE = {"put": _PUT, "get": _GET, "delete": _DEL}
 _DEL_ANY, _DEL_EXISTED, _DEL_ABSENT = 0, 1, 2  # precondition of a delete on the register
 
@@ -80,7 +90,8 @@ class _Key:
 
     ops: list[Op]
     kind: list[int]
-    arg: list[_State | int]  # put: state written; get: value expected; delete: precondition code
+    arg: list[object]  # put: state written; get: value expected; delete: precondition code;
+    # cas: (state required, state written); refused cas: the state it saw the register did not hold
     required: list[bool]
     invoke: list[float]
     ret: list[float]  # effective completion: +inf for optional ops
@@ -100,8 +111,15 @@ def _validate(o: Op) -> None:
             raise ValueError(f"an ok op needs a completion time: {o}")
         if o.complete < o.invoke:
             raise ValueError(f"completion before invocation: {o}")
-    if o.kind == "put" and o.outcome != "fail" and o.value is None:
-        raise ValueError(f"a put needs a value: {o}")
+    if o.kind in ("put", "cas") and o.outcome != "fail" and o.value is None:
+        raise ValueError(f"a {o.kind} needs a value: {o}")
+    if o.kind == "cas" and o.outcome == "ok" and o.swapped is None:
+        raise ValueError(f"an ok cas needs swapped (True or False): {o}")
+
+
+def _writes(o: Op) -> bool:
+    """Whether ``o`` may have written its value: a put or cas not known to have failed or been refused."""
+    return o.kind == "put" or (o.kind == "cas" and o.swapped is not False)
 
 
 def _live(ops: Iterable[Op]) -> list[Op]:
@@ -110,31 +128,44 @@ def _live(ops: Iterable[Op]) -> list[Op]:
 
 
 def _prepare(ops: list[Op], initial: bytes | None) -> _Key:
-    read_values = {o.value for o in ops if o.kind == "get"}  # all gets here are ok
+    # Values some op saw the register hold (gets here are all ok, and so is a swapped cas's expected value),
+    # and every value an op compares with: only values never compared are indistinguishable.
+    swapped = [o for o in ops if o.kind == "cas" and o.outcome == "ok" and o.swapped]
+    refused = [o for o in ops if o.kind == "cas" and o.outcome == "ok" and o.swapped is False]
+    read_values = {o.value for o in ops if o.kind == "get"} | {o.expected for o in swapped + refused}
+    is_swapped, is_refused = {id(o) for o in swapped}, {id(o) for o in refused}
 
     def canon(v: bytes | None) -> _State:
         return v if v is None or v in read_values else _UNREAD
 
-    put_count = Counter(o.value for o in ops if o.kind == "put")
+    put_count = Counter(o.value for o in ops if o.kind in ("put", "cas"))
     first_read: dict[bytes | None, float] = {}
     for o in ops:
-        if o.kind == "get" and o.complete is not None:
-            first_read[o.value] = min(first_read.get(o.value, math.inf), o.complete)
+        if o.complete is not None and (o.kind == "get" or id(o) in is_swapped):
+            v = o.value if o.kind == "get" else o.expected
+            first_read[v] = min(first_read.get(v, math.inf), o.complete)
     # Latest completion of an op that needs the register non-empty / empty: an optional write invoked after it
     # can never serve it.
-    last_needs_value = max((o.complete for o in ops if o.kind == "delete" and o.outcome == "ok" and o.deleted
-                            and o.complete is not None), default=-math.inf)
+    # (A refused cas counts as both: anything but its expected value serves it.)
+    last_needs_value = max((o.complete for o in ops if o.outcome == "ok" and o.complete is not None and (
+        (o.kind == "delete" and o.deleted) or id(o) in is_refused)), default=-math.inf)
     last_needs_empty = max((o.complete for o in ops if o.outcome == "ok" and o.complete is not None and (
-        (o.kind == "get" and o.value is None) or (o.kind == "delete" and o.deleted is False))), default=-math.inf)
+        (o.kind == "get" and o.value is None) or (o.kind == "delete" and o.deleted is False)
+        or (id(o) in is_swapped and o.expected is None) or (id(o) in is_refused and o.expected is not None))),
+        default=-math.inf)
 
     k = _Key([], [], [], [], [], [], [], [], [], canon(initial))
     groups: dict[_State, int] = {}
     group_size: list[int] = []
     for o in sorted(ops, key=lambda o: o.invoke):
-        code = _KIND_CODE[o.kind]
-        arg: _State | int
+        # An unknown cas is checked as an optional put of its value (see the module's docstring).
+        code = _KIND_CODE.get(o.kind, _PUT)
+        arg: object
         group = -1
-        if o.outcome == "ok" and o.complete is not None:
+        if o.outcome == "ok" and o.complete is not None and o.kind == "cas":
+            required, ret = True, o.complete
+            code, arg = (_CAS, (o.expected, canon(o.value))) if o.swapped else (_CAS_REFUSED, o.expected)
+        elif o.outcome == "ok" and o.complete is not None:
             required, ret = True, o.complete
             if code == _PUT:
                 arg = canon(o.value)
@@ -142,7 +173,7 @@ def _prepare(ops: list[Op], initial: bytes | None) -> _Key:
                 arg = o.value
             else:
                 arg = {None: _DEL_ANY, True: _DEL_EXISTED, False: _DEL_ABSENT}[o.deleted]
-        elif code == _PUT and o.value in read_values and put_count[o.value] == 1 and initial != o.value:
+        elif code == _PUT and o.value in first_read and put_count[o.value] == 1 and initial != o.value:
             # Its value was read and nothing else could have written it: it happened, before that read ended.
             # (If that read ended before this put began, the check fails at that read, as it must.)
             required, ret, arg = True, max(o.invoke, first_read[o.value]), o.value
@@ -171,16 +202,24 @@ def _prepare(ops: list[Op], initial: bytes | None) -> _Key:
     return k
 
 
-def _enabled(code: int, a: _State | int, state: object) -> bool:
+def _enabled(code: int, a: object, state: object) -> bool:
     if code == _GET:
         return state == a
     if code == _PUT:
         return True
+    if code == _CAS:
+        return state == cast(tuple[_State, _State], a)[0]
+    if code == _CAS_REFUSED:
+        return state != a
     return a == _DEL_ANY or (a == _DEL_EXISTED) == (state is not None)
 
 
-def _after(code: int, a: _State | int, state: _State) -> _State:
-    return cast(_State, a) if code == _PUT else state if code == _GET else None
+def _after(code: int, a: object, state: _State) -> _State:
+    if code == _PUT:
+        return cast(_State, a)
+    if code == _CAS:
+        return cast(tuple[_State, _State], a)[1]
+    return state if code in (_GET, _CAS_REFUSED) else None
 
 
 def _le(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
@@ -400,6 +439,8 @@ def _fmt(o: Op, t0: float) -> str:
         what = f"put {_show(o.value)}"
     elif o.kind == "get":
         what = f"get -> {_show(o.value)}"
+    elif o.kind == "cas":
+        what = f"cas {_show(o.expected)} -> {_show(o.value)}" + ("" if o.swapped is not False else " (refused)")
     else:
         what = "delete" + ("" if o.deleted is None else f" (existed={o.deleted})")
     end = "?" if o.outcome != "ok" or o.complete is None else f"{o.complete - t0:+.6f}"
@@ -423,8 +464,9 @@ def _window(live: list[Op], culprits: list[Op], t_fail: float) -> tuple[list[Op]
                 (o.outcome == "unknown" and o.invoke >= start):
             chosen[id(o)] = o
     read = {o.value for o in chosen.values() if o.kind == "get" and o.value is not None}
+    read |= {o.expected for o in chosen.values() if o.kind == "cas" and o.expected is not None}
     for o in live:
-        if o.kind == "put" and o.value in read:
+        if _writes(o) and o.value in read:
             chosen[id(o)] = o
     omitted = sum(1 for o in pre if o.outcome == "unknown" and id(o) not in chosen)
     return sorted(chosen.values(), key=lambda o: (o.invoke, o.process)), omitted
@@ -460,10 +502,10 @@ def _last_writer(ops: list[Op]) -> dict[bytes | None, float]:
     None maps to the deletes and the initial state (which precedes everything)."""
     last: dict[bytes | None, float] = {None: -math.inf}
     for o in ops:
-        if o.outcome == "fail" or o.kind == "get":
+        if o.outcome == "fail" or o.kind == "get" or (o.kind == "cas" and not _writes(o)):
             continue
         t = o.complete if o.outcome == "ok" and o.complete is not None else math.inf
-        v = o.value if o.kind == "put" else None
+        v = o.value if o.kind in ("put", "cas") else None
         last[v] = max(last.get(v, -math.inf), t)
     return last
 
@@ -476,8 +518,8 @@ def _by_key(ops: Iterable[Op]) -> dict[bytes, list[Op]]:
 
 
 def lost_writes(ops: Iterable[Op], final: dict[bytes, bytes | None]) -> list[Op]:
-    """Ok puts whose value is not the key's final value although every possible writer of that final value
-    (a put of it; for None a delete or the initial state) completed before the put was invoked.
+    """Ok puts (and swapped cas) whose value is not the key's final value although every possible writer of that
+    final value (a put of it; for None a delete or the initial state) completed before the put was invoked.
 
     Keys missing from `final` are not judged."""
     lost: list[Op] = []
@@ -486,7 +528,7 @@ def lost_writes(ops: Iterable[Op], final: dict[bytes, bytes | None]) -> list[Op]
             continue
         f = final[key]
         last = _last_writer(kops).get(f, -math.inf)
-        lost += [o for o in kops if o.kind == "put" and o.outcome == "ok" and o.value != f and last < o.invoke]
+        lost += [o for o in kops if _writes(o) and o.outcome == "ok" and o.value != f and last < o.invoke]
     return sorted(lost, key=lambda o: o.invoke)
 
 
@@ -503,7 +545,7 @@ def _lost_by_reads(ops: list[Op]) -> list[Op]:
         for j in range(len(gets) - 1, -1, -1):
             suffix[j] = min(suffix[j + 1], last.get(gets[j].value, -math.inf))
         for p in kops:
-            if p.kind == "put" and p.outcome == "ok" and p.complete is not None:
+            if _writes(p) and p.outcome == "ok" and p.complete is not None:
                 # a read of p's own value has last >= p.complete >= p.invoke, so it never counts here
                 if suffix[bisect_right(invokes, p.complete)] < p.invoke:
                     lost.append(p)

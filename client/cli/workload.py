@@ -2,14 +2,17 @@
 
 ``Workload`` runs ``clients`` threads, each with its own ``Client`` (clients are not thread-safe),
 on a small key space so operations on the same key overlap. Each thread picks a key and an
-operation (put / get / delete) at random (seeded), writes a value never written before
-(``b"<process>-<n>"``), and records every operation as a ``tests.support.linearizability.Op``:
+operation (put / get / delete, and cas when the mix names it) at random (seeded), writes a value never
+written before (``b"<process>-<n>"``), and records every operation as a ``client.cli.linearizability.Op``:
 
 - ``invoke`` / ``complete``: ``time.monotonic()`` just before the call and just after it returned;
 - ``outcome``: ``ok`` when the call returned; ``fail`` when it raised ``NotEnoughReplicas`` or
   ``InvalidRequest`` (the request was definitely not applied); ``unknown`` (``complete=None``) for
   anything else, ``ZkvTimeout`` and ``Unavailable`` after the client's retries in particular: such a
   write may take effect at any time after its invocation, or never.
+- a cas is a ``get_versioned`` (recorded as a get) then ``put(if_version=<its version>)``, or
+  ``put(if_absent=True)`` when the key was missing; ``ConditionFailed`` is an ok, refused cas. Values
+  are unique, so the version read names the value read: the cas compares with that value.
 
 The run is bounded both in operations (``max_ops`` over all threads) and in time (``duration``;
 a call in flight when time runs out finishes within the client's own ``timeout``), and stops by
@@ -29,8 +32,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from client import Client
-from protocol.errors import InvalidRequest, NotEnoughReplicas
-from tests.support.linearizability import Op
+from client.cli.linearizability import Op
+from protocol.errors import ConditionFailed, InvalidRequest, NotEnoughReplicas
 
 # Errors after which the request was certainly not applied; every other error leaves a write's
 # outcome unknown.
@@ -78,15 +81,46 @@ def run_op(c: Client, process: int, key: bytes, kind: str, value: bytes | None,
                       complete=time.monotonic(), outcome="ok", deleted=existed)
         raise ValueError(f"unknown operation {kind!r}")
     except Exception as e:  # noqa: BLE001 - every client error is an outcome to record
-        done = time.monotonic()
-        if errors is not None:
-            errors[f"{kind}:{type(e).__name__}"] += 1
-        outcome = classify(e)
-        op = Op(process=process, key=key, kind=kind, value=value if kind == "put" else None, invoke=invoke,
-                complete=done if outcome == "fail" else None, outcome=outcome)
-        if details is not None:
-            details[op] = f"{type(e).__name__}: {e} (after {done - invoke:.3f}s)"
-        return op
+        return _failed(process, key, kind, value if kind == "put" else None, invoke, e, errors, details)
+
+
+def run_cas(c: Client, process: int, key: bytes, value: bytes, errors: Counter[str] | None = None,
+            details: dict[Op, str] | None = None) -> list[Op]:
+    """A compare-and-set from the value just read: the read (a get) and the cas, as recorded ops."""
+    invoke = time.monotonic()
+    try:
+        found = c.get_versioned(key)
+    except Exception as e:  # noqa: BLE001 - every client error is an outcome to record
+        return [_failed(process, key, "get", None, invoke, e, errors, details)]
+    read = Op(process=process, key=key, kind="get", value=None if found is None else found[0], invoke=invoke,
+              complete=time.monotonic(), outcome="ok")
+    expected = None if found is None else found[0]
+    invoke = time.monotonic()
+    try:
+        if found is None:
+            c.put(key, value, if_absent=True)
+        else:
+            c.put(key, value, if_version=found[1])
+        swapped = True
+    except ConditionFailed:
+        swapped = False
+    except Exception as e:  # noqa: BLE001
+        return [read, _failed(process, key, "cas", value, invoke, e, errors, details, expected)]
+    return [read, Op(process=process, key=key, kind="cas", value=value, invoke=invoke, complete=time.monotonic(),
+                     outcome="ok", expected=expected, swapped=swapped)]
+
+
+def _failed(process: int, key: bytes, kind: str, value: bytes | None, invoke: float, e: Exception,
+            errors: Counter[str] | None, details: dict[Op, str] | None, expected: bytes | None = None) -> Op:
+    done = time.monotonic()
+    if errors is not None:
+        errors[f"{kind}:{type(e).__name__}"] += 1
+    outcome = classify(e)
+    op = Op(process=process, key=key, kind=kind, value=value, invoke=invoke,
+            complete=done if outcome == "fail" else None, outcome=outcome, expected=expected)
+    if details is not None:
+        details[op] = f"{type(e).__name__}: {e} (after {done - invoke:.3f}s)"
+    return op
 
 
 @dataclass
@@ -141,10 +175,15 @@ class Workload:
                     key = rng.choice(self.keys)
                     kind = rng.choices(kinds, weights)[0]
                     value = None
-                    if kind == "put":
+                    if kind in ("put", "cas"):
                         n += 1
                         value = f"{process}-{n}".encode()
-                    out.append(run_op(c, process, key, kind, value, self._errors[process], self._details[process]))
+                    if kind == "cas":
+                        assert value is not None
+                        out.extend(run_cas(c, process, key, value, self._errors[process], self._details[process]))
+                    else:
+                        out.append(run_op(c, process, key, kind, value, self._errors[process],
+                                          self._details[process]))
                     if self.cfg.think > 0:
                         # Spaces operations out (keeps the history a size the checker handles);
                         # wakes at once on stop.
@@ -226,8 +265,30 @@ def dump_history(path: Path, ops: list[Op], details: dict[Op, str], t0: float) -
             d: dict[str, object] = asdict(op)
             d["key"] = op.key.decode(errors="replace")
             d["value"] = None if op.value is None else op.value.decode(errors="replace")
+            d["expected"] = None if op.expected is None else op.expected.decode(errors="replace")
             d["t_invoke"] = round(op.invoke - t0, 6)
             d["t_complete"] = None if op.complete is None else round(op.complete - t0, 6)
             if op in details:
                 d["error"] = details[op]
             f.write(json.dumps(d) + "\n")
+
+
+def load_history(path: Path) -> list[Op]:
+    """The ops of a history written by ``dump_history`` (keys and values as UTF-8 text)."""
+    ops: list[Op] = []
+    with path.open() as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+                ops.append(Op(process=int(d["process"]), key=d["key"].encode(), kind=d["kind"],
+                              value=None if d.get("value") is None else d["value"].encode(),
+                              invoke=float(d["invoke"]),
+                              complete=None if d.get("complete") is None else float(d["complete"]),
+                              outcome=d["outcome"], deleted=d.get("deleted"),
+                              expected=None if d.get("expected") is None else d["expected"].encode(),
+                              swapped=d.get("swapped")))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise ValueError(f"{path}:{n}: not a history line ({e})") from None
+    return ops
