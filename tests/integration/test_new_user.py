@@ -4,7 +4,11 @@ cluster that has not formed, and the configuration the CLI shows."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import time
+from pathlib import Path
 
 import pytest
 
@@ -47,3 +51,108 @@ def _status_or_none(c: Cluster) -> dict | None:
         return c.status()
     except Exception:
         return None
+
+
+# -- one worker per data directory (defect 3) ------------------------------------------------------
+
+
+def _lock_lines(data: Path) -> list[str]:
+    return (data / "worker.lock").read_text().split()
+
+
+def _serving_pid(data: Path) -> int:
+    """The serving process's pid, from the first line of the data directory's lock file."""
+    return int(_lock_lines(data)[0])
+
+
+def test_a_second_worker_on_the_same_data_is_refused_at_once_naming_the_holder(cluster: Cluster) -> None:
+    holder = cluster.procs["w1"]
+    assert holder.popen is not None
+    t0 = time.monotonic()
+    again = cluster.start_worker("w1", name="w1-again")
+    assert again.popen is not None
+    assert again.popen.wait(timeout=20) == 1
+    assert time.monotonic() - t0 < 10
+    out = again.log_path.read_text().strip().splitlines()
+    assert out == [f"Error: data directory {cluster.worker_dir('w1')} is in use by zkv worker pid "
+                   f"{holder.popen.pid}: stop it first, or give another --data"], out
+    # The first one was not displaced: still running, still serving.
+    time.sleep(1.0)
+    assert holder.running and "w1" in cluster.alive_workers()
+    c = cluster.client()
+    c.put(b"k", b"v")
+    assert c.get(b"k") == b"v"
+
+
+# -- a supervised worker (defect 2) ---------------------------------------------------------------
+
+
+def test_supervised_worker_restarts_its_serving_process_and_stops_on_sigterm(cluster_factory) -> None:
+    c: Cluster = cluster_factory()
+    c.start(worker_extra={"w3": ["--supervise"]})
+    sup = c.procs["w3"]
+    assert sup.popen is not None
+    data = c.worker_dir("w3")
+    first = _serving_pid(data)
+    assert first != sup.popen.pid and _lock_lines(data)[1:] == ["supervisor", str(sup.popen.pid)]
+    kv = c.client()
+    kv.put(b"before", b"1")
+
+    # A crash of the serving process: it comes back, rejoins and serves; the supervisor stays.
+    os.kill(first, signal.SIGKILL)
+    second = wait_for(lambda: _serving_pid(data) != first and _serving_pid(data), 20, 0.05, "a new serving pid")
+    c.wait_worker_state("w3", "alive")
+    c.wait_ready()
+    assert sup.running
+    kv.put(b"after", b"2")
+    assert kv.get(b"before") == b"1" and kv.get(b"after") == b"2"
+
+    # A second worker on its directory is refused, naming both processes.
+    again = c.start_worker("w3", name="w3-again")
+    assert again.popen is not None and again.popen.wait(timeout=20) == 1
+    assert f"in use by zkv worker pid {second} (supervised by pid {sup.popen.pid})" in again.log_path.read_text()
+
+    # SIGTERM to the supervisor alone: the serving process stops cleanly, then the supervisor.
+    os.kill(sup.popen.pid, signal.SIGTERM)
+    assert sup.popen.wait(timeout=20) == 0
+    wait_for(lambda: not _alive(second), 10, 0.05, "the serving process gone")
+    log = sup.log_path.read_text()
+    assert "worker_stopped" in log and "supervisor_stopped" in log and "Traceback" not in log
+
+
+def test_supervised_worker_stopped_cleanly_is_not_restarted_and_its_supervisor_stays(cluster_factory) -> None:
+    c: Cluster = cluster_factory()
+    c.start(worker_extra={"w3": ["--supervise"]})
+    sup = c.procs["w3"]
+    assert sup.popen is not None
+    serving = _serving_pid(c.worker_dir("w3"))
+    os.kill(serving, signal.SIGTERM)  # "stop it" of drain / stop / remove
+    wait_for(lambda: not _alive(serving), 20, 0.05, "the serving process gone")
+    c.wait_worker_state("w3", "dead")
+    time.sleep(1.5)  # longer than the first restart delay: it must not come back
+    assert _serving_pid(c.worker_dir("w3")) == serving and sup.running
+    assert sup.terminate(timeout=10) == 0
+
+
+def test_supervisor_killed_takes_its_serving_process_with_it(cluster_factory) -> None:
+    c: Cluster = cluster_factory()
+    c.start(worker_extra={"w3": ["--supervise"]})
+    sup = c.procs["w3"]
+    assert sup.popen is not None
+    serving = _serving_pid(c.worker_dir("w3"))
+    os.kill(sup.popen.pid, signal.SIGKILL)  # the supervisor alone, not its process group
+    sup.popen.wait(timeout=10)
+    wait_for(lambda: not _alive(serving), 10, 0.05, "the orphaned serving process gone")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped by its parent) counts as gone.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
