@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,6 +17,8 @@ import pytest
 from tests.support.cluster import Cluster, wait_for
 
 pytestmark = pytest.mark.timeout(120)
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _listening_on(endpoint: str) -> socket.socket:
@@ -156,3 +160,50 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_quickstart_under_honcho_survives_a_crash_and_a_stopped_worker(tmp_path: Path) -> None:
+    """The repository's Procfile under honcho (ports and heartbeat changed, nothing else): a
+    SIGKILLed worker comes back, a cleanly stopped one stays down, honcho keeps the others."""
+    c = Cluster(tmp_path / "unused", workers=0)  # for its free ports and its client helpers
+    python = f"exec {sys.executable} -m client.cli"
+    extra = {"broker": f"--frontend {c.frontend} --backend {c.backend} --replication {c.replication} "
+                       "--slots 64 --heartbeat 0.3 --request-timeout 3",
+             "worker": f"--broker {c.backend} --replication {c.replication} --heartbeat 0.3 --map-size {1 << 30}"}
+    lines = []
+    for line in (REPO / "Procfile").read_text().splitlines():
+        name, command = line.split(": ", 1)
+        assert command.startswith("exec zkv "), line
+        role = command.split()[2]
+        lines.append(f"{name}: {command.replace('exec zkv', python, 1)} {extra[role]}")
+    (tmp_path / "Procfile").write_text("\n".join(lines) + "\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    log = open(tmp_path / "honcho.log", "wb")
+    honcho = subprocess.Popen([sys.executable, "-m", "honcho", "start"], cwd=tmp_path, env=env, stdout=log,
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        c.wait_ready(30)
+        w1, w2 = tmp_path / "data" / "w1", tmp_path / "data" / "w2"
+        crashed = _serving_pid(w1)
+        os.kill(crashed, signal.SIGKILL)
+        wait_for(lambda: _serving_pid(w1) != crashed, 20, 0.05, "w1 restarted")
+        c.wait_ready(30)
+        stopped = _serving_pid(w2)
+        os.kill(stopped, signal.SIGTERM)
+        c.wait_worker_state("w2", "dead")
+        assert honcho.poll() is None, (tmp_path / "honcho.log").read_text()
+        assert c.alive_workers() == {"w1", "w3"}
+        with c.client() as kv:
+            kv.put(b"still", b"serving")
+            assert kv.get(b"still") == b"serving"
+        os.kill(honcho.pid, signal.SIGTERM)
+        honcho.wait(timeout=30)  # honcho's own code is 128+15; what counts is how each process stopped
+        out = (tmp_path / "honcho.log").read_text()
+        for name in ("broker", "w1", "w2", "w3"):
+            assert f"{name}.1 stopped (rc=0)" in out, out
+    finally:
+        c.stop_all()
+        if honcho.poll() is None:
+            os.killpg(honcho.pid, signal.SIGKILL)
+            honcho.wait(timeout=10)
+        log.close()
