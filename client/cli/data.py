@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from client.cli.common import EXIT_NOT_FOUND, ZkvCommandError, connect, timeout_option, url_option
+from client.cli.common import EXIT_NOT_FOUND, TTL, TTL_HELP, ZkvCommandError, connect, timeout_option, url_option
 from protocol.errors import ZkvError
 from protocol.limits import DEFAULT_SCAN_LIMIT, MAX_SCAN_LIMIT
 
@@ -16,7 +16,7 @@ from protocol.limits import DEFAULT_SCAN_LIMIT, MAX_SCAN_LIMIT
 @click.command()
 @url_option
 @timeout_option
-@click.option("--ttl", type=int, default=None, help="Time to live, milliseconds.")
+@click.option("--ttl", type=TTL, default=None, help=TTL_HELP)
 @click.argument("key")
 @click.argument("value", required=False)
 @click.option("--file", "file_", type=click.File("rb"), help="Read the value from a file ('-' = stdin).")
@@ -126,10 +126,11 @@ _ESCAPES = str.maketrans({"\n": "\\n", "\t": "\\t", "\r": "\\r"})
 @url_option
 @timeout_option
 @click.argument("prefix", default="")
-@click.option("--limit", type=int, default=None, help="Print at most this many keys (default: all).")
+@click.option("--limit", type=int, default=None,
+              help="Print at most this many keys in all (default: all). Not Client.scan's limit=, a page size.")
 @click.option("--keys-only", is_flag=True, help="Print the keys alone; values are not fetched.")
 @click.option("--page-size", default=DEFAULT_SCAN_LIMIT, show_default=True,
-              help=f"Keys per request (1 to {MAX_SCAN_LIMIT:,}).")
+              help=f"Keys per request (1 to {MAX_SCAN_LIMIT:,}): Client.scan's limit=.")
 def scan(url: str, timeout: float, prefix: str, limit: int | None, keys_only: bool, page_size: int) -> None:
     """Print the keys starting with PREFIX in key order, one per line: KEY<TAB>VALUE (escaped)."""
     if limit is not None and limit < 1:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.cluster import Cluster, wait_for
+from tests.support.cluster import ZKV, Cluster, free_port, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -207,3 +207,75 @@ def test_quickstart_under_honcho_survives_a_crash_and_a_stopped_worker(tmp_path:
             os.killpg(honcho.pid, signal.SIGKILL)
             honcho.wait(timeout=10)
         log.close()
+
+
+# -- no broker, no cluster: fast and clear (defect 5) ----------------------------------------------
+
+
+def _zkv(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, float]:
+    t0 = time.monotonic()
+    r = subprocess.run([*ZKV, *args], capture_output=True, timeout=30, env=env or {**os.environ}, cwd=REPO)
+    return r, time.monotonic() - t0
+
+
+FAST = 4.0  # s: a process start (under load) plus the one-second probe; a request would wait --timeout
+
+
+@pytest.mark.parametrize("command", [["get", "k"], ["put", "k", "v"], ["del", "k"], ["scan"], ["watch"],
+                                     ["status"], ["drain", "w1"], ["ping"]])
+def test_without_a_broker_every_command_says_so_within_a_second(command: list[str]) -> None:
+    url = f"tcp://127.0.0.1:{free_port()}"  # nothing listens there
+    r, took = _zkv(*command, "--url", url, "--timeout", "10")
+    assert r.returncode == 5, r
+    assert r.stderr.decode().strip() == f"Error: no broker at {url}: is it running? (ZKV_URL, --url)"
+    assert took < FAST, took
+
+
+def test_without_a_broker_the_url_comes_from_zkv_url() -> None:
+    url = f"tcp://127.0.0.1:{free_port()}"
+    r, took = _zkv("get", "k", env={**os.environ, "ZKV_URL": url})
+    assert r.returncode == 5 and f"no broker at {url}" in r.stderr.decode()
+
+
+def test_before_the_cluster_forms_data_commands_say_unavailable_at_once(cluster_factory) -> None:
+    c: Cluster = cluster_factory(workers=1)
+    c.start_broker()
+    c.start_worker("w1")
+    wait_for(lambda: (_status_or_none(c) or {}).get("workers"), 20, 0.1, "w1 registered")
+    for command in (["put", "k", "v"], ["get", "k"], ["scan"], ["watch"]):
+        r, took = _zkv(*command, "--url", c.frontend, "--timeout", "10")
+        assert r.returncode == 5, r
+        assert r.stderr.decode().strip() == ("Error: UNAVAILABLE: cluster not formed: 1 worker registered, "
+                                             "at least 3 needed (zkv status)"), r
+        assert took < FAST, (command, took)
+    # What works before the cluster forms still does.
+    r, _ = _zkv("status", "--url", c.frontend)
+    assert r.returncode == 0 and b"formed no" in r.stdout
+    r, _ = _zkv("ping", "--url", c.frontend)
+    assert r.returncode == 0 and r.stdout.decode().endswith("ms (not serving yet)\n"), r
+
+
+def test_ping_times_a_round_trip(cluster: Cluster) -> None:
+    r, _ = _zkv("ping", "-c", "2", env={**os.environ, "ZKV_URL": cluster.frontend})
+    lines = r.stdout.decode().splitlines()
+    assert r.returncode == 0 and len(lines) == 2, r
+    assert all(line.startswith(f"PONG from {cluster.frontend} in ") and line.endswith(" ms (serving)")
+               for line in lines), lines
+
+
+# -- configuration (defect 6) ----------------------------------------------------------------------
+
+
+def test_ttl_durations_and_zkv_url(cluster: Cluster) -> None:
+    env = {**os.environ, "ZKV_URL": cluster.frontend}
+    for ttl, ms in (("90s", 90_000), ("5m", 300_000), ("1h", 3_600_000), ("250000", 250_000), ("1.5h", 5_400_000)):
+        r, _ = _zkv("put", f"t:{ttl}", "v", "--ttl", ttl, env=env)
+        assert r.returncode == 0, r
+        left = cluster.client().ttl(f"t:{ttl}")
+        assert left is not None and ms - 10_000 < left <= ms, (ttl, left)
+    r, _ = _zkv("put", "t:bad", "v", "--ttl", "5 minutes", env=env)
+    assert r.returncode == 2 and b"is not a duration" in r.stderr
+    # The library reads ZKV_URL too.
+    code = "from client import Client; c = Client(timeout=5); print(c.url, c.get(b't:90s'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, env=env, cwd=REPO, timeout=30)
+    assert out.stdout.decode().strip() == f"{cluster.frontend} b'v'", out
