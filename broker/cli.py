@@ -47,11 +47,11 @@ def broker(data: str, frontend: str, backend: str, replication: str, slots: int,
            heartbeat: float, request_timeout: float, max_value: int, max_stream: int, stream_idle: float,
            grace: float, initial_workers: int, auto_rebalance: bool, move_concurrency: int, copy_rate: int) -> None:
     """Run the broker (the master)."""
-    from broker.server import BrokerEndpoints, BrokerServerConfig, run_broker
+    from broker.server import BindError, BrokerEndpoints, BrokerServerConfig, run_broker
 
     if not 1 <= w <= rf:
         raise click.BadParameter("need 1 <= W <= RF", param_hint="-w")
-    run_broker(BrokerServerConfig(
+    cfg = BrokerServerConfig(
         data_dir=data,
         endpoints=BrokerEndpoints(frontend, backend, replication),
         core=BrokerConfig(slots=slots, rf=rf, w=w, heartbeat=heartbeat, request_timeout=request_timeout,
@@ -59,5 +59,10 @@ def broker(data: str, frontend: str, backend: str, replication: str, slots: int,
                           grace=grace, initial_workers=initial_workers,
                           auto_rebalance=auto_rebalance, move_concurrency=move_concurrency,
                           copy_rate=copy_rate * MIB),
-    ))
+    )
+    try:
+        run_broker(cfg)
+    except BindError as e:
+        # One line, not a traceback: what is wrong and which option changes it.
+        raise click.ClickException(f"{e}; choose another with --{e.role} (ZKV_BROKER_{e.role.upper()})") from None
 

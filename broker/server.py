@@ -46,37 +46,61 @@ class BrokerServerConfig:
     core: BrokerConfig = field(default_factory=BrokerConfig)
 
 
+class BindError(Exception):
+    """A broker endpoint could not be bound (its port is in use, say); nothing was changed on disk."""
+
+    def __init__(self, role: str, endpoint: str, reason: str) -> None:
+        super().__init__(f"cannot listen on {endpoint} ({role}): {reason}")
+        self.role, self.endpoint, self.reason = role, endpoint, reason
+
+
 class BrokerServer:
     def __init__(self, cfg: BrokerServerConfig) -> None:
         self.cfg = cfg
+        # Bind first: a broker that cannot listen must stop before it bumps its epoch.
+        self.ctx = zmq.Context()
+        self.frontend = self.backend = self.pub = None  # type: ignore[assignment]
+        try:
+            self.frontend = self._router("frontend", cfg.endpoints.frontend)
+            # A value a little over the limit gets a clear error; a far larger one disconnects its
+            # sender before the broker buffers it.
+            self.frontend.setsockopt(zmq.MAXMSGSIZE, max(cfg.core.max_value, MAX_CHUNK_BYTES) + (1 << 20))
+            self.backend = self._router("backend", cfg.endpoints.backend)
+            self.pub = self.ctx.socket(zmq.PUB)
+            self.pub.setsockopt(zmq.SNDHWM, 100_000)
+            self.pub.setsockopt(zmq.LINGER, 0)
+            _bind(self.pub, "replication", cfg.endpoints.replication)
+        except BaseException:
+            self._close_sockets()
+            raise
         self.meta = MetaStore(os.path.join(cfg.data_dir))
         self.core = BrokerCore(cfg.core, self.meta.load(), self.meta.next_epoch(), clock=time.monotonic,
                                wall_ms=lambda: int(time.time() * 1000), new_id=lambda: uuid.uuid4().bytes,
                                lookup_dedup=self.meta.lookup_dedup)
-        self.ctx = zmq.Context()
-        self.frontend = self._router(cfg.endpoints.frontend)
-        # A value a little over the limit gets a clear error; a far larger one disconnects its sender
-        # before the broker buffers it.
-        self.frontend.setsockopt(zmq.MAXMSGSIZE, max(cfg.core.max_value, MAX_CHUNK_BYTES) + (1 << 20))
-        self.backend = self._router(cfg.endpoints.backend)
-        self.pub = self.ctx.socket(zmq.PUB)
-        self.pub.setsockopt(zmq.SNDHWM, 100_000)
-        self.pub.setsockopt(zmq.LINGER, 0)
-        self.pub.bind(cfg.endpoints.replication)
         self.poller = zmq.Poller()
         self.poller.register(self.frontend, zmq.POLLIN)
         self.poller.register(self.backend, zmq.POLLIN)
         self.stopping = False
         self.dropped_replies = 0
 
-    def _router(self, endpoint: str) -> zmq.Socket:
+    def _router(self, role: str, endpoint: str) -> zmq.Socket:
         s = self.ctx.socket(zmq.ROUTER)
         s.setsockopt(zmq.ROUTER_MANDATORY, 1)
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.SNDHWM, 100_000)
         s.setsockopt(zmq.RCVHWM, 100_000)
-        s.bind(endpoint)
+        try:
+            _bind(s, role, endpoint)
+        except BaseException:
+            s.close(linger=0)
+            raise
         return s
+
+    def _close_sockets(self) -> None:
+        for s in (self.frontend, self.backend, self.pub):
+            if s is not None:
+                s.close(linger=0)
+        self.ctx.term()
 
     def run(self) -> None:
         tune_gc()
@@ -146,10 +170,15 @@ class BrokerServer:
             self._execute()
         finally:
             self.meta.close()
-            for s in (self.frontend, self.backend, self.pub):
-                s.close(linger=0)
-            self.ctx.term()
+            self._close_sockets()
             log.info("broker_stopped", epoch=self.core.state.epoch)
+
+
+def _bind(sock: zmq.Socket, role: str, endpoint: str) -> None:
+    try:
+        sock.bind(endpoint)
+    except zmq.ZMQError as e:
+        raise BindError(role, endpoint, os.strerror(e.errno)) from None
 
 
 def run_broker(cfg: BrokerServerConfig) -> None:

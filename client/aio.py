@@ -17,13 +17,12 @@ import zmq.asyncio
 
 from client import programs
 from client.api import Build, Commands
-from client.client import dealer
+from client.client import broker_url, dealer
 from client.commands import Call, OnPartial, Reply, StreamInfo, needs_size_check, oversize
 from client.retry import DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_TIMEOUT, Attempts
 from client.watch import WatchEvent, WatchSession
 from protocol.errors import ClientClosed
 from protocol.frames import C_FINAL, C_PARTIAL, C_REQUEST, MDPC, SERVICE, unpack
-from protocol.limits import DEFAULT_FRONTEND
 
 
 class AsyncClient(Commands):
@@ -32,14 +31,15 @@ class AsyncClient(Commands):
 
     def __init__(
         self,
-        url: str = DEFAULT_FRONTEND,
+        url: str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         attempt_timeout: float = DEFAULT_ATTEMPT_TIMEOUT,
         context: zmq.asyncio.Context | None = None,
     ) -> None:
-        """``timeout``: the most one call may take, retries included (seconds).
+        """``url``: the broker's frontend; by default ``$ZKV_URL``, else tcp://127.0.0.1:5555.
+        ``timeout``: the most one call may take, retries included (seconds).
         ``attempt_timeout``: how long one attempt waits for a reply before it is sent again."""
-        self.url = url
+        self.url = broker_url(url)
         self.timeout = timeout
         self.attempt_timeout = attempt_timeout
         self.client_id = uuid.uuid4().bytes

@@ -122,8 +122,10 @@ class Commands:
     def scan(self, prefix: Key = b"", start_after: Key | None = None, limit: int = DEFAULT_SCAN_LIMIT,
              values: bool = True) -> Any:
         """Every live key starting with ``prefix`` (and above ``start_after``), in key order, as
-        ``ScanItem(key, value, version)``; fetched in pages of ``limit`` keys (1 to 10,000). Each
-        page is linearizable on its own; a scan is not a snapshot of the whole key space.
+        ``ScanItem(key, value, version)``; fetched in pages of ``limit`` keys (1 to 10,000).
+        ``limit`` is a page size, not a total (``zkv scan --page-size``; the CLI's ``--limit`` is a
+        total): to take fewer keys, stop iterating. Each page is linearizable on its own; a scan
+        is not a snapshot of the whole key space.
         An iterator (Client) or an async iterator (AsyncClient)."""
         return self._iterate(programs.scan(prefix, start_after, limit, values))
 

@@ -10,6 +10,7 @@ thread. Its methods are written once in client/api.py; this module only moves fr
 from __future__ import annotations
 
 import itertools
+import os
 import time
 import uuid
 from collections import deque
@@ -26,7 +27,12 @@ from client.streams import ValueStream
 from client.watch import WatchEvent, WatchSession
 from protocol.errors import ClientClosed
 from protocol.frames import C_FINAL, C_PARTIAL, C_REQUEST, MDPC, SERVICE, unpack
-from protocol.limits import DEFAULT_FRONTEND
+from protocol.limits import DEFAULT_FRONTEND, URL_ENV
+
+
+def broker_url(url: str | None) -> str:
+    """``url``, else the ``ZKV_URL`` environment variable, else the default frontend."""
+    return url or os.environ.get(URL_ENV) or DEFAULT_FRONTEND
 
 
 def dealer(ctx: zmq.Context, url: str) -> zmq.Socket:
@@ -40,14 +46,15 @@ def dealer(ctx: zmq.Context, url: str) -> zmq.Socket:
 class Client(Commands):
     def __init__(
         self,
-        url: str = DEFAULT_FRONTEND,
+        url: str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         attempt_timeout: float = DEFAULT_ATTEMPT_TIMEOUT,
         context: zmq.Context | None = None,
     ) -> None:
-        """``timeout``: the most one call may take, retries included (seconds).
+        """``url``: the broker's frontend; by default ``$ZKV_URL``, else tcp://127.0.0.1:5555.
+        ``timeout``: the most one call may take, retries included (seconds).
         ``attempt_timeout``: how long one attempt waits for a reply before it is sent again."""
-        self.url = url
+        self.url = broker_url(url)
         self.timeout = timeout
         self.attempt_timeout = attempt_timeout
         self.client_id = uuid.uuid4().bytes

@@ -29,7 +29,9 @@ SCAN_MAX_BYTES = 8 << 20  # key and value bytes in one scan page (at least one e
 # the keys of its read phases first. (broker/core.py still has its own copy of this set.)
 READ_OPS = frozenset({"get", "exists", "mget", "ttl"})
 
-# Default endpoints (all on 127.0.0.1): clients, workers, replication.
+# Default endpoints (all on 127.0.0.1): clients, workers, replication. Clients (the library and
+# the CLI) take the broker's frontend from URL_ENV when no url is given.
+URL_ENV = "ZKV_URL"
 DEFAULT_FRONTEND = "tcp://127.0.0.1:5555"
 DEFAULT_BACKEND = "tcp://127.0.0.1:5556"
 DEFAULT_REPLICATION = "tcp://127.0.0.1:5557"

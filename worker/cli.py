@@ -6,9 +6,13 @@ are WorkerConfig's, so there is one definition of each.
 
 from __future__ import annotations
 
+import os
+import sys
+
 import click
 
 from protocol.limits import DEFAULT_BACKEND, DEFAULT_REPLICATION
+from worker.lock import DataDirInUse, DataLock
 from worker.server import WorkerConfig, run_worker
 
 
@@ -20,13 +24,25 @@ from worker.server import WorkerConfig, run_worker
               help="Broker replication PUB.")
 @click.option("--heartbeat", default=WorkerConfig.heartbeat, show_default=True, help="Heartbeat interval, seconds.")
 @click.option("--map-size", default=WorkerConfig.map_size, show_default=True, help="LMDB map size, bytes.")
+@click.option("--supervise", is_flag=True,
+              help="Restart the serving process when it crashes; exit only on SIGTERM/SIGINT (for honcho).")
 @click.option("--test-drop-replication", default="", hidden=True,
               help="Test hook: drop replication messages (every=N or prob=P).")
 @click.option("--test-clock-skew-ms", default=0, hidden=True, help="Test hook: offset this worker's clock.")
 def worker(worker_id: str, data: str, broker: str, replication: str, heartbeat: float, map_size: int,
-           test_drop_replication: str, test_clock_skew_ms: int) -> None:
-    """Run a storage worker."""
+           supervise: bool, test_drop_replication: str, test_clock_skew_ms: int) -> None:
+    """Run a storage worker. Its data directory is locked: a second worker on it is refused."""
+    cfg = WorkerConfig(worker_id=worker_id, data_dir=data, broker=broker, replication=replication,
+                       heartbeat=heartbeat, map_size=map_size,
+                       drop_replication=test_drop_replication, clock_skew_ms=test_clock_skew_ms)
+    try:
+        lock = DataLock(data)
+    except DataDirInUse as e:
+        raise click.ClickException(str(e)) from None
+    if not supervise:
+        lock.record(os.getpid())
+        run_worker(cfg)
+        return
+    from worker.supervise import Supervisor
 
-    run_worker(WorkerConfig(worker_id=worker_id, data_dir=data, broker=broker, replication=replication,
-                            heartbeat=heartbeat, map_size=map_size,
-                            drop_replication=test_drop_replication, clock_skew_ms=test_clock_skew_ms))
+    sys.exit(Supervisor(lambda: run_worker(cfg), lock).run())

@@ -1,7 +1,8 @@
 """``zkv``: one command for running and using a cluster.
 
 Every option can also be set through an environment variable ``ZKV_<COMMAND>_<OPTION>`` (for
-example ``ZKV_BROKER_DATA``, ``ZKV_WORKER_ID``); the client commands read ``ZKV_URL``.
+example ``ZKV_BROKER_DATA``, ``ZKV_WORKER_ID``); the client commands read ``ZKV_URL``. ``--help``
+names each option's variable and, when it is set, shows its value as the default.
 
 The client commands are here (client/cli/data.py, cluster.py, bench.py); the process launchers
 belong to their programs (broker/cli.py, worker/cli.py) and are loaded only when run, as the load
@@ -11,11 +12,14 @@ generator is, so that ``zkv get`` imports no broker, worker or benchmark code.
 from __future__ import annotations
 
 import importlib
+import os
 
 import click
 
 from client.cli import cluster, data
 from protocol.logs import configure_logging
+
+LOG_LEVELS = ["debug", "info", "warning", "error", "critical"]
 
 # name -> "module:attribute" of a command imported only when it is run (or listed by --help).
 LAZY_COMMANDS = {
@@ -44,19 +48,49 @@ class Group(click.Group):
         assert isinstance(command, click.Command)
         return command
 
+    def resolve_command(self, ctx: click.Context, args: list[str]):  # type: ignore[no-untyped-def]
+        """The command to run, its options' help set up by ``show_environment``."""
+        name, command, rest = super().resolve_command(ctx, args)
+        if command is not None and name is not None:
+            show_environment(command, f"{ctx.auto_envvar_prefix}_{name.upper().replace('-', '_')}")
+        return name, command, rest
+
+
+def show_environment(command: click.Command, prefix: str) -> None:
+    """Make ``--help`` name each option's environment variable and, when the variable is set,
+    show its value as the default: that is the value the option takes (click would show the
+    built-in default). ``prefix``: the command's ``auto_envvar_prefix`` (``ZKV_BROKER``)."""
+    for param in command.params:
+        if not isinstance(param, click.Option) or param.hidden or not param.name or param.name == "version":
+            continue
+        param.show_envvar = True
+        if isinstance(param.envvar, str):
+            names = [param.envvar]
+        elif param.envvar:
+            names = list(param.envvar)
+        else:
+            names = [f"{prefix}_{param.name.upper()}"]
+        for name in names:
+            if os.environ.get(name):
+                param.show_default = f"{os.environ[name]} from {name}"
+                break
+
 
 @click.group(cls=Group, context_settings={"auto_envvar_prefix": "ZKV", "help_option_names": ["-h", "--help"]})
 @click.option("--log-json", is_flag=True, help="Log JSON lines instead of key=value.")
-@click.option("--log-level", default="info", show_default=True)
+@click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), default="info", show_default=True,
+              help="Least severe log lines shown.")
 @click.version_option(package_name="zkv")
 def main(log_json: bool, log_level: str) -> None:
     """zkv: a sharded, replicated key-value store (ZeroMQ broker, LMDB workers)."""
     configure_logging(json=log_json, level=log_level)
 
 
+show_environment(main, "ZKV")
+
 for _command in (data.put, data.get, data.delete, data.exists, data.mget, data.mset, data.ttl, data.expire,
                  data.scan, data.watch, cluster.status, cluster.drain, cluster.undrain, cluster.remove,
-                 cluster.rebalance):
+                 cluster.rebalance, cluster.ping):
     main.add_command(_command)
 
 __all__ = ["main"]

@@ -8,8 +8,10 @@ from typing import Any
 
 import click
 
-from client.cli.common import ZkvCommandError, connect, timeout_option, url_option
+from client.cli.common import NoBroker, ZkvCommandError, connect, timeout_option, url_option
+from client.probe import listening, mmi_service
 from protocol.errors import ZkvError
+from protocol.limits import URL_ENV
 
 
 def _human_bytes(n: int) -> str:
@@ -27,7 +29,7 @@ def _human_bytes(n: int) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def status(url: str, timeout: float, as_json: bool) -> None:
     """Show workers, slots and replication state."""
-    with connect(url, timeout) as c:
+    with connect(url, timeout, need_cluster=False) as c:
         try:
             st = c.status()
         except ZkvError as e:
@@ -78,7 +80,7 @@ def _move_progress(m: dict[str, Any]) -> str:
 
 
 def _admin(url: str, timeout: float, cmd: str, worker: str | None = None) -> dict[str, Any]:
-    with connect(url, timeout) as c:
+    with connect(url, timeout, need_cluster=False) as c:
         try:
             reply = c.admin(cmd, worker)
         except ZkvError as e:
@@ -91,7 +93,7 @@ def _admin(url: str, timeout: float, cmd: str, worker: str | None = None) -> dic
 
 def _wait_for_moves(url: str, timeout: float, done: Any, label: str) -> None:
     """Show a progress bar of slots still to move until ``done(status)``."""
-    with connect(url, timeout) as c:
+    with connect(url, timeout, need_cluster=False) as c:
         st = c.status()
         total = max(st["misplaced_slots"], 1)
         with click.progressbar(length=total, label=label, show_eta=True, show_percent=True) as bar:
@@ -175,3 +177,21 @@ def _slot_ranges(slots: list[int]) -> str:
 
 
 # -- scan and watch ------------------------------------------------------------------------------
+
+
+@click.command()
+@url_option
+@timeout_option
+@click.option("-c", "--count", default=1, show_default=True, help="Round trips, one a second.")
+def ping(url: str, timeout: float, count: int) -> None:
+    """Time a round trip to the broker (mmi.service). Exit code 5 if no broker answers."""
+    if not listening(url, min(timeout, 1.0)):
+        raise NoBroker(f"no broker at {url}: is it running? ({URL_ENV}, --url)")
+    for i in range(count):
+        if i:
+            time.sleep(1.0)
+        answer = mmi_service(url, timeout)
+        if answer is None:
+            raise NoBroker(f"no reply from the broker at {url} within {timeout}s")
+        took, serving = answer
+        click.echo(f"PONG from {url} in {took * 1000:.2f} ms ({'serving' if serving else 'not serving yet'})")

@@ -1,17 +1,20 @@
 """What the ``zkv`` client commands share: the broker URL and timeout options, the client they
-open, and how a ``ZkvError`` becomes an exit code."""
+open (after making sure a broker is there), the TTL option's parser, and how a ``ZkvError``
+becomes an exit code."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
 import click
 
 from client.client import Client
+from client.probe import listening
 from client.retry import DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_TIMEOUT
-from protocol.errors import ErrorCode, ZkvError
-from protocol.limits import DEFAULT_FRONTEND
+from protocol.errors import ErrorCode, Unavailable, ZkvError
+from protocol.limits import DEFAULT_FRONTEND, MAX_TTL_MS, URL_ENV
 
 # Exit codes: 1 generic failure, 2 usage (click), 3 not found, 4 not enough replicas,
 # 5 timeout or unavailable, 6 a compare-and-set whose condition did not hold, 130 interrupted.
@@ -26,12 +29,73 @@ class ZkvCommandError(click.ClickException):
         self.exit_code = EXIT_CODES.get(err.code, 1)
 
 
-def connect(url: str, timeout: float) -> Client:
-    return Client(url, timeout=timeout, attempt_timeout=min(timeout, DEFAULT_ATTEMPT_TIMEOUT))
+class NoBroker(click.ClickException):
+    exit_code = EXIT_CODES[ErrorCode.UNAVAILABLE]
+
+
+def connect(url: str, timeout: float, need_cluster: bool = True) -> Client:
+    """A client of the broker at ``url``; fails within about a second if no broker listens there
+    (a request would wait for its whole timeout) and, with ``need_cluster``, at once if the
+    broker's cluster has not formed (the client would resend the broker's UNAVAILABLE until
+    ``timeout``). Commands that work before the cluster forms (status, admin) pass False."""
+    if not listening(url, min(timeout, 1.0)):
+        raise NoBroker(f"no broker at {url}: is it running? ({URL_ENV}, --url)")
+    client = Client(url, timeout=timeout, attempt_timeout=min(timeout, DEFAULT_ATTEMPT_TIMEOUT))
+    if need_cluster:
+        try:
+            _require_cluster(client)
+        except BaseException:
+            client.close()
+            raise
+    return client
+
+
+def _require_cluster(client: Client) -> None:
+    if client.service_available(wait=min(client.timeout, 2.0)):
+        return
+    try:
+        st = client.status()
+    except ZkvError as e:
+        raise ZkvCommandError(e) from None
+    if not st["formed"]:
+        registered = len(st["workers"])
+        raise ZkvCommandError(Unavailable(
+            f"cluster not formed: {registered} worker{'s' * (registered != 1)} registered, at least {st['rf']} "
+            "needed (zkv status)"))
+    # Formed but not serving (no worker alive yet, as just after a broker restart): the request
+    # itself says why, after the client's retries.
 
 
 url_option: Callable[[Any], Any] = click.option(
-    "--url", default=DEFAULT_FRONTEND, show_default=True, envvar="ZKV_URL", help="Broker frontend.")
+    "--url", default=DEFAULT_FRONTEND, show_default=True, envvar=URL_ENV, help="Broker frontend.")
 timeout_option: Callable[[Any], Any] = click.option(
     "--timeout", default=DEFAULT_TIMEOUT, show_default=True, help="Seconds, retries included.")
 
+
+
+# -- durations -------------------------------------------------------------------------------------
+
+_UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)?")
+
+
+class DurationMs(click.ParamType):
+    """A duration given as ``250ms``, ``60s``, ``5m``, ``1h``, ``1d`` (fractions allowed:
+    ``1.5s``) or a bare number of milliseconds; converted to whole milliseconds."""
+
+    name = "duration"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        m = _DURATION.fullmatch(str(value).strip())
+        if m is None:
+            self.fail(f"{value!r} is not a duration (250ms, 60s, 5m, 1h, 1d, or milliseconds)", param, ctx)
+        ms = round(float(m.group(1)) * _UNITS_MS[m.group(2) or "ms"])
+        if not 1 <= ms <= MAX_TTL_MS:
+            self.fail(f"{value!r} is out of range (1 ms to 100 years)", param, ctx)
+        return ms
+
+
+TTL = DurationMs()
+TTL_HELP = "Time to live: 250ms, 60s, 5m, 1h, 1d, or a number of milliseconds."

@@ -24,18 +24,17 @@ from typing import Any
 import click
 
 from client.cli.cluster import _human_bytes
-from client.cli.common import EXIT_NOT_FOUND, ZkvCommandError, connect, timeout_option, url_option
+from client.cli.common import EXIT_NOT_FOUND, TTL, TTL_HELP, ZkvCommandError, connect, timeout_option, url_option
 from client.cli.text import escape, unescape
 from protocol.errors import ConditionFailed, KeyNotFound, ZkvError
 from protocol.frames import pack, unpack
 from protocol.limits import DEFAULT_SCAN_LIMIT, MAX_SCAN_LIMIT
 
 EXIT_INTERRUPTED = 130  # the shell's code for a command ended by SIGINT
-TTL_MS = click.IntRange(min=1)  # a time to live in milliseconds, as the library takes it
 
 hex_option = click.option("--hex", "hex_", is_flag=True, help="Keys and prefixes in hex, read and printed.")
 json_option = click.option("--json", "as_json", is_flag=True, help="One JSON object per result line.")
-ttl_option = click.option("--ttl", type=TTL_MS, default=None, help="Time to live, milliseconds.")
+ttl_option = click.option("--ttl", type=TTL, default=None, help=TTL_HELP)
 
 
 class Keys:
@@ -334,7 +333,7 @@ def ttl(url: str, timeout: float, hex_: bool, as_json: bool, key: str) -> None:
 @hex_option
 @json_option
 @click.argument("key")
-@click.argument("ttl_ms", metavar="TTL", type=TTL_MS, required=False)
+@click.argument("ttl_ms", metavar="TTL", type=TTL, required=False)
 def expire(url: str, timeout: float, persist: bool, hex_: bool, as_json: bool, key: str, ttl_ms: int | None) -> None:
     """Set the time to live of KEY to TTL milliseconds from now (or remove it: --persist)
     without rewriting its value (exit code 3 if it does not exist)."""
@@ -415,10 +414,11 @@ class Progress:
 @url_option
 @timeout_option
 @click.argument("prefix", default="")
-@click.option("--limit", type=int, default=None, help="Print at most this many keys (default: all).")
+@click.option("--limit", type=int, default=None,
+              help="Print at most this many keys in all (default: all). Not Client.scan's limit=, a page size.")
 @click.option("--keys-only", is_flag=True, help="Print the keys alone; values are not fetched.")
 @click.option("--page-size", default=DEFAULT_SCAN_LIMIT, show_default=True,
-              help=f"Keys per request (1 to {MAX_SCAN_LIMIT:,}).")
+              help=f"Keys per request (1 to {MAX_SCAN_LIMIT:,}): Client.scan's limit=.")
 @hex_option
 @json_option
 def scan(url: str, timeout: float, prefix: str, limit: int | None, keys_only: bool, page_size: int,
