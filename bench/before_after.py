@@ -1,6 +1,6 @@
 """CPU per request of two source trees, side by side in one run: this tree and an earlier commit.
 
-    python bench/before_after.py --before REV [--rounds 3] [--loads put,get,mset]
+    python bench/before_after.py --before REV [--rounds 3] [--loads put,get,mset] [--scale 1]
 
 Checks REV out into a temporary git worktree, then, round after round (the order of the two trees
 alternates), starts a fresh cluster from each tree (bench/core.py's ``bench_cluster`` with
@@ -33,7 +33,7 @@ import hotspots  # noqa: E402  (bench/hotspots.py)
 PROCESSES = ("broker", "worker", "client", "all")
 
 
-def measure(tree: Path, loads: list[str]) -> dict[str, dict[str, float]]:
+def measure(tree: Path, loads: list[str], scale: int = 1) -> dict[str, dict[str, float]]:
     """CPU us per request of each process (workers: their mean) and the rate, per load."""
     root = Path(tempfile.mkdtemp(prefix="zkv-before-after-"))
     cluster = core.bench_cluster(root, cwd=tree)
@@ -41,7 +41,8 @@ def measure(tree: Path, loads: list[str]) -> dict[str, dict[str, float]]:
         cluster.start(timeout=60.0)
         out: dict[str, dict[str, float]] = {}
         for load in loads:
-            per_req, rate = hotspots.cpu_per_request(cluster, load, *hotspots.CPU_RUNS[load], cwd=tree)
+            n1, n2 = (n * scale for n in hotspots.CPU_RUNS[load])
+            per_req, rate = hotspots.cpu_per_request(cluster, load, n1, n2, cwd=tree)
             workers = [v for k, v in per_req.items() if k.startswith("w")]
             out[load] = {"rate": rate, "broker": per_req["broker"], "worker": statistics.mean(workers),
                          "client": per_req["client"], "all": sum(per_req.values())}
@@ -56,6 +57,8 @@ def main() -> int:
     parser.add_argument("--before", required=True, help="the commit to compare with (e.g. a merge base)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--loads", default="put,get,mset")
+    parser.add_argument("--scale", type=int, default=1,
+                        help="multiply both run lengths (MSET's default 10/60 requests is coarse for the client)")
     opts = parser.parse_args()
     loads = opts.loads.split(",")
     before = Path(tempfile.mkdtemp(prefix="zkv-before-tree-")) / "tree"
@@ -66,7 +69,7 @@ def main() -> int:
     try:
         for r in range(opts.rounds):
             for name in (("before", "after") if r % 2 == 0 else ("after", "before")):
-                res = measure(trees[name], loads)
+                res = measure(trees[name], loads, opts.scale)
                 results[name].append(res)
                 print(f"round {r + 1} {name:<6} " + "  ".join(
                     f"{load} {res[load]['rate']:,.0f}/s broker {res[load]['broker']:.1f} worker "
