@@ -91,7 +91,7 @@ class Moves:
         w = state.workers[move.add]
         w.learning.add(move.slot)
         state.send_assign(w)
-        log.info("move_started", slot=move.slot, add=move.add, remove=move.remove, reason=move.reason)
+        log.debug("move_started", slot=move.slot, add=move.add, remove=move.remove, reason=move.reason)
         state.emit(RepairNeeded(slot, move.add))
 
     def maybe_finish(self, move: Move) -> None:
@@ -116,7 +116,7 @@ class Moves:
         state.slot_changed(slot)
         state.ready.must_sync = True  # the new owner is durable before the old one drops its copy
         state.stats["slots_moved"] += 1
-        log.info("move_finished", slot=move.slot, add=move.add, remove=move.remove,
+        log.debug("move_finished", slot=move.slot, add=move.add, remove=move.remove,
                  seconds=round(state.clock() - move.started, 3))
         state.send_assign(add)
         state.send_assign(remove)

@@ -127,7 +127,7 @@ class Replicas:
         slot.applied[wid] = None  # its data is being replaced; it counts again once installed
         slot.snapshot_pending[wid] = t.token
         state.stats["snapshots_sent"] += 1
-        log.info("snapshot_transfer", slot=slot.id, to=wid, donor=donor)
+        log.debug("snapshot_transfer", slot=slot.id, to=wid, donor=donor)
         if self.copy_budget >= 0:
             self._request_part(t)
         else:

@@ -207,6 +207,7 @@ class WorkerCore:
             return
         if not mine and cluster:
             self.store.set_cluster_id(cluster)
+        first = int(info["epoch"]) != self.broker_epoch  # the first assignment from this broker incarnation
         self.broker_epoch = int(info["epoch"])
         added, removed = self.on_assign(list(info["slots"]))
         # Slots given to other workers while this one was away: its copies are stale, drop them.
@@ -216,8 +217,10 @@ class WorkerCore:
             for s in stale:
                 self.store.drop_slot(s)
                 self.pos.pop(s, None)
-        # Every move re-sends the assignment to both workers: log what changed, not what did not.
-        (log.info if added or removed or stale else log.debug)(
+        # Every slot move re-sends the assignment to both of its workers, one slot changed each time:
+        # the broker logs the run of moves (moves_started / moves_finished); here, the first
+        # assignment of a broker and changes of more than one slot.
+        (log.info if first or len(added | removed | stale) > 1 else log.debug)(
             "slots_assigned", slots=len(self.assigned), added=len(added), removed=len(removed), dropped=len(stale))
 
     def on_assign(self, slots: list[int]) -> tuple[set[int], set[int]]:

@@ -290,6 +290,7 @@ def test_elastic_cluster_under_faults(cluster_factory: Callable[..., Cluster], t
     cluster = cluster_factory(workers=len(INITIAL), slots=SLOTS, rf=RF, w=2, heartbeat=0.3, request_timeout=3.0,
                               broker_args=["--initial-workers", str(len(INITIAL)), "--copy-rate", str(COPY_RATE_MIB),
                                            "--move-concurrency", str(MOVE_CONCURRENCY), "--grace", "60"])
+    cluster.env["ZKV_LOG_LEVEL"] = "debug"  # the move and snapshot events this test reads are debug lines
     cluster.start()
     broker_log = cluster.root / "logs" / "broker.log"
 
