@@ -16,7 +16,7 @@ import os
 
 import click
 
-from client.cli import cluster, data
+from client.cli import cluster, data, listing, multi
 from protocol.logs import configure_logging
 
 LOG_LEVELS = ["debug", "info", "warning", "error", "critical"]
@@ -88,8 +88,8 @@ def main(log_json: bool, log_level: str) -> None:
 
 show_environment(main, "ZKV")
 
-for _command in (data.put, data.get, data.delete, data.exists, data.mget, data.mset, data.ttl, data.expire,
-                 data.scan, data.watch, cluster.status, cluster.drain, cluster.undrain, cluster.remove,
+for _command in (data.put, data.get, data.delete, multi.exists, multi.mget, multi.mset, multi.ttl, multi.expire,
+                 listing.scan, listing.watch, cluster.status, cluster.drain, cluster.undrain, cluster.remove,
                  cluster.rebalance, cluster.ping):
     main.add_command(_command)
 

@@ -1,4 +1,4 @@
-"""The data commands of the `zkv` CLI against a real cluster (client/cli/data.py): CAS, versions,
+"""The data commands of the `zkv` CLI against a real cluster (client/cli/data.py, multi.py, listing.py): CAS, versions,
 exists / mget / mset / ttl / expire, binary-safe keys (escapes and --hex), values from stdin,
 del --prefix, watch --since, --json everywhere, and `get -o` interrupted mid-way."""
 

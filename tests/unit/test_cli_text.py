@@ -48,7 +48,7 @@ def test_a_backslash_that_starts_no_escape_is_refused(bad: str) -> None:
 
 def test_progress_shows_bytes_rate_and_eta_and_works_without_a_size() -> None:
     """The upload bar had no bytes or rate, and a stdin upload (no size) showed nothing."""
-    from client.cli.data import progress_line
+    from client.cli.progress import progress_line
 
     assert progress_line("put", 12 << 20, 100 << 20, 2.0) == "put 12.0 MiB/100.0 MiB 12% 6.0 MiB/s ETA 15s"
     assert progress_line("put", 12 << 20, None, 4.0) == "put 12.0 MiB 3.0 MiB/s"
