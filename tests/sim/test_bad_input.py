@@ -114,3 +114,11 @@ def test_a_snapshot_part_s_counters_must_be_integers(name: str) -> None:
 
     with pytest.raises(ValueError, match=name):
         decode_worker(W_SNAPSHOT_PART, [pack({"token": b"t", "part": 0, name: "3"})])
+
+
+@pytest.mark.parametrize("op", [["get"], {"a": 1}, 1.5, None])
+def test_an_op_of_any_type_is_answered(sim: SimCluster, op: Any) -> None:
+    """An op that is a list or a map raised TypeError (unhashable) in the decoder: no reply at all
+    (found by tests/integration/test_fuzz.py)."""
+    hdr, _ = sim.call(op, key=b"k")  # type: ignore[arg-type]
+    assert hdr["ok"] is False and hdr["code"] == "UNKNOWN_COMMAND", hdr
