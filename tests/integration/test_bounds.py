@@ -36,7 +36,8 @@ def test_replies_a_client_does_not_read_are_bounded_in_bytes(cluster_factory) ->
     queue to a client is bounded in messages, 100,000). Now past --max-client-bytes its replies
     are refused with UNAVAILABLE, each carrying its request's id, and the broker's growth stays
     near the bound; once the client reads, it is served again."""
-    cluster: Cluster = cluster_factory(broker_args=["--max-client-bytes", "16"])
+    # The product's heartbeat (1 s): on a loaded machine 0.3 s loses workers, and the gets with them.
+    cluster: Cluster = cluster_factory(broker_args=["--max-client-bytes", "16"], heartbeat=None)
     # Large buffers straight from mmap, so that RssAnon is what the broker holds: glibc's dynamic
     # threshold otherwise keeps freed 4 MiB buffers for reuse (about 40 MiB more here).
     cluster.env["MALLOC_MMAP_THRESHOLD_"] = "65536"
@@ -48,11 +49,12 @@ def test_replies_a_client_does_not_read_are_bounded_in_bytes(cluster_factory) ->
     with RawPeer(cluster.frontend, slow=True) as peer:
         for rid in range(1, 61):
             peer.send(MDPC, C_REQUEST, SERVICE, pack({"op": "get", "id": rid, "key": b"big"}))
-        wait_for(lambda: "client_replies_unread" in cluster.procs["broker"].log_tail(100), 30, 0.1,
+        wait_for(lambda: "client_replies_unread" in cluster.procs["broker"].log_tail(5000), 30, 0.1,
                  "the broker refusing replies past the bound")
         grown = _settled_rss(pid) - before
-        # 16 MiB + one reply + the kernel's socket buffers; it was 270 MiB (308 MiB measured so)
-        assert grown < 40 * MIB, f"the broker grew by {grown / MIB:.0f} MiB"
+        # Held: 16 MiB + one reply + 1 MiB + the kernel's socket buffers (12-48 MiB measured,
+        # more under load: the workers' answers pass through too); all 60 queued, 236 MiB.
+        assert grown < 100 * MIB, f"the broker grew by {grown / MIB:.0f} MiB"
         answers: dict[int, dict] = {}  # type: ignore[type-arg]
         while len(answers) < 60:
             frames = peer.recv(timeout=10.0)
