@@ -143,7 +143,8 @@ def _check_intact(cluster: Cluster) -> None:
 def fuzz_cluster(cluster_factory) -> Cluster:  # type: ignore[no-untyped-def]
     # No auto-rebalance: a well-formed READY from the fuzzer registers a worker, which must not be
     # given slots (taking a slot with a forged worker is what CURVE and worker keys prevent).
-    cluster = cluster_factory(broker_args=["--no-auto-rebalance", "--max-value", "65536"]).start()
+    # The product's heartbeat (1 s): with 0.3 s a loaded machine loses real workers.
+    cluster = cluster_factory(broker_args=["--no-auto-rebalance", "--max-value", "65536"], heartbeat=None).start()
     with cluster.client() as c:
         c.put(KNOWN_KEY, KNOWN_VALUE)
     return cluster
