@@ -34,6 +34,13 @@ D = BrokerConfig()
               help="Largest streamed value (put_stream, zkv put --file), bytes.")
 @click.option("--stream-idle", default=D.stream_idle, show_default=True,
               help="Seconds without a chunk before an unfinished streamed put is aborted and its chunks freed.")
+@click.option("--max-streams", default=D.max_streams, show_default=True,
+              help="Streamed puts open at once in the whole cluster; a new one past it is refused (UNAVAILABLE).")
+@click.option("--max-client-streams", default=D.max_client_streams, show_default=True,
+              help="Streamed puts one client connection may have open at once.")
+@click.option("--max-client-bytes", default=D.max_client_bytes // MIB, show_default=True,
+              help="MiB of replies a client has not read that the broker holds for it; past it, "
+                   "its replies are refused (UNAVAILABLE) until it reads.")
 @click.option("--grace", default=D.grace, show_default=True,
               help="Seconds a dead worker keeps its slots before they get new replicas.")
 @click.option("--initial-workers", default=D.initial_workers, show_default=True,
@@ -45,7 +52,8 @@ D = BrokerConfig()
               help="MiB/s of snapshot data relayed for moves and repairs (the throttle).")
 def broker(data: str, frontend: str, backend: str, replication: str, slots: int, rf: int, w: int,
            heartbeat: float, request_timeout: float, max_value: int, max_stream: int, stream_idle: float,
-           grace: float, initial_workers: int, auto_rebalance: bool, move_concurrency: int, copy_rate: int) -> None:
+           max_streams: int, max_client_streams: int, max_client_bytes: int, grace: float, initial_workers: int,
+           auto_rebalance: bool, move_concurrency: int, copy_rate: int) -> None:
     """Run the broker (the master)."""
     from broker.server import BindError, BrokerEndpoints, BrokerServerConfig, run_broker
 
@@ -56,6 +64,8 @@ def broker(data: str, frontend: str, backend: str, replication: str, slots: int,
         endpoints=BrokerEndpoints(frontend, backend, replication),
         core=BrokerConfig(slots=slots, rf=rf, w=w, heartbeat=heartbeat, request_timeout=request_timeout,
                           max_value=max_value, max_stream=max_stream, stream_idle=stream_idle,
+                          max_streams=max_streams, max_client_streams=max_client_streams,
+                          max_client_bytes=max_client_bytes * MIB,
                           grace=grace, initial_workers=initial_workers,
                           auto_rebalance=auto_rebalance, move_concurrency=move_concurrency,
                           copy_rate=copy_rate * MIB),

@@ -210,6 +210,11 @@ class BrokerCore:
                 self.dumps.start(identity, msg)
         except Refused as e:
             error(state, identity, msg.rid, e.code, str(e))  # type: ignore[union-attr]
+        except Exception as e:  # a bug: still an answer with the request's id, not silence
+            log.exception("request_handling_failed", op=getattr(msg, "op", None))
+            rid = getattr(msg, "rid", None)
+            if rid is not None:
+                error(state, identity, rid, ErrorCode.INTERNAL, f"internal error: {type(e).__name__}")
 
     def _on_mmi(self, identity: bytes, msg: MmiRequest) -> None:
         if msg.service == MMI_SERVICE:

@@ -26,7 +26,16 @@ class Membership:
             self._register(identity, body)
         except Exception as e:
             log.warning("bad_ready", error=str(e))
-            self.state.ready.to_worker(identity, [W_DISCONNECT])
+            self._refuse_ready(identity)
+
+    def _refuse_ready(self, identity: bytes) -> None:
+        """DISCONNECT tells the sender to register again: a worker this connection belonged to is
+        lost from now on, not left alive on a connection the broker has just refused."""
+        state = self.state
+        state.ready.to_worker(identity, [W_DISCONNECT])
+        wid = state.by_identity.get(identity)
+        if wid is not None:
+            self.lose(state.workers[wid], "its READY was refused")
 
     def _register(self, identity: bytes, body: list[bytes]) -> None:
         """Everything is checked (decode_ready) before anything changes: a refused READY leaves
@@ -37,7 +46,7 @@ class Membership:
         w = state.workers.get(wid)
         if w is not None and w.alive and w.identity != identity and w.data_id != data_id:
             log.error("duplicate_worker_id_refused", worker=wid, detail="a live worker with this id holds other data")
-            state.ready.to_worker(identity, [W_DISCONNECT])
+            self._refuse_ready(identity)
             return
         if w is None:
             w = state.workers[wid] = Worker(id=wid)

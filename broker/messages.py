@@ -163,7 +163,12 @@ def decode_client(frames: list[bytes], limits: Limits) -> ClientMessage:
         if not is_int(header.get("id")):
             raise Invalid(ErrorCode.BAD_REQUEST, "header field 'id' must be an integer")
         rid = header["id"]
-        return _decode_header(rid, header, frames[4:], limits)
+        try:
+            return _decode_header(rid, header, frames[4:], limits)
+        except Invalid:
+            raise
+        except Exception as e:  # a field of a type no check foresaw (found by tests/integration/test_fuzz.py)
+            raise Invalid(ErrorCode.BAD_REQUEST, f"malformed header: {type(e).__name__}: {e}") from None
     except Invalid as e:
         e.rid = rid
         raise
@@ -171,6 +176,8 @@ def decode_client(frames: list[bytes], limits: Limits) -> ClientMessage:
 
 def _decode_header(rid: int, header: dict[str, Any], values: list[bytes], limits: Limits) -> ClientMessage:
     op = header.get("op")
+    if not isinstance(op, str):  # (a list or a map is not even hashable: it went unanswered)
+        raise Invalid(ErrorCode.UNKNOWN_COMMAND, f"unknown op {repr(op)[:64]} (op must be a string)")
     if op == "scan":
         return _scan(rid, header, limits)
     if op == "watch":

@@ -102,7 +102,9 @@ class Scans:
             scan.asked[token], self.tokens[token] = asked, scan
             return
         hdr = unpack(body[0])
-        keys, values = [bytes(k) for k in hdr.get("keys", [])], body[1:]
+        keys, values = hdr.get("keys", []) if isinstance(hdr, dict) else None, body[1:]
+        if not isinstance(keys, list) or not all(isinstance(k, bytes) for k in keys):  # never bytes(int)
+            keys, hdr = [], {"ok": False, "message": "malformed scan answer: keys must be a list of bin"}
         if not hdr.get("ok") or (scan.values and len(values) != len(keys)):
             log.error("worker_scan_failed", worker=wid, code=hdr.get("code"), message=hdr.get("message"))
             self._fail(scan, ErrorCode.INTERNAL, f"worker {wid}: {hdr.get('message', 'bad scan answer')}")

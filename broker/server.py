@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import structlog
 import zmq
 
+from broker.budget import ReplyBudget, Verdict
 from broker.core import BrokerCore
 from broker.meta import MetaStore
 from broker.ready import execute
@@ -82,6 +83,7 @@ class BrokerServer:
         self.poller.register(self.backend, zmq.POLLIN)
         self.stopping = False
         self.dropped_replies = 0
+        self.budget = ReplyBudget(cfg.core.max_client_bytes)
 
     def _router(self, role: str, endpoint: str) -> zmq.Socket:
         s = self.ctx.socket(zmq.ROUTER)
@@ -154,7 +156,7 @@ class BrokerServer:
     def _execute(self) -> None:
         execute(self.core.ready(), self.meta, publish=lambda frames: send_frames(self.pub, frames),
                 send_worker=lambda identity, frames: self._route(self.backend, identity, frames),
-                send_client=lambda identity, frames: self._route(self.frontend, identity, frames))
+                send_client=self._reply)
 
     def _route(self, sock: zmq.Socket, identity: bytes, frames: list[bytes]) -> None:
         try:
@@ -164,6 +166,29 @@ class BrokerServer:
         except zmq.ZMQError as e:
             if e.errno != zmq.EHOSTUNREACH:
                 raise
+
+    def _reply(self, identity: bytes, frames: list[bytes]) -> None:
+        """A reply to a client, within what it may leave unread (broker/budget.py)."""
+        size = sum(len(f) for f in frames)
+        verdict = self.budget.admit(identity, size)
+        if verdict is Verdict.DROP:
+            self.dropped_replies += 1
+            return
+        if verdict is Verdict.REFUSE:
+            frames = self.budget.refusal(identity, frames)
+            size = sum(len(f) for f in frames)
+        try:
+            tracker = send_frames(self.frontend, [identity, *frames], nonblock=True,
+                                  track=self.budget.wants_tracker(identity, size))
+        except zmq.Again:
+            self.dropped_replies += 1
+            return
+        except zmq.ZMQError as e:
+            if e.errno != zmq.EHOSTUNREACH:
+                raise
+            self.budget.forget(identity)  # gone: libzmq holds nothing for it
+            return
+        self.budget.sent(identity, size, tracker)
 
     def shutdown(self) -> None:
         try:

@@ -45,6 +45,13 @@ class BrokerConfig:
     max_key: int = MAX_KEY_BYTES
     max_stream: int = DEFAULT_MAX_STREAM_BYTES  # size limit of a streamed value
     stream_idle: float = 60.0  # s without a chunk before an open stream is aborted
+    # Open streams hold staged chunks on every replica (up to max_stream each) until committed,
+    # aborted or idle: a cap per broker, and per client connection so that one cannot take them all.
+    max_streams: int = 1024
+    max_client_streams: int = 64
+    # Reply bytes libzmq still holds for one client connection (it does not read them) before
+    # further replies to it are refused with UNAVAILABLE (broker/budget.py).
+    max_client_bytes: int = 64 * 1024 * 1024
 
 
 @dataclass(slots=True, frozen=True, order=True)

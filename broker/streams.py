@@ -38,6 +38,7 @@ class OpenStream:
     slot: int
     key: bytes
     last_activity: float
+    identity: bytes = b""  # the client connection that opened it (b"": restored after a restart)
     sizes: dict[int, int] = field(default_factory=dict)  # chunk index -> bytes
     size: int = 0  # the sum of sizes, kept as chunks come (a sum per chunk is quadratic per stream)
 
@@ -85,6 +86,8 @@ class Streams:
             refusal = self.aborted.get(msg.stream)
             if refusal is not None:
                 raise Invalid(*refusal)
+            if known is None:
+                self._check_room(identity)
             total = (known.size - known.sizes.get(msg.index, 0) if known else 0) + len(msg.values[0])
             if total > self.state.cfg.max_stream:
                 refusal = (ErrorCode.VALUE_TOO_LARGE,
@@ -95,12 +98,24 @@ class Streams:
                     self._remember_aborted(msg.stream, refusal)
                 raise Invalid(*refusal)
 
+    def _check_room(self, identity: bytes) -> None:
+        """A new stream needs room under both caps (checked before its first chunk is written)."""
+        cfg = self.state.cfg
+        if len(self.open) >= cfg.max_streams:
+            raise Unavailable(ErrorCode.UNAVAILABLE, f"{len(self.open)} streams are open, the broker's limit "
+                                                     f"(--max-streams {cfg.max_streams}): retry when some end")
+        mine = sum(1 for o in self.open.values() if o.identity == identity)
+        if mine >= cfg.max_client_streams:
+            raise Unavailable(ErrorCode.UNAVAILABLE, f"this client has {mine} streams open, the limit per client "
+                                                     f"(--max-client-streams {cfg.max_client_streams}): "
+                                                     "commit or abort one first")
+
     def chunk_sequenced(self, identity: bytes, msg: KvRequest) -> None:
         open_ = self.open.get(msg.stream)
         now = self.state.clock()
         if open_ is None:
             slot = slot_for_key(msg.keys[0], self.state.cfg.slots)
-            open_ = self.open[msg.stream] = OpenStream(msg.stream, slot, msg.keys[0], now)
+            open_ = self.open[msg.stream] = OpenStream(msg.stream, slot, msg.keys[0], now, identity)
             self.state.ready.metadata.streams[msg.stream] = {"slot": slot, "key": msg.keys[0]}
         open_.chunk(msg.index, len(msg.values[0]))
         open_.last_activity = now

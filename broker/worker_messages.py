@@ -168,7 +168,8 @@ def decode_worker(cmd: bytes, body: list[bytes]) -> WorkerMessage:
     if cmd == W_SNAPSHOT_PART:
         hdr = _map(body[0])
         hdr["token"] = _bytes(hdr.get("token"), "token", allow_empty=False)
-        _int(hdr.get("part", 0), "part")
+        for name in ("part", "keys", "bytes", "total_keys", "total_bytes"):
+            _int(hdr.get(name, 0), name)
         return SnapshotPart(hdr, body)
     if cmd == W_EXPIRED:
         keys = _map(body[0]).get("keys", [])

@@ -19,9 +19,12 @@ SNDMORE = int(zmq.SNDMORE)
 ZERO_COPY_BYTES = 64 * 1024
 
 
-def send_frames(sock: zmq.Socket, frames: Sequence[bytes], nonblock: bool = False) -> None:
+def send_frames(sock: zmq.Socket, frames: Sequence[bytes], nonblock: bool = False,
+                track: bool = False) -> zmq.MessageTracker | None:
     """Send ``frames`` as one message. With ``nonblock``, raises zmq.Again if it cannot be queued
-    (the first frame decides: ZeroMQ queues a message whole or not at all)."""
+    (the first frame decides: ZeroMQ queues a message whole or not at all). With ``track``, the
+    last frame goes without a copy and its tracker is returned: done once libzmq has released
+    the message (written it to the kernel, or dropped it with the connection)."""
     for f in frames:  # before the first frame leaves: a half-sent message would glue onto the next
         if not isinstance(f, bytes | bytearray | memoryview | zmq.Frame):
             raise TypeError(f"a frame must be bytes, not {type(f).__name__}")
@@ -30,4 +33,7 @@ def send_frames(sock: zmq.Socket, frames: Sequence[bytes], nonblock: bool = Fals
     send = sock.send
     last = len(frames) - 1
     for i, f in enumerate(frames):
+        if i == last and track:
+            return send(f, flags, copy=False, track=True)  # type: ignore[no-any-return]
         send(f, more if i < last else flags, copy=len(f) < ZERO_COPY_BYTES)
+    return None

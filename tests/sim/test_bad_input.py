@@ -71,3 +71,54 @@ def test_if_absent_must_be_a_boolean(sim: SimCluster, if_absent: Any) -> None:
     hdr = sim.put(b"k", b"second", if_absent=if_absent)  # 0 and {} overwrote unconditionally
     assert hdr["ok"] is False and hdr["code"] == "BAD_REQUEST" and "if_absent" in hdr["message"], hdr
     assert sim.get(b"k") == b"first"
+
+
+@pytest.mark.parametrize("info", [
+    {**GOOD, "id": "w1", "data_id": 7},  # malformed: refused before anything is looked at
+    {**GOOD, "id": "w2", "data_id": b"other"},  # w2 is alive on another connection, with other data
+])
+def test_a_refused_ready_from_a_registered_worker_leaves_it_lost(sim: SimCluster, info: dict[str, Any]) -> None:
+    """The refusal is a DISCONNECT (register again): the worker of that connection used to stay
+    alive, answering reads and counting for W on a connection the broker had refused."""
+    w1 = sim.workers["w1"]
+    sim.broker.on_worker(w1.identity, _ready(info))
+    ready = sim.broker.ready()
+    assert (w1.identity, [MDPW, b"\x06"]) in ready.workers
+    assert not sim.broker.workers["w1"].alive and w1.identity not in sim.broker.state.by_identity
+    assert sim.broker.workers["w2"].alive  # the id it named is untouched
+    sim.advance(1.0)  # the real worker registers again, as it does on DISCONNECT
+    assert sim.broker.workers["w1"].alive
+    assert sim.put(b"k", b"v")["ok"] and sim.get(b"k") == b"v"
+
+
+def test_a_scan_answer_with_integer_keys_fails_the_page(sim: SimCluster) -> None:
+    """keys [1000] became bytes(1000), a key of 1000 NULs, in the page (2**31: a 2 GiB key)."""
+    from protocol.frames import C_REQUEST, MDPC
+
+    assert sim.put(b"s1", b"v")["ok"]
+    sim.broker.on_client(b"c1", [MDPC, C_REQUEST, SERVICE, pack({"id": 77, "op": "scan", "prefix": b"s"})])
+    sim.broker.reads.end_turn()
+    token = next(iter(sim.broker.scans.tokens))
+    wid = sim.broker.scans.tokens[token].asked[token][0]
+    sim.broker.state.ready.workers.clear()  # the workers never see the request; one answers nonsense
+    sim.broker.scans.on_answer(wid, token, [pack({"ok": True, "keys": [1000], "versions": [1], "applied": [],
+                                                  "complete": True}), b"v"])
+    sim.settle()
+    got = sim.reply(b"c1", 77)
+    assert got is not None and got[0]["ok"] is False and got[0]["code"] == "INTERNAL", got
+
+
+@pytest.mark.parametrize("name", ["keys", "bytes", "total_keys", "total_bytes"])
+def test_a_snapshot_part_s_counters_must_be_integers(name: str) -> None:
+    from broker.worker_messages import decode_worker
+
+    with pytest.raises(ValueError, match=name):
+        decode_worker(W_SNAPSHOT_PART, [pack({"token": b"t", "part": 0, name: "3"})])
+
+
+@pytest.mark.parametrize("op", [["get"], {"a": 1}, 1.5, None])
+def test_an_op_of_any_type_is_answered(sim: SimCluster, op: Any) -> None:
+    """An op that is a list or a map raised TypeError (unhashable) in the decoder: no reply at all
+    (found by tests/integration/test_fuzz.py)."""
+    hdr, _ = sim.call(op, key=b"k")  # type: ignore[arg-type]
+    assert hdr["ok"] is False and hdr["code"] == "UNKNOWN_COMMAND", hdr

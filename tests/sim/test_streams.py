@@ -247,3 +247,29 @@ def test_a_client_abort_is_counted_and_final(sim) -> None:  # type: ignore[no-un
     hdr, _ = sim.call("put_chunk", [b"x" * 10], key=key, stream=stream, index=1)
     assert hdr["ok"] is False and hdr["code"] == "STREAM_INCOMPLETE", hdr
     assert sim.broker.status()["open_streams"] == 0
+
+
+def test_open_streams_are_capped_per_client_and_per_broker(sim: SimCluster) -> None:
+    """Every open stream holds staged chunks on each replica until its commit, abort or idle
+    timeout, and there was no cap on how many: now one per client connection and one per broker,
+    each refused with UNAVAILABLE (retryable: room comes back as streams end) before anything is
+    written."""
+    cfg = sim.broker.state.cfg
+    cfg.max_client_streams, cfg.max_streams = 2, 3
+
+    def first_chunk(client: bytes, n: int) -> dict:  # type: ignore[type-arg]
+        return sim.call("put_chunk", [b"x"], client=client, key=b"k%d" % n, stream=b"%016d" % n, index=0)[0]
+
+    assert first_chunk(b"c1", 1)["ok"] and first_chunk(b"c1", 2)["ok"]
+    hdr = first_chunk(b"c1", 3)
+    assert hdr["code"] == "UNAVAILABLE" and "--max-client-streams 2" in hdr["message"], hdr
+    more, _ = sim.call("put_chunk", [b"y"], client=b"c1", key=b"k1", stream=b"%016d" % 1, index=1)
+    assert more["ok"], more  # a stream already open takes more chunks
+    assert first_chunk(b"c2", 4)["ok"]
+    hdr = first_chunk(b"c2", 5)
+    assert hdr["code"] == "UNAVAILABLE" and "--max-streams 3" in hdr["message"], hdr
+    assert sim.broker.status()["open_streams"] == 3
+    hdr, _ = sim.call("put_abort", client=b"c1", key=b"k2", stream=b"%016d" % 2)
+    assert hdr["ok"], hdr
+    assert first_chunk(b"c2", 5)["ok"]  # room again
+    assert sim.put(b"plain", b"v")["ok"] and sim.get(b"plain") == b"v"

@@ -24,12 +24,17 @@ from worker.records import decode_record
 
 
 class RawPeer:
-    """A bare DEALER on the broker frontend: sends exactly the frames a test gives it."""
+    """A bare DEALER on the broker frontend: sends exactly the frames a test gives it. With
+    ``slow``, it takes next to nothing off the wire until it calls ``recv`` (a receive queue of one
+    message, a 4 KiB socket buffer): replies it does not read stay on the broker's side."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, slow: bool = False) -> None:
         self.ctx = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        if slow:
+            self.sock.setsockopt(zmq.RCVHWM, 1)
+            self.sock.setsockopt(zmq.RCVBUF, 4096)
         self.sock.connect(url)
 
     def close(self) -> None:
@@ -59,6 +64,14 @@ class RawPeer:
         reply = self.call(MDPC, C_REQUEST, SERVICE, pack(header), *(values or []), timeout=timeout)
         assert reply[:3] == [MDPC, C_FINAL, SERVICE], reply[:3]
         return unpack(reply[3]), reply[4:]
+
+
+def rss_anon(pid: int) -> int:
+    """A process's anonymous resident memory (heap, libzmq's queues), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no RssAnon for pid {pid}")
 
 
 def error_header(reply: list[bytes], service: bytes | None = SERVICE) -> dict[str, Any]:
