@@ -17,9 +17,7 @@ from pathlib import Path
 import pytest
 
 from protocol.curve import CREDENTIALS_ENV
-from tests.support.cluster import Cluster
-
-CURVE_ENV = "ZKV_TEST_CURVE"
+from tests.support.cluster import CURVE_ENV, Cluster
 
 
 @pytest.fixture

@@ -33,6 +33,7 @@ from protocol import curve
 
 ZKV: list[str] = [sys.executable, "-m", "client.cli"]
 """How a zkv process is started: ``ZKV + ["broker", ...]``."""
+CURVE_ENV = "ZKV_TEST_CURVE"  # "1": the test fixtures make every cluster with keys=True
 
 
 def free_port(host: str = "127.0.0.1") -> int:
