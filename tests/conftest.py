@@ -25,10 +25,11 @@ def cluster_factory(tmp_path: Path, request: pytest.FixtureRequest, monkeypatch:
     made: list[Cluster] = []
 
     def make(**kw) -> Cluster:  # type: ignore[no-untyped-def]
-        if os.environ.get(CURVE_ENV) == "1":
+        curve_run = os.environ.get(CURVE_ENV) == "1"
+        if curve_run:
             kw.setdefault("keys", True)
         c = Cluster(tmp_path / f"c{len(made)}", **kw)
-        if c.credentials is not None:
+        if curve_run and c.credentials is not None:
             monkeypatch.setenv(CREDENTIALS_ENV, str(c.credentials))  # for the tests' own Client()s
         made.append(c)
         return c

@@ -31,10 +31,11 @@ def fault_cluster(tmp_path: Path, request: pytest.FixtureRequest,
             labs.append(lab)  # registered before setup: a half-made lab is cleaned up too
             lab.setup()
             kw.setdefault("netns_workers", tuple(f"w{i}" for i in range(1, int(kw.get("workers", 3)) + 1)))
-        if os.environ.get(CURVE_ENV) == "1":
+        curve_run = os.environ.get(CURVE_ENV) == "1"
+        if curve_run:
             kw.setdefault("keys", True)
         c = FaultCluster(tmp_path / f"c{len(made)}", lab=lab, **kw)  # type: ignore[arg-type]
-        if c.credentials is not None:
+        if curve_run and c.credentials is not None:
             monkeypatch.setenv(CREDENTIALS_ENV, str(c.credentials))  # for the tests' own Client()s
         made.append(c)
         return c

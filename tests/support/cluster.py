@@ -131,6 +131,7 @@ class Cluster:
         (self.root / "logs").mkdir(parents=True, exist_ok=True)
         self.key_dir = self.root / "keys"
         self.credentials: Path | None = None  # the admin client's, when keys is set
+        self.env.pop(curve.CREDENTIALS_ENV, None)  # another cluster's, or the caller's
         if self.keys:
             self.credentials = curve.init(self.key_dir)
             self.env[curve.CREDENTIALS_ENV] = str(self.credentials)
