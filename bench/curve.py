@@ -6,7 +6,8 @@ Starts two clusters at once (bench/core.py's ``bench_cluster``: 1024 slots, RF=3
 workers, fsync), one plain and one with ``--keys`` (every socket CURVE: the client's, the
 workers' DEALERs and their replication SUBs), and runs the same ``zkv bench`` configurations
 against each in turn, alternating which goes first each round, so that both see the same
-machine. Prints the median rate, p50 latency and broker CPU per request of each, and the ratio.
+machine. Prints the median rate, p50 latency and broker CPU per request of each, the ratios, and
+the share of the machine other programs used meanwhile (on a shared machine, compare the CPU).
 Only one cluster is loaded at a time; the idle one costs a few heartbeats.
 """
 
@@ -42,17 +43,23 @@ CONFIGS = (
 def run(cfg: core.Config, cluster: Cluster, scale: float) -> dict[str, float]:
     """One ``zkv bench`` run against ``cluster`` (its credentials, if any, through its env)."""
     broker_pid = cluster.pids()["broker"]
+    pids = list(cluster.pids().values())
+    busy0, total0 = core.machine_jiffies()
+    ours0 = core.process_jiffies(pids) + core.children_jiffies()
     cpu0 = core.process_jiffies([broker_pid])
     proc = subprocess.run([*ZKV, *cfg.args(cluster.frontend, scale)], cwd=REPO, capture_output=True, text=True,
                           timeout=900, env=cluster.env)
     cpu1 = core.process_jiffies([broker_pid])
+    busy1, total1 = core.machine_jiffies()
+    ours1 = core.process_jiffies(pids) + core.children_jiffies()
     if proc.returncode not in (0, 1) or not proc.stdout.strip():
         raise RuntimeError(f"{cfg.name}: zkv bench failed ({proc.returncode}): {proc.stderr.strip()}")
     op = json.loads(proc.stdout)["ops"][cfg.test]
     tick_us = 1e6 / os.sysconf("SC_CLK_TCK")
     # Broker CPU over the whole run: a GET run's (untimed) prefill writes are in it, alike in both.
+    others = max(0.0, ((busy1 - busy0) - (ours1 - ours0)) / max(1, total1 - total0))
     return {"rate": op["ops_per_sec"], "p50": op["p50_ms"],
-            "broker_us": (cpu1 - cpu0) * tick_us / max(1, op["requests"])}
+            "broker_us": (cpu1 - cpu0) * tick_us / max(1, op["requests"]), "background": others}
 
 
 def main() -> int:
@@ -86,13 +93,14 @@ def table(results: dict[tuple[str, str], list[dict[str, float]]], rounds: int) -
     lines = [f"medians of {rounds} round(s); fsync on every worker commit; RF=3, W=2, 1024 slots; "
              f"{core.machine_facts()}", "",
              "| load | req/s plain | req/s CURVE | CURVE/plain | p50 ms plain | p50 ms CURVE "
-             "| broker CPU us/req plain | broker CPU us/req CURVE |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| broker CPU us/req plain | broker CPU us/req CURVE | CURVE/plain | background CPU |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for cfg in CONFIGS:
-        p = {k: med(cfg.name, "plain", k) for k in ("rate", "p50", "broker_us")}
-        c = {k: med(cfg.name, "curve", k) for k in ("rate", "p50", "broker_us")}
+        p = {k: med(cfg.name, "plain", k) for k in ("rate", "p50", "broker_us", "background")}
+        c = {k: med(cfg.name, "curve", k) for k in ("rate", "p50", "broker_us", "background")}
         lines.append(f"| {cfg.name} | {p['rate']:,.0f} | {c['rate']:,.0f} | {c['rate'] / p['rate']:.2f} "
-                     f"| {p['p50']:.2f} | {c['p50']:.2f} | {p['broker_us']:.0f} | {c['broker_us']:.0f} |")
+                     f"| {p['p50']:.2f} | {c['p50']:.2f} | {p['broker_us']:.0f} | {c['broker_us']:.0f} "
+                     f"| {c['broker_us'] / p['broker_us']:.2f} | {(p['background'] + c['background']) / 2:.0%} |")
     return "\n".join(lines)
 
 
