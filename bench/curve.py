@@ -7,8 +7,10 @@ workers, fsync), one plain and one with ``--keys`` (every socket CURVE: the clie
 workers' DEALERs and their replication SUBs), and runs the same ``zkv bench`` configurations
 against each in turn, alternating which goes first each round, so that both see the same
 machine. Prints the median rate, p50 latency and broker CPU per request of each, the ratios, and
-the share of the machine other programs used meanwhile (on a shared machine, compare the CPU).
-Only one cluster is loaded at a time; the idle one costs a few heartbeats.
+the share of the machine other programs used meanwhile; then the CPU time per request of each
+process for bench/hotspots.py's PUT and GET loads (c=200; the difference of two runs, so start-up
+and prefill cancel), the figure that stays put on a shared machine. Only one cluster is loaded at
+a time; the idle one costs a few heartbeats.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
 
 import core  # noqa: E402  (bench/core.py)
+import hotspots  # noqa: E402  (bench/hotspots.py)
 
 from tests.support.cluster import ZKV, Cluster  # noqa: E402
 
@@ -70,6 +73,7 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="zkv-bench-curve-"))
     clusters = {"plain": core.bench_cluster(root / "plain"), "curve": core.bench_cluster(root / "curve", keys=True)}
     results: dict[tuple[str, str], list[dict[str, float]]] = {}
+    cpu: dict[tuple[str, str], list[dict[str, float]]] = {}
     try:
         for c in clusters.values():
             c.start(timeout=60.0)
@@ -78,12 +82,33 @@ def main() -> int:
                 order = ["plain", "curve"] if r % 2 == 0 else ["curve", "plain"]
                 for name in order:
                     results.setdefault((cfg.name, name), []).append(run(cfg, clusters[name], opts.scale))
+            for load in ("put", "get"):
+                for name in (["plain", "curve"] if r % 2 == 0 else ["curve", "plain"]):
+                    per_req, _rate = hotspots.cpu_per_request(clusters[name], load, *hotspots.CPU_RUNS[load])
+                    workers = [v for k, v in per_req.items() if k.startswith("w")]
+                    cpu.setdefault((load, name), []).append(
+                        {"broker": per_req["broker"], "worker": statistics.mean(workers),
+                         "client": per_req["client"], "all": sum(per_req.values())})
     finally:
         for c in clusters.values():
             c.stop()
         shutil.rmtree(root, ignore_errors=True)
     print(table(results, opts.rounds))
+    print()
+    print(cpu_table(cpu))
     return 0
+
+
+def cpu_table(cpu: dict[tuple[str, str], list[dict[str, float]]]) -> str:
+    lines = ["CPU us per request (PUT: -c 200 -d 1024 --key-size 256; GET: -c 200 -d 100 -r 20000)", "",
+             "| load | process | plain | CURVE | CURVE/plain |", "|---|---|---:|---:|---:|"]
+    for load in ("put", "get"):
+        for proc in ("broker", "worker", "client", "all"):
+            p = statistics.median(x[proc] for x in cpu[(load, "plain")])
+            c = statistics.median(x[proc] for x in cpu[(load, "curve")])
+            label = "worker (each)" if proc == "worker" else proc
+            lines.append(f"| {load.upper()} | {label} | {p:.1f} | {c:.1f} | {c / p:.2f} |")
+    return "\n".join(lines)
 
 
 def table(results: dict[tuple[str, str], list[dict[str, float]]], rounds: int) -> str:
