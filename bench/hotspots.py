@@ -154,7 +154,7 @@ def _bench(cluster: Cluster, load: str, n: int, cwd: Path = REPO) -> tuple[dict[
     # load's, so it is left out (a tree from before has no --keep, and no clean-up)
     keep = ["--keep"] if _bench_has_keep(cwd) else []
     proc = subprocess.run([*core.ZKV, "bench", "--url", cluster.frontend, *args, *keep, "-P", "1", "--json"], cwd=cwd,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, env=cluster.env)  # (its credentials)
     ticks = {k: cpu_ticks(p) - t0[k] for k, p in pids.items()}
     ticks["client"] = core.children_jiffies() - c0
     return ticks, float(json.loads(proc.stdout)["ops"][load]["ops_per_sec"])

@@ -2,9 +2,15 @@
 
 The ``zkv`` group (client/cli/) loads this module only when the command is run. Every default is
 BrokerConfig's (broker/state.py), so there is one definition of each.
+
+Protected mode: without a key directory (``--keys``), anyone who reaches a port reads, writes and
+administers everything, so the broker listens on loopback only unless told ``--insecure``.
 """
 
 from __future__ import annotations
+
+import ipaddress
+from urllib.parse import urlsplit
 
 import click
 
@@ -21,6 +27,10 @@ D = BrokerConfig()
 @click.option("--backend", default=DEFAULT_BACKEND, show_default=True, help="Workers connect here.")
 @click.option("--replication", default=DEFAULT_REPLICATION, show_default=True,
               help="Replication PUB endpoint.")
+@click.option("--keys", default="", type=click.Path(file_okay=False),
+              help="Key directory (zkv keys init): CURVE encryption and authentication on every socket.")
+@click.option("--insecure", is_flag=True,
+              help="Without --keys, listen beyond loopback anyway (anyone who reaches a port may do anything).")
 @click.option("--slots", default=D.slots, show_default=True, help="Hash slots (fixed when the cluster forms).")
 @click.option("--rf", default=D.rf, show_default=True, help="Replicas per slot.")
 @click.option("-w", "--write-quorum", "w", default=D.w, show_default=True,
@@ -50,17 +60,26 @@ D = BrokerConfig()
 @click.option("--move-concurrency", default=D.move_concurrency, show_default=True, help="Slot moves in flight at once.")
 @click.option("--copy-rate", default=D.copy_rate // MIB, show_default=True,
               help="MiB/s of snapshot data relayed for moves and repairs (the throttle).")
-def broker(data: str, frontend: str, backend: str, replication: str, slots: int, rf: int, w: int,
+def broker(data: str, frontend: str, backend: str, replication: str, keys: str, insecure: bool, slots: int,
+           rf: int, w: int,
            heartbeat: float, request_timeout: float, max_value: int, max_stream: int, stream_idle: float,
            max_streams: int, max_client_streams: int, max_client_bytes: int, grace: float, initial_workers: int,
            auto_rebalance: bool, move_concurrency: int, copy_rate: int) -> None:
     """Run the broker (the master)."""
     from broker.server import BindError, BrokerEndpoints, BrokerServerConfig, run_broker
+    from protocol.curve import KeysError
 
     if not 1 <= w <= rf:
         raise click.BadParameter("need 1 <= W <= RF", param_hint="-w")
+    if not keys and not insecure:
+        for role, endpoint in (("frontend", frontend), ("backend", backend), ("replication", replication)):
+            if not loopback(endpoint):
+                raise click.ClickException(
+                    f"refusing to listen on {endpoint} ({role}) without --keys: anyone who reaches it could read, "
+                    "write and administer every key; give --keys DIR (zkv keys init DIR), a loopback address, "
+                    "or --insecure")
     cfg = BrokerServerConfig(
-        data_dir=data,
+        data_dir=data, keys=keys,
         endpoints=BrokerEndpoints(frontend, backend, replication),
         core=BrokerConfig(slots=slots, rf=rf, w=w, heartbeat=heartbeat, request_timeout=request_timeout,
                           max_value=max_value, max_stream=max_stream, stream_idle=stream_idle,
@@ -75,4 +94,24 @@ def broker(data: str, frontend: str, backend: str, replication: str, slots: int,
     except BindError as e:
         # One line, not a traceback: what is wrong and which option changes it.
         raise click.ClickException(f"{e}; choose another with --{e.role} (ZKV_BROKER_{e.role.upper()})") from None
+    except KeysError as e:
+        raise click.ClickException(f"--keys {keys}: {e}") from None
+
+
+def loopback(endpoint: str) -> bool:
+    """Is ``endpoint`` reachable from this machine only? ipc:// and inproc:// are; tcp:// is when
+    its host is an address in 127.0.0.0/8, ::1 or ``localhost`` (``*``, 0.0.0.0, a hostname or an
+    interface name may be reachable from elsewhere)."""
+    parts = urlsplit(endpoint)
+    if parts.scheme in ("ipc", "inproc"):
+        return True
+    host = parts.hostname or ""
+    if parts.scheme != "tcp" or not host:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 

@@ -52,6 +52,7 @@ from broker.recovery import Recovery
 from broker.replicas import Replicas
 from broker.replies import error
 from broker.requests import RequestTable
+from broker.roles import forbidden_message, needed_role, refuse_mmi
 from broker.scan import Scans
 from broker.state import BrokerConfig, BrokerState, Restored, Worker
 from broker.status import report
@@ -69,6 +70,7 @@ from broker.worker_messages import (
     decode_worker,
 )
 from broker.writes import DedupLookup, Writes
+from protocol.curve import role_includes
 from protocol.errors import ErrorCode
 from protocol.frames import (
     C_FINAL,
@@ -87,11 +89,15 @@ from protocol.frames import (
 log = structlog.get_logger("zkv.broker")
 
 Handler = Callable[[bytes, Any], Any]
+KeysReload = Callable[[], dict[str, Any]]
 
 
 class BrokerCore:
     def __init__(self, cfg: BrokerConfig, restored: Restored, epoch: int, clock: Callable[[], float],
-                 wall_ms: Callable[[], int], new_id: Callable[[], bytes], lookup_dedup: DedupLookup) -> None:
+                 wall_ms: Callable[[], int], new_id: Callable[[], bytes], lookup_dedup: DedupLookup,
+                 reload_keys: KeysReload | None = None) -> None:
+        """``reload_keys``: rereads the key directory (admin ``reload_keys``); None without one."""
+        self.reload_keys = reload_keys
         state = self.state = BrokerState(cfg, epoch, clock, wall_ms, new_id)
         state.restore(restored)
         self.limits = Limits(cfg.max_key, cfg.max_value, cfg.max_stream)
@@ -182,16 +188,30 @@ class BrokerCore:
                       len(self.streams.open))
 
     def admin(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        if cmd.get("cmd") == "reload_keys":
+            if self.reload_keys is None:
+                return {"ok": False, "message": "this broker runs without a key directory (--keys)"}
+            return self.reload_keys()
         return self.moves.admin(cmd)
 
     # -- messages in -----------------------------------------------------------------------------
 
-    def on_client(self, identity: bytes, frames: list[bytes]) -> None:
+    def on_client(self, identity: bytes, frames: list[bytes], role: str | None = None) -> None:
+        """``role``: the role of the key that sent the message ("" if it holds none any more);
+        None when the broker authenticates nobody (no key directory): everything is allowed."""
         state = self.state
         try:
             msg = decode_client(frames, self.limits)
         except Invalid as e:
             error(state, identity, e.rid, e.code, str(e), service=e.service)
+            return
+        if role is not None and not role_includes(role, needed_role(msg)):
+            message = forbidden_message(msg, role)
+            state.stats["rejected_requests"] += 1
+            if isinstance(msg, MmiRequest):
+                refuse_mmi(state.ready, identity, msg, message)
+            else:
+                error(state, identity, msg.rid, ErrorCode.FORBIDDEN, message)
             return
         try:
             if isinstance(msg, MmiRequest):
@@ -232,14 +252,17 @@ class BrokerCore:
             body = b"501"
         self.state.ready.reply(identity, [MDPC, C_FINAL, msg.service, body])
 
-    def on_worker(self, identity: bytes, frames: list[bytes]) -> None:
+    def on_worker(self, identity: bytes, frames: list[bytes], key_name: str | None = None) -> None:
+        """``key_name``: the worker id the sender's key is registered for ("" if revoked since
+        it connected); None when the broker authenticates nobody. A worker may speak only as
+        the id its key names."""
         state = self.state
         if len(frames) < 2 or frames[0] != MDPW:
             log.warning("bad_worker_message", frames=len(frames))
             return
         cmd, body = frames[1], frames[2:]
         if cmd == W_READY:
-            self.membership.on_ready(identity, body)
+            self.membership.on_ready(identity, body, key_name)
             return
         wid = state.by_identity.get(identity)
         if wid is None:
@@ -248,6 +271,10 @@ class BrokerCore:
                 state.ready.to_worker(identity, [W_DISCONNECT])
             return
         w = state.workers[wid]
+        if key_name is not None and key_name != wid:
+            log.error("worker_key_revoked", worker=wid)  # registered with this key, which is gone now
+            self.membership.refuse(w, "its key was revoked")
+            return
         self.membership.seen(w)
         try:
             msg = decode_worker(cmd, body)

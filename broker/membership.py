@@ -20,10 +20,11 @@ class Membership:
     def __init__(self, state: BrokerState) -> None:
         self.state = state
 
-    def on_ready(self, identity: bytes, body: list[bytes]) -> None:
-        """READY: a worker (re)registers, saying which data it holds and where each slot stands."""
+    def on_ready(self, identity: bytes, body: list[bytes], key_name: str | None = None) -> None:
+        """READY: a worker (re)registers, saying which data it holds and where each slot stands.
+        ``key_name``: the worker id its CURVE key is registered for (None: no keys in use)."""
         try:
-            self._register(identity, body)
+            self._register(identity, body, key_name)
         except Exception as e:
             log.warning("bad_ready", error=str(e))
             self._refuse_ready(identity)
@@ -37,12 +38,16 @@ class Membership:
         if wid is not None:
             self.lose(state.workers[wid], "its READY was refused")
 
-    def _register(self, identity: bytes, body: list[bytes]) -> None:
+    def _register(self, identity: bytes, body: list[bytes], key_name: str | None) -> None:
         """Everything is checked (decode_ready) before anything changes: a refused READY leaves
         no trace."""
         state = self.state
         reg = decode_ready(body)
         wid, data_id, process = reg.wid, reg.data_id, reg.process
+        if key_name is not None and key_name != wid:
+            log.error("worker_id_not_its_key_refused", worker=wid, key_of=key_name or "(revoked)")
+            state.ready.to_worker(identity, [W_DISCONNECT])
+            return
         w = state.workers.get(wid)
         if w is not None and w.alive and w.identity != identity and w.data_id != data_id:
             log.error("duplicate_worker_id_refused", worker=wid, detail="a live worker with this id holds other data")

@@ -3,6 +3,9 @@
 Each turn: take what is waiting on both ROUTERs, let ``BrokerCore`` decide, tick its timers,
 then carry out its Ready (broker/ready.py ``execute``: persist, publish, send to workers, answer
 clients). Only this module touches sockets, the clock and the broker's LMDB.
+
+With a key directory (``--keys``) every socket is a CURVE server (broker/zap.py); each message is
+handed to the core with who sent it: a client's role, a worker's registered id.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from broker.core import BrokerCore
 from broker.meta import MetaStore
 from broker.ready import execute
 from broker.state import TICK_SECONDS, BrokerConfig
+from broker.zap import BACKEND, FRONTEND, REPLICATION, Zap
 from protocol.limits import DEFAULT_BACKEND, DEFAULT_FRONTEND, DEFAULT_REPLICATION, MAX_CHUNK_BYTES
 from protocol.process import tune_gc
 from protocol.sockets import send_frames
@@ -45,6 +49,7 @@ class BrokerServerConfig:
     data_dir: str = "./data/broker"
     endpoints: BrokerEndpoints = field(default_factory=BrokerEndpoints)
     core: BrokerConfig = field(default_factory=BrokerConfig)
+    keys: str = ""  # a key directory (zkv keys init): CURVE on every socket; empty: no authentication
 
 
 class BindError(Exception):
@@ -61,15 +66,20 @@ class BrokerServer:
         # Bind first: a broker that cannot listen must stop before it bumps its epoch.
         self.ctx = zmq.Context()
         self.frontend = self.backend = self.pub = None  # type: ignore[assignment]
+        self.zap: Zap | None = None
         try:
-            self.frontend = self._router("frontend", cfg.endpoints.frontend)
+            # The ZAP handler first: a CURVE socket bound without one would accept every key.
+            self.zap = Zap(self.ctx, cfg.keys) if cfg.keys else None
+            self.frontend = self._router("frontend", cfg.endpoints.frontend, FRONTEND)
             # A value a little over the limit gets a clear error; a far larger one disconnects its
             # sender before the broker buffers it.
             self.frontend.setsockopt(zmq.MAXMSGSIZE, max(cfg.core.max_value, MAX_CHUNK_BYTES) + (1 << 20))
-            self.backend = self._router("backend", cfg.endpoints.backend)
+            self.backend = self._router("backend", cfg.endpoints.backend, BACKEND)
             self.pub = self.ctx.socket(zmq.PUB)
             self.pub.setsockopt(zmq.SNDHWM, 100_000)
             self.pub.setsockopt(zmq.LINGER, 0)
+            if self.zap is not None:
+                self.zap.secure(self.pub, REPLICATION)  # only registered workers may subscribe
             _bind(self.pub, "replication", cfg.endpoints.replication)
         except BaseException:
             self._close_sockets()
@@ -77,20 +87,26 @@ class BrokerServer:
         self.meta = MetaStore(os.path.join(cfg.data_dir))
         self.core = BrokerCore(cfg.core, self.meta.load(), self.meta.next_epoch(), clock=time.monotonic,
                                wall_ms=lambda: int(time.time() * 1000), new_id=lambda: uuid.uuid4().bytes,
-                               lookup_dedup=self.meta.lookup_dedup)
+                               lookup_dedup=self.meta.lookup_dedup,
+                               reload_keys=self.zap.reload if self.zap is not None else None)
         self.poller = zmq.Poller()
         self.poller.register(self.frontend, zmq.POLLIN)
         self.poller.register(self.backend, zmq.POLLIN)
+        if self.zap is not None:
+            self.poller.register(self.zap.sock, zmq.POLLIN)
         self.stopping = False
+        self.reload_requested = False
         self.dropped_replies = 0
         self.budget = ReplyBudget(cfg.core.max_client_bytes)
 
-    def _router(self, role: str, endpoint: str) -> zmq.Socket:
+    def _router(self, role: str, endpoint: str, domain: bytes) -> zmq.Socket:
         s = self.ctx.socket(zmq.ROUTER)
         s.setsockopt(zmq.ROUTER_MANDATORY, 1)
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.SNDHWM, 100_000)
         s.setsockopt(zmq.RCVHWM, 100_000)
+        if self.zap is not None:
+            self.zap.secure(s, domain)
         try:
             _bind(s, role, endpoint)
         except BaseException:
@@ -102,12 +118,15 @@ class BrokerServer:
         for s in (self.frontend, self.backend, self.pub):
             if s is not None:
                 s.close(linger=0)
+        if self.zap is not None:
+            self.zap.close()
         self.ctx.term()
 
     def run(self) -> None:
         tune_gc()
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGHUP, self._on_sighup)
         log.info("broker_listening", frontend=self.cfg.endpoints.frontend, backend=self.cfg.endpoints.backend,
                  replication=self.cfg.endpoints.replication, data=self.cfg.data_dir)
         last_tick = last_sync = last_prune = time.monotonic()
@@ -119,10 +138,16 @@ class BrokerServer:
                     if e.errno == zmq.EINTR:
                         continue
                     raise
+                if self.zap is not None:
+                    if self.reload_requested:
+                        self.reload_requested = False
+                        self.zap.reload()
+                    if self.zap.sock in events:
+                        self.zap.drain()
                 if self.backend in events:
-                    self._drain(self.backend, self.core.on_worker)
+                    self._drain(self.backend, self.core.on_worker, self._worker_sender)
                 if self.frontend in events:
-                    self._drain(self.frontend, self.core.on_client)
+                    self._drain(self.frontend, self.core.on_client, self._client_sender)
                 now = time.monotonic()
                 if now - last_tick >= TICK:
                     last_tick = now
@@ -140,18 +165,38 @@ class BrokerServer:
     def _on_signal(self, signum: int, frame: object) -> None:
         self.stopping = True
 
-    def _drain(self, sock: zmq.Socket, handle) -> None:  # type: ignore[no-untyped-def]
+    def _on_sighup(self, signum: int, frame: object) -> None:
+        if self.zap is None:
+            log.warning("sighup_ignored", reason="no key directory (--keys) to reload")
+        self.reload_requested = True  # reloaded by the loop, not in the signal handler
+
+    def _drain(self, sock: zmq.Socket, handle, sender) -> None:  # type: ignore[no-untyped-def]
         for _ in range(DRAIN_LIMIT):
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                if self.zap is None:
+                    frames, who = sock.recv_multipart(zmq.NOBLOCK), {}
+                else:
+                    frames, who = sender(sock)
             except zmq.Again:
                 return
             if len(frames) < 1:
                 continue
             try:
-                handle(frames[0], frames[1:])
+                handle(frames[0], frames[1:], **who)
             except Exception:  # one bad message must never stop the broker
                 log.exception("message_handling_failed")
+
+    def _client_sender(self, sock: zmq.Socket) -> tuple[list[bytes], dict[str, str]]:
+        """A client's message and its role now ("": its key was revoked since it connected)."""
+        frames, user = _recv_with_user_id(sock)
+        peer = self.zap.client(user) if self.zap is not None else None
+        return frames, {"role": peer.role if peer is not None else ""}
+
+    def _worker_sender(self, sock: zmq.Socket) -> tuple[list[bytes], dict[str, str]]:
+        """A worker's message and the worker id its key is registered for ("": revoked)."""
+        frames, user = _recv_with_user_id(sock)
+        peer = self.zap.worker(user) if self.zap is not None else None
+        return frames, {"key_name": peer.name if peer is not None else ""}
 
     def _execute(self) -> None:
         execute(self.core.ready(), self.meta, publish=lambda frames: send_frames(self.pub, frames),
@@ -197,6 +242,15 @@ class BrokerServer:
             self.meta.close()
             self._close_sockets()
             log.info("broker_stopped", epoch=self.core.state.epoch)
+
+
+def _recv_with_user_id(sock: zmq.Socket) -> tuple[list[bytes], bytes]:
+    """One message and the User-Id ZAP gave its connection (the peer's public key). Only the
+    first frame is taken as a zmq.Frame, to read the property; the rest as bytes."""
+    first = sock.recv(zmq.NOBLOCK, copy=False)
+    user = first.get("User-Id").encode()
+    rest = sock.recv_multipart() if first.more else []
+    return [first.bytes, *rest], user
 
 
 def _bind(sock: zmq.Socket, role: str, endpoint: str) -> None:

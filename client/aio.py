@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import time
 import uuid
 from collections import deque
@@ -17,10 +18,11 @@ import zmq.asyncio
 
 from client import programs
 from client.api import Build, Commands
-from client.client import broker_url, dealer
+from client.client import broker_url, client_credentials, dealer
 from client.commands import Call, OnPartial, Reply, StreamInfo, needs_size_check, oversize
 from client.retry import DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_TIMEOUT, Attempts
 from client.watch import WatchEvent, WatchSession
+from protocol.curve import Credentials
 from protocol.errors import ClientClosed
 from protocol.frames import C_FINAL, C_PARTIAL, C_REQUEST, MDPC, SERVICE, unpack
 
@@ -35,11 +37,15 @@ class AsyncClient(Commands):
         timeout: float = DEFAULT_TIMEOUT,
         attempt_timeout: float = DEFAULT_ATTEMPT_TIMEOUT,
         context: zmq.asyncio.Context | None = None,
+        credentials: str | os.PathLike[str] | Credentials | None = None,
     ) -> None:
         """``url``: the broker's frontend; by default ``$ZKV_URL``, else tcp://127.0.0.1:5555.
         ``timeout``: the most one call may take, retries included (seconds).
-        ``attempt_timeout``: how long one attempt waits for a reply before it is sent again."""
+        ``attempt_timeout``: how long one attempt waits for a reply before it is sent again.
+        ``credentials``: a client credentials file (``zkv keys add-client``) for a broker with
+        keys; by default ``$ZKV_CREDENTIALS``, else none."""
         self.url = broker_url(url)
+        self.credentials = client_credentials(credentials)
         self.timeout = timeout
         self.attempt_timeout = attempt_timeout
         self.client_id = uuid.uuid4().bytes
@@ -54,7 +60,7 @@ class AsyncClient(Commands):
     def _open(self) -> None:
         if self._sock is not None:
             self._sock.close(linger=0)
-        self._sock = dealer(self._ctx, self.url)
+        self._sock = dealer(self._ctx, self.url, self.credentials)
         if self._reader is not None:
             self._reader.cancel()
         self._reader = None
@@ -255,7 +261,7 @@ class AsyncWatchStream:
     def _reopen(self) -> None:
         if self._sock is not None:
             self._sock.close(linger=0)
-        self._sock = dealer(self._client._ctx, self._client.url)
+        self._sock = dealer(self._client._ctx, self._client.url, self._client.credentials)
 
     async def close(self) -> None:
         """Cancel the watch (best effort: the broker also drops it without keepalives)."""

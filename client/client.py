@@ -25,6 +25,7 @@ from client.commands import Call, OnPartial, Reply, StreamInfo, needs_size_check
 from client.retry import DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_TIMEOUT, Attempts
 from client.streams import ValueStream
 from client.watch import WatchEvent, WatchSession
+from protocol.curve import CREDENTIALS_ENV, Credentials, load_credentials
 from protocol.errors import ClientClosed
 from protocol.frames import C_FINAL, C_PARTIAL, C_REQUEST, MDPC, SERVICE, unpack
 from protocol.limits import DEFAULT_FRONTEND, URL_ENV
@@ -35,10 +36,22 @@ def broker_url(url: str | None) -> str:
     return url or os.environ.get(URL_ENV) or DEFAULT_FRONTEND
 
 
-def dealer(ctx: zmq.Context, url: str) -> zmq.Socket:
-    """A fresh DEALER connected to ``url`` (nothing an earlier socket queued reaches it)."""
+def client_credentials(credentials: str | os.PathLike[str] | Credentials | None) -> Credentials | None:
+    """``credentials`` (a credentials file made by ``zkv keys``, or loaded already), else the
+    file ``ZKV_CREDENTIALS`` names, else None: no CURVE (a broker without --keys)."""
+    if isinstance(credentials, Credentials):
+        return credentials
+    path = credentials or os.environ.get(CREDENTIALS_ENV)
+    return load_credentials(path) if path else None
+
+
+def dealer(ctx: zmq.Context, url: str, credentials: Credentials | None = None) -> zmq.Socket:
+    """A fresh DEALER connected to ``url`` (nothing an earlier socket queued reaches it), a
+    CURVE client of the broker with ``credentials``."""
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    if credentials is not None:
+        credentials.apply(sock)
     sock.connect(url)
     return sock
 
@@ -50,11 +63,15 @@ class Client(Commands):
         timeout: float = DEFAULT_TIMEOUT,
         attempt_timeout: float = DEFAULT_ATTEMPT_TIMEOUT,
         context: zmq.Context | None = None,
+        credentials: str | os.PathLike[str] | Credentials | None = None,
     ) -> None:
         """``url``: the broker's frontend; by default ``$ZKV_URL``, else tcp://127.0.0.1:5555.
         ``timeout``: the most one call may take, retries included (seconds).
-        ``attempt_timeout``: how long one attempt waits for a reply before it is sent again."""
+        ``attempt_timeout``: how long one attempt waits for a reply before it is sent again.
+        ``credentials``: a client credentials file (``zkv keys add-client``) for a broker with
+        keys; by default ``$ZKV_CREDENTIALS``, else none."""
         self.url = broker_url(url)
+        self.credentials = client_credentials(credentials)
         self.timeout = timeout
         self.attempt_timeout = attempt_timeout
         self.client_id = uuid.uuid4().bytes
@@ -66,7 +83,7 @@ class Client(Commands):
     def _open(self) -> None:
         if self._sock is not None:
             self._sock.close(linger=0)
-        self._sock = dealer(self._ctx, self.url)
+        self._sock = dealer(self._ctx, self.url, self.credentials)
 
     def close(self) -> None:
         if self._sock is not None:
@@ -292,7 +309,7 @@ class WatchStream:
     def _reopen(self) -> None:
         if self._sock is not None:
             self._sock.close(linger=0)
-        self._sock = dealer(self._client._ctx, self._client.url)
+        self._sock = dealer(self._client._ctx, self._client.url, self._client.credentials)
 
     def close(self) -> None:
         """Cancel the watch (best effort: the broker also drops it without keepalives)."""

@@ -24,7 +24,7 @@ from client import commands
 from client.commands import Call, Key, ScanItem, StreamInfo
 from client.retry import no_reply
 from client.streams import StreamPut, chunk_reads
-from protocol.errors import ValueChanged, ZkvError
+from protocol.errors import ValueChanged, ZkvError, error_from_reply
 from protocol.frames import MMI_ADMIN, MMI_SERVICE, MMI_STATUS, SERVICE, pack, unpack
 
 T = TypeVar("T")
@@ -189,7 +189,7 @@ def status(url: str, timeout: float) -> Program[dict[str, Any]]:
     reply = yield Mmi(MMI_STATUS, [], timeout)
     if reply is None:
         raise no_reply(url, timeout)
-    return unpack(reply[0])
+    return _mmi_answer(reply[0])
 
 
 def admin(url: str, timeout: float, cmd: str, worker: str | None, fields: dict[str, Any]) -> Program[dict[str, Any]]:
@@ -198,7 +198,15 @@ def admin(url: str, timeout: float, cmd: str, worker: str | None, fields: dict[s
     reply = yield Mmi(MMI_ADMIN, [pack({"cmd": cmd, "worker": worker, **fields})], timeout)
     if reply is None:
         raise no_reply(url, timeout)
-    return unpack(reply[0])
+    return _mmi_answer(reply[0])
+
+
+def _mmi_answer(body: bytes) -> dict[str, Any]:
+    """An MMI map; one with an error ``code`` (FORBIDDEN) is raised as that error."""
+    answer = unpack(body)
+    if isinstance(answer, dict) and "code" in answer and not answer.get("ok", True):
+        raise error_from_reply(str(answer["code"]), str(answer.get("message", "")))
+    return answer
 
 
 def service_available(wait: float) -> Program[bool]:

@@ -14,6 +14,7 @@ The tree is typed by fault, as redis-py's is (``ConnectionError``/``TimeoutError
         |                       checks a few things itself before sending and raises the same class)
         +-- InvalidRequest      -> UnknownCommand, KeyTooLarge, ValueTooLarge, StreamIncomplete
         +-- NotEnoughReplicas, Unavailable, ConditionFailed, KeyNotFound, ValueChanged, InternalError
+        +-- Forbidden           the client's key does not have the role the request needs
         +-- BrokerTimeout       the broker's request timeout expired (also a ZkvTimeout)
 
 ``ZkvTimeout`` (the outcome of a write is unknown) is caught as before for both kinds of timeout.
@@ -36,6 +37,7 @@ class ErrorCode(StrEnum):
     NOT_FOUND = "NOT_FOUND"  # the key does not exist (for calls that need one, like ttl)
     STREAM_INCOMPLETE = "STREAM_INCOMPLETE"  # a streamed value's commit found chunks missing: nothing written
     VALUE_CHANGED = "VALUE_CHANGED"  # a streamed value was replaced or deleted while being read
+    FORBIDDEN = "FORBIDDEN"  # the client's key lacks the role the request needs (or was revoked)
     INTERNAL = "INTERNAL"
 
 
@@ -163,6 +165,13 @@ class ValueChanged(ResponseError):
     code = ErrorCode.VALUE_CHANGED
 
 
+class Forbidden(ResponseError):
+    """The client's key does not have the role this request needs (read, write, admin), or it
+    was revoked; the message names the role needed. Not retryable: nothing was done."""
+
+    code = ErrorCode.FORBIDDEN
+
+
 class InternalError(ResponseError):
     code = ErrorCode.INTERNAL
 
@@ -181,6 +190,7 @@ _BY_CODE: dict[ErrorCode, type[ZkvError]] = {
         KeyNotFound,
         StreamIncomplete,
         ValueChanged,
+        Forbidden,
         InternalError,
     )
 }

@@ -2,24 +2,35 @@
 loopback, tests/support/cluster.py; every process killed afterwards, logs printed if the test
 failed) and ``cluster`` (a started 3-worker cluster). The report hook records each phase's
 outcome on the test item (``rep_call``) for those finalizers. Per-folder fixtures live in
-tests/sim/conftest.py (``sim``) and tests/faults/conftest.py (``fault_cluster``)."""
+tests/sim/conftest.py (``sim``) and tests/faults/conftest.py (``fault_cluster``).
+
+``ZKV_TEST_CURVE=1`` runs every cluster the factory makes with CURVE keys (``Cluster(keys=True)``)
+and points ZKV_CREDENTIALS at its admin client, so that a test module runs unchanged over CURVE:
+``ZKV_TEST_CURVE=1 python -m pytest tests/integration/test_cli_commands.py``."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support.cluster import Cluster
+from protocol.curve import CREDENTIALS_ENV
+from tests.support.cluster import CURVE_ENV, Cluster
 
 
 @pytest.fixture
-def cluster_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator:
+def cluster_factory(tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator:
     made: list[Cluster] = []
 
     def make(**kw) -> Cluster:  # type: ignore[no-untyped-def]
+        curve_run = os.environ.get(CURVE_ENV) == "1"
+        if curve_run:
+            kw.setdefault("keys", True)
         c = Cluster(tmp_path / f"c{len(made)}", **kw)
+        if curve_run and c.credentials is not None:
+            monkeypatch.setenv(CREDENTIALS_ENV, str(c.credentials))  # for the tests' own Client()s
         made.append(c)
         return c
 

@@ -11,6 +11,7 @@ import sys
 
 import click
 
+from protocol.curve import WORKER, KeysError, load_credentials
 from protocol.limits import DEFAULT_BACKEND, DEFAULT_REPLICATION
 from worker.lock import DataDirInUse, DataLock
 from worker.server import WorkerConfig, run_worker
@@ -22,6 +23,8 @@ from worker.server import WorkerConfig, run_worker
 @click.option("--broker", default=DEFAULT_BACKEND, show_default=True, help="Broker backend.")
 @click.option("--replication", default=DEFAULT_REPLICATION, show_default=True,
               help="Broker replication PUB.")
+@click.option("--credentials", default="", type=click.Path(dir_okay=False),
+              help="This worker's credentials file (zkv keys add-worker) for a broker with --keys.")
 @click.option("--heartbeat", default=WorkerConfig.heartbeat, show_default=True, help="Heartbeat interval, seconds.")
 @click.option("--map-size", default=WorkerConfig.map_size, show_default=True, help="LMDB map size, bytes.")
 @click.option("--supervise", is_flag=True,
@@ -29,11 +32,13 @@ from worker.server import WorkerConfig, run_worker
 @click.option("--test-drop-replication", default="", hidden=True,
               help="Test hook: drop replication messages (every=N or prob=P).")
 @click.option("--test-clock-skew-ms", default=0, hidden=True, help="Test hook: offset this worker's clock.")
-def worker(worker_id: str, data: str, broker: str, replication: str, heartbeat: float, map_size: int,
-           supervise: bool, test_drop_replication: str, test_clock_skew_ms: int) -> None:
+def worker(worker_id: str, data: str, broker: str, replication: str, credentials: str, heartbeat: float,
+           map_size: int, supervise: bool, test_drop_replication: str, test_clock_skew_ms: int) -> None:
     """Run a storage worker. Its data directory is locked: a second worker on it is refused."""
+    if credentials:
+        _check_credentials(credentials, worker_id)
     cfg = WorkerConfig(worker_id=worker_id, data_dir=data, broker=broker, replication=replication,
-                       heartbeat=heartbeat, map_size=map_size,
+                       heartbeat=heartbeat, map_size=map_size, credentials=credentials,
                        drop_replication=test_drop_replication, clock_skew_ms=test_clock_skew_ms)
     try:
         lock = DataLock(data)
@@ -46,3 +51,14 @@ def worker(worker_id: str, data: str, broker: str, replication: str, heartbeat: 
     from worker.supervise import Supervisor
 
     sys.exit(Supervisor(lambda: run_worker(cfg), lock).run())
+
+
+def _check_credentials(path: str, worker_id: str) -> None:
+    """Refuse at once, in one line, credentials the broker would refuse (another worker's, a client's)."""
+    try:
+        creds = load_credentials(path)
+    except KeysError as e:
+        raise click.ClickException(str(e)) from None
+    if creds.kind != WORKER or creds.name != worker_id:
+        raise click.ClickException(f"{path} holds the credentials of {creds.kind} {creds.name!r}, not of worker "
+                                   f"{worker_id!r}: the broker accepts a worker only with its own key")

@@ -1,7 +1,8 @@
 """The worker's socket loop: SUB for the replication stream, DEALER to the broker.
 
 One thread. Each turn: take everything waiting on both sockets, answer reads, commit the write
-batch (group commit: one transaction, one fsync), send one cumulative ACK, heartbeat.
+batch (group commit: one transaction, one fsync), send one cumulative ACK, heartbeat. With
+credentials (``--credentials``) both sockets are CURVE clients of the broker.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 import structlog
 import zmq
 
+from protocol.curve import load_credentials
 from protocol.frames import MDPW, W_DISCONNECT, W_HEARTBEAT, pack
 from protocol.limits import DEFAULT_BACKEND, DEFAULT_REPLICATION
 from protocol.process import tune_gc
@@ -39,6 +41,7 @@ class WorkerConfig:
     heartbeat: float = 1.0
     liveness: int = 3
     map_size: int = 1 << 36
+    credentials: str = ""  # a worker credentials file (zkv keys add-worker); empty: no CURVE
     # Test options, set only by tests; worker/faults.py turns them into hooks for the loop.
     drop_replication: str = ""
     clock_skew_ms: int = 0
@@ -63,7 +66,10 @@ class WorkerServer:
         self.core = WorkerCore(cfg.worker_id, self.store)
         self.replication_filter = replication_filter
         self.wall_ms = wall_ms
+        self.credentials = load_credentials(cfg.credentials) if cfg.credentials else None
         self.sub = self.ctx.socket(zmq.SUB)
+        if self.credentials is not None:
+            self.credentials.apply(self.sub)
         self.sub.setsockopt(zmq.RCVHWM, 0)  # queue at the subscriber rather than drop at the PUB
         self.sub.setsockopt(zmq.SNDHWM, 100_000)  # >1000 subscriptions resent on reconnect
         self.sub.setsockopt(zmq.LINGER, 0)
@@ -89,6 +95,8 @@ class WorkerServer:
         self.dealer.setsockopt(zmq.LINGER, 0)
         self.dealer.setsockopt(zmq.SNDHWM, 100_000)
         self.dealer.setsockopt(zmq.RCVHWM, 0)
+        if self.credentials is not None:
+            self.credentials.apply(self.dealer)
         self.dealer.connect(self.cfg.broker)
         self.poller.register(self.dealer, zmq.POLLIN)
         self.send(ready)

@@ -27,6 +27,7 @@ LAZY_COMMANDS = {
     "bench": "client.cli.bench:bench",
     "verify": "client.cli.verify:verify",
     "broker": "broker.cli:broker",
+    "keys": "client.cli.keys:keys",
     "restore": "client.cli.backup:restore",
     "worker": "worker.cli:worker",
 }
@@ -90,7 +91,7 @@ show_environment(main, "ZKV")
 
 for _command in (data.put, data.get, data.delete, multi.exists, multi.mget, multi.mset, multi.ttl, multi.expire,
                  listing.scan, listing.watch, cluster.status, cluster.drain, cluster.undrain, cluster.remove,
-                 cluster.rebalance, cluster.ping):
+                 cluster.rebalance, cluster.ping, cluster.reload_keys):
     main.add_command(_command)
 
 __all__ = ["main"]

@@ -47,7 +47,7 @@ from client.cli.bench_plan import (
     summarize,
     to_json,
 )
-from client.cli.common import url_option
+from client.cli.common import credentials, url_option
 
 PREFILL_WINDOW = 16  # MSET requests in flight per process while prefilling
 
@@ -72,7 +72,9 @@ def bench(url: str, clients: int, requests: int, data_size: int, key_size: int, 
           batch: int, procs: int, timeout: float, as_json: bool, prefix: str | None, keep: bool) -> None:
     """Benchmark a cluster in the manner of redis-benchmark. Its keys start with a prefix of
     its own and are deleted when it ends, unless --keep."""
-    run_cli(BenchConfig(url=url, clients=clients, requests=requests, data_size=data_size, key_size=key_size,
+    creds = credentials()
+    run_cli(BenchConfig(url=url, credentials=creds,
+                        clients=clients, requests=requests, data_size=data_size, key_size=key_size,
                         keyspace=keyspace, tests=tuple(t.strip() for t in tests.split(",") if t.strip()),
                         procs=procs, batch=batch, timeout=timeout, prefix=prefix or new_prefix(), keep=keep),
             as_json)
@@ -86,7 +88,7 @@ class Sync(Protocol):
 def run_process(cfg: BenchConfig, proc: int, sync: Sync, emit: Callable[[tuple[Any, ...]], None]) -> None:
     """Everything one client process does: each phase's prefill, the barrier, the timed run."""
     ctx = zmq.Context()
-    pipe = Pipeline(ctx, cfg.url, split(cfg.clients, cfg.procs, proc), cfg.timeout)
+    pipe = Pipeline(ctx, cfg.url, split(cfg.clients, cfg.procs, proc), cfg.timeout, cfg.credentials)
     try:
         pipe.wait_ready(cfg.url)
         work = Workload(cfg, proc)

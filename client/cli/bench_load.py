@@ -18,6 +18,7 @@ from typing import Any
 import zmq
 
 from client.cli.bench_plan import BATCH_OPS, BenchConfig, BenchError, make_key
+from protocol.curve import Credentials
 from protocol.frames import C_FINAL, C_REQUEST, MDPC, MMI_SERVICE, SERVICE, pack, unpack
 
 PREFILL_BATCH = 100  # keys per MSET request while prefilling
@@ -35,7 +36,8 @@ class Request:
 class Pipeline:
     """One DEALER socket with up to ``window`` requests in flight, matched to replies by ``id``."""
 
-    def __init__(self, ctx: zmq.Context, url: str, window: int, timeout: float) -> None:
+    def __init__(self, ctx: zmq.Context, url: str, window: int, timeout: float,
+                 credentials: Credentials | None = None) -> None:
         self.window = window
         self.timeout = timeout
         self.cid = uuid.uuid4().bytes
@@ -44,6 +46,8 @@ class Pipeline:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.SNDHWM, max(1000, 2 * window))
         self.sock.setsockopt(zmq.RCVHWM, max(1000, 2 * window))
+        if credentials is not None:
+            credentials.apply(self.sock)
         self.sock.connect(url)
 
     def close(self) -> None:

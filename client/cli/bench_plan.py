@@ -8,6 +8,7 @@ import json
 from array import array
 from dataclasses import asdict, dataclass, field
 
+from protocol.curve import Credentials
 from protocol.limits import DEFAULT_FRONTEND
 from protocol.limits import READ_OPS as PROTOCOL_READ_OPS
 
@@ -48,6 +49,7 @@ class BenchConfig:
     seed: int = 0
     prefix: str = KEY_PREFIX  # every key of the run starts with it
     keep: bool = False  # leave the run's keys behind (else they are deleted when it ends)
+    credentials: Credentials | None = None  # CURVE keys, for a broker with --keys
 
     def validate(self) -> None:
         if self.clients < 1 or self.requests < 1 or self.procs < 1 or self.batch < 1:
@@ -227,7 +229,9 @@ def format_table(summaries: list[OpSummary]) -> str:
 def to_json(cfg: BenchConfig, summaries: list[OpSummary]) -> str:
     total_errors = sum(s.errors for s in summaries)
     doc = {
-        "config": {**asdict(cfg), "tests": list(cfg.tests)},
+        # The credentials' name only: the JSON must never carry a secret key.
+        "config": {**asdict(cfg), "tests": list(cfg.tests),
+                   "credentials": cfg.credentials.name if cfg.credentials else None},
         "ops": {s.op: asdict(s) for s in summaries},
         "errors": total_errors,
         "ok": total_errors == 0,

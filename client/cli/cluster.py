@@ -1,4 +1,4 @@
-"""``zkv status``, ``drain``, ``undrain``, ``remove`` and ``rebalance``: operating a cluster."""
+"""``zkv status``, ``drain``, ``undrain``, ``remove``, ``rebalance`` and ``reload-keys``: operating a cluster."""
 
 from __future__ import annotations
 
@@ -8,10 +8,9 @@ from typing import Any
 
 import click
 
-from client.cli.common import NoBroker, ZkvCommandError, connect, timeout_option, url_option
-from client.probe import listening, mmi_service
+from client.cli.common import NoBroker, ZkvCommandError, connect, credentials, probe, timeout_option, url_option
+from client.probe import mmi_service
 from protocol.errors import ZkvError
-from protocol.limits import URL_ENV
 
 
 def _human_bytes(n: int) -> str:
@@ -176,6 +175,15 @@ def _slot_ranges(slots: list[int]) -> str:
     return text if len(text) < 80 else text[:77] + "..."
 
 
+@click.command("reload-keys")
+@url_option
+@timeout_option
+def reload_keys(url: str, timeout: float) -> None:
+    """Make the broker reread its key directory (as SIGHUP does): a revoked key is refused from
+    its next request on, a new one accepted. Needs the admin role."""
+    _admin(url, timeout, "reload_keys")
+
+
 # -- scan and watch ------------------------------------------------------------------------------
 
 
@@ -185,12 +193,12 @@ def _slot_ranges(slots: list[int]) -> str:
 @click.option("-c", "--count", default=1, show_default=True, help="Round trips, one a second.")
 def ping(url: str, timeout: float, count: int) -> None:
     """Time a round trip to the broker (mmi.service). Exit code 5 if no broker answers."""
-    if not listening(url, min(timeout, 1.0)):
-        raise NoBroker(f"no broker at {url}: is it running? ({URL_ENV}, --url)")
+    creds = credentials()
+    probe(url, min(timeout, 1.0), creds)
     for i in range(count):
         if i:
             time.sleep(1.0)
-        answer = mmi_service(url, timeout)
+        answer = mmi_service(url, timeout, credentials=creds)
         if answer is None:
             raise NoBroker(f"no reply from the broker at {url} within {timeout}s")
         took, serving = answer

@@ -1,6 +1,6 @@
-"""What the ``zkv`` client commands share: the broker URL and timeout options, the client they
-open (after making sure a broker is there), the TTL option's parser, and how a ``ZkvError``
-becomes an exit code."""
+"""What the ``zkv`` client commands share: the broker URL, credentials and timeout options, the
+client they open (after making sure a broker is there), the TTL option's parser, and how a
+``ZkvError`` becomes an exit code."""
 
 from __future__ import annotations
 
@@ -11,16 +11,19 @@ from typing import Any
 import click
 
 from client.client import Client
-from client.probe import listening
+from client.probe import CredentialsRefused, listening
 from client.retry import DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_TIMEOUT
+from protocol.curve import CREDENTIALS_ENV, Credentials, KeysError, load_credentials
 from protocol.errors import ErrorCode, Unavailable, ZkvError
 from protocol.limits import DEFAULT_FRONTEND, MAX_TTL_MS, URL_ENV
 
 # Exit codes: 1 generic failure, 2 usage (click), 3 not found, 4 not enough replicas,
-# 5 timeout or unavailable, 6 a compare-and-set whose condition did not hold, 130 interrupted.
+# 5 timeout or unavailable, 6 a compare-and-set whose condition did not hold, 7 forbidden (the
+# credentials' role does not allow it, or the broker refused the key), 130 interrupted.
 EXIT_NOT_FOUND = 3
 EXIT_CODES = {ErrorCode.NOT_ENOUGH_REPLICAS: 4, ErrorCode.TIMEOUT: 5, ErrorCode.UNAVAILABLE: 5,
-              ErrorCode.CONDITION_FAILED: 6}
+              ErrorCode.CONDITION_FAILED: 6, ErrorCode.FORBIDDEN: 7}
+CREDENTIALS_META = "zkv.credentials"  # where --credentials keeps its value (click's ctx.meta)
 
 
 class ZkvCommandError(click.ClickException):
@@ -33,14 +36,30 @@ class NoBroker(click.ClickException):
     exit_code = EXIT_CODES[ErrorCode.UNAVAILABLE]
 
 
+class KeyRefused(click.ClickException):
+    exit_code = EXIT_CODES[ErrorCode.FORBIDDEN]
+
+
+def credentials() -> Credentials | None:
+    """The credentials the running command was given (--credentials, ZKV_CREDENTIALS), loaded."""
+    ctx = click.get_current_context(silent=True)
+    path = ctx.find_root().meta.get(CREDENTIALS_META) if ctx is not None else None
+    if not path:
+        return None
+    try:
+        return load_credentials(path)
+    except KeysError as e:
+        raise click.ClickException(str(e)) from None
+
+
 def connect(url: str, timeout: float, need_cluster: bool = True) -> Client:
     """A client of the broker at ``url``; fails within about a second if no broker listens there
     (a request would wait for its whole timeout) and, with ``need_cluster``, at once if the
     broker's cluster has not formed (the client would resend the broker's UNAVAILABLE until
     ``timeout``). Commands that work before the cluster forms (status, admin) pass False."""
-    if not listening(url, min(timeout, 1.0)):
-        raise NoBroker(f"no broker at {url}: is it running? ({URL_ENV}, --url)")
-    client = Client(url, timeout=timeout, attempt_timeout=min(timeout, DEFAULT_ATTEMPT_TIMEOUT))
+    creds = credentials()
+    probe(url, min(timeout, 1.0), creds)
+    client = Client(url, timeout=timeout, attempt_timeout=min(timeout, DEFAULT_ATTEMPT_TIMEOUT), credentials=creds)
     if need_cluster:
         try:
             _require_cluster(client)
@@ -48,6 +67,17 @@ def connect(url: str, timeout: float, need_cluster: bool = True) -> Client:
             client.close()
             raise
     return client
+
+
+def probe(url: str, wait: float, creds: Credentials | None) -> None:
+    """Fail at once, in one line, if no broker listens at ``url`` or it refuses ``creds``."""
+    try:
+        there = listening(url, wait, credentials=creds)
+    except CredentialsRefused as e:
+        who = "these credentials" if creds else "a client without credentials"
+        raise KeyRefused(f"the broker at {url} refused {who} ({e}): {CREDENTIALS_ENV}, --credentials") from None
+    if not there:
+        raise NoBroker(f"no broker at {url}: is it running? ({URL_ENV}, --url)")
 
 
 def _require_cluster(client: Client) -> None:
@@ -66,8 +96,24 @@ def _require_cluster(client: Client) -> None:
     # itself says why, after the client's retries.
 
 
-url_option: Callable[[Any], Any] = click.option(
+_url_option: Callable[[Any], Any] = click.option(
     "--url", default=DEFAULT_FRONTEND, show_default=True, envvar=URL_ENV, help="Broker frontend.")
+
+
+def _keep_credentials(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    ctx.find_root().meta[CREDENTIALS_META] = value
+    return value
+
+
+_credentials_option: Callable[[Any], Any] = click.option(
+    "--credentials", envvar=CREDENTIALS_ENV, type=click.Path(dir_okay=False), expose_value=False,
+    callback=_keep_credentials, help="Client credentials file (zkv keys add-client) for a broker with --keys.")
+
+
+def url_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--url and --credentials: where the broker is and who connects (``credentials()``)."""
+    return _url_option(_credentials_option(f))
+
 timeout_option: Callable[[Any], Any] = click.option(
     "--timeout", default=DEFAULT_TIMEOUT, show_default=True, help="Seconds, retries included.")
 

@@ -8,6 +8,7 @@ The keys are fresh (``verify:<run id>:<n>``, so every key starts absent) and del
 
 from __future__ import annotations
 
+import functools
 import secrets
 import time
 from collections import Counter
@@ -15,7 +16,8 @@ from pathlib import Path
 
 import click
 
-from client.cli.common import connect, url_option
+from client import Client
+from client.cli.common import connect, credentials, url_option
 from client.cli.linearizability import CheckResult, Op, check_history, lost_writes
 from client.cli.workload import Workload, WorkloadConfig, dump_history, load_history, summarize
 from protocol.errors import ZkvError
@@ -54,7 +56,7 @@ def verify(url: str, duration: float, clients: int, keys: int, seed: int, histor
     cfg = WorkloadConfig(clients=clients, keys=keys, duration=duration, max_ops=10**9, mix=MIX,
                          timeout=op_timeout, attempt_timeout=min(1.5, op_timeout),
                          key_prefix=f"verify:{secrets.token_hex(4)}:")
-    wl = Workload(url, cfg, seed)
+    wl = Workload(url, cfg, seed, client_factory=functools.partial(Client, credentials=credentials()))
     click.echo(f"running {clients} clients on {keys} keys ({cfg.key_prefix}*) for {duration:g} s, seed {seed}")
     started = time.monotonic()
     with wl:

@@ -9,6 +9,10 @@ The defaults suit tests (64 slots, 0.3 s heartbeats, 3 s request timeout, 1 GiB 
 bench/core.py's ``bench_cluster`` passes ``None`` for the heartbeat, the request timeout and the
 map size (the product's defaults: the flag is not passed), 1024 slots and ``cwd`` = the repository;
 bench/whatif.py starts the processes through a wrapper with ``command``.
+
+``keys=True`` runs the cluster with CURVE: a key directory in ``root/keys`` (``zkv keys``), the
+broker with ``--keys``, each worker with its own credentials (registered when first started), and
+every client, the library's and the CLI's (``zkv``, through ZKV_CREDENTIALS), as the admin client.
 """
 
 from __future__ import annotations
@@ -25,9 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from client import Client
+from protocol import curve
 
 ZKV: list[str] = [sys.executable, "-m", "client.cli"]
 """How a zkv process is started: ``ZKV + ["broker", ...]``."""
+CURVE_ENV = "ZKV_TEST_CURVE"  # "1": the test fixtures make every cluster with keys=True
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -113,6 +119,7 @@ class Cluster:
     map_size: int | None = 1 << 30  # workers' --map-size; None: the worker's default
     command: list[str] = field(default_factory=lambda: list(ZKV))  # how each process is started
     cwd: Path | None = None  # of every process started; None: this process's
+    keys: bool = False  # CURVE on every socket (see the module's docstring)
 
     def __post_init__(self) -> None:
         self.frontend = f"tcp://{self.host}:{free_port(self.host)}"
@@ -122,6 +129,21 @@ class Cluster:
         self.procs: dict[str, Proc] = {}
         self.clients: list[Client] = []
         (self.root / "logs").mkdir(parents=True, exist_ok=True)
+        self.key_dir = self.root / "keys"
+        self.credentials: Path | None = None  # the admin client's, when keys is set
+        self.env.pop(curve.CREDENTIALS_ENV, None)  # another cluster's, or the caller's
+        if self.keys:
+            self.credentials = curve.init(self.key_dir)
+            self.env[curve.CREDENTIALS_ENV] = str(self.credentials)
+
+    def add_client_key(self, name: str, role: str) -> Path:
+        """Register a client with ``role``; its credentials file."""
+        return curve.add(self.key_dir, curve.CLIENT, name, role)
+
+    def worker_credentials(self, wid: str) -> Path:
+        """Worker ``wid``'s credentials file, registering it first if it is not yet."""
+        path = self.key_dir / "workers" / f"{wid}.key"
+        return path if path.exists() else curve.add(self.key_dir, curve.WORKER, wid)
 
     # -- processes ------------------------------------------------------------------------------
 
@@ -130,7 +152,7 @@ class Cluster:
                 "--backend", self.backend, "--replication", self.replication, "--slots", str(self.slots),
                 "--rf", str(self.rf), "-w", str(self.w),
                 *self._flag("--heartbeat", self.heartbeat), *self._flag("--request-timeout", self.request_timeout),
-                *self.broker_args]
+                *(["--keys", str(self.key_dir)] if self.keys else []), *self.broker_args]
         p = self.procs.get("broker") or Proc("broker", args, self.root / "logs" / "broker.log", self.env,
                                              command=self.command, cwd=self.cwd)
         p.args = args
@@ -147,6 +169,8 @@ class Cluster:
         args = ["worker", "--id", wid, "--data", str(data or self.worker_dir(wid)), "--broker", self.backend,
                 "--replication", self.replication, *self._flag("--heartbeat", self.heartbeat),
                 *self._flag("--map-size", self.map_size), *(extra or [])]
+        if self.keys and "--credentials" not in args:
+            args += ["--credentials", str(self.worker_credentials(wid))]
         name = name or wid
         p = Proc(name, args, self.root / "logs" / f"{name}.log", self.env, command=self.command, cwd=self.cwd)
         self.procs[name] = p
@@ -175,12 +199,13 @@ class Cluster:
         kw.setdefault("timeout", 15.0)
         if self.request_timeout is not None:
             kw.setdefault("attempt_timeout", self.request_timeout + 1.0)
+        kw.setdefault("credentials", self.credentials)
         c = Client(self.frontend, **kw)
         self.clients.append(c)
         return c
 
     def status(self) -> dict[str, Any]:
-        with Client(self.frontend, timeout=5.0) as c:
+        with Client(self.frontend, timeout=5.0, credentials=self.credentials) as c:
             return c.status()
 
     def alive_workers(self) -> set[str]:

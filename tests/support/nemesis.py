@@ -86,6 +86,10 @@ class FaultCluster(Cluster):
             assert addr, "NetLab.setup() first"
             self.backend = f"tcp://{addr}:{free_port(addr)}"
             self.replication = f"tcp://{addr}:{free_port(addr)}"
+            if not self.keys:
+                # The lab's address is a veth private to this host, but not loopback: without
+                # keys the broker would refuse it (protected mode).
+                self.broker_args = [*self.broker_args, "--insecure"]
             for wid in self.netns_workers:
                 if wid not in self.lab.hosts:
                     self.lab.add_host(wid)
@@ -115,6 +119,8 @@ class FaultCluster(Cluster):
         args = ["worker", "--id", wid, "--data", str(data or self.worker_dir(wid)), "--broker", self.backend,
                 "--replication", self.replication, "--heartbeat", str(self.heartbeat),
                 "--map-size", str(1 << 30), *extra]
+        if self.keys and "--credentials" not in args:
+            args += ["--credentials", str(self.worker_credentials(wid))]
         p = NetnsProc(wid, args, self.root / "logs" / f"{wid}.log", self.env, netns=self.lab.hosts[wid].name)
         self.procs[wid] = p
         p.start()
@@ -123,7 +129,7 @@ class FaultCluster(Cluster):
     def quick_status(self, timeout: float = 1.0) -> dict[str, Any] | None:
         """The broker's status, or None if it does not answer within ``timeout``."""
         try:
-            with Client(self.frontend, timeout=timeout) as c:
+            with Client(self.frontend, timeout=timeout, credentials=self.credentials) as c:
                 return c.status()
         except Exception:  # noqa: BLE001 - a broker that is down or restarting
             return None
