@@ -14,6 +14,7 @@ import lmdb
 import zmq
 
 from client import Client
+from client.client import client_credentials, dealer
 from protocol.errors import ZkvError
 from protocol.frames import C_FINAL, C_REQUEST, MDPC, SERVICE, pack, unpack
 from protocol.replication import slot_for_key
@@ -24,13 +25,12 @@ from worker.records import decode_record
 
 
 class RawPeer:
-    """A bare DEALER on the broker frontend: sends exactly the frames a test gives it."""
+    """A bare DEALER on the broker frontend: sends exactly the frames a test gives it (with the
+    ZKV_CREDENTIALS keys when set, as in a ZKV_TEST_CURVE run)."""
 
     def __init__(self, url: str) -> None:
         self.ctx = zmq.Context.instance()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(url)
+        self.sock = dealer(self.ctx, url, client_credentials(None))
 
     def close(self) -> None:
         self.sock.close(linger=0)
