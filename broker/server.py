@@ -129,6 +129,8 @@ class BrokerServer:
         signal.signal(signal.SIGHUP, self._on_sighup)
         log.info("broker_listening", frontend=self.cfg.endpoints.frontend, backend=self.cfg.endpoints.backend,
                  replication=self.cfg.endpoints.replication, data=self.cfg.data_dir)
+        if self.zap is not None:
+            log.info("curve_on", **self.zap.describe())
         last_tick = last_sync = last_prune = time.monotonic()
         try:
             while not self.stopping:

@@ -43,7 +43,11 @@ class Zap:
         self.refused_logged: dict[tuple[bytes, bytes], float] = {}
         self.refused = 0
         self.last_miss_reload = 0.0
-        log.info("curve_on", keys=str(self.directory), workers=len(self.keys.workers), clients=len(self.keys.clients))
+
+    def describe(self) -> dict[str, object]:
+        """For the broker's start-up line (logged once it listens: a broker that cannot bind says
+        only that)."""
+        return {"keys": str(self.directory), "workers": len(self.keys.workers), "clients": len(self.keys.clients)}
 
     def secure(self, sock: zmq.Socket, domain: bytes) -> None:
         """Make ``sock`` (before it binds) a CURVE server authenticated here in ``domain``."""

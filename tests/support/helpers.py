@@ -14,6 +14,7 @@ import lmdb
 import zmq
 
 from client import Client
+from client.client import client_credentials
 from protocol.errors import ZkvError
 from protocol.frames import C_FINAL, C_REQUEST, MDPC, SERVICE, pack, unpack
 from protocol.replication import slot_for_key
@@ -24,9 +25,10 @@ from worker.records import decode_record
 
 
 class RawPeer:
-    """A bare DEALER on the broker frontend: sends exactly the frames a test gives it. With
-    ``slow``, it takes next to nothing off the wire until it calls ``recv`` (a receive queue of one
-    message, a 4 KiB socket buffer): replies it does not read stay on the broker's side."""
+    """A bare DEALER on the broker frontend: sends exactly the frames a test gives it (with the
+    ZKV_CREDENTIALS keys when set, as in a ZKV_TEST_CURVE run). With ``slow``, it takes next to
+    nothing off the wire until it calls ``recv`` (a receive queue of one message, a 4 KiB socket
+    buffer): replies it does not read stay on the broker's side."""
 
     def __init__(self, url: str, slow: bool = False) -> None:
         self.ctx = zmq.Context.instance()
@@ -35,6 +37,9 @@ class RawPeer:
         if slow:
             self.sock.setsockopt(zmq.RCVHWM, 1)
             self.sock.setsockopt(zmq.RCVBUF, 4096)
+        credentials = client_credentials(None)
+        if credentials is not None:
+            credentials.apply(self.sock)
         self.sock.connect(url)
 
     def close(self) -> None:
