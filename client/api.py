@@ -10,6 +10,7 @@ tests/test_client_surface.py fails if one of them grows a method or a parameter 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, BinaryIO, TypeVar, Union
 
@@ -24,32 +25,32 @@ Result = Union[T, Awaitable[T]]  # noqa: UP007 (a generic alias: ``T | Awaitable
 Build = Callable[..., Call | programs.Program[Any]]
 
 
-class Commands:
+class Commands(ABC):
     """Mixin: every command of the zkv client. The driver provides ``url``, ``timeout`` and the
-    four methods below; everything else is here."""
+    four abstract methods below; everything else is here."""
 
     url: str
     timeout: float
 
     # -- what a driver provides --------------------------------------------------------------------
 
+    @abstractmethod
     def _execute(self, build: Build, *args: Any) -> Any:
         """Run ``build(*args)`` (a Call or a program) and give its result (Client) or an awaitable of
         it (AsyncClient). ``build`` is called inside the run, so that AsyncClient raises bad input
         when the call is awaited, as an ``async def`` would."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _iterate(self, program: programs.Program[None]) -> Any:
         """An iterator (Client) or async iterator (AsyncClient) of the program's ``Out`` items."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _open_stream(self, info: StreamInfo, chunks: programs.Program[None]) -> Any:
         """The driver's value stream (ValueStream, AsyncValueStream) over a program of chunks."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _watch_stream(self, session: WatchSession) -> Any:
         """The driver's watch stream (WatchStream, AsyncWatchStream) running ``session``."""
-        raise NotImplementedError
 
     # -- keys ----------------------------------------------------------------------------------------
 
