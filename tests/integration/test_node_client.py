@@ -3,7 +3,9 @@
 The JavaScript client lives in tests/integration/node/ (client.mjs and package.json: npm packages ``zeromq`` v6
 and ``@msgpack/msgpack``). The test installs them with npm into a folder of its own, runs the
 script's scenario against the cluster, checks the JSON it prints, and cross-checks the data with
-the Python client in both directions.
+the Python client in both directions. Over CURVE (docs/protocol.md §1.12) the same client connects
+with a credentials file (ZKV_CREDENTIALS), each role is refused what it may not do, and a client
+without keys gets no connection.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from protocol import curve
+from protocol.curve import CREDENTIALS_ENV
 from tests.support.cluster import Cluster
 from tests.support.requirements import missing
 
@@ -26,11 +30,11 @@ NPM_INSTALL_TIMEOUT = 240  # s
 SCENARIO_TIMEOUT = 120  # s
 
 
-@pytest.fixture
-def node_dir(tmp_path: Path) -> Path:
-    """The Node client copied into a folder of its own, with ``npm install`` run there. Requested before
-    ``cluster``, so a machine without Node skips before any process starts."""
-    workdir = tmp_path / "node"
+@pytest.fixture(scope="module")
+def node_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The Node client copied into a folder of its own, with ``npm install`` run there (once for the
+    module). Requested before ``cluster``, so a machine without Node skips before any process starts."""
+    workdir = tmp_path_factory.mktemp("node")
     npm, node = shutil.which("npm"), shutil.which("node")
     if npm is None or node is None:
         missing(f"Node.js is not installed (node: {node}, npm: {npm}); the Node client test needs both")
@@ -52,8 +56,74 @@ def node_dir(tmp_path: Path) -> Path:
     return workdir
 
 
+def run_node(node_dir: Path, args: list[str], credentials: Path | None) -> dict:
+    """Run ``node client.mjs ARGS`` with ZKV_CREDENTIALS set to ``credentials`` (or unset); the JSON
+    object it printed last."""
+    env = {k: v for k, v in os.environ.items() if k != CREDENTIALS_ENV}
+    if credentials is not None:
+        env[CREDENTIALS_ENV] = str(credentials)
+    try:
+        run = subprocess.run([shutil.which("node") or "node", "client.mjs", *args], cwd=node_dir, env=env,
+                             capture_output=True, text=True, timeout=SCENARIO_TIMEOUT)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"the Node scenario did not finish in {SCENARIO_TIMEOUT}s: {e.stdout} {e.stderr}")
+    assert run.returncode == 0, f"node failed ({run.returncode}):\n{run.stdout}\n{run.stderr}"
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.timeout(300)
 def test_node_client_follows_the_protocol_doc(node_dir: Path, cluster: Cluster) -> None:
+    check_protocol_scenario(node_dir, cluster, cluster.credentials)
+
+
+@pytest.mark.timeout(300)
+def test_node_client_over_curve(node_dir: Path, cluster_factory) -> None:  # type: ignore[no-untyped-def]
+    cluster = cluster_factory(keys=True).start()
+    # The whole scenario with a write client's credentials file, as a user would connect.
+    check_protocol_scenario(node_dir, cluster, cluster.add_client_key("node-writer", "write"))
+
+    cluster.client().put(b"node-roles/readable", b"for every role")
+    readable = b"for every role".hex()
+    roles = ["--roles", cluster.frontend, "node-roles"]
+    reader = run_node(node_dir, roles, cluster.add_client_key("node-reader", "read"))
+    assert reader["role"] == "read"
+    assert reader["get"] == {"ok": True, "result": readable}
+    assert reader["put"]["ok"] is False and reader["put"]["code"] == "FORBIDDEN"
+    assert "write" in reader["put"]["message"], reader["put"]  # names the role needed
+    assert reader["mmi_admin"]["ok"] is False and reader["mmi_admin"]["code"] == "FORBIDDEN"
+
+    writer = run_node(node_dir, roles, cluster.add_client_key("node-w2", "write"))
+    assert writer["get"] == {"ok": True, "result": readable}
+    assert writer["put"]["ok"] is True
+    assert writer["mmi_admin"]["ok"] is False and writer["mmi_admin"]["code"] == "FORBIDDEN"
+    assert "admin" in writer["mmi_admin"]["message"], writer["mmi_admin"]
+
+    # No credentials: the handshake fails, so nothing is answered, not even a refusal.
+    stranger = run_node(node_dir, roles, None)
+    assert stranger["role"] is None
+    assert stranger["get"]["ok"] is False and stranger["get"]["code"] == "TIMEOUT"
+    assert stranger["put"]["ok"] is False and stranger["put"]["code"] == "TIMEOUT"
+    assert stranger["mmi_admin"] is None
+
+    # A key pair the broker does not know, with the right broker key: refused at the handshake too.
+    forged = cluster.root / "forged.key"
+    other = curve.init(cluster.root / "other-keys")  # an admin of another cluster
+    assert cluster.credentials is not None
+    theirs, ours = (curve.load_credentials(p).broker_public.decode() for p in (other, cluster.credentials))
+    forged.write_text(other.read_text().replace(theirs, ours))
+    impostor = run_node(node_dir, roles, forged)
+    assert impostor["role"] == "admin"
+    assert impostor["get"]["code"] == "TIMEOUT" and impostor["put"]["code"] == "TIMEOUT"
+    assert impostor["mmi_admin"] is None
+
+    py = cluster.client()
+    assert py.get(b"node-roles/by-read") is None  # the refused write changed nothing
+    assert py.get(b"node-roles/by-write") is not None
+    assert py.get(b"node-roles/by-admin") is None
+
+
+def check_protocol_scenario(node_dir: Path, cluster: Cluster, credentials: Path | None) -> None:
+    """The whole protocol scenario from Node, connecting with ``credentials`` (None: in clear)."""
     # Written by Python, read by Node.
     py = cluster.client()
     py_key = b"node-test/from-python/\x00\xff"
@@ -63,13 +133,7 @@ def test_node_client_follows_the_protocol_doc(node_dir: Path, cluster: Cluster) 
     py.put_stream(b"node-test/py-streamed", io.BytesIO(py_streamed), chunk_size=256 * 1024)
 
     prefix = "node-test"
-    try:
-        run = subprocess.run([shutil.which("node") or "node", "client.mjs", cluster.frontend, prefix, py_key.hex()],
-                             cwd=node_dir, capture_output=True, text=True, timeout=SCENARIO_TIMEOUT)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"the Node scenario did not finish in {SCENARIO_TIMEOUT}s: {e.stdout} {e.stderr}")
-    assert run.returncode == 0, f"node failed ({run.returncode}):\n{run.stdout}\n{run.stderr}"
-    out = json.loads(run.stdout.strip().splitlines()[-1])
+    out = run_node(node_dir, [cluster.frontend, prefix, py_key.hex()], credentials)
 
     # MMI
     assert out["mmi_service"] == "200"

@@ -2,9 +2,12 @@
 //
 // As a library: `import { ZkvClient } from "./client.mjs"`.
 // As a script:  `node client.mjs <frontend-url> <key-prefix> <python-key-hex>` runs a scenario against a
-// live cluster and prints one JSON object on stdout (tests/integration/test_node_client.py checks it).
+// live cluster and prints one JSON object on stdout (tests/integration/test_node_client.py checks it);
+// `node client.mjs --roles <frontend-url> <key-prefix>` checks what the credentials' role may do (§1.12).
+// With ZKV_CREDENTIALS set to a credentials file (`zkv keys add-client`), both connect over CURVE.
 
 import { createHash, randomBytes } from "node:crypto";
+import { readFileSync } from "node:fs";
 import { pathToFileURL } from "node:url";
 
 import { decode, encode } from "@msgpack/msgpack";
@@ -28,13 +31,30 @@ export class ZkvError extends Error {
   }
 }
 
+// §1.12: a credentials file is a ZeroMQ certificate; its keys are 40-character Z85 text in lines
+// `name = "value"`. Returns the three socket options a CURVE client sets before it connects.
+export function loadCredentials(path) {
+  const fields = {};
+  for (const line of readFileSync(path, "utf8").split("\n")) {
+    const m = /^\s*([A-Za-z0-9_-]+)\s*=\s*"([^"]*)"\s*$/.exec(line);
+    if (m) fields[m[1]] = m[2];
+  }
+  for (const name of ["broker-public-key", "public-key", "secret-key"]) {
+    if (!fields[name] || fields[name].length !== 40) throw new Error(`${path}: no ${name} (40 Z85 characters)`);
+  }
+  return { curveServerKey: fields["broker-public-key"], curvePublicKey: fields["public-key"],
+    curveSecretKey: fields["secret-key"], role: fields.role ?? null };
+}
+
 const toBuf = (b) => (Buffer.isBuffer(b) ? b : typeof b === "string" ? Buffer.from(b, "utf8") : Buffer.from(b));
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
 export class ZkvClient {
-  // timeout: the most one call may take, retries included; attemptTimeout: how long one attempt waits.
-  constructor(url, { timeout = 20000, attemptTimeout = 6000 } = {}) {
+  // timeout: the most one call may take, retries included; attemptTimeout: how long one attempt waits;
+  // credentials: the path of a credentials file, for a broker started with --keys (§1.12).
+  constructor(url, { timeout = 20000, attemptTimeout = 6000, credentials = null } = {}) {
     this.url = url;
+    this.curve = credentials ? loadCredentials(credentials) : null;
     this.timeout = timeout;
     this.attemptTimeout = attemptTimeout;
     this.cid = randomBytes(16); // §1.6: one random client id per client instance
@@ -45,7 +65,12 @@ export class ZkvClient {
 
   open() {
     if (this.sock) this.sock.close();
-    this.sock = new Dealer({ linger: 0 });
+    const options = { linger: 0 };
+    if (this.curve) {
+      const { curveServerKey, curvePublicKey, curveSecretKey } = this.curve;
+      Object.assign(options, { curveServerKey, curvePublicKey, curveSecretKey });
+    }
+    this.sock = new Dealer(options);
     this.sock.connect(this.url);
   }
 
@@ -262,8 +287,10 @@ async function casError(fn) {
   return { code: null };
 }
 
+const credentials = () => process.env.ZKV_CREDENTIALS || null;
+
 async function scenario(url, prefix, pythonKeyHex) {
-  const c = new ZkvClient(url);
+  const c = new ZkvClient(url, { credentials: credentials() });
   const out = {};
   try {
     out.mmi_service = await c.serviceAvailable();
@@ -374,13 +401,41 @@ async function scenario(url, prefix, pythonKeyHex) {
   return out;
 }
 
+// §1.12 roles: what the credentials may read and write, and the FORBIDDEN refusals. A client with no
+// credentials (or keys the broker does not know) gets no connection at all: every attempt times out.
+async function rolesScenario(url, prefix) {
+  const c = new ZkvClient(url, { credentials: credentials(), timeout: 3000, attemptTimeout: 1500 });
+  const out = { role: c.curve ? c.curve.role : null };
+  const outcome = async (fn) => {
+    try {
+      return { ok: true, result: hex(await fn()) ?? null };
+    } catch (e) {
+      if (e instanceof ZkvError) return { ok: false, code: e.code, message: e.message };
+      throw e;
+    }
+  };
+  try {
+    out.get = await outcome(() => c.get(`${prefix}/readable`));
+    out.put = await outcome(async () => Buffer.from(String(await c.put(`${prefix}/by-${out.role}`, "x"))));
+    const st = await c.roundtrip([MDPC, REQUEST, Buffer.from("mmi.admin"), Buffer.from(encode({ cmd: "rebalance" }))],
+      Buffer.from("mmi.admin"), null, 3000);
+    out.mmi_admin = st === null ? null : decode(st[0]);
+  } finally {
+    c.close();
+  }
+  return out;
+}
+
 if (process.argv[1] && import.meta.url === pathToFileURL(process.argv[1]).href) {
-  const [url, prefix, pythonKeyHex] = process.argv.slice(2);
-  if (!url || !prefix || pythonKeyHex === undefined) {
-    console.error("usage: node client.mjs <frontend-url> <key-prefix> <python-key-hex>");
+  const args = process.argv.slice(2);
+  const roles = args[0] === "--roles";
+  const [url, prefix, pythonKeyHex] = roles ? args.slice(1) : args;
+  if (!url || !prefix || (!roles && pythonKeyHex === undefined)) {
+    console.error("usage: node client.mjs <frontend-url> <key-prefix> <python-key-hex>\n" +
+      "       node client.mjs --roles <frontend-url> <key-prefix>");
     process.exit(2);
   }
-  scenario(url, prefix, pythonKeyHex).then(
+  (roles ? rolesScenario(url, prefix) : scenario(url, prefix, pythonKeyHex)).then(
     (out) => {
       process.stdout.write(JSON.stringify(out) + "\n");
       process.exit(0);
