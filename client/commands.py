@@ -16,6 +16,7 @@ from protocol.errors import (
     ErrorCode,
     InvalidRequest,
     KeyNotFound,
+    NotLeader,
     ValueTooLarge,
     ZkvError,
     error_from_reply,
@@ -80,6 +81,9 @@ def error_for(rh: dict[str, Any]) -> ZkvError:
     """The exception for an error reply header."""
     if rh.get("code") == ErrorCode.CONDITION_FAILED.value:
         return ConditionFailed(str(rh.get("message", "")), version=rh.get("version"))
+    if rh.get("code") == ErrorCode.NOT_LEADER.value:
+        leader = rh.get("leader")
+        return NotLeader(str(rh.get("message", "")), leader=leader if isinstance(leader, str) else None)
     return error_from_reply(str(rh.get("code")), str(rh.get("message", "")))
 
 

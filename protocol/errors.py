@@ -15,6 +15,7 @@ The tree is typed by fault, as redis-py's is (``ConnectionError``/``TimeoutError
         +-- InvalidRequest      -> UnknownCommand, KeyTooLarge, ValueTooLarge, StreamIncomplete
         +-- NotEnoughReplicas, Unavailable, ConditionFailed, KeyNotFound, ValueChanged, InternalError
         +-- Forbidden           the client's key does not have the role the request needs
+        +-- NotLeader           a standby broker answered: ``leader`` is where to go (or None)
         +-- BrokerTimeout       the broker's request timeout expired (also a ZkvTimeout)
 
 ``ZkvTimeout`` (the outcome of a write is unknown) is caught as before for both kinds of timeout.
@@ -38,12 +39,16 @@ class ErrorCode(StrEnum):
     STREAM_INCOMPLETE = "STREAM_INCOMPLETE"  # a streamed value's commit found chunks missing: nothing written
     VALUE_CHANGED = "VALUE_CHANGED"  # a streamed value was replaced or deleted while being read
     FORBIDDEN = "FORBIDDEN"  # the client's key lacks the role the request needs (or was revoked)
+    # A standby broker (etcd mode): it does not serve; the reply's ``leader`` names the leader's
+    # frontend when it knows one. Nothing was done: send the same request there.
+    NOT_LEADER = "NOT_LEADER"
     INTERNAL = "INTERNAL"
 
 
 # Codes after which repeating the same request (same client id and request number) is safe
 # and may succeed (docs/protocol.md §1.4, §1.6): ``ZkvError.retryable``.
-RETRYABLE = frozenset({ErrorCode.TIMEOUT, ErrorCode.UNAVAILABLE, ErrorCode.NOT_ENOUGH_REPLICAS})
+RETRYABLE = frozenset({ErrorCode.TIMEOUT, ErrorCode.UNAVAILABLE, ErrorCode.NOT_ENOUGH_REPLICAS,
+                       ErrorCode.NOT_LEADER})
 
 # The part of RETRYABLE that the zkv clients resend by themselves (with backoff, until their
 # ``timeout``): ``ZkvError.retried``. NOT_ENOUGH_REPLICAS is left out on purpose, since the first
@@ -172,6 +177,17 @@ class Forbidden(ResponseError):
     code = ErrorCode.FORBIDDEN
 
 
+class NotLeader(ResponseError):
+    """A standby broker answered (etcd mode): nothing was done. ``leader`` is the leading broker's
+    frontend if the standby knows it. The clients go there (or to the next broker) by themselves."""
+
+    code = ErrorCode.NOT_LEADER
+
+    def __init__(self, message: str = "", code: ErrorCode | None = None, leader: str | None = None) -> None:
+        super().__init__(message, code)
+        self.leader = leader
+
+
 class InternalError(ResponseError):
     code = ErrorCode.INTERNAL
 
@@ -191,6 +207,7 @@ _BY_CODE: dict[ErrorCode, type[ZkvError]] = {
         StreamIncomplete,
         ValueChanged,
         Forbidden,
+        NotLeader,
         InternalError,
     )
 }

@@ -35,3 +35,12 @@ URL_ENV = "ZKV_URL"
 DEFAULT_FRONTEND = "tcp://127.0.0.1:5555"
 DEFAULT_BACKEND = "tcp://127.0.0.1:5556"
 DEFAULT_REPLICATION = "tcp://127.0.0.1:5557"
+
+
+def split_urls(text: str) -> list[str]:
+    """A comma-separated list of endpoints (several brokers, etcd mode) as a list; one endpoint
+    is a list of one. Blanks around commas are ignored; an empty list is an error."""
+    urls = [u.strip() for u in text.split(",") if u.strip()]
+    if not urls:
+        raise ValueError(f"no endpoint in {text!r}")
+    return urls
