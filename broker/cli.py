@@ -14,8 +14,9 @@ from urllib.parse import urlsplit
 
 import click
 
+from broker.leadership import LeaseRules
 from broker.state import BrokerConfig
-from protocol.limits import DEFAULT_BACKEND, DEFAULT_FRONTEND, DEFAULT_REPLICATION
+from protocol.limits import DEFAULT_BACKEND, DEFAULT_FRONTEND, DEFAULT_REPLICATION, split_urls
 
 MIB = 1024 * 1024
 D = BrokerConfig()
@@ -60,12 +61,23 @@ D = BrokerConfig()
 @click.option("--move-concurrency", default=D.move_concurrency, show_default=True, help="Slot moves in flight at once.")
 @click.option("--copy-rate", default=D.copy_rate // MIB, show_default=True,
               help="MiB/s of snapshot data relayed for moves and repairs (the throttle).")
+@click.option("--etcd", default="",
+              help="etcd client URLs, comma-separated: etcd mode (standby brokers, leader by lease, "
+                   "metadata in etcd). Empty: the embedded default (one broker, metadata in --data).")
+@click.option("--etcd-prefix", default="/zkv/", show_default=True, help="etcd key prefix of this cluster.")
+@click.option("--name", default="", help="This broker's name among the brokers (default: host:frontend port).")
+@click.option("--lease-ttl", default=LeaseRules().ttl, show_default=True,
+              help="Seconds of the leader's etcd lease; a dead leader is replaced within about this.")
+@click.option("--advertise", default="",
+              help="Host that other machines reach this broker at, in the leader key (default: the bound host).")
 def broker(data: str, frontend: str, backend: str, replication: str, keys: str, insecure: bool, slots: int,
            rf: int, w: int,
            heartbeat: float, request_timeout: float, max_value: int, max_stream: int, stream_idle: float,
            max_streams: int, max_client_streams: int, max_client_bytes: int, grace: float, initial_workers: int,
-           auto_rebalance: bool, move_concurrency: int, copy_rate: int) -> None:
-    """Run the broker (the master)."""
+           auto_rebalance: bool, move_concurrency: int, copy_rate: int, etcd: str, etcd_prefix: str, name: str,
+           lease_ttl: int, advertise: str) -> None:
+    """Run the broker (the master). With --etcd, any number of brokers share one cluster: one
+    leads, the others stand by and take over when its lease lapses."""
     from broker.server import BindError, BrokerEndpoints, BrokerServerConfig, run_broker
     from protocol.curve import KeysError
 
@@ -78,8 +90,17 @@ def broker(data: str, frontend: str, backend: str, replication: str, keys: str, 
                     f"refusing to listen on {endpoint} ({role}) without --keys: anyone who reaches it could read, "
                     "write and administer every key; give --keys DIR (zkv keys init DIR), a loopback address, "
                     "or --insecure")
+    try:
+        etcd_urls = split_urls(etcd) if etcd else []
+        rules = LeaseRules(ttl=lease_ttl)
+        rules.check()
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--etcd" if "endpoint" in str(e) else "--lease-ttl") from None
+    adv = None
+    if advertise:
+        adv = BrokerEndpoints(*(with_host(u, advertise) for u in (frontend, backend, replication)))
     cfg = BrokerServerConfig(
-        data_dir=data, keys=keys,
+        data_dir=data, keys=keys, etcd=etcd_urls, etcd_prefix=etcd_prefix, name=name, lease=rules, advertise=adv,
         endpoints=BrokerEndpoints(frontend, backend, replication),
         core=BrokerConfig(slots=slots, rf=rf, w=w, heartbeat=heartbeat, request_timeout=request_timeout,
                           max_value=max_value, max_stream=max_stream, stream_idle=stream_idle,
@@ -96,6 +117,12 @@ def broker(data: str, frontend: str, backend: str, replication: str, keys: str, 
         raise click.ClickException(f"{e}; choose another with --{e.role} (ZKV_BROKER_{e.role.upper()})") from None
     except KeysError as e:
         raise click.ClickException(f"--keys {keys}: {e}") from None
+
+
+def with_host(endpoint: str, host: str) -> str:
+    """``endpoint`` with its host replaced: tcp://*:5555 and host h -> tcp://h:5555."""
+    parts = urlsplit(endpoint)
+    return f"{parts.scheme}://{host}:{parts.port}" if parts.port else endpoint
 
 
 def loopback(endpoint: str) -> bool:

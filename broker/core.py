@@ -95,9 +95,12 @@ KeysReload = Callable[[], dict[str, Any]]
 class BrokerCore:
     def __init__(self, cfg: BrokerConfig, restored: Restored, epoch: int, clock: Callable[[], float],
                  wall_ms: Callable[[], int], new_id: Callable[[], bytes], lookup_dedup: DedupLookup,
-                 reload_keys: KeysReload | None = None) -> None:
-        """``reload_keys``: rereads the key directory (admin ``reload_keys``); None without one."""
+                 reload_keys: KeysReload | None = None,
+                 ha_status: Callable[[], dict[str, Any]] | None = None) -> None:
+        """``reload_keys``: rereads the key directory (admin ``reload_keys``); None without one.
+        ``ha_status``: the election's state for status (etcd mode); None in the embedded mode."""
         self.reload_keys = reload_keys
+        self.ha_status = ha_status
         state = self.state = BrokerState(cfg, epoch, clock, wall_ms, new_id)
         state.restore(restored)
         self.limits = Limits(cfg.max_key, cfg.max_value, cfg.max_stream)
@@ -184,8 +187,12 @@ class BrokerCore:
         return bool(self.state.slots) and any(w.alive for w in self.state.workers.values())
 
     def status(self) -> dict[str, Any]:
-        return report(self.state, self.moves.report(), len(self.moves.misplaced(self.state.clock())),
-                      len(self.streams.open))
+        st = report(self.state, self.moves.report(), len(self.moves.misplaced(self.state.clock())),
+                    len(self.streams.open))
+        if self.ha_status is not None:
+            ha = self.ha_status()
+            st.update(role="leader", leader=(ha["leader"] or {}).get("frontend"), ha=ha)
+        return st
 
     def admin(self, cmd: dict[str, Any]) -> dict[str, Any]:
         if cmd.get("cmd") == "reload_keys":

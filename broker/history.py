@@ -19,10 +19,12 @@ def epoch_of(slot: Slot, seq: int) -> int | None:
     return found
 
 
-def in_history(slot: Slot, pos: Pos) -> bool:
-    """Is this replica position a prefix of the broker's history of the slot?"""
+def in_history(slot: Slot, pos: Pos, last_known: bool = True) -> bool:
+    """Is this replica position a prefix of the broker's history of the slot? Without
+    ``last_known`` (a new leader in etcd mode, before recovery), the history's end is unknown:
+    any position the epoch history attributes to the epoch that holds it is on it."""
     if pos.seq == 0 or pos == slot.last:
         return True
-    if pos.seq > slot.last.seq:
+    if last_known and pos.seq > slot.last.seq:
         return False
     return epoch_of(slot, pos.seq) == pos.epoch

@@ -1,5 +1,11 @@
 """After a broker restart, each slot serves again once enough of its replicas have said where
-they are: its history is then taken from the most advanced replica on the persisted history."""
+they are: its history is then taken from the most advanced replica on the persisted history.
+
+In etcd mode a new leader knows each slot's epoch history but not its positions. RF - W + 1
+replicas suffice: every acknowledged write is on W replicas, so on one of them. The most
+advanced of them on the epoch history is adopted, a new epoch entry starts just after it (written
+to etcd before anything of the new epoch is published), and reads wait until it is committed
+(``Slot.read_floor``): the adopted tail may hold writes the old leader acknowledged."""
 
 from __future__ import annotations
 
@@ -36,7 +42,8 @@ class Recovery:
         # Only positions on the persisted history count: a replica past it holds writes that an
         # earlier incarnation published but never committed and a later one already truncated (or
         # reused the seqs of). Adopting one would resurrect a refused write or drop acknowledged ones.
-        valid = {w: p for w, p in reported.items() if in_history(slot, p)}
+        known = state.positions_known
+        valid = {w: p for w, p in reported.items() if in_history(slot, p, last_known=known)}
         if not valid:
             if not everyone:
                 return
@@ -63,6 +70,13 @@ class Recovery:
             # Only after a power loss ate the broker's unsynced metadata: trust the replicas.
             log.warning("slot_epoch_history_rebuilt", slot=slot.id, epoch=best.epoch, seq=best.seq)
             slot.epochs = [(best.epoch, 1)]
+        if not known:
+            # This epoch's writes start after what was adopted: a replica holding more of an older
+            # epoch's (never committed) writes is off the history from here on, even before the
+            # first new write (broker/history.py).
+            start = (state.epoch, best.seq + 1)
+            slot.epochs = [e for e in slot.epochs if e[1] < start[1]] + [start]
+            slot.read_floor = best.seq
         slot.recovering = False
         log.debug("slot_recovered", slot=slot.id, last=[best.epoch, best.seq], committed=slot.committed,
                   reported={w: [p.epoch, p.seq] for w, p in reported.items()}, valid=sorted(valid))

@@ -6,23 +6,35 @@ clients). Only this module touches sockets, the clock and the broker's LMDB.
 
 With a key directory (``--keys``) every socket is a CURVE server (broker/zap.py); each message is
 handed to the core with who sent it: a client's role, a worker's registered id.
+
+In etcd mode (``--etcd``) the broker starts as a standby (broker/standby.py answers everyone)
+while its election thread (broker/etcd.py) campaigns; once it holds the leader key it loads the
+metadata from etcd and makes a core for its epoch, and it drops that core (standby again) the
+moment its lease deadline passes or a guarded metadata write fails (broker/leadership.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
+import socket
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 import zmq
 
 from broker.budget import ReplyBudget, Verdict
 from broker.core import BrokerCore
+from broker.etcd import Deposed, Election, Etcd, EtcdMeta, EtcdUnavailable
+from broker.leadership import LeaderInfo, Leadership, LeaseRules
+from broker.messages import Limits
 from broker.meta import MetaStore
-from broker.ready import execute
+from broker.ready import Ready, execute
+from broker.standby import Standby
 from broker.state import TICK_SECONDS, BrokerConfig
 from broker.zap import BACKEND, FRONTEND, REPLICATION, Zap
 from protocol.limits import DEFAULT_BACKEND, DEFAULT_FRONTEND, DEFAULT_REPLICATION, MAX_CHUNK_BYTES
@@ -50,6 +62,14 @@ class BrokerServerConfig:
     endpoints: BrokerEndpoints = field(default_factory=BrokerEndpoints)
     core: BrokerConfig = field(default_factory=BrokerConfig)
     keys: str = ""  # a key directory (zkv keys init): CURVE on every socket; empty: no authentication
+    # etcd mode: etcd's client URLs; empty: the embedded default (one broker, metadata in data_dir)
+    etcd: list[str] = field(default_factory=list)
+    etcd_prefix: str = "/zkv/"
+    name: str = ""  # this broker's name among the brokers (default: host and frontend port)
+    lease: LeaseRules = field(default_factory=LeaseRules)
+    # The endpoints others reach this broker at, as the leader key publishes them (default: the
+    # bound ones, with a wildcard host replaced by this machine's name).
+    advertise: BrokerEndpoints | None = None
 
 
 class BindError(Exception):
@@ -84,11 +104,23 @@ class BrokerServer:
         except BaseException:
             self._close_sockets()
             raise
-        self.meta = MetaStore(os.path.join(cfg.data_dir))
-        self.core = BrokerCore(cfg.core, self.meta.load(), self.meta.next_epoch(), clock=time.monotonic,
-                               wall_ms=lambda: int(time.time() * 1000), new_id=lambda: uuid.uuid4().bytes,
-                               lookup_dedup=self.meta.lookup_dedup,
-                               reload_keys=self.zap.reload if self.zap is not None else None)
+        self.election: Election | None = None
+        self.standby: Standby | None = None
+        self.meta: MetaStore | EtcdMeta | None = None
+        self.core: BrokerCore | None = None
+        self.served_epoch = 0  # the last epoch this process led in: it never leads in it again
+        if cfg.etcd:
+            cfg.lease.check()
+            self.etcd = Etcd(cfg.etcd, cfg.lease.request_timeout)
+            self.leadership = Leadership(cfg.lease)
+            adv = cfg.advertise or advertised(cfg.endpoints)
+            name = cfg.name or f"{socket.gethostname()}:{adv.frontend.rsplit(':', 1)[-1]}"
+            self.election = Election(self.etcd, cfg.etcd_prefix, LeaderInfo(name, 0, adv.frontend, adv.backend,
+                                                                             adv.replication), self.leadership)
+            self.standby = Standby(Limits(cfg.core.max_key, cfg.core.max_value, cfg.core.max_stream))
+        else:
+            self.meta = MetaStore(os.path.join(cfg.data_dir))
+            self.core = self._make_core(self.meta, self.meta.load(), self.meta.next_epoch())
         self.poller = zmq.Poller()
         self.poller.register(self.frontend, zmq.POLLIN)
         self.poller.register(self.backend, zmq.POLLIN)
@@ -98,6 +130,61 @@ class BrokerServer:
         self.reload_requested = False
         self.dropped_replies = 0
         self.budget = ReplyBudget(cfg.core.max_client_bytes)
+
+    def _make_core(self, meta: MetaStore | EtcdMeta, restored: Any, epoch: int) -> BrokerCore:
+        return BrokerCore(dataclasses.replace(self.cfg.core), restored, epoch, clock=time.monotonic,
+                          wall_ms=lambda: int(time.time() * 1000), new_id=lambda: uuid.uuid4().bytes,
+                          lookup_dedup=meta.lookup_dedup,
+                          reload_keys=self.zap.reload if self.zap is not None else None,
+                          ha_status=self._ha_status if self.election is not None else None)
+
+    # -- etcd mode --------------------------------------------------------------------------------
+
+    def _lead_or_stand_by(self, now: float) -> None:
+        """Take the lead when the election won a new epoch; give it up when the lease deadline passed."""
+        ld = self.leadership
+        if self.core is None and ld.may_act(now) and ld.epoch > self.served_epoch:
+            epoch = ld.epoch
+            meta = EtcdMeta(self.etcd, self.cfg.etcd_prefix, epoch)
+            try:
+                restored = meta.load()
+            except EtcdUnavailable as e:
+                log.warning("metadata_unreadable", epoch=epoch, error=str(e)[:200])
+                return  # tried again next turn, while the lease holds
+            self.served_epoch = epoch
+            self.meta, self.core = meta, self._make_core(meta, restored, epoch)
+            self.budget = ReplyBudget(self.cfg.core.max_client_bytes)
+            log.info("leading", epoch=epoch, workers=len(restored.workers), slots=len(restored.slots),
+                     lease_left_s=round(ld.remaining(now), 2))
+        elif self.core is not None and not ld.may_act(now):
+            self._step_down("lease deadline passed" if ld.epoch else "lease lost")
+
+    def _step_down(self, reason: str) -> None:
+        assert self.election is not None and self.core is not None
+        log.warning("leadership_given_up", epoch=self.core.state.epoch, reason=reason)
+        self.core = self.meta = None
+        self.election.resign()
+
+    def _ha_status(self) -> dict[str, Any]:
+        assert self.election is not None
+        return self.election.describe(time.monotonic())
+
+    def _standby_status(self) -> dict[str, Any]:
+        ha = self._ha_status()
+        return {"role": "standby", "formed": False, "leader": (ha["leader"] or {}).get("frontend"),
+                "ha": ha, "workers": [], "slots": 0, "rf": self.cfg.core.rf, "w": self.cfg.core.w}
+
+    def _on_client(self, identity: bytes, frames: list[bytes], **who: Any) -> None:
+        if self.core is not None:
+            self.core.on_client(identity, frames, **who)
+        elif self.standby is not None:
+            self.standby.on_client(identity, frames, self.leadership.leader, self._standby_status())
+
+    def _on_worker(self, identity: bytes, frames: list[bytes], **who: Any) -> None:
+        if self.core is not None:
+            self.core.on_worker(identity, frames, **who)
+        elif self.standby is not None:
+            self.standby.on_worker(identity, frames, self.leadership.leader)
 
     def _router(self, role: str, endpoint: str, domain: bytes) -> zmq.Socket:
         s = self.ctx.socket(zmq.ROUTER)
@@ -131,9 +218,14 @@ class BrokerServer:
                  replication=self.cfg.endpoints.replication, data=self.cfg.data_dir)
         if self.zap is not None:
             log.info("curve_on", **self.zap.describe())
+        if self.election is not None:
+            log.info("standing_by", name=self.election.me.name, etcd=self.cfg.etcd, ttl=self.cfg.lease.ttl)
+            self.election.start()
         last_tick = last_sync = last_prune = time.monotonic()
         try:
             while not self.stopping:
+                if self.election is not None:
+                    self._lead_or_stand_by(time.monotonic())
                 try:
                     events = dict(self.poller.poll(int(TICK * 1000)))
                 except zmq.ZMQError as e:
@@ -147,14 +239,16 @@ class BrokerServer:
                     if self.zap.sock in events:
                         self.zap.drain()
                 if self.backend in events:
-                    self._drain(self.backend, self.core.on_worker, self._worker_sender)
+                    self._drain(self.backend, self._on_worker, self._worker_sender)
                 if self.frontend in events:
-                    self._drain(self.frontend, self.core.on_client, self._client_sender)
+                    self._drain(self.frontend, self._on_client, self._client_sender)
                 now = time.monotonic()
-                if now - last_tick >= TICK:
+                if now - last_tick >= TICK and self.core is not None:
                     last_tick = now
                     self.core.tick()
                 self._execute()
+                if self.meta is None:
+                    continue
                 if now - last_sync >= SYNC_INTERVAL:
                     last_sync = now
                     self.meta.sync()
@@ -201,7 +295,24 @@ class BrokerServer:
         return frames, {"key_name": peer.name if peer is not None else ""}
 
     def _execute(self) -> None:
-        execute(self.core.ready(), self.meta, publish=lambda frames: send_frames(self.pub, frames),
+        if self.core is None or self.meta is None:
+            if self.standby is not None:
+                self._carry_out(self.standby.take_ready(), _NO_METADATA)
+            return
+        ready = self.core.ready()
+        if self.election is not None and not self.leadership.may_act(time.monotonic()):
+            # Checked again just before sending: the turn may have run past the deadline (a pause).
+            self._step_down("lease deadline passed during a turn")
+            return
+        try:
+            self._carry_out(ready, self.meta)
+        except (Deposed, EtcdUnavailable) as e:
+            # Nothing of this turn was sent (the metadata is written first); the core's state
+            # assumed it was, so the core cannot go on: a successor recovers from etcd and workers.
+            self._step_down(f"metadata write failed: {e}")
+
+    def _carry_out(self, ready: Ready, meta: Any) -> None:
+        execute(ready, meta, publish=lambda frames: send_frames(self.pub, frames),
                 send_worker=lambda identity, frames: self._route(self.backend, identity, frames),
                 send_client=self._reply)
 
@@ -238,12 +349,36 @@ class BrokerServer:
         self.budget.sent(identity, size, tracker)
 
     def shutdown(self) -> None:
+        epoch = self.core.state.epoch if self.core is not None else None
         try:
             self._execute()
         finally:
-            self.meta.close()
+            if self.meta is not None:
+                self.meta.close()
+            if self.election is not None:
+                self.election.stop()  # a leader revokes its lease: a standby takes over at once
+                self.election.join(timeout=2 * self.cfg.lease.request_timeout + 1)
             self._close_sockets()
-            log.info("broker_stopped", epoch=self.core.state.epoch)
+            log.info("broker_stopped", epoch=epoch)
+
+
+class _NoMetadata:
+    """A standby's Ready carries no metadata."""
+
+    def apply(self, metadata: Any, sync: bool) -> None:
+        pass
+
+
+_NO_METADATA = _NoMetadata()
+
+
+def advertised(endpoints: BrokerEndpoints) -> BrokerEndpoints:
+    """The endpoints with a wildcard host (``*``, ``0.0.0.0``) replaced by this machine's name."""
+    def fix(url: str) -> str:
+        for wildcard in ("://*:", "://0.0.0.0:"):
+            url = url.replace(wildcard, f"://{socket.gethostname()}:")
+        return url
+    return BrokerEndpoints(fix(endpoints.frontend), fix(endpoints.backend), fix(endpoints.replication))
 
 
 def _recv_with_user_id(sock: zmq.Socket) -> tuple[list[bytes], bytes]:

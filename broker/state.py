@@ -112,6 +112,10 @@ class Slot:
     # seq in the history. Persisted, so it outlives the in-memory tail and broker restarts.
     epochs: list[tuple[int, int]] = field(default_factory=list)
     recovering: bool = False
+    # etcd mode: the seq of the history a new leader adopted in recovery, which may hold writes
+    # the old leader acknowledged; reads wait until it is committed (W replicas hold it), as a
+    # Raft leader serves reads only after committing an entry of its own term.
+    read_floor: int = 0
     learners: list[str] = field(default_factory=list)  # workers a move is filling; not counted for W or reads
     # Workers whose copy of the slot is being replaced by a snapshot: until the ACK of the install
     # (carrying this transfer token; b"" = none started yet), their other ACKs for the slot describe
@@ -164,6 +168,9 @@ class Restored:
     workers: dict[str, dict[str, Any]] = field(default_factory=dict)
     slots: dict[int, dict[str, Any]] = field(default_factory=dict)
     streams: dict[bytes, dict[str, Any]] = field(default_factory=dict)
+    # False in etcd mode: slot positions (last, committed) are not in the metadata; recovery
+    # learns them from the replicas alone (broker/recovery.py).
+    positions_known: bool = True
 
 
 class BrokerState:
@@ -184,6 +191,7 @@ class BrokerState:
         # Slots whose committed writes were lost (more replicas than the fault model allows), as
         # recovery found them: shown by status until the broker restarts.
         self.lost: dict[int, dict[str, Any]] = {}
+        self.positions_known = True  # False in etcd mode (Restored.positions_known)
         self.started = clock()  # when this incarnation started (status: workers not heard from since)
         # Set by the entry (broker/core.py): hands an event to every part that handles it.
         self.emit: Callable[[Any], None] = lambda event: None
@@ -208,10 +216,11 @@ class BrokerState:
                                        dead_since=self.started,
                                        draining=bool(info.get("draining", False)),
                                        disk_bytes=info.get("disk_bytes", 0), last_seen_wall=info.get("last_seen", 0.0))
+        self.positions_known = restored.positions_known
         for sid, info in restored.slots.items():
-            slot = Slot(sid, list(info["replicas"]), last=Pos(info["last"][1], info["last"][0]),
-                        committed=info["committed"], epochs=[(int(e), int(q)) for e, q in info.get("epochs", [])],
-                        recovering=True)
+            last = info.get("last", [0, 0])
+            slot = Slot(sid, list(info["replicas"]), last=Pos(last[1], last[0]), committed=info.get("committed", 0),
+                        epochs=[(int(e), int(q)) for e, q in info.get("epochs", [])], recovering=True)
             self.slots[sid] = slot
             for wid in slot.replicas:
                 if wid in self.workers:
@@ -231,9 +240,10 @@ class BrokerState:
         return sum(1 for w in slot.replicas if self.alive(w) and slot.applied.get(w) is not None)
 
     def qualifies(self, slot: Slot, wid: str) -> bool:
-        """May this replica serve reads of the slot? Alive and applied everything committed."""
+        """May this replica serve reads of the slot? Alive and applied everything committed, and
+        the history recovery adopted is committed (``read_floor``, etcd mode)."""
         p = slot.applied.get(wid)
-        return p is not None and p.seq >= slot.committed and self.alive(wid)
+        return p is not None and p.seq >= slot.committed >= slot.read_floor and self.alive(wid)
 
     def choose_replica(self, slot: Slot) -> str | None:
         """The one replica chooser for point reads, chunk reads and scans: round robin over the
