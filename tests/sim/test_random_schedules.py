@@ -15,15 +15,17 @@ from tests.support.sim import RandomFaults, SimCluster, replica_state
 pytestmark = pytest.mark.timeout(120)
 
 
+@pytest.mark.parametrize("etcd_mode", [False, True], ids=["embedded", "failover"])
 @pytest.mark.parametrize("seed", range(12))
-def test_random_fault_schedules_lose_no_acknowledged_write(tmp_path: Path, seed: int) -> None:
+def test_random_fault_schedules_lose_no_acknowledged_write(tmp_path: Path, seed: int, etcd_mode: bool) -> None:
     """Random writes and reads while one worker at a time crashes, restarts, loses replication
     messages, and the broker restarts. Checks: every acknowledged write is what a later read
     returns (the simulation serialises clients, so the last acknowledged write of a key wins
-    unless a later, unacknowledged one of it may have landed), and replicas converge."""
+    unless a later, unacknowledged one of it may have landed), and replicas converge. With
+    ``failover`` each broker restart is a standby taking over with what etcd keeps, no positions."""
     rng = random.Random(seed)
     n = 3 + seed % 2  # with a fourth worker, slots of a worker gone too long move to it
-    sim = SimCluster(tmp_path, slots=4, n_workers=n, initial_workers=n, grace=5.0)
+    sim = SimCluster(tmp_path, slots=4, n_workers=n, initial_workers=n, grace=5.0, etcd_mode=etcd_mode)
     try:
         acked: dict[bytes, bytes] = {}
         maybe: dict[bytes, set[bytes]] = {}

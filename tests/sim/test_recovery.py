@@ -15,6 +15,15 @@ from tests.support.sim import SimCluster
 pytestmark = pytest.mark.timeout(120)
 
 
+@pytest.fixture(params=[False, True], ids=["embedded", "failover"])
+def sim(tmp_path: Path, request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    """Each test twice: a broker restart on its own metadata, and (etcd mode) a successor that
+    knows only what etcd keeps (tests/support/sim.py ``what_etcd_keeps``)."""
+    s = SimCluster(tmp_path, etcd_mode=request.param)
+    yield s
+    s.close()
+
+
 def test_dropped_replication_messages_are_repaired(sim: SimCluster) -> None:
     rng = random.Random(7)
     sim.drop = lambda wid, rep: wid == "w2" and rng.random() < 0.3
@@ -151,3 +160,46 @@ def test_a_message_of_an_older_broker_incarnation_is_never_applied(sim: SimClust
     sim.advance(4.0)
     assert sim.get(key) == b"A"
     assert all(sim.worker_data(w)[key] == b"A" for w in ("w1", "w2", "w3"))
+
+
+def test_acknowledged_write_survives_a_restart_with_one_of_its_holders_down(sim: SimCluster) -> None:
+    """Recovery needs only RF - W + 1 replicas: an acknowledged write is on W of them, so on one
+    of any RF - W + 1. Here w1 and w2 hold B, w3 only A; w2 is down when the (new) broker starts."""
+    key = b"held-by-two"
+    slot = slot_for_key(key, sim.slots)
+    assert sim.put(key, b"A")["ok"]
+    sim.drop = lambda wid, rep: wid == "w3" and rep.slot == slot
+    assert sim.put(key, b"B")["ok"]
+    sim.drop = None
+    sim.kill_worker("w2")
+    sim.restart_broker()
+    assert sim.get(key) == b"B"  # from w1, or from w3 once it holds B: never A
+    assert sim.broker.status()["recovering_slots"] == 0
+    sim.advance(3.0)
+    assert sim.worker_data("w3")[key] == b"B"
+    sim.start_worker("w2")
+    sim.advance(3.0)
+    assert {sim.worker_data(w)[key] for w in ("w1", "w2", "w3")} == {b"B"}
+
+
+def test_after_a_failover_reads_wait_until_the_adopted_history_is_committed(tmp_path: Path) -> None:
+    """etcd mode: the successor adopts w1's history, which holds B; w3 (holding A) qualifies for
+    reads only once B is committed, i.e. after it is repaired: a read never returns A."""
+    sim = SimCluster(tmp_path, etcd_mode=True)
+    try:
+        key = b"adopted"
+        slot = slot_for_key(key, sim.slots)
+        assert sim.put(key, b"A")["ok"]
+        sim.drop = lambda wid, rep: wid == "w3" and rep.slot == slot
+        assert sim.put(key, b"B")["ok"]
+        sim.drop = None
+        sim.kill_worker("w2")
+        sim.restart_broker()
+        b_slot = sim.broker.slots[slot]
+        assert b_slot.read_floor == b_slot.last.seq > 0
+        assert b_slot.epochs[-1] == (sim.broker.epoch, b_slot.last.seq + 1)  # the new epoch starts after it
+        for _ in range(6):
+            assert sim.get(key) == b"B"
+        assert b_slot.committed >= b_slot.read_floor
+    finally:
+        sim.close()

@@ -14,7 +14,7 @@ from typing import Any
 from broker.core import BrokerCore
 from broker.meta import MetaStore
 from broker.ready import execute
-from broker.state import BrokerConfig
+from broker.state import BrokerConfig, Restored
 from protocol.frames import C_REQUEST, MDPC, MDPW, SERVICE, W_HEARTBEAT, pack, unpack
 from protocol.replication import Replicate, decode_replication, worker_topic
 from worker.core import WorkerCore
@@ -69,6 +69,9 @@ class SimCluster:
     held_messages: list[tuple[str, list[bytes]]] = field(default_factory=list)
     replies: dict[bytes, list[dict[str, Any]]] = field(default_factory=dict)
     reply_values: dict[bytes, list[list[bytes]]] = field(default_factory=dict)
+    # etcd mode: a broker restart is a failover. The successor knows what etcd keeps (membership,
+    # slot map, epoch histories) and no positions; broker/recovery.py learns those from the workers.
+    etcd_mode: bool = False
 
     def __post_init__(self) -> None:
         self._inc = itertools.count(1)
@@ -85,9 +88,12 @@ class SimCluster:
         cfg = BrokerConfig(slots=self.slots, rf=self.rf, w=self.w, heartbeat=1.0, request_timeout=5.0,
                            grace=self.grace, initial_workers=self.initial_workers,
                            auto_rebalance=self.auto_rebalance)
-        return BrokerCore(cfg, self.meta.load(), self.meta.next_epoch(), clock=lambda: self.t,
+        restored = self.meta.load()
+        if self.etcd_mode:
+            restored = what_etcd_keeps(restored)
+        return BrokerCore(cfg, restored, self.meta.next_epoch(), clock=lambda: self.t,
                           wall_ms=lambda: self.wall, new_id=lambda: next(self._ids).to_bytes(16, "big"),
-                          lookup_dedup=self.meta.lookup_dedup)
+                          lookup_dedup=(lambda cid, rid: None) if self.etcd_mode else self.meta.lookup_dedup)
 
     # -- faults ---------------------------------------------------------------------------------
 
@@ -258,6 +264,16 @@ class SimCluster:
         for w in self.workers.values():
             w.stop()
         self.meta.close()
+
+
+def what_etcd_keeps(restored: Restored) -> Restored:
+    """The metadata a successor broker finds in etcd (broker/etcd.py EtcdMeta): no positions, no
+    open streams, no de-duplication table."""
+    return Restored(restored.cluster,
+                    {w: {"data_id": i["data_id"], "draining": i.get("draining", False)}
+                     for w, i in restored.workers.items()},
+                    {s: {"replicas": i["replicas"], "epochs": i.get("epochs", [])} for s, i in restored.slots.items()},
+                    {}, positions_known=False)
 
 
 class RandomFaults:
