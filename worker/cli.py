@@ -13,6 +13,7 @@ import click
 
 from protocol.curve import WORKER, KeysError, load_credentials
 from protocol.limits import DEFAULT_BACKEND, DEFAULT_REPLICATION
+from worker.brokers import BrokerList
 from worker.lock import DataDirInUse, DataLock
 from worker.server import WorkerConfig, run_worker
 
@@ -20,9 +21,10 @@ from worker.server import WorkerConfig, run_worker
 @click.command()
 @click.option("--id", "worker_id", required=True, help="Stable worker id (keep it across restarts).")
 @click.option("--data", required=True, help="Data directory (LMDB).")
-@click.option("--broker", default=DEFAULT_BACKEND, show_default=True, help="Broker backend.")
+@click.option("--broker", default=DEFAULT_BACKEND, show_default=True,
+              help="Broker backend; several brokers (etcd mode): their backends, comma-separated.")
 @click.option("--replication", default=DEFAULT_REPLICATION, show_default=True,
-              help="Broker replication PUB.")
+              help="Broker replication PUB; several brokers: theirs, comma-separated, in --broker's order.")
 @click.option("--credentials", default="", type=click.Path(dir_okay=False),
               help="This worker's credentials file (zkv keys add-worker) for a broker with --keys.")
 @click.option("--heartbeat", default=WorkerConfig.heartbeat, show_default=True, help="Heartbeat interval, seconds.")
@@ -35,6 +37,10 @@ from worker.server import WorkerConfig, run_worker
 def worker(worker_id: str, data: str, broker: str, replication: str, credentials: str, heartbeat: float,
            map_size: int, supervise: bool, test_drop_replication: str, test_clock_skew_ms: int) -> None:
     """Run a storage worker. Its data directory is locked: a second worker on it is refused."""
+    try:
+        BrokerList.parse(broker, replication)  # refused here, in one line, rather than in the loop
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
     if credentials:
         _check_credentials(credentials, worker_id)
     cfg = WorkerConfig(worker_id=worker_id, data_dir=data, broker=broker, replication=replication,

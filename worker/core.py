@@ -77,11 +77,19 @@ class WorkerCore:
         self.broker_epoch: int | None = None  # the incarnation this worker is registered with
         self.stale_dropped = 0  # replication messages of another incarnation, dropped
         self.reconnect_requested = False  # the broker sent DISCONNECT: the loop re-registers
+        self.disconnect_info: dict = {}  # that DISCONNECT's body ({} when it had none)
+        # Fencing: the highest broker epoch this worker has taken an assignment from (kept in the
+        # store), or that sequenced a write it holds. An ASSIGN below it comes from a deposed
+        # leader: refused, and the loop leaves that broker (deposed_broker).
+        self.highest_epoch = max([store.highest_epoch, *(p.epoch for p in store.positions.values())])
+        self.deposed_broker = False
 
     # -- commands from the broker ---------------------------------------------------------------
 
     def on_broker(self, cmd: bytes, body: list[bytes], now: float) -> None:
         """One command from the broker's DEALER conversation (after the MDPW02 frame)."""
+        if self.deposed_broker:
+            return  # the rest of a deposed broker's conversation, until the loop has left it
         if cmd == W_REQUEST:
             self.outbox.extend(serve.answer(self.store, body, self.dumps, now))
         elif cmd == W_REPLAY:
@@ -99,6 +107,7 @@ class WorkerCore:
             self.on_snapshot_part(unpack(body[0]), body[1:], now)
         elif cmd == W_DISCONNECT:
             self.reconnect_requested = True
+            self.disconnect_info = disconnect_body(body)
         else:
             log.warning("unknown_broker_command", command=cmd.hex())
 
@@ -205,10 +214,20 @@ class WorkerCore:
             # another cluster): taking its slot map would drop this worker's data. Refuse.
             log.error("assignment_from_another_cluster_refused", ours=mine.hex(), theirs=cluster.hex())
             return
+        epoch = int(info["epoch"])
+        if epoch < self.highest_epoch:
+            # A broker that has been replaced by a leader of a higher epoch and does not know it yet
+            # (paused, partitioned): its slot map and its writes are out of date. Apply nothing of it.
+            log.warning("assignment_from_deposed_broker_refused", epoch=epoch, highest=self.highest_epoch)
+            self.deposed_broker = True
+            return
         if not mine and cluster:
             self.store.set_cluster_id(cluster)
-        first = int(info["epoch"]) != self.broker_epoch  # the first assignment from this broker incarnation
-        self.broker_epoch = int(info["epoch"])
+        if epoch > self.highest_epoch:
+            self.store.set_highest_epoch(epoch)  # on disk first: a restart must refuse the older one too
+            self.highest_epoch = epoch
+        first = epoch != self.broker_epoch  # the first assignment from this broker incarnation
+        self.broker_epoch = epoch
         added, removed = self.on_assign(list(info["slots"]))
         # Slots given to other workers while this one was away: its copies are stale, drop them.
         stale = (removed | set(self.store.positions)) - self.assigned
@@ -288,6 +307,8 @@ class WorkerCore:
 
         The accepted batch is committed first, so the positions READY reports are on disk."""
         self.reconnect_requested = False
+        self.disconnect_info = {}
+        self.deposed_broker = False
         self.flush()
         self.on_reconnect()
         return self.ready_frames()
@@ -310,3 +331,18 @@ class WorkerCore:
             **st.stats(),
         }
         return [W_READY, SERVICE, pack(info)]
+
+
+def disconnect_body(body: list[bytes]) -> dict:
+    """A broker's DISCONNECT body: none (``{}``: "register again"), or a standby's
+    ``{reason: "standby", leader, replication}`` (docs/protocol.md §2). A malformed one counts as none."""
+    if not body or not body[0]:
+        return {}
+    try:
+        info = unpack(body[0])
+    except ValueError:
+        info = None
+    if not isinstance(info, dict):
+        log.warning("bad_disconnect_body", size=len(body[0]))
+        return {}
+    return info

@@ -10,7 +10,8 @@ database:
 - ``blobs``: slot + stream id + chunk index -> one chunk of a streamed value
 - ``staged``: slot + stream id -> b"": a stream whose value is not committed yet
 - ``meta``: b"p" + slot -> POSITION; b"i" + slot -> b"" while a snapshot install of the slot is
-  half done; b"uuid" -> this data directory's id; b"cluster" -> the cluster's id
+  half done; b"uuid" -> this data directory's id; b"cluster" -> the cluster's id; b"epoch" -> the
+  highest broker epoch this worker has accepted an assignment from (u64 BE; fencing, worker/core.py)
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ META_POSITION = b"p"
 META_INSTALLING = b"i"
 META_DATA_ID = b"uuid"
 META_CLUSTER = b"cluster"
+META_EPOCH = b"epoch"  # not a slot entry: its first byte is neither META_POSITION nor META_INSTALLING
+EPOCH = struct.Struct(">Q")
 
 # LMDB keys are at most 511 bytes. Keys up to KEY_INLINE_MAX bytes are stored as they are (so a
 # slot's records are in key order); a longer key is stored as its first KEY_INLINE_MAX bytes plus

@@ -3,6 +3,11 @@
 One thread. Each turn: take everything waiting on both sockets, answer reads, commit the write
 batch (group commit: one transaction, one fsync), send one cumulative ACK, heartbeat. With
 credentials (``--credentials``) both sockets are CURVE clients of the broker.
+
+With several brokers (``--broker A,B --replication PA,PB``, etcd mode) both sockets are connected
+to one pair at a time, chosen by worker/brokers.py: the loop moves on when the broker is silent,
+when the DEALER's socket monitor reports it disconnected or not listening, when a standby names
+the leader, and when an ASSIGN comes from a deposed leader (worker/core.py).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from dataclasses import dataclass
 
 import structlog
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from protocol.curve import load_credentials
 from protocol.frames import MDPW, W_DISCONNECT, W_HEARTBEAT, pack
@@ -22,6 +28,7 @@ from protocol.process import tune_gc
 from protocol.replication import decode_replication, worker_topic
 from protocol.sockets import send_frames
 from worker import faults
+from worker.brokers import AGAIN, FOLLOW, BrokerList, BrokerPair
 from worker.core import WorkerCore
 from worker.store import SlotStore
 
@@ -30,14 +37,17 @@ log = structlog.get_logger("zkv.worker")
 DRAIN_LIMIT = 2000  # messages taken from one socket per turn, so neither starves the other
 RECLAIM_INTERVAL = 1.0
 REAP_FALLBACK_MS = 600_000  # ms past its expiry before a key is reclaimed locally, outside the log
+REREGISTER_PAUSE = 0.2  # s before READY again after a DISCONNECT (a refusal, a standby), or a move
+# The DEALER's monitor events that mean "this broker is gone" (several brokers only).
+GONE_EVENTS = zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
 
 
 @dataclass
 class WorkerConfig:
     worker_id: str
     data_dir: str
-    broker: str = DEFAULT_BACKEND
-    replication: str = DEFAULT_REPLICATION
+    broker: str = DEFAULT_BACKEND  # one backend, or several comma-separated (etcd mode)
+    replication: str = DEFAULT_REPLICATION  # the replication PUB of each, in the same order
     heartbeat: float = 1.0
     liveness: int = 3
     map_size: int = 1 << 36
@@ -67,42 +77,81 @@ class WorkerServer:
         self.replication_filter = replication_filter
         self.wall_ms = wall_ms
         self.credentials = load_credentials(cfg.credentials) if cfg.credentials else None
+        self.brokers = BrokerList.parse(cfg.broker, cfg.replication)
+        self.pair = self.brokers.current  # the pair both sockets are connected to
         self.sub = self.ctx.socket(zmq.SUB)
         if self.credentials is not None:
             self.credentials.apply(self.sub)
         self.sub.setsockopt(zmq.RCVHWM, 0)  # queue at the subscriber rather than drop at the PUB
         self.sub.setsockopt(zmq.SNDHWM, 100_000)  # >1000 subscriptions resent on reconnect
         self.sub.setsockopt(zmq.LINGER, 0)
-        self.sub.connect(cfg.replication)
+        self.sub.connect(self.pair.replication)
         # Every replication message for this worker, whatever slots it carries; the core applies
         # only what the registered broker incarnation sent for slots it holds.
         self.sub.setsockopt(zmq.SUBSCRIBE, worker_topic(cfg.worker_id))
         self.dealer: zmq.Socket | None = None
+        self.monitor: zmq.Socket | None = None  # the DEALER's monitor, with several brokers
         self.poller = zmq.Poller()
         self.poller.register(self.sub, zmq.POLLIN)
         self.broker_seen = 0.0
+        self.connected_at = 0.0
+        self.broker_gone = False  # the monitor saw the connection drop or fail
+        self.tried: set[BrokerPair] = set()  # moved to since the last registration (logged at info)
         self.last_heartbeat = 0.0
         self.stopping = False
 
     # -- connection to the broker ---------------------------------------------------------------
 
     def connect(self) -> None:
+        """A new DEALER to the current pair's backend (the SUB follows in ``switch``), and READY."""
         ready = self.core.reconnect()
-        if self.dealer is not None:
-            self.poller.unregister(self.dealer)
-            self.dealer.close(linger=0)
+        first = self.dealer is None
+        self._close_dealer()
         self.dealer = self.ctx.socket(zmq.DEALER)
         self.dealer.setsockopt(zmq.LINGER, 0)
         self.dealer.setsockopt(zmq.SNDHWM, 100_000)
         self.dealer.setsockopt(zmq.RCVHWM, 0)
         if self.credentials is not None:
             self.credentials.apply(self.dealer)
-        self.dealer.connect(self.cfg.broker)
+        if self.brokers.several:
+            self.monitor = self.dealer.get_monitor_socket(GONE_EVENTS | zmq.EVENT_CONNECTED)
+            self.poller.register(self.monitor, zmq.POLLIN)
+        self.dealer.connect(self.pair.backend)
         self.poller.register(self.dealer, zmq.POLLIN)
         self.send(ready)
-        self.broker_seen = time.monotonic()
-        log.info("ready_sent", broker=self.cfg.broker, id=self.cfg.worker_id,
-                 slots_with_data=len(self.store.positions))
+        self.broker_seen = self.connected_at = time.monotonic()
+        self.broker_gone = False
+        # With several brokers, after the first: broker_switched says where (standbys are retried).
+        (log.info if not self.brokers.several or first else log.debug)(
+            "ready_sent", broker=self.pair.backend, id=self.cfg.worker_id, slots_with_data=len(self.store.positions))
+
+    def _close_dealer(self) -> None:
+        if self.monitor is not None:
+            assert self.dealer is not None
+            self.poller.unregister(self.monitor)
+            self.dealer.disable_monitor()
+            self.monitor.close(linger=0)
+            self.monitor = None
+        if self.dealer is not None:
+            self.poller.unregister(self.dealer)
+            self.dealer.close(linger=0)
+            self.dealer = None
+
+    def switch(self, pair: BrokerPair, reason: str) -> None:
+        """Talk to ``pair`` from now on (both sockets), and register there."""
+        if pair != self.pair:
+            # At info the first move to each broker since the last registration; while the worker
+            # keeps going round (every broker down, an election under way) at debug.
+            (log.debug if pair in self.tried else log.info)(
+                "broker_switched", **{"from": self.pair.backend}, to=pair.backend, reason=reason)
+            self.tried.add(pair)
+            try:
+                self.sub.disconnect(self.pair.replication)
+            except zmq.ZMQError:
+                pass  # not connected (yet): nothing to undo
+            self.sub.connect(pair.replication)  # the subscription is sent again on the new connection
+            self.pair = pair
+        self.connect()
 
     def send(self, frames: list[bytes]) -> None:
         assert self.dealer is not None
@@ -134,6 +183,8 @@ class WorkerServer:
                     self._drain_sub(now)
                 if self.dealer in events:
                     self._drain_dealer(now)
+                if self.monitor is not None and self.monitor in events:
+                    self._drain_monitor()
                 self.core.flush()
                 self.flush_outbox()
                 if now - self.last_heartbeat >= self.cfg.heartbeat:
@@ -143,8 +194,11 @@ class WorkerServer:
                                                       "applied": self.core.applied_total,
                                                       "commits": self.core.commits})])
                 if now - self.broker_seen > self.cfg.heartbeat * self.cfg.liveness:
-                    log.warning("broker_silent_reconnecting", silent_s=round(now - self.broker_seen, 1))
-                    self.connect()
+                    if not self.brokers.several:  # with several, broker_switched says it
+                        log.warning("broker_silent_reconnecting", silent_s=round(now - self.broker_seen, 1))
+                    self.switch(self.brokers.next(), "silent")  # with one broker: that one again
+                elif self.broker_gone and now - self.connected_at >= REREGISTER_PAUSE:
+                    self.switch(self.brokers.next(), "disconnected")
                 if now - last_reclaim >= RECLAIM_INTERVAL:
                     last_reclaim = now
                     self.core.retry_stalled_repairs(now)
@@ -172,6 +226,10 @@ class WorkerServer:
         except zmq.ZMQError:
             pass
         self.store.close()
+        if self.monitor is not None:
+            assert self.dealer is not None
+            self.dealer.disable_monitor()
+            self.monitor.close(linger=0)
         if self.dealer is not None:
             self.dealer.close(linger=100)
         self.sub.close(linger=0)
@@ -194,6 +252,17 @@ class WorkerServer:
             for rep in batches:
                 self.core.on_replicate(rep, now)
 
+    def _drain_monitor(self) -> None:
+        assert self.monitor is not None
+        while True:
+            try:
+                event = recv_monitor_message(self.monitor, zmq.NOBLOCK)["event"]
+            except zmq.Again:
+                return
+            # Acted on in the loop, at most every REREGISTER_PAUSE: a cluster with every broker
+            # down is tried in turn, not spun through.
+            self.broker_gone = bool(event & GONE_EVENTS)
+
     def _drain_dealer(self, now: float) -> None:
         assert self.dealer is not None
         for _ in range(DRAIN_LIMIT):
@@ -215,10 +284,22 @@ class WorkerServer:
     def _on_command(self, cmd: bytes, body: list[bytes], now: float) -> None:
         self.core.on_broker(cmd, body, now)
         self.flush_outbox()
-        if self.core.reconnect_requested:
-            log.warning("broker_disconnected_us_reconnecting")
-            time.sleep(0.2)  # do not spin if the broker keeps refusing (duplicate id)
-            self.connect()
+        if self.core.broker_epoch is not None:
+            self.tried.clear()
+        if self.core.deposed_broker:
+            time.sleep(REREGISTER_PAUSE)  # with one broker: the same one again, not in a spin
+            self.switch(self.brokers.next(), "deposed")
+        elif self.core.reconnect_requested:
+            action = self.brokers.on_disconnect(self.core.disconnect_info)
+            if action == AGAIN:
+                log.warning("broker_disconnected_us_reconnecting")
+            elif action == FOLLOW and self.brokers.outside is not None:
+                log.info("leader_not_in_broker_list", leader=self.brokers.current.backend,
+                         replication=self.brokers.current.replication)
+            # Also before following a leader: two standbys naming each other (stale hints) must
+            # not spin. A standby without a leader is asked again (at debug): it may be elected.
+            time.sleep(REREGISTER_PAUSE)  # nor if the broker keeps refusing (duplicate id)
+            self.switch(self.brokers.current, "standby")
 
 
 def run_worker(cfg: WorkerConfig) -> None:

@@ -17,7 +17,7 @@ from protocol.replication import Replicate
 from worker import chunks, expiry, reads, snapshots, writes
 from worker.expiry import ExpiredKey
 from worker.reads import ReadResult, ScanResult
-from worker.records import META_CLUSTER, META_DATA_ID, Position
+from worker.records import EPOCH, META_CLUSTER, META_DATA_ID, META_EPOCH, Position
 from worker.slots import forget_slot, half_installed, load_positions
 from worker.snapshots import SnapshotEntries
 from worker.tables import Tables
@@ -61,6 +61,17 @@ class SlotStore:
     def set_cluster_id(self, cluster_id: bytes) -> None:
         with self.env.begin(write=True) as txn:
             txn.put(META_CLUSTER, cluster_id, db=self.meta)
+
+    @property
+    def highest_epoch(self) -> int:
+        """The highest broker epoch recorded by ``set_highest_epoch`` (0: none yet)."""
+        with self.env.begin() as txn:
+            raw = txn.get(META_EPOCH, db=self.meta)
+        return EPOCH.unpack(raw)[0] if raw else 0
+
+    def set_highest_epoch(self, epoch: int) -> None:
+        with self.env.begin(write=True) as txn:
+            txn.put(META_EPOCH, EPOCH.pack(epoch), db=self.meta)
 
     def stats(self) -> dict[str, int]:
         with self.env.begin() as txn:

@@ -1,0 +1,86 @@
+"""Which broker a worker talks to, when several run (etcd mode: one leader, the others standbys).
+
+``--broker`` and ``--replication`` list the same brokers in the same order: pair i is broker i's
+backend and its replication PUB. The worker talks to one pair at a time, starting with the first;
+``BrokerList`` decides which, free of sockets (worker/server.py connects them):
+
+- ``next()``: the broker is gone (silent, disconnected, nothing listening) or deposed: the next
+  pair in the list, wrapping around. With one broker that is the same one again (today's rule).
+- ``on_disconnect(info)``: a DISCONNECT's body (docs/protocol.md §2). A standby naming the leader:
+  follow the hint (the listed pair with that backend, or the hint and its replication url as a
+  pair of their own); a standby that knows no leader: stay and register again (it may become the
+  leader); no body: register again with the same broker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from protocol.limits import split_urls
+
+FOLLOW = "follow"  # moved to the broker a standby named as leader
+WAIT = "wait"  # a standby without a leader: READY again to the same broker after a pause
+AGAIN = "again"  # plain DISCONNECT ("register again"): READY again to the same broker
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerPair:
+    backend: str  # the worker's DEALER connects here
+    replication: str  # its SUB connects here
+
+
+class BrokerList:
+    def __init__(self, backends: list[str], replications: list[str]) -> None:
+        if not backends or len(backends) != len(replications):
+            raise ValueError(
+                f"--broker lists {len(backends)} endpoint(s) and --replication {len(replications)}: give one "
+                "replication PUB per broker backend, in the same order (ZKV_WORKER_BROKER, ZKV_WORKER_REPLICATION)")
+        self.pairs = [BrokerPair(b, r) for b, r in zip(backends, replications, strict=True)]
+        self.index = 0
+        self.outside: BrokerPair | None = None  # a leader named by a standby but not in the list
+
+    @classmethod
+    def parse(cls, broker: str, replication: str) -> BrokerList:
+        """From the option values (comma-separated lists); ValueError names what is wrong."""
+        return cls(split_urls(broker), split_urls(replication))
+
+    @property
+    def several(self) -> bool:
+        return len(self.pairs) > 1
+
+    @property
+    def current(self) -> BrokerPair:
+        return self.outside or self.pairs[self.index]
+
+    def next(self) -> BrokerPair:
+        """The pair after the current one (after an outside leader: the one after the listed pair
+        whose standby named it)."""
+        self.outside = None
+        self.index = (self.index + 1) % len(self.pairs)
+        return self.current
+
+    def follow(self, leader: str, replication: str | None) -> BrokerPair | None:
+        """Go to the broker a standby named as leader; None (and no change) when the hint cannot
+        be used: it is not in the list and comes without a replication url."""
+        for i, pair in enumerate(self.pairs):
+            if pair.backend == leader:
+                self.index, self.outside = i, None
+                return pair
+        if not replication:
+            return None
+        self.outside = BrokerPair(leader, replication)
+        return self.outside
+
+    def on_disconnect(self, info: Mapping[str, Any]) -> str:
+        """A DISCONNECT with this body (empty: ``{}``): FOLLOW (``current`` is the leader now),
+        WAIT or AGAIN (``current`` unchanged)."""
+        if info.get("reason") != "standby":
+            return AGAIN
+        leader = info.get("leader")
+        if isinstance(leader, str) and leader and leader != self.current.backend:
+            replication = info.get("replication")
+            if self.follow(leader, replication if isinstance(replication, str) else None) is not None:
+                return FOLLOW
+        return WAIT
