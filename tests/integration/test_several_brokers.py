@@ -188,3 +188,47 @@ def test_cli_names_every_broker_when_none_answers(tmp_path: Any) -> None:
                        text=True, timeout=30)
     assert r.returncode == 5, r.stderr
     assert f"no broker at any of {a}, {b}" in r.stderr
+
+
+def test_a_broker_killed_mid_session_is_left_within_about_a_second(cluster: Cluster, fakes: Any) -> None:
+    other = fakes(False)  # the broker listed second: a leader that answers every request
+    with Client(f"{cluster.frontend},{other.url}", timeout=10, credentials=cluster.credentials) as c:
+        assert c.put(b"ha:before", b"x") >= 1  # served by the real broker
+        assert not other.got
+        cluster.procs["broker"].kill()  # SIGKILL: its host's kernel drops the connection
+        t0 = time.monotonic()
+        assert c.put(b"ha:after", b"y") == 1  # the fake's answer
+        took = time.monotonic() - t0
+        assert c.brokers.current == other.url
+    assert [h["key"] for h in other.got] == [b"ha:after"]
+    assert took < 3.0, took  # one FAILOVER_WAIT, not the 6 s attempt timeout
+
+
+def test_an_async_watch_through_a_standby_sees_the_leaders_changes(cluster: Cluster, fakes: Any) -> None:
+    standby = fakes(cluster.frontend)
+
+    async def run() -> list[tuple[str, bytes, bytes | None]]:
+        async with AsyncClient(f"{standby.url},{cluster.frontend}", timeout=10,
+                               credentials=cluster.credentials) as c:
+            w = c.watch(b"haw:")
+            got: list[Any] = []
+
+            async def take() -> None:
+                async for e in w:
+                    got.append(e)
+                    if len(got) == 2:
+                        return
+
+            task = asyncio.ensure_future(take())
+            try:
+                await asyncio.sleep(0.5)
+                await c.put(b"haw:1", b"a")
+                await c.put(b"haw:2", b"b")
+                await asyncio.wait_for(task, 15)
+            finally:
+                task.cancel()
+                await w.close()
+            return [(e.kind, e.key, e.value) for e in got]
+
+    assert asyncio.run(run()) == [("put", b"haw:1", b"a"), ("put", b"haw:2", b"b")]
+    assert "watch" in [h["op"] for h in standby.got]
