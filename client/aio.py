@@ -18,10 +18,11 @@ import zmq.asyncio
 
 from client import programs
 from client.api import Build, Commands
-from client.client import broker_url, client_credentials, dealer
+from client.brokers import LINK_CHECK, BrokerList, Link
+from client.client import broker_url, client_credentials, close_linked, linked_dealer
 from client.commands import Call, OnPartial, Reply, StreamInfo, needs_size_check, oversize
 from client.retry import DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_TIMEOUT, Attempts
-from client.watch import WatchEvent, WatchSession
+from client.watch import WatchEvent, WatchSession, follow_leader
 from protocol.curve import Credentials
 from protocol.errors import ClientClosed
 from protocol.frames import C_FINAL, C_PARTIAL, C_REQUEST, MDPC, SERVICE, unpack
@@ -39,12 +40,15 @@ class AsyncClient(Commands):
         context: zmq.asyncio.Context | None = None,
         credentials: str | os.PathLike[str] | Credentials | None = None,
     ) -> None:
-        """``url``: the broker's frontend; by default ``$ZKV_URL``, else tcp://127.0.0.1:5555.
+        """``url``: the broker's frontend, or several brokers' (etcd mode) comma-separated: the
+        client talks to one at a time and follows the leader (client/brokers.py); by default
+        ``$ZKV_URL``, else tcp://127.0.0.1:5555.
         ``timeout``: the most one call may take, retries included (seconds).
         ``attempt_timeout``: how long one attempt waits for a reply before it is sent again.
         ``credentials``: a client credentials file (``zkv keys add-client``) for a broker with
         keys; by default ``$ZKV_CREDENTIALS``, else none."""
         self.url = broker_url(url)
+        self.brokers = BrokerList(self.url)
         self.credentials = client_credentials(credentials)
         self.timeout = timeout
         self.attempt_timeout = attempt_timeout
@@ -52,26 +56,44 @@ class AsyncClient(Commands):
         self._ids = itertools.count(1)
         self._ctx = context or zmq.asyncio.Context.instance()
         self._sock: zmq.asyncio.Socket | None = None
+        self._link: Link | None = None
+        self._at = ""  # the URL the socket is connected to
         self._waiting: dict[Any, asyncio.Future[list[bytes]]] = {}
         self._partials: dict[Any, OnPartial] = {}
         self._reader: asyncio.Task[None] | None = None
         self._open()
 
     def _open(self) -> None:
-        if self._sock is not None:
-            self._sock.close(linger=0)
-        self._sock = dealer(self._ctx, self.url, self.credentials)
+        """A fresh socket to the current broker (the old one's queued replies are dropped)."""
+        moved = self._at != self.brokers.current
+        close_linked(self._sock, self._link)
+        self._at = self.brokers.current
+        self._sock, self._link = linked_dealer(self._ctx, self._at, self.credentials, self.brokers.several)
         if self._reader is not None:
             self._reader.cancel()
         self._reader = None
+        if moved:
+            # Another broker: the requests waiting on the old socket resend at once (an empty
+            # reply means "moved") instead of waiting out their attempt timeout.
+            for fut in self._waiting.values():
+                if not fut.done():
+                    fut.set_result([])
+
+    def _ensure(self) -> zmq.asyncio.Socket:
+        """The socket, reopened first if the client has moved to another broker."""
+        if self._sock is None:
+            raise ClientClosed("client is closed")
+        if self._at != self.brokers.current:
+            self._open()
+        assert self._sock is not None
+        return self._sock
 
     async def close(self) -> None:
         if self._reader is not None:
             self._reader.cancel()
             self._reader = None
-        if self._sock is not None:
-            self._sock.close(linger=0)
-            self._sock = None
+        close_linked(self._sock, self._link)
+        self._sock, self._link = None, None
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -103,8 +125,7 @@ class AsyncClient(Commands):
 
     async def _roundtrip(self, service: bytes, body: list[bytes], rid: Any, wait: float,
                          on_partial: OnPartial | None = None) -> list[bytes] | None:
-        if self._sock is None:
-            raise ClientClosed("client is closed")
+        sock = self._ensure()
         if self._reader is None or self._reader.done():
             self._reader = asyncio.ensure_future(self._read_replies())
         fut: asyncio.Future[list[bytes]] = asyncio.get_running_loop().create_future()
@@ -112,8 +133,17 @@ class AsyncClient(Commands):
         if on_partial is not None:
             self._partials[(service, rid)] = on_partial
         try:
-            await self._sock.send_multipart([MDPC, C_REQUEST, service, *body], copy=len(body) < 2)
-            return await asyncio.wait_for(fut, wait)
+            await sock.send_multipart([MDPC, C_REQUEST, service, *body], copy=len(body) < 2)
+            if self._link is None:
+                return (await asyncio.wait_for(fut, wait)) or None  # [] : moved to another broker
+            # Several brokers: look at the connection meanwhile (client/brokers.py, FAILOVER_WAIT).
+            deadline = time.monotonic() + wait
+            while not fut.done():
+                left = deadline - time.monotonic()
+                if left <= 0 or (self._sock is sock and self._link is not None and self._link.dead()):
+                    return None
+                await asyncio.wait({fut}, timeout=min(left, LINK_CHECK))
+            return fut.result() or None  # [] : the client moved to another broker meanwhile
         except TimeoutError:
             return None
         finally:
@@ -127,17 +157,35 @@ class AsyncClient(Commands):
                             self.timeout, self.attempt_timeout)
         while True:
             body, wait = attempts.next()
-            sock = self._sock
+            sock = self._ensure()
             reply = await self._roundtrip(SERVICE, body, attempts.rid, wait, on_partial)
             if reply is None:
                 if self._sock is sock:  # once for the requests in flight that went unanswered with this one
+                    self.brokers.silent()  # several brokers: try the next one
                     self._open()  # drop whatever the old socket still queues for a dead broker
                 attempts.no_reply()
                 continue
             answer = attempts.answer(reply)
             if isinstance(answer, tuple):
+                self.brokers.settled()
                 return answer
+            if self._sock is sock:  # (a NOT_LEADER from a broker the client has left changes nothing)
+                answer = self.brokers.refused(attempts.last_error, answer)
             await asyncio.sleep(answer)
+
+    async def _mmi(self, service: bytes, body: list[bytes], wait: float) -> list[bytes] | None:
+        """As ``Client._mmi``: one management round trip, trying the next broker when one is
+        silent or gone (several brokers), each at most once, within ``wait``."""
+        deadline = time.monotonic() + wait
+        for _ in self.brokers.urls:
+            sock = self._ensure()
+            reply = await self._roundtrip(service, body, None, max(deadline - time.monotonic(), 0.0))
+            if reply is not None or not self.brokers.several or time.monotonic() >= deadline:
+                return reply
+            if self._sock is sock:
+                self.brokers.silent()
+                self._open()
+        return None
 
     async def _run_window(self, calls: Iterator[Call], window: int) -> None:
         """Run ``calls`` with up to ``window`` in flight: ``window`` lanes, each one call at a time.
@@ -174,7 +222,7 @@ class AsyncClient(Commands):
         if isinstance(step, programs.Window):
             return await self._run_window(step.calls, step.size)
         if isinstance(step, programs.Mmi):
-            return await self._roundtrip(step.service, step.body, None, step.wait)
+            return await self._mmi(step.service, step.body, step.wait)
         if isinstance(step, programs.Reopen):
             return self._open()
         raise TypeError(f"not a step: {step!r}")
@@ -225,6 +273,7 @@ class AsyncWatchStream:
         self._client = client
         self.session = session
         self._sock: zmq.asyncio.Socket | None = None
+        self._link: Link | None = None
         self._events: deque[WatchEvent] = deque()
 
     @property
@@ -245,6 +294,8 @@ class AsyncWatchStream:
 
     async def _pump(self) -> None:
         now = time.monotonic()
+        if self._link is not None and self.session.open_at is None and self._link.dead(now):
+            self.session.lost(now)  # several brokers: this one is gone, resume at the next
         act = self.session.due(now, lambda: next(self._client._ids))
         if act is not None:
             if act[0] == "open" or self._sock is None:
@@ -253,15 +304,23 @@ class AsyncWatchStream:
             await self._sock.send_multipart([MDPC, C_REQUEST, SERVICE, *act[1]])
             return
         assert self._sock is not None
-        if await self._sock.poll(int(self.session.wait(now) * 1000) + 1):
+        wait = self.session.wait(now)
+        if self._link is not None:
+            wait = min(wait, LINK_CHECK)
+        if await self._sock.poll(int(wait * 1000) + 1):
             frames = await self._sock.recv_multipart()
             if len(frames) >= 4 and frames[0] == MDPC and frames[1] in (C_PARTIAL, C_FINAL) and frames[2] == SERVICE:
                 self._events.extend(self.session.received(frames[1], frames[3:], time.monotonic()))
+                follow_leader(self.session, self._client.brokers)
 
     def _reopen(self) -> None:
-        if self._sock is not None:
-            self._sock.close(linger=0)
-        self._sock = dealer(self._client._ctx, self._client.url, self._client.credentials)
+        brokers = self._client.brokers
+        if self.session.silent:
+            brokers.silent()  # several brokers: a silence moves the watch to the next one
+        self.session.silent = False
+        close_linked(self._sock, self._link)
+        self._sock, self._link = linked_dealer(self._client._ctx, brokers.current, self._client.credentials,
+                                               brokers.several)
 
     async def close(self) -> None:
         """Cancel the watch (best effort: the broker also drops it without keepalives)."""
@@ -271,8 +330,8 @@ class AsyncWatchStream:
                     await self._sock.send_multipart([MDPC, C_REQUEST, SERVICE, *self.session.cancel()], zmq.NOBLOCK)
                 except zmq.ZMQError:
                     pass
-            self._sock.close(linger=100)
-            self._sock = None
+            close_linked(self._sock, self._link, linger=100)
+            self._sock, self._link = None, None
         self.session.ended = True
 
     async def __aenter__(self) -> AsyncWatchStream:

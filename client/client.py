@@ -21,10 +21,11 @@ import zmq
 
 from client import programs
 from client.api import Build, Commands
+from client.brokers import LINK_CHECK, BrokerList, Link
 from client.commands import Call, OnPartial, Reply, StreamInfo, needs_size_check, oversize
 from client.retry import DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_TIMEOUT, Attempts
 from client.streams import ValueStream
-from client.watch import WatchEvent, WatchSession
+from client.watch import WatchEvent, WatchSession, follow_leader
 from protocol.curve import CREDENTIALS_ENV, Credentials, load_credentials
 from protocol.errors import ClientClosed
 from protocol.frames import C_FINAL, C_PARTIAL, C_REQUEST, MDPC, SERVICE, unpack
@@ -48,12 +49,27 @@ def client_credentials(credentials: str | os.PathLike[str] | Credentials | None)
 def dealer(ctx: zmq.Context, url: str, credentials: Credentials | None = None) -> zmq.Socket:
     """A fresh DEALER connected to ``url`` (nothing an earlier socket queued reaches it), a
     CURVE client of the broker with ``credentials``."""
+    return linked_dealer(ctx, url, credentials, False)[0]
+
+
+def linked_dealer(ctx: zmq.Context, url: str, credentials: Credentials | None,
+                  watched: bool) -> tuple[zmq.Socket, Link | None]:
+    """``dealer``, and with ``watched`` (several brokers) a ``Link`` that tells whether its
+    connection is up (client/brokers.py: how a dead broker is left within about a second)."""
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     if credentials is not None:
         credentials.apply(sock)
+    link = Link(sock) if watched else None
     sock.connect(url)
-    return sock
+    return sock, link
+
+
+def close_linked(sock: zmq.Socket | None, link: Link | None, linger: int = 0) -> None:
+    if link is not None:
+        link.close()
+    if sock is not None:
+        sock.close(linger=linger)
 
 
 class Client(Commands):
@@ -65,12 +81,15 @@ class Client(Commands):
         context: zmq.Context | None = None,
         credentials: str | os.PathLike[str] | Credentials | None = None,
     ) -> None:
-        """``url``: the broker's frontend; by default ``$ZKV_URL``, else tcp://127.0.0.1:5555.
+        """``url``: the broker's frontend, or several brokers' (etcd mode) comma-separated: the
+        client talks to one at a time and follows the leader (client/brokers.py); by default
+        ``$ZKV_URL``, else tcp://127.0.0.1:5555.
         ``timeout``: the most one call may take, retries included (seconds).
         ``attempt_timeout``: how long one attempt waits for a reply before it is sent again.
         ``credentials``: a client credentials file (``zkv keys add-client``) for a broker with
         keys; by default ``$ZKV_CREDENTIALS``, else none."""
         self.url = broker_url(url)
+        self.brokers = BrokerList(self.url)
         self.credentials = client_credentials(credentials)
         self.timeout = timeout
         self.attempt_timeout = attempt_timeout
@@ -78,17 +97,32 @@ class Client(Commands):
         self._ids = itertools.count(1)
         self._ctx = context or zmq.Context.instance()
         self._sock: zmq.Socket | None = None
+        self._link: Link | None = None
+        self._at = ""  # the URL the socket is connected to
         self._open()
 
     def _open(self) -> None:
-        if self._sock is not None:
-            self._sock.close(linger=0)
-        self._sock = dealer(self._ctx, self.url, self.credentials)
+        """A fresh socket to the current broker (the old one's queued replies are dropped)."""
+        close_linked(self._sock, self._link)
+        self._at = self.brokers.current
+        self._sock, self._link = linked_dealer(self._ctx, self._at, self.credentials, self.brokers.several)
+
+    def _ensure(self) -> zmq.Socket:
+        """The socket, reopened first if the client has moved to another broker."""
+        if self._sock is None:
+            raise ClientClosed("client is closed")
+        if self._at != self.brokers.current:
+            self._open()
+        assert self._sock is not None
+        return self._sock
+
+    def _gone(self) -> bool:
+        """With several brokers: the current one's connection has been down for FAILOVER_WAIT."""
+        return self._link is not None and self._link.dead()
 
     def close(self) -> None:
-        if self._sock is not None:
-            self._sock.close(linger=0)
-            self._sock = None
+        close_linked(self._sock, self._link)
+        self._sock, self._link = None, None
 
     def __enter__(self) -> Client:
         return self
@@ -102,17 +136,18 @@ class Client(Commands):
                    on_partial: OnPartial | None = None) -> list[bytes] | None:
         """Send once, wait up to ``wait`` s for the reply whose header id is ``match``
         (PARTIALs for it go to ``on_partial``)."""
-        if self._sock is None:
-            raise ClientClosed("client is closed")
-        self._sock.send_multipart([MDPC, C_REQUEST, service, *body], copy=len(body) < 2)
+        sock = self._ensure()
+        sock.send_multipart([MDPC, C_REQUEST, service, *body], copy=len(body) < 2)
         deadline = time.monotonic() + wait
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not self._sock.poll(int(left * 1000) + 1):
-                if time.monotonic() >= deadline:
+            if self._link is not None:
+                left = min(left, LINK_CHECK)
+            if left <= 0 or not sock.poll(int(left * 1000) + 1):
+                if time.monotonic() >= deadline or self._gone():
                     return None
                 continue
-            frames = self._sock.recv_multipart(copy=True)
+            frames = sock.recv_multipart(copy=True)
             if len(frames) < 4 or frames[0] != MDPC or frames[2] != service:
                 continue
             if frames[1] == C_PARTIAL:
@@ -129,6 +164,21 @@ class Client(Commands):
                 return frames[3:]
             # A late reply to an earlier attempt or request: not ours, drop it.
 
+    def _mmi(self, service: bytes, body: list[bytes], wait: float) -> list[bytes] | None:
+        """One management round trip (mmi.status, mmi.service: answered by whichever broker the
+        client is at, a standby too) within ``wait``; with several brokers, the next one is tried
+        when one is silent or gone, each at most once."""
+        deadline = time.monotonic() + wait
+        for _ in self.brokers.urls:
+            sock = self._ensure()
+            reply = self._roundtrip(service, body, None, max(deadline - time.monotonic(), 0.0))
+            if reply is not None or not self.brokers.several or time.monotonic() >= deadline:
+                return reply
+            if self._sock is sock:
+                self.brokers.silent()
+                self._open()
+        return None
+
     def request(self, op: str, header: dict[str, Any], values: list[bytes] | None = None,
                 on_partial: OnPartial | None = None) -> Reply:
         """Send one kv request with retries; returns (reply header, value frames) or raises."""
@@ -136,24 +186,26 @@ class Client(Commands):
                             self.timeout, self.attempt_timeout)
         while True:
             body, wait = attempts.next()
-            sock = self._sock
+            sock = self._ensure()
             reply = self._roundtrip(SERVICE, body, attempts.rid, wait, on_partial)
             if reply is None:
                 if self._sock is sock:  # (as AsyncClient, where another request may have reopened it)
+                    self.brokers.silent()  # several brokers: try the next one
                     self._open()  # drop whatever the old socket still queues for a dead broker
                 attempts.no_reply()
                 continue
             answer = attempts.answer(reply)
             if isinstance(answer, tuple):
+                self.brokers.settled()
                 return answer
-            time.sleep(answer)
+            time.sleep(self.brokers.refused(attempts.last_error, answer))  # NOT_LEADER: go to the leader
 
     def _run_window(self, calls: Iterator[Call], window: int) -> None:
         """Run ``calls`` with up to ``window`` requests in flight (each with the retry rules of
         ``request``); raises the first error. The credit of a streamed put: a chunk is read from
-        the file and sent only when an earlier one is acknowledged."""
-        if self._sock is None:
-            raise ClientClosed("client is closed")
+        the file and sent only when an earlier one is acknowledged. With several brokers, a move
+        to another (a silence, NOT_LEADER) reopens the socket and resends everything in flight."""
+        self._ensure()
         # rid -> (attempts, call, when to resend, whether that is after a backoff or a silence)
         flight: dict[int, tuple[Attempts, Call, float, bool]] = {}
         calls = iter(calls)
@@ -161,9 +213,15 @@ class Client(Commands):
 
         def send(a: Attempts, call: Call) -> None:
             body, wait = a.next()
-            assert self._sock is not None
-            self._sock.send_multipart([MDPC, C_REQUEST, SERVICE, *body], copy=False)
+            self._ensure().send_multipart([MDPC, C_REQUEST, SERVICE, *body], copy=False)
             flight[a.rid] = (a, call, time.monotonic() + wait, False)
+
+        def switch(wait: float) -> None:
+            """The client moved to another broker: every request in flight goes there (after
+            ``wait``); their answers on the old socket are gone with it."""
+            self._open()
+            for rid, (a, call, _, _) in list(flight.items()):
+                flight[rid] = (a, call, time.monotonic() + wait, True)
 
         while more or flight:
             while more and len(flight) < window:
@@ -174,6 +232,14 @@ class Client(Commands):
                 send(Attempts(self.url, call.op, next(self._ids), self.client_id, call.header,
                               call.values, self.timeout, self.attempt_timeout), call)
             now = time.monotonic()
+            if self.brokers.several and flight and (self._gone() or any(
+                    now >= f[2] and not f[3] for f in flight.values())):
+                for a, _, _, backoff in flight.values():
+                    if not backoff:
+                        a.no_reply()
+                self.brokers.silent()
+                switch(0.0)
+                now = time.monotonic()
             for a, call, resend_at, backoff in list(flight.values()):
                 if now >= resend_at:
                     if not backoff:
@@ -182,9 +248,13 @@ class Client(Commands):
             if not flight:
                 continue
             next_due = min(f[2] for f in flight.values())
-            if not self._sock.poll(max(1, int((next_due - time.monotonic()) * 1000) + 1)):
+            left = next_due - time.monotonic()
+            if self._link is not None:
+                left = min(left, LINK_CHECK)
+            sock = self._ensure()
+            if not sock.poll(max(1, int(left * 1000) + 1)):
                 continue
-            frames = self._sock.recv_multipart()
+            frames = sock.recv_multipart()
             if len(frames) < 4 or frames[0] != MDPC or frames[1] != C_FINAL or frames[2] != SERVICE:
                 continue
             rid = unpack(frames[3]).get("id")
@@ -193,10 +263,16 @@ class Client(Commands):
             a, call, _, _ = flight[rid]
             answer = a.answer(frames[3:])
             if isinstance(answer, tuple):
+                self.brokers.settled()
                 del flight[rid]
                 call.parse(*answer)
+                continue
+            at = self.brokers.current
+            wait = self.brokers.refused(a.last_error, answer)
+            if self.brokers.current != at:
+                switch(wait)
             else:
-                flight[rid] = (a, call, time.monotonic() + answer, True)
+                flight[rid] = (a, call, time.monotonic() + wait, True)
 
     # -- running commands (written once in client/api.py and client/programs.py) ---------------
 
@@ -222,7 +298,7 @@ class Client(Commands):
         if isinstance(step, programs.Window):
             return self._run_window(step.calls, step.size)
         if isinstance(step, programs.Mmi):
-            return self._roundtrip(step.service, step.body, None, step.wait)
+            return self._mmi(step.service, step.body, step.wait)
         if isinstance(step, programs.Reopen):
             return self._open()
         raise TypeError(f"not a step: {step!r}")
@@ -273,6 +349,7 @@ class WatchStream:
         self._client = client
         self.session = session
         self._sock: zmq.Socket | None = None
+        self._link: Link | None = None
         self._events: deque[WatchEvent] = deque()
 
     @property
@@ -293,6 +370,8 @@ class WatchStream:
 
     def _pump(self) -> None:
         now = time.monotonic()
+        if self._link is not None and self.session.open_at is None and self._link.dead(now):
+            self.session.lost(now)  # several brokers: this one is gone, resume at the next
         act = self.session.due(now, lambda: next(self._client._ids))
         if act is not None:
             if act[0] == "open" or self._sock is None:
@@ -301,15 +380,23 @@ class WatchStream:
             self._sock.send_multipart([MDPC, C_REQUEST, SERVICE, *act[1]])
             return
         assert self._sock is not None
-        if self._sock.poll(int(self.session.wait(now) * 1000) + 1):
+        wait = self.session.wait(now)
+        if self._link is not None:
+            wait = min(wait, LINK_CHECK)
+        if self._sock.poll(int(wait * 1000) + 1):
             frames = self._sock.recv_multipart()
             if len(frames) >= 4 and frames[0] == MDPC and frames[1] in (C_PARTIAL, C_FINAL) and frames[2] == SERVICE:
                 self._events.extend(self.session.received(frames[1], frames[3:], time.monotonic()))
+                follow_leader(self.session, self._client.brokers)
 
     def _reopen(self) -> None:
-        if self._sock is not None:
-            self._sock.close(linger=0)
-        self._sock = dealer(self._client._ctx, self._client.url, self._client.credentials)
+        brokers = self._client.brokers
+        if self.session.silent:
+            brokers.silent()  # several brokers: a silence moves the watch to the next one
+        self.session.silent = False
+        close_linked(self._sock, self._link)
+        self._sock, self._link = linked_dealer(self._client._ctx, brokers.current, self._client.credentials,
+                                               brokers.several)
 
     def close(self) -> None:
         """Cancel the watch (best effort: the broker also drops it without keepalives)."""
@@ -319,8 +406,8 @@ class WatchStream:
                     self._sock.send_multipart([MDPC, C_REQUEST, SERVICE, *self.session.cancel()], zmq.NOBLOCK)
                 except zmq.ZMQError:
                     pass
-            self._sock.close(linger=100)
-            self._sock = None
+            close_linked(self._sock, self._link, linger=100)
+            self._sock, self._link = None, None
         self.session.ended = True
 
     def __enter__(self) -> WatchStream:

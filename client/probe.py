@@ -4,6 +4,7 @@ ZeroMQ's ``connect`` never fails: with nothing listening, a request just waits f
 socket monitor sees what the connection does: ``listening`` is False when no TCP connection to
 the address is made within ``wait`` (refused, or nothing answers), True when one is (a broker
 under load still accepts at once: the kernel and ZeroMQ's I/O thread do it, not its Python loop).
+``first_listening`` does it for a comma-separated list of brokers (etcd mode), in order.
 ``mmi_service`` is one timed management round trip (docs/protocol.md §1.5), for ``zkv ping``.
 With CURVE credentials the probe's socket uses them; a broker that refuses them (ZAP) or expects
 them (a CURVE server met without) raises ``CredentialsRefused``.
@@ -18,6 +19,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from protocol.curve import Credentials
 from protocol.frames import C_FINAL, C_REQUEST, MDPC, MMI_SERVICE, SERVICE
+from protocol.limits import split_urls
 
 PROBE_WAIT = 1.0  # s without a TCP connection before "no broker"
 HANDSHAKE_WAIT = 1.0  # s after connecting for the ZeroMQ handshake (a failed one: not a ZeroMQ peer)
@@ -72,6 +74,17 @@ def listening(url: str, wait: float = PROBE_WAIT, context: zmq.Context | None = 
         sock.disable_monitor()
         monitor.close(linger=0)
         sock.close(linger=0)
+
+
+def first_listening(urls: str | list[str], wait: float = PROBE_WAIT, context: zmq.Context | None = None,
+                    credentials: Credentials | None = None) -> str | None:
+    """The first of ``urls`` (a list, or comma-separated) where ``listening`` finds a broker, or
+    None if none does (each given up to ``wait`` s). A standby counts: it answers, and a client
+    at it follows the leader it names."""
+    for url in split_urls(urls) if isinstance(urls, str) else urls:
+        if listening(url, wait, context, credentials):
+            return url
+    return None
 
 
 def _mechanism_mismatch(value: int) -> bool:

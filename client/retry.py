@@ -13,6 +13,7 @@ from typing import Any
 from client.commands import Reply, error_for
 from protocol.errors import NoReply, ZkvError
 from protocol.frames import pack, unpack
+from protocol.limits import split_urls
 
 BACKOFF_FIRST, BACKOFF_MAX = 0.05, 1.0  # s before resending after a retried error, doubling
 DEFAULT_TIMEOUT = 10.0  # s one call may take, retries included
@@ -20,7 +21,10 @@ DEFAULT_ATTEMPT_TIMEOUT = 6.0  # s one attempt waits for its reply before the re
 
 
 def no_reply(url: str, timeout: float) -> NoReply:
-    """The error of a request that got no reply within the client's ``timeout``."""
+    """The error of a request that got no reply within the client's ``timeout`` (``url``: the
+    client's broker, or its comma-separated brokers)."""
+    if "," in url:
+        return NoReply(f"no reply from any of {', '.join(split_urls(url))} within {timeout}s")
     return NoReply(f"no reply from {url} within {timeout}s")
 
 
@@ -28,7 +32,8 @@ class Attempts:
     """The retry rules of one kv request, shared by both clients (they only move the frames):
     every attempt sends the same id and client id, marked as a retry after the first; a missing
     reply (the client then reopens its socket), or an error in ``protocol.errors.RETRIED``
-    (TIMEOUT, UNAVAILABLE), means try again after a backoff until ``timeout`` runs out."""
+    (TIMEOUT, UNAVAILABLE, NOT_LEADER), means try again after a backoff until ``timeout`` runs
+    out. Which broker the next attempt goes to is client/brokers.py's ``BrokerList``."""
 
     def __init__(self, url: str, op: str, rid: int, cid: bytes, header: dict[str, Any], values: list[bytes],
                  timeout: float, attempt_timeout: float) -> None:

@@ -10,8 +10,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from client.brokers import BrokerList
 from client.commands import Key, StreamInfo, error_for, key_bytes
 from client.retry import BACKOFF_FIRST, BACKOFF_MAX
+from protocol.errors import ZkvError
 from protocol.frames import C_PARTIAL, pack, unpack
 
 WATCH_KEEPALIVE = 2.0  # s between keepalives (the broker drops a watch after 10 s without one)
@@ -48,13 +50,18 @@ class WatchSession:
         self.last_heard = self.last_keepalive = 0.0
         self.backoff = BACKOFF_FIRST
         self.ended = False
+        # Why the watch resumes, for a client with several brokers: ``silent`` (nothing heard in
+        # WATCH_SILENCE, or the connection gone: try the next broker) and ``error`` (the last
+        # retried error reply, NOT_LEADER: follow its leader). The stream reads and clears them.
+        self.silent = False
+        self.error: ZkvError | None = None
 
     def due(self, now: float, next_id: Callable[[], int]) -> tuple[str, list[bytes]] | None:
         """What to send now: ("open", body) on a fresh socket, ("send", body), or None."""
         if self.ended:
             return None
         if self.open_at is None and now - self.last_heard > WATCH_SILENCE:
-            self._resume(now, 0.0)
+            self.lost(now)
         if self.open_at is not None:
             if now < self.open_at:
                 return None
@@ -78,6 +85,11 @@ class WatchSession:
     def cancel(self) -> list[bytes]:
         self.ended = True
         return [pack({"op": "watch", "id": self.rid, "cancel": True})]
+
+    def lost(self, now: float) -> None:
+        """The broker went silent (or its connection is gone): resume from the cursor now."""
+        self.silent = True
+        self._resume(now, 0.0)
 
     def _resume(self, now: float, delay: float) -> None:
         self.open_at = now + delay
@@ -119,7 +131,16 @@ class WatchSession:
         if not err.retried:
             self.ended = True
             raise err
+        self.error = err
         self._resume(now, self.backoff)
         self.backoff = min(self.backoff * 2, BACKOFF_MAX)
         return []
 
+
+
+def follow_leader(session: WatchSession, brokers: BrokerList) -> None:
+    """After a message: if the watch was refused with NOT_LEADER, move ``brokers`` to the leader
+    it names (the watch then reopens there at once) or to the next broker (after the backoff)."""
+    err, session.error = session.error, None
+    if err is not None and session.open_at is not None and brokers.refused(err, 1.0) == 0.0:
+        session.open_at = min(session.open_at, session.last_heard)

@@ -36,6 +36,16 @@ def status(url: str, timeout: float, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(st, indent=2, default=lambda b: b.hex()))
         return
+    if "role" in st or "leader" in st:  # several brokers (etcd mode): which one answered
+        leader = st.get("leader")
+        click.echo(f"role {st.get('role', '-')}  leader {leader if leader else 'unknown'}")
+    if st.get("role") == "standby" or "epoch" not in st:
+        # A standby serves nothing and keeps no cluster state of its own to show: whatever
+        # else its map says, one field a line (`zkv status --url LEADER` shows the cluster).
+        for k, v in st.items():
+            if k not in ("role", "leader"):
+                click.echo(f"{k} {json.dumps(v, default=lambda b: b.hex())}")
+        return
     click.echo(f"epoch {st['epoch']}  slots {st['slots']}  RF {st['rf']}  W {st['w']}  "
                f"formed {'yes' if st['formed'] else 'no'}  committed writes {st['committed_writes']}")
     rows = [("WORKER", "STATE", "LAST HEARTBEAT", "SLOTS", "KEYS", "DISK")]
@@ -192,9 +202,10 @@ def reload_keys(url: str, timeout: float) -> None:
 @timeout_option
 @click.option("-c", "--count", default=1, show_default=True, help="Round trips, one a second.")
 def ping(url: str, timeout: float, count: int) -> None:
-    """Time a round trip to the broker (mmi.service). Exit code 5 if no broker answers."""
+    """Time a round trip to the broker (mmi.service; of several, the first that listens). Exit
+    code 5 if no broker answers."""
     creds = credentials()
-    probe(url, min(timeout, 1.0), creds)
+    url = probe(url, min(timeout, 1.0), creds)
     for i in range(count):
         if i:
             time.sleep(1.0)

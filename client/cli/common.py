@@ -11,11 +11,11 @@ from typing import Any
 import click
 
 from client.client import Client
-from client.probe import CredentialsRefused, listening
+from client.probe import CredentialsRefused, first_listening
 from client.retry import DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_TIMEOUT
 from protocol.curve import CREDENTIALS_ENV, Credentials, KeysError, load_credentials
 from protocol.errors import ErrorCode, Unavailable, ZkvError
-from protocol.limits import DEFAULT_FRONTEND, MAX_TTL_MS, URL_ENV
+from protocol.limits import DEFAULT_FRONTEND, MAX_TTL_MS, URL_ENV, split_urls
 
 # Exit codes: 1 generic failure, 2 usage (click), 3 not found, 4 not enough replicas,
 # 5 timeout or unavailable, 6 a compare-and-set whose condition did not hold, 7 forbidden (the
@@ -53,13 +53,16 @@ def credentials() -> Credentials | None:
 
 
 def connect(url: str, timeout: float, need_cluster: bool = True) -> Client:
-    """A client of the broker at ``url``; fails within about a second if no broker listens there
-    (a request would wait for its whole timeout) and, with ``need_cluster``, at once if the
-    broker's cluster has not formed (the client would resend the broker's UNAVAILABLE until
-    ``timeout``). Commands that work before the cluster forms (status, admin) pass False."""
+    """A client of the broker at ``url`` (or of several brokers, comma-separated: it starts at the
+    first that listens and follows the leader); fails within about a second (a second per URL)
+    if no broker listens there (a request would wait for its whole timeout) and, with
+    ``need_cluster``, at once if the broker's cluster has not formed (the client would resend the
+    broker's UNAVAILABLE until ``timeout``). Commands that work before the cluster forms (status,
+    admin) pass False."""
     creds = credentials()
-    probe(url, min(timeout, 1.0), creds)
+    there = probe(url, min(timeout, 1.0), creds)
     client = Client(url, timeout=timeout, attempt_timeout=min(timeout, DEFAULT_ATTEMPT_TIMEOUT), credentials=creds)
+    client.brokers.start_at(there)
     if need_cluster:
         try:
             _require_cluster(client)
@@ -69,24 +72,37 @@ def connect(url: str, timeout: float, need_cluster: bool = True) -> Client:
     return client
 
 
-def probe(url: str, wait: float, creds: Credentials | None) -> None:
-    """Fail at once, in one line, if no broker listens at ``url`` or it refuses ``creds``."""
+def probe(url: str, wait: float, creds: Credentials | None) -> str:
+    """Fail at once, in one line, if no broker listens at ``url`` (at any of them, for a
+    comma-separated list) or it refuses ``creds``; else the URL where one listens."""
+    urls = split_urls(url)
     try:
-        there = listening(url, wait, credentials=creds)
+        there = first_listening(urls, wait, credentials=creds)
     except CredentialsRefused as e:
         who = "these credentials" if creds else "a client without credentials"
         raise KeyRefused(f"the broker at {url} refused {who} ({e}): {CREDENTIALS_ENV}, --credentials") from None
-    if not there:
-        raise NoBroker(f"no broker at {url}: is it running? ({URL_ENV}, --url)")
+    if there is None:
+        where = url if len(urls) == 1 else "any of " + ", ".join(urls)
+        raise NoBroker(f"no broker at {where}: is it running? ({URL_ENV}, --url)")
+    return there
 
 
 def _require_cluster(client: Client) -> None:
-    if client.service_available(wait=min(client.timeout, 2.0)):
+    for _ in range(len(client.brokers.urls) + 1):
+        if client.service_available(wait=min(client.timeout, 2.0)):
+            return
+        try:
+            st = client.status()
+        except ZkvError as e:
+            raise ZkvCommandError(e) from None
+        if st.get("role") != "standby":
+            break
+        # A standby (etcd mode) serves nothing: check the leader it names; without one, the
+        # request itself finds the leader (it follows NOT_LEADER, within its timeout).
+        if not st.get("leader") or not client.brokers.follow(st["leader"]):
+            return
+    else:
         return
-    try:
-        st = client.status()
-    except ZkvError as e:
-        raise ZkvCommandError(e) from None
     if not st["formed"]:
         registered = len(st["workers"])
         raise ZkvCommandError(Unavailable(
@@ -97,7 +113,8 @@ def _require_cluster(client: Client) -> None:
 
 
 _url_option: Callable[[Any], Any] = click.option(
-    "--url", default=DEFAULT_FRONTEND, show_default=True, envvar=URL_ENV, help="Broker frontend.")
+    "--url", default=DEFAULT_FRONTEND, show_default=True, envvar=URL_ENV,
+    help="Broker frontend, or several brokers' comma-separated (etcd mode: the leader is found and followed).")
 
 
 def _keep_credentials(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:

@@ -22,8 +22,9 @@ import pytest
 
 from protocol import curve
 from protocol.curve import CREDENTIALS_ENV
-from tests.support.cluster import Cluster
+from tests.support.cluster import Cluster, free_port
 from tests.support.requirements import missing
+from tests.support.standby import FakeBroker
 
 NODE_DIR = Path(__file__).parent / "node"
 NPM_INSTALL_TIMEOUT = 240  # s
@@ -204,3 +205,24 @@ def check_protocol_scenario(node_dir: Path, cluster: Cluster, credentials: Path 
     assert py.get(f"{prefix}/ttl") is None
     assert py.get(f"{prefix}/retry") == b"second"
     assert py.get(f"{prefix}/bad-ttl") is None  # refused requests touch nothing
+
+
+@pytest.mark.timeout(180)
+def test_node_client_follows_the_leader_through_a_list(node_dir: Path, cluster: Cluster) -> None:
+    """Given several brokers (docs/protocol.md "Several brokers"), the Node client follows a
+    standby's NOT_LEADER to the leader it names, and leaves a URL where nothing listens within
+    about a second."""
+    standby = FakeBroker(cluster.frontend)
+    try:
+        out = run_node(node_dir, ["--several", f"{standby.url},{cluster.frontend}", "node-several"],
+                       cluster.credentials)
+    finally:
+        standby.close()
+    assert out["value"] == "through the list" and out["served_by"] == cluster.frontend
+    assert [h["op"] for h in standby.got] == ["put"]  # refused once, then the leader for good
+    assert cluster.client().get_versioned(b"node-several/several") == (b"through the list", out["version"])
+
+    dead = f"tcp://127.0.0.1:{free_port()}"
+    out = run_node(node_dir, ["--several", f"{dead},{cluster.frontend}", "node-dead"], cluster.credentials)
+    assert out["value"] == "through the list" and out["served_by"] == cluster.frontend
+    assert out["put_ms"] < 3000, out  # about FAILOVER_WAIT, not the 6 s attempt timeout

@@ -4,6 +4,8 @@
 // As a script:  `node client.mjs <frontend-url> <key-prefix> <python-key-hex>` runs a scenario against a
 // live cluster and prints one JSON object on stdout (tests/integration/test_node_client.py checks it);
 // `node client.mjs --roles <frontend-url> <key-prefix>` checks what the credentials' role may do (§1.12).
+// `node client.mjs --several <url,url,...> <key-prefix>` puts and gets one key through a list of brokers
+// (docs/protocol.md "Several brokers": a standby answers NOT_LEADER naming the leader).
 // With ZKV_CREDENTIALS set to a credentials file (`zkv keys add-client`), both connect over CURVE.
 
 import { createHash, randomBytes } from "node:crypto";
@@ -20,7 +22,12 @@ const PARTIAL = 0x02;
 const FINAL = 0x03;
 const KV = Buffer.from("kv");
 // §1.4: codes after which the same request (same id and cid) may be sent again.
-const RETRYABLE = new Set(["TIMEOUT", "UNAVAILABLE", "NOT_ENOUGH_REPLICAS"]);
+const RETRYABLE = new Set(["TIMEOUT", "UNAVAILABLE", "NOT_ENOUGH_REPLICAS", "NOT_LEADER"]);
+// "Several brokers": how long a connection may be down (or not yet up) before the client moves on,
+// and how often a wait for a reply looks at it.
+const FAILOVER_WAIT = 1000;
+const LINK_CHECK = 100;
+const sameUrl = (a, b) => a.trim().replace(/\/+$/, "").toLowerCase() === b.trim().replace(/\/+$/, "").toLowerCase();
 
 export class ZkvError extends Error {
   constructor(code, message, id = null) {
@@ -50,10 +57,16 @@ const toBuf = (b) => (Buffer.isBuffer(b) ? b : typeof b === "string" ? Buffer.fr
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
 export class ZkvClient {
+  // url: a broker's frontend, or several brokers' comma-separated (one at a time; the leader is followed);
   // timeout: the most one call may take, retries included; attemptTimeout: how long one attempt waits;
   // credentials: the path of a credentials file, for a broker started with --keys (§1.12).
   constructor(url, { timeout = 20000, attemptTimeout = 6000, credentials = null } = {}) {
     this.url = url;
+    this.urls = url.split(",").map((u) => u.trim()).filter(Boolean);
+    if (this.urls.length === 0) throw new Error(`no broker URL in ${JSON.stringify(url)}`);
+    this.at = 0; // the list's entry talked to,
+    this.leader = null; // unless a standby named a leader outside the list
+    this.hops = 0; // leaders followed since the last answer that was not NOT_LEADER
     this.curve = credentials ? loadCredentials(credentials) : null;
     this.timeout = timeout;
     this.attemptTimeout = attemptTimeout;
@@ -61,6 +74,45 @@ export class ZkvClient {
     this.nextId = 1;
     this.sock = null;
     this.open();
+  }
+
+  // -- several brokers (docs/protocol.md "Several brokers") ----------------------------------------
+
+  current() {
+    return this.leader ?? this.urls[this.at];
+  }
+
+  get several() {
+    return this.urls.length > 1;
+  }
+
+  // The next URL of the list (after a silence, or NOT_LEADER naming no one).
+  next() {
+    this.at = (this.at + 1) % this.urls.length; // (from a leader outside the list: the entry after where it was left)
+    this.leader = null;
+  }
+
+  // NOT_LEADER: go to the leader it names and return true (resend at once), or move on and return false
+  // (back off first): no leader named, the standby named itself, or more leaders followed in a row than
+  // there are URLs (standbys that disagree during an election).
+  follow(leader) {
+    if (!leader || sameUrl(leader, this.current()) || this.hops > this.urls.length) {
+      this.hops = 0;
+      this.next();
+      return false;
+    }
+    this.hops += 1;
+    const i = this.urls.findIndex((u) => sameUrl(u, leader));
+    if (i >= 0) [this.at, this.leader] = [i, null];
+    else this.leader = leader.trim();
+    return true;
+  }
+
+  // With several brokers: the connection has been down, or never up, for FAILOVER_WAIT. A dead broker's
+  // connection is refused or dropped by its host at once, while a live one's stays up however slow its
+  // answer: so a dead broker costs about a second, a slow leader is still waited for.
+  linkDead() {
+    return this.link !== null && !this.link.up && Date.now() - this.link.downSince >= FAILOVER_WAIT;
   }
 
   open() {
@@ -71,7 +123,17 @@ export class ZkvClient {
       Object.assign(options, { curveServerKey, curvePublicKey, curveSecretKey });
     }
     this.sock = new Dealer(options);
-    this.sock.connect(this.url);
+    this.link = null;
+    if (this.several || this.leader !== null) {
+      const link = { up: false, downSince: Date.now() };
+      const up = () => { link.up = true; };
+      this.sock.events.on("connect", up); // TCP up (and the ZMTP handshake, where libzmq reports it)
+      this.sock.events.on("handshake", up);
+      this.sock.events.on("disconnect", () => { if (link.up) [link.up, link.downSince] = [false, Date.now()]; });
+      this.link = link;
+    }
+    this.opened = this.current();
+    this.sock.connect(this.opened);
   }
 
   close() {
@@ -83,18 +145,20 @@ export class ZkvClient {
   // (or an error with id nil). Returns the frames after the service frame, or null on timeout.
   // PARTIALs for `matchId` (§1.8, get_chunks) go to onPartial(header, valueFrames).
   async roundtrip(frames, service, matchId, waitMs, onPartial = null) {
+    if (this.opened !== this.current()) this.open(); // moved to another broker
     await this.sock.send(frames);
     const deadline = Date.now() + waitMs;
     for (;;) {
       const left = deadline - Date.now();
       if (left <= 0) return null;
-      this.sock.receiveTimeout = left;
+      this.sock.receiveTimeout = this.link ? Math.min(left, LINK_CHECK) : left;
       let reply;
       try {
         reply = await this.sock.receive();
       } catch (e) {
-        if (e.code === "EAGAIN") return null;
-        throw e;
+        if (e.code !== "EAGAIN") throw e;
+        if (!this.link || Date.now() >= deadline || this.linkDead()) return null;
+        continue;
       }
       if (reply.length >= 4 && reply[0].equals(MDPC) && reply[1].length === 1 && reply[1][0] === PARTIAL) {
         const hdr = decode(reply[3]);
@@ -136,16 +200,21 @@ export class ZkvClient {
       if (left <= 0) throw last || new ZkvError("TIMEOUT", `no reply from ${this.url}`, id);
       const body = await this.roundtrip(frames, KV, id, Math.min(left, this.attemptTimeout), onPartial);
       if (body === null) {
+        if (this.several || this.leader !== null) this.next(); // several brokers: try the next one
         this.open(); // drop replies queued for a dead connection, then resend the same frames
         last = new ZkvError("TIMEOUT", `no reply from ${this.url}`, id);
         continue;
       }
       const header = decode(body[0]);
+      if (header.code !== "NOT_LEADER") this.hops = 0;
       if (header.ok) return { header, values: body.slice(1) };
       const err = new ZkvError(String(header.code), String(header.message ?? ""), header.id ?? null);
       err.version = header.version ?? null; // CONDITION_FAILED carries the key's current version
       if (!err.retryable) throw err;
       last = err;
+      // A standby: nothing was done; the same frames go to the leader it names at once (the next
+      // roundtrip reopens the socket there), or to the next broker after the backoff.
+      if (err.code === "NOT_LEADER" && this.follow(header.leader ?? null)) continue;
       await sleep(Math.min(backoff, Math.max(0, deadline - Date.now())));
       backoff = Math.min(backoff * 2, 1000);
     }
@@ -401,6 +470,20 @@ async function scenario(url, prefix, pythonKeyHex) {
   return out;
 }
 
+// Several brokers: one key put and read through the list; which broker served, and how long it took.
+async function severalScenario(urls, prefix) {
+  const c = new ZkvClient(urls, { credentials: credentials(), timeout: 10000 });
+  try {
+    const t0 = Date.now();
+    const version = await c.put(`${prefix}/several`, "through the list");
+    const putMs = Date.now() - t0;
+    const value = (await c.get(`${prefix}/several`)).toString();
+    return { version, put_ms: putMs, value, served_by: c.current() };
+  } finally {
+    c.close();
+  }
+}
+
 // §1.12 roles: what the credentials may read and write, and the FORBIDDEN refusals. A client with no
 // credentials (or keys the broker does not know) gets no connection at all: every attempt times out.
 async function rolesScenario(url, prefix) {
@@ -429,13 +512,16 @@ async function rolesScenario(url, prefix) {
 if (process.argv[1] && import.meta.url === pathToFileURL(process.argv[1]).href) {
   const args = process.argv.slice(2);
   const roles = args[0] === "--roles";
-  const [url, prefix, pythonKeyHex] = roles ? args.slice(1) : args;
-  if (!url || !prefix || (!roles && pythonKeyHex === undefined)) {
+  const several = args[0] === "--several";
+  const [url, prefix, pythonKeyHex] = roles || several ? args.slice(1) : args;
+  if (!url || !prefix || (!roles && !several && pythonKeyHex === undefined)) {
     console.error("usage: node client.mjs <frontend-url> <key-prefix> <python-key-hex>\n" +
-      "       node client.mjs --roles <frontend-url> <key-prefix>");
+      "       node client.mjs --roles <frontend-url> <key-prefix>\n" +
+      "       node client.mjs --several <url,url,...> <key-prefix>");
     process.exit(2);
   }
-  (roles ? rolesScenario(url, prefix) : scenario(url, prefix, pythonKeyHex)).then(
+  (roles ? rolesScenario(url, prefix) : several ? severalScenario(url, prefix)
+    : scenario(url, prefix, pythonKeyHex)).then(
     (out) => {
       process.stdout.write(JSON.stringify(out) + "\n");
       process.exit(0);

@@ -1,0 +1,160 @@
+"""Several brokers (etcd mode, issue 11): which one a client talks to, and when it moves on.
+
+A client is given one broker frontend or a comma-separated list of them. It talks to one at a
+time. ``BrokerList`` is the rule, kept pure (no sockets, no clock) so that every sender shares it:
+``Client`` and ``AsyncClient`` requests, the windowed sender of streamed puts, watches:
+
+* a ``NOT_LEADER`` reply naming the leader: go there (the list's entry if it is one, else the
+  named URL itself) and resend at once; the request had no effect (docs/protocol.md §1.4);
+* a ``NOT_LEADER`` without a leader, or no reply in time: the next URL of the list, after the
+  usual backoff (client/retry.py) for the former;
+* with one URL nothing ever moves: the behaviour of a single broker is unchanged.
+
+``Link`` watches one socket's connection (a ZeroMQ socket monitor, as client/probe.py does): with
+several brokers a client asks it whether the broker it waits for is there at all, so that a dead
+broker costs about ``FAILOVER_WAIT`` seconds rather than a whole attempt timeout.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import zmq
+from zmq.utils.monitor import parse_monitor_message
+
+from protocol.errors import NotLeader, ZkvError
+from protocol.limits import split_urls
+
+# Why a monitor and not a shorter first attempt: ZeroMQ's connect never fails, and a DEALER whose
+# broker is dead (SIGKILL, or nothing listening yet) just queues the request and waits out the
+# whole attempt timeout (6 s). A shorter wait would also give up on a live leader whose answer
+# is merely slow (a write waiting for its replicas takes up to the broker's 5 s request timeout),
+# and closing that socket would throw the answer away. The monitor tells the two apart: a live
+# broker's connection is up (the ZMTP handshake done) however slow its answer; a dead one's is
+# refused or dropped by its host's kernel at once. So with several brokers a request waits its
+# full attempt timeout while the connection is up, and moves on once it has been down for
+# FAILOVER_WAIT (a broker that restarts within that reconnects first). A host that vanishes
+# without a reset (power loss, a partition) shows nothing: the attempt timeout still covers it.
+FAILOVER_WAIT = 1.0  # s a connection may be down (or not yet up) before the client moves on
+LINK_CHECK = 0.1  # s between looks at the monitor while waiting for a reply
+
+_LINK_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+_links = itertools.count()
+
+
+def _same(a: str, b: str) -> bool:
+    return a.strip().rstrip("/").lower() == b.strip().rstrip("/").lower()
+
+
+class BrokerList:
+    """The brokers a client may talk to and the one it talks to now (``current``)."""
+
+    def __init__(self, urls: str | list[str]) -> None:
+        self.urls = split_urls(urls) if isinstance(urls, str) else list(urls)
+        if not self.urls:
+            raise ValueError("no broker URL")
+        self._i = 0
+        self._leader: str | None = None  # a leader named by a standby that is not in the list
+        self._hops = 0  # leaders followed since the last answer that was not NOT_LEADER
+
+    @property
+    def current(self) -> str:
+        return self._leader or self.urls[self._i]
+
+    @property
+    def several(self) -> bool:
+        """More than one URL: failover rules apply (one URL keeps today's behaviour exactly)."""
+        return len(self.urls) > 1
+
+    def describe(self) -> str:
+        return self.urls[0] if len(self.urls) == 1 else "any of " + ", ".join(self.urls)
+
+    def start_at(self, url: str) -> None:
+        """Talk to ``url`` (one of the list) first, as after a probe found it listening."""
+        for i, u in enumerate(self.urls):
+            if _same(u, url):
+                self._i, self._leader = i, None
+                return
+
+    def next(self) -> str:
+        """Move on to the next URL of the list (after a silence, or a NOT_LEADER naming no one);
+        from a followed leader outside the list, back to the list after where it was left."""
+        if self._leader is not None:
+            self._leader = None
+        if self.several:
+            self._i = (self._i + 1) % len(self.urls)
+        return self.current
+
+    def follow(self, leader: str | None) -> bool:
+        """A standby named ``leader``: talk to it. True if the client should resend at once;
+        False if it moved to the next URL instead (no leader named, the standby named itself, or
+        more leaders followed in a row than there are URLs: standbys that disagree while an
+        election runs), after which the usual backoff applies."""
+        if not leader or _same(leader, self.current) or self._hops > len(self.urls):
+            self._hops = 0
+            self.next()
+            return False
+        self._hops += 1
+        for i, u in enumerate(self.urls):
+            if _same(u, leader):
+                self._i, self._leader = i, None
+                return True
+        self._leader = leader.strip()
+        return True
+
+    def settled(self) -> None:
+        """An answer that was not NOT_LEADER came: the current broker serves."""
+        self._hops = 0
+
+    def silent(self) -> None:
+        """No reply in time from ``current``: with several URLs (or a followed leader outside
+        them), the next one."""
+        if self.several or self._leader is not None:
+            self.next()
+
+    def refused(self, err: ZkvError | None, wait: float) -> float:
+        """After a retried error reply with backoff ``wait``: for NOT_LEADER, follow its leader
+        (returns 0: resend at once) or move on (returns ``wait``); other errors change nothing."""
+        if not isinstance(err, NotLeader):
+            self.settled()
+            return wait
+        return 0.0 if self.follow(err.leader) else wait
+
+
+class Link:
+    """Whether one socket's connection to its broker is up, read from a ZeroMQ socket monitor.
+    Attach it before the socket connects (events before that are lost). Not thread-safe."""
+
+    def __init__(self, sock: zmq.Socket) -> None:
+        addr = f"inproc://zkv-link-{id(self)}-{next(_links)}"
+        sock.monitor(addr, _LINK_EVENTS)
+        # A plain (not asyncio) PAIR on the same context, read without blocking: the asyncio
+        # client's socket is monitored the same way.
+        self._ctx = zmq.Context.shadow(sock.context.underlying)
+        self._pair = self._ctx.socket(zmq.PAIR)
+        self._pair.setsockopt(zmq.LINGER, 0)
+        self._pair.connect(addr)
+        self._sock = sock
+        self.up = False
+        self.down_since = time.monotonic()
+
+    def _drain(self) -> None:
+        while self._pair.poll(0):
+            event = parse_monitor_message(self._pair.recv_multipart())["event"]
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.up = True
+            elif event == zmq.EVENT_DISCONNECTED and self.up:
+                self.up, self.down_since = False, time.monotonic()
+
+    def dead(self, now: float | None = None) -> bool:
+        """The connection has been down (or never up) for FAILOVER_WAIT seconds."""
+        self._drain()
+        return not self.up and (now if now is not None else time.monotonic()) - self.down_since >= FAILOVER_WAIT
+
+    def close(self) -> None:
+        try:
+            self._sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self._pair.close(linger=0)
