@@ -18,14 +18,14 @@ import zmq.asyncio
 
 from client import programs
 from client.api import Build, Commands
-from client.brokers import LINK_CHECK, BrokerList, Link
+from client.brokers import LINK_CHECK, BrokerList, Link, standby_leader
 from client.client import broker_url, client_credentials, close_linked, linked_dealer
 from client.commands import Call, OnPartial, Reply, StreamInfo, needs_size_check, oversize
 from client.retry import DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_TIMEOUT, Attempts
 from client.watch import WatchEvent, WatchSession, follow_leader
 from protocol.curve import Credentials
 from protocol.errors import ClientClosed
-from protocol.frames import C_FINAL, C_PARTIAL, C_REQUEST, MDPC, SERVICE, unpack
+from protocol.frames import C_FINAL, C_PARTIAL, C_REQUEST, MDPC, MMI_SERVICE, SERVICE, unpack
 
 
 class AsyncClient(Commands):
@@ -180,6 +180,10 @@ class AsyncClient(Commands):
         for _ in self.brokers.urls:
             sock = self._ensure()
             reply = await self._roundtrip(service, body, None, max(deadline - time.monotonic(), 0.0))
+            leader = standby_leader(reply) if self.brokers.several and service != MMI_SERVICE else None
+            if leader is not None and self.brokers.follow(leader):
+                self._open()  # a standby answered for itself: the cluster's status is the leader's
+                continue
             if reply is not None or not self.brokers.several or time.monotonic() >= deadline:
                 return reply
             if self._sock is sock:

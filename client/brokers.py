@@ -24,6 +24,7 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from protocol.errors import NotLeader, ZkvError
+from protocol.frames import unpack
 from protocol.limits import split_urls
 
 # Why a monitor and not a shorter first attempt: ZeroMQ's connect never fails, and a DEALER whose
@@ -158,3 +159,20 @@ class Link:
         except zmq.ZMQError:
             pass
         self._pair.close(linger=0)
+
+
+def standby_leader(reply: list[bytes] | None) -> str | None:
+    """The leader a standby names in its answer to mmi.status or mmi.admin (``role: standby``, or
+    ``code: NOT_LEADER``), or None when the reply is not a standby's."""
+    if not reply:
+        return None
+    try:
+        answer = unpack(reply[0])
+    except Exception:
+        return None
+    if not isinstance(answer, dict):
+        return None
+    if answer.get("role") != "standby" and answer.get("code") != "NOT_LEADER":
+        return None
+    leader = answer.get("leader")
+    return leader if isinstance(leader, str) and leader else None

@@ -21,14 +21,14 @@ import zmq
 
 from client import programs
 from client.api import Build, Commands
-from client.brokers import LINK_CHECK, BrokerList, Link
+from client.brokers import LINK_CHECK, BrokerList, Link, standby_leader
 from client.commands import Call, OnPartial, Reply, StreamInfo, needs_size_check, oversize
 from client.retry import DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_TIMEOUT, Attempts
 from client.streams import ValueStream
 from client.watch import WatchEvent, WatchSession, follow_leader
 from protocol.curve import CREDENTIALS_ENV, Credentials, load_credentials
 from protocol.errors import ClientClosed
-from protocol.frames import C_FINAL, C_PARTIAL, C_REQUEST, MDPC, SERVICE, unpack
+from protocol.frames import C_FINAL, C_PARTIAL, C_REQUEST, MDPC, MMI_SERVICE, SERVICE, unpack
 from protocol.limits import DEFAULT_FRONTEND, URL_ENV
 
 
@@ -172,6 +172,10 @@ class Client(Commands):
         for _ in self.brokers.urls:
             sock = self._ensure()
             reply = self._roundtrip(service, body, None, max(deadline - time.monotonic(), 0.0))
+            leader = standby_leader(reply) if self.brokers.several and service != MMI_SERVICE else None
+            if leader is not None and self.brokers.follow(leader):
+                self._open()  # a standby answered for itself: the cluster's status is the leader's
+                continue
             if reply is not None or not self.brokers.several or time.monotonic() >= deadline:
                 return reply
             if self._sock is sock:
