@@ -83,7 +83,10 @@ class Leadership:
             self.valid_until = max(self.valid_until, sent_at + self.rules.ttl - self.rules.margin)
 
     def lost(self) -> None:
-        """The lease is gone (expired, revoked) or the key is another's: stop at once."""
+        """The lease is gone (expired, revoked) or the key is another's: stop at once. Who leads
+        now is unknown until etcd is read again: never name ourselves to those we send on."""
+        if self.leader is not None and self.epoch and self.leader.epoch == self.epoch:
+            self.leader = None
         self.epoch = 0
         self.valid_until = 0.0
         self.lease_id = 0

@@ -143,9 +143,9 @@ def test_failover_under_load(fault: str, ha_cluster: HaCluster, capsys: pytest.C
                 # On waking it must stand by: it answers NOT_LEADER, naming the new leader.
                 front = cluster.broker_endpoints[name][0]
                 with Client(front, timeout=5, attempt_timeout=1.0) as c:
-                    st = wait_for(lambda c=c: (s := c.status()).get("role") == "standby" and s, 10, 0.1,
-                                  f"{name} standing by after SIGCONT")
-                assert st["leader"] == new["value"]["frontend"], st
+                    st = wait_for(lambda c=c: (s := c.status()).get("role") == "standby" and s.get("leader") and s,
+                                  10, 0.1, f"{name} standing by after SIGCONT")
+                assert st["leader"] == new["value"]["frontend"], st  # the successor, never itself
             time.sleep(4.0)
         ops = workload.join()
 

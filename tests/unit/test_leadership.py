@@ -29,7 +29,7 @@ def test_a_leader_acts_only_until_ttl_minus_margin_after_its_last_confirmed_rene
     rules = LeaseRules(ttl=3, renew_every=0.5, margin=0.75)
     ld = Leadership(rules)
     assert not ld.may_act(0.0)
-    ld.elected(42, 7, sent_at=100.0, me=ME)
+    ld.elected(42, 7, sent_at=100.0, me=LeaderInfo("b1", 42, ME.frontend, ME.backend, ME.replication))
     assert ld.may_act(100.0) and ld.may_act(102.24)
     assert not ld.may_act(102.25)  # 100 + 3 - 0.75: etcd cannot have expired the lease yet
     ld.renewed(sent_at=101.0)
@@ -38,6 +38,7 @@ def test_a_leader_acts_only_until_ttl_minus_margin_after_its_last_confirmed_rene
     assert ld.may_act(103.2)
     ld.lost()
     assert not ld.may_act(101.0) and ld.epoch == 0
+    assert ld.leader is None  # no longer names itself as the leader to those it sends on
 
 
 def test_a_standby_renewal_grants_nothing() -> None:
