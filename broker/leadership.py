@@ -69,18 +69,20 @@ class Leadership:
     valid_until: float = 0.0  # monotonic; the leader acts only before this
     leader: LeaderInfo | None = None  # the current leader as last read (ours or another's)
     lease_id: int = 0
+    term_deadline: float = 0.0  # the last valid_until of the latest term, kept after it is lost
 
     def elected(self, epoch: int, lease_id: int, sent_at: float, me: LeaderInfo) -> None:
         """We created the leader key with a lease granted (or last renewed) at ``sent_at``."""
         self.lease_id = lease_id
         self.leader = me
-        self.valid_until = sent_at + self.rules.ttl - self.rules.margin
+        self.valid_until = self.term_deadline = sent_at + self.rules.ttl - self.rules.margin
         self.epoch = epoch
 
     def renewed(self, sent_at: float) -> None:
         """etcd confirmed the keepalive we sent at ``sent_at``."""
         if self.epoch:
             self.valid_until = max(self.valid_until, sent_at + self.rules.ttl - self.rules.margin)
+            self.term_deadline = self.valid_until
 
     def lost(self) -> None:
         """The lease is gone (expired, revoked) or the key is another's: stop at once. Who leads

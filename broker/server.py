@@ -161,7 +161,11 @@ class BrokerServer:
 
     def _step_down(self, reason: str) -> None:
         assert self.election is not None and self.core is not None
-        log.warning("leadership_given_up", epoch=self.core.state.epoch, reason=reason)
+        # The last moment it may have acted, in wall time: its lease deadline, or now if sooner
+        # (a broker paused past its deadline notices only on waking, but sent nothing after it).
+        late = max(0.0, time.monotonic() - self.leadership.term_deadline)
+        log.warning("leadership_given_up", epoch=self.core.state.epoch, reason=reason,
+                    acted_until=round(time.time() - late, 3))
         self.core = self.meta = None
         self.election.resign()
 
