@@ -30,28 +30,14 @@ from __future__ import annotations
 
 import math
 import time
-from bisect import bisect_right
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import cast
 
-KINDS = ("put", "get", "delete", "cas")
-OUTCOMES = ("ok", "fail", "unknown")
-
-
-@dataclass(frozen=True)
-class Op:
-    process: int  # which client issued it
-    key: bytes
-    kind: str  # "put" | "get" | "delete" | "cas"
-    value: bytes | None  # put, cas: value written (unique per write); get: value read (None = not found); delete: None
-    invoke: float  # time.monotonic() when the call started
-    complete: float | None  # time.monotonic() when the answer arrived; None when the outcome is unknown
-    outcome: str  # "ok" | "fail" (definitely not applied) | "unknown" (may take effect any time after invoke, or never)
-    deleted: bool | None = None  # for an ok delete: whether the key existed; None if not known
-    expected: bytes | None = None  # cas: the value the register must hold (None: it must be empty)
-    swapped: bool | None = None  # for an ok cas: whether it wrote (False: refused, the condition did not hold)
+from client.cli.failure_report import explain, fmt
+from client.cli.history import Op, by_key, validate
+from client.cli.lost_writes import lost_by_reads
 
 
 @dataclass
@@ -60,7 +46,7 @@ class CheckResult:
     keys_checked: int
     ops_checked: int
     failures: list[str]  # one human-readable explanation per key that failed (key, a minimal window of ops)
-    lost_writes: list[Op]  # acknowledged puts whose effect vanished (see _lost_by_reads and lost_writes)
+    lost_writes: list[Op]  # acknowledged puts whose effect vanished (client/cli/lost_writes.py)
 
 
 # -- preparation -------------------------------------------------------------------------------------------------
@@ -99,27 +85,6 @@ class _Key:
     grank: list[int]  # rank inside its group by invoke order
     group_effect: list[_State]  # the state each group's writes leave
     initial: _State
-
-
-def _validate(o: Op) -> None:
-    if o.kind not in KINDS:
-        raise ValueError(f"bad kind {o.kind!r} in {o}")
-    if o.outcome not in OUTCOMES:
-        raise ValueError(f"bad outcome {o.outcome!r} in {o}")
-    if o.outcome == "ok":
-        if o.complete is None:
-            raise ValueError(f"an ok op needs a completion time: {o}")
-        if o.complete < o.invoke:
-            raise ValueError(f"completion before invocation: {o}")
-    if o.kind in ("put", "cas") and o.outcome != "fail" and o.value is None:
-        raise ValueError(f"a {o.kind} needs a value: {o}")
-    if o.kind == "cas" and o.outcome == "ok" and o.swapped is None:
-        raise ValueError(f"an ok cas needs swapped (True or False): {o}")
-
-
-def _writes(o: Op) -> bool:
-    """Whether ``o`` may have written its value: a put or cas not known to have failed or been refused."""
-    return o.kind == "put" or (o.kind == "cas" and o.swapped is not False)
 
 
 def _live(ops: Iterable[Op]) -> list[Op]:
@@ -426,132 +391,6 @@ def _sweep(k: _Key, deadline: float) -> _Swept:
     return _Swept(True, None, math.inf)
 
 
-# -- explaining a failure ----------------------------------------------------------------------------------------
-
-
-def _show(v: bytes | None) -> str:
-    s = repr(v)
-    return s if len(s) <= 40 else s[:37] + "..."
-
-
-def _fmt(o: Op, t0: float) -> str:
-    if o.kind == "put":
-        what = f"put {_show(o.value)}"
-    elif o.kind == "get":
-        what = f"get -> {_show(o.value)}"
-    elif o.kind == "cas":
-        what = f"cas {_show(o.expected)} -> {_show(o.value)}" + ("" if o.swapped is not False else " (refused)")
-    else:
-        what = "delete" + ("" if o.deleted is None else f" (existed={o.deleted})")
-    end = "?" if o.outcome != "ok" or o.complete is None else f"{o.complete - t0:+.6f}"
-    return f"p{o.process:<3} {what:<50} [{o.invoke - t0:+.6f}, {end}] {o.outcome}"
-
-
-def _window(live: list[Op], culprits: list[Op], t_fail: float) -> tuple[list[Op], int]:
-    """The culprits, ops concurrent with them, the latest ops finished before they began, writers of values read.
-
-    Returns the ops by invoke time and how many older unknown writes were left out."""
-    pre = [o for o in live if o.invoke <= t_fail]
-    begin = min(c.invoke for c in culprits)
-    done = [o for o in pre if o.outcome == "ok" and o.complete is not None and o.complete < begin]
-    latest_invoke = max((o.invoke for o in done), default=-math.inf)
-    # finished before the culprit began and not followed by another such op: the states it may start from
-    frontier = [o for o in done if o.complete is not None and o.complete >= latest_invoke]
-    start = min(o.invoke for o in frontier + culprits)
-    chosen = {id(o): o for o in frontier + culprits}
-    for o in pre:
-        if (o.outcome == "ok" and o.complete is not None and o.complete >= begin) or \
-                (o.outcome == "unknown" and o.invoke >= start):
-            chosen[id(o)] = o
-    read = {o.value for o in chosen.values() if o.kind == "get" and o.value is not None}
-    read |= {o.expected for o in chosen.values() if o.kind == "cas" and o.expected is not None}
-    for o in live:
-        if _writes(o) and o.value in read:
-            chosen[id(o)] = o
-    omitted = sum(1 for o in pre if o.outcome == "unknown" and id(o) not in chosen)
-    return sorted(chosen.values(), key=lambda o: (o.invoke, o.process)), omitted
-
-
-def _explain(key: bytes, live: list[Op], swept: _Swept, t0: float) -> str:
-    t_fail = swept.t_fail
-    culprits = [o for o in live if o.outcome == "ok" and o.complete == t_fail]
-    if not culprits and swept.culprit is not None:
-        culprits = [swept.culprit]
-    window, omitted = _window(live, culprits, t_fail)
-    marked = {id(o) for o in culprits}
-    lines = [
-        f"key {key!r}: not linearizable. Its history has a valid order until {t_fail - t0:+.6f} s, when "
-        f"{'this op completes' if len(culprits) == 1 else 'these ops complete'} and none remains:",
-        *(f"    {_fmt(c, t0)}" for c in culprits),
-        "  ops around it (concurrent with it, the latest finished before it began, writers of values read):",
-        *(f"    {_fmt(o, t0)}" + ("   <- first failure" if id(o) in marked else "") for o in window[:40]),
-    ]
-    if len(window) > 40:
-        lines.append(f"    ... and {len(window) - 40} more")
-    if omitted > 0:
-        lines.append(f"  (+{omitted} older unknown writes not shown)")
-    return "\n".join(lines)
-
-
-# -- lost writes -------------------------------------------------------------------------------------------------
-
-
-def _last_writer(ops: list[Op]) -> dict[bytes | None, float]:
-    """Per value: the latest completion of an op that could have written it (+inf if one never answered).
-
-    None maps to the deletes and the initial state (which precedes everything)."""
-    last: dict[bytes | None, float] = {None: -math.inf}
-    for o in ops:
-        if o.outcome == "fail" or o.kind == "get" or (o.kind == "cas" and not _writes(o)):
-            continue
-        t = o.complete if o.outcome == "ok" and o.complete is not None else math.inf
-        v = o.value if o.kind in ("put", "cas") else None
-        last[v] = max(last.get(v, -math.inf), t)
-    return last
-
-
-def _by_key(ops: Iterable[Op]) -> dict[bytes, list[Op]]:
-    out: dict[bytes, list[Op]] = defaultdict(list)
-    for o in ops:
-        out[o.key].append(o)
-    return out
-
-
-def lost_writes(ops: Iterable[Op], final: dict[bytes, bytes | None]) -> list[Op]:
-    """Ok puts (and swapped cas) whose value is not the key's final value although every possible writer of that
-    final value (a put of it; for None a delete or the initial state) completed before the put was invoked.
-
-    Keys missing from `final` are not judged."""
-    lost: list[Op] = []
-    for key, kops in _by_key(ops).items():
-        if key not in final:
-            continue
-        f = final[key]
-        last = _last_writer(kops).get(f, -math.inf)
-        lost += [o for o in kops if _writes(o) and o.outcome == "ok" and o.value != f and last < o.invoke]
-    return sorted(lost, key=lambda o: o.invoke)
-
-
-def _lost_by_reads(ops: list[Op]) -> list[Op]:
-    """The same rule with the history's own reads as observations: an ok put p is lost if some ok get invoked
-    after p completed returned a value whose every possible writer completed before p was invoked."""
-    lost: list[Op] = []
-    for kops in _by_key(ops).values():
-        last = _last_writer(kops)
-        gets = sorted((o for o in kops if o.kind == "get" and o.outcome == "ok"), key=lambda o: o.invoke)
-        invokes = [g.invoke for g in gets]
-        # suffix[j]: the earliest "last possible writer" among gets j.. (the most damning later read)
-        suffix = [math.inf] * (len(gets) + 1)
-        for j in range(len(gets) - 1, -1, -1):
-            suffix[j] = min(suffix[j + 1], last.get(gets[j].value, -math.inf))
-        for p in kops:
-            if _writes(p) and p.outcome == "ok" and p.complete is not None:
-                # a read of p's own value has last >= p.complete >= p.invoke, so it never counts here
-                if suffix[bisect_right(invokes, p.complete)] < p.invoke:
-                    lost.append(p)
-    return sorted(lost, key=lambda o: o.invoke)
-
-
 # -- entry point -------------------------------------------------------------------------------------------------
 
 
@@ -563,14 +402,14 @@ def check_history(ops: Iterable[Op], initial: dict[bytes, bytes | None] | None =
     verified. ops_checked counts the ops that enter the check: all but failed ops and reads that never answered."""
     all_ops = list(ops)
     for o in all_ops:
-        _validate(o)
+        validate(o)
     initial = initial or {}
     t0 = min((o.invoke for o in all_ops), default=0.0)
     failures: list[str] = []
-    by_key = _by_key(all_ops)
+    ops_by_key = by_key(all_ops)
     ops_checked = 0
-    for key in sorted(by_key):
-        live = _live(by_key[key])
+    for key in sorted(ops_by_key):
+        live = _live(ops_by_key[key])
         ops_checked += len(live)
         k = _prepare(live, initial.get(key))
         deadline = time.monotonic() + time_limit
@@ -581,9 +420,9 @@ def check_history(ops: Iterable[Op], initial: dict[bytes, bytes | None] | None =
             continue
         swept = _sweep(k, deadline)
         if swept.verdict is False:
-            failures.append(_explain(key, live, swept, t0))
+            failures.append(explain(key, live, swept.t_fail, swept.culprit, t0))
         elif swept.verdict is None and searched.verdict is False:
-            where = f"; the search could not get past:\n    {_fmt(searched.furthest, t0)}" if searched.furthest else ""
+            where = f"; the search could not get past:\n    {fmt(searched.furthest, t0)}" if searched.furthest else ""
             failures.append(f"key {key!r}: not linearizable ({len(live)} ops; locating the first failure ran out "
                             f"of time){where}")
         elif swept.verdict is None:
@@ -591,6 +430,6 @@ def check_history(ops: Iterable[Op], initial: dict[bytes, bytes | None] | None =
                             f"{time_limit} s ({len(live)} ops); not verified")
         elif searched.verdict is False:  # the two algorithms disagree: a bug here, so trust neither
             failures.append(f"key {key!r}: inconclusive: checker bug, the search and the sweep disagree")
-    lost = _lost_by_reads(all_ops)
-    return CheckResult(ok=not failures and not lost, keys_checked=len(by_key), ops_checked=ops_checked,
+    lost = lost_by_reads(all_ops)
+    return CheckResult(ok=not failures and not lost, keys_checked=len(ops_by_key), ops_checked=ops_checked,
                        failures=failures, lost_writes=lost)

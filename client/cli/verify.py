@@ -18,7 +18,9 @@ import click
 
 from client import Client
 from client.cli.common import connect, credentials, url_option
-from client.cli.linearizability import CheckResult, Op, check_history, lost_writes
+from client.cli.history import Op
+from client.cli.linearizability import CheckResult, check_history
+from client.cli.lost_writes import lost_writes
 from client.cli.workload import Workload, WorkloadConfig, dump_history, load_history, summarize
 from protocol.errors import ZkvError
 

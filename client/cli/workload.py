@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from client import Client
-from client.cli.linearizability import Op
+from client.cli.history import Op
 from protocol.errors import ConditionFailed, InvalidRequest, NotEnoughReplicas
 
 # Errors after which the request was certainly not applied; every other error leaves a write's

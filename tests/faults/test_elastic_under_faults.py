@@ -56,7 +56,9 @@ import pytest
 
 from broker.placement import replicas_for_slot
 from client import Client
-from client.cli.linearizability import Op, check_history, lost_writes
+from client.cli.history import Op
+from client.cli.linearizability import check_history
+from client.cli.lost_writes import lost_writes
 from client.cli.workload import Workload, WorkloadConfig, dump_history, summarize
 from protocol.replication import slot_for_key
 from tests.support.cluster import Cluster, wait_for

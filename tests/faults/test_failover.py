@@ -29,7 +29,8 @@ from pathlib import Path
 import pytest
 
 from client import Client
-from client.cli.linearizability import check_history, lost_writes
+from client.cli.linearizability import check_history
+from client.cli.lost_writes import lost_writes
 from client.cli.workload import Workload, WorkloadConfig, summarize
 from tests.support.cluster import wait_for
 from tests.support.ha import EtcdCluster, HaCluster

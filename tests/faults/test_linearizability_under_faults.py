@@ -38,7 +38,9 @@ from pathlib import Path
 
 import pytest
 
-from client.cli.linearizability import Op, check_history, lost_writes
+from client.cli.history import Op
+from client.cli.linearizability import check_history
+from client.cli.lost_writes import lost_writes
 from client.cli.workload import Workload, WorkloadConfig, dump_history, summarize
 from protocol.replication import slot_for_key
 from tests.support import requirements

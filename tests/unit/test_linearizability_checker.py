@@ -14,7 +14,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from client.cli.linearizability import CheckResult, Op, _live, _prepare, _search, _sweep, check_history, lost_writes
+from client.cli.history import Op
+from client.cli.linearizability import CheckResult, _live, _prepare, _search, _sweep, check_history
+from client.cli.lost_writes import lost_writes
 
 pytestmark = pytest.mark.timeout(120)
 
