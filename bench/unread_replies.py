@@ -23,21 +23,9 @@ sys.path.insert(0, str(REPO))
 
 from protocol.frames import C_REQUEST, MDPC, SERVICE, pack, unpack  # noqa: E402
 from tests.support.cluster import Cluster  # noqa: E402
-from tests.support.helpers import RawPeer, rss_anon  # noqa: E402
+from tests.support.helpers import RawPeer, rss_anon, settled_rss  # noqa: E402
 
 MIB = 1 << 20
-
-
-def settled_rss(pid: int, quiet: float = 1.5, timeout: float = 60.0) -> int:
-    last, since, deadline = rss_anon(pid), time.monotonic(), time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        time.sleep(0.2)
-        now = rss_anon(pid)
-        if now > last + MIB // 4:
-            last, since = now, time.monotonic()
-        elif time.monotonic() - since >= quiet:
-            return now
-    return rss_anon(pid)
 
 
 def main() -> None:
@@ -56,12 +44,12 @@ def main() -> None:
         with cluster.client() as c:
             c.put(b"big", value)
         pid = cluster.procs["broker"].popen.pid  # type: ignore[union-attr]
-        before = settled_rss(pid)
+        before = settled_rss(pid, quiet=1.5, timeout=60.0)
         peak = before
         with RawPeer(cluster.frontend, slow=True) as peer:
             for rid in range(1, a.gets + 1):
                 peer.send(MDPC, C_REQUEST, SERVICE, pack({"op": "get", "id": rid, "key": b"big"}))
-            held = settled_rss(pid)
+            held = settled_rss(pid, quiet=1.5, timeout=60.0)
             served = refused = 0
             deadline = time.monotonic() + 60
             while served + refused < a.gets and time.monotonic() < deadline:

@@ -5,30 +5,16 @@ tests/sim/test_streams.py."""
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 
 from protocol.frames import C_FINAL, C_REQUEST, MDPC, SERVICE, pack, unpack
 from tests.support.cluster import Cluster, wait_for
-from tests.support.helpers import RawPeer, rss_anon
+from tests.support.helpers import RawPeer, settled_rss
 
 pytestmark = pytest.mark.timeout(120)
 
 MIB = 1 << 20
-
-
-def _settled_rss(pid: int, quiet: float = 1.0, timeout: float = 30.0) -> int:
-    """RssAnon once it has not grown for ``quiet`` seconds (the broker has sent what it will)."""
-    last, since, deadline = rss_anon(pid), time.monotonic(), time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        time.sleep(0.2)
-        now = rss_anon(pid)
-        if now > last + MIB // 4:
-            last, since = now, time.monotonic()
-        elif time.monotonic() - since >= quiet:
-            return now
-    return rss_anon(pid)
 
 
 def test_replies_a_client_does_not_read_are_bounded_in_bytes(cluster_factory) -> None:  # type: ignore[no-untyped-def]
@@ -45,13 +31,13 @@ def test_replies_a_client_does_not_read_are_bounded_in_bytes(cluster_factory) ->
     value = os.urandom(4 * MIB)
     cluster.client().put(b"big", value)
     pid = cluster.procs["broker"].popen.pid
-    before = _settled_rss(pid)
+    before = settled_rss(pid)
     with RawPeer(cluster.frontend, slow=True) as peer:
         for rid in range(1, 61):
             peer.send(MDPC, C_REQUEST, SERVICE, pack({"op": "get", "id": rid, "key": b"big"}))
         wait_for(lambda: "client_replies_unread" in cluster.procs["broker"].log_tail(5000), 30, 0.1,
                  "the broker refusing replies past the bound")
-        grown = _settled_rss(pid) - before
+        grown = settled_rss(pid) - before
         # Held: 16 MiB + one reply + 1 MiB + the kernel's socket buffers (12-48 MiB measured,
         # more under load: the workers' answers pass through too); all 60 queued, 236 MiB.
         assert grown < 100 * MIB, f"the broker grew by {grown / MIB:.0f} MiB"

@@ -79,6 +79,20 @@ def rss_anon(pid: int) -> int:
     raise AssertionError(f"no RssAnon for pid {pid}")
 
 
+def settled_rss(pid: int, quiet: float = 1.0, timeout: float = 30.0) -> int:
+    """RssAnon once it has not grown (by more than 256 KiB) for ``quiet`` seconds: the process
+    has taken in what it will (the broker has queued the replies it holds)."""
+    last, since, deadline = rss_anon(pid), time.monotonic(), time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        now = rss_anon(pid)
+        if now > last + (1 << 18):
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return now
+    return rss_anon(pid)
+
+
 def error_header(reply: list[bytes], service: bytes | None = SERVICE) -> dict[str, Any]:
     """Check ``reply`` is an MDP/0.2 FINAL error reply (of ``service`` unless None); return its header."""
     assert len(reply) >= 4, reply
