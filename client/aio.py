@@ -18,7 +18,7 @@ import zmq.asyncio
 
 from client import programs
 from client.api import Build, Commands
-from client.brokers import LINK_CHECK, BrokerList, Link, standby_leader
+from client.brokers import LINK_CHECK, BrokerList, Link
 from client.client import broker_url, client_credentials, close_linked, linked_dealer
 from client.commands import Call, OnPartial, Reply, StreamInfo, needs_size_check, oversize
 from client.retry import DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_TIMEOUT, Attempts
@@ -177,19 +177,14 @@ class AsyncClient(Commands):
         """As ``Client._mmi``: one management round trip, trying the next broker when one is
         silent or gone (several brokers), each at most once, within ``wait``."""
         deadline = time.monotonic() + wait
+        reply = None
         for _ in self.brokers.urls:
             sock = self._ensure()
             reply = await self._roundtrip(service, body, None, max(deadline - time.monotonic(), 0.0))
-            leader = standby_leader(reply) if self.brokers.several and service != MMI_SERVICE else None
-            if leader is not None and self.brokers.follow(leader):
-                self._open()  # a standby answered for itself: the cluster's status is the leader's
-                continue
-            if reply is not None or not self.brokers.several or time.monotonic() >= deadline:
+            if not self.brokers.mmi_again(reply, service == MMI_SERVICE, self._sock is not sock,
+                                          time.monotonic() >= deadline):
                 return reply
-            if self._sock is sock:
-                self.brokers.silent()
-                self._open()
-        return None
+        return reply
 
     async def _run_window(self, calls: Iterator[Call], window: int) -> None:
         """Run ``calls`` with up to ``window`` in flight: ``window`` lanes, each one call at a time.

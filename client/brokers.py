@@ -114,6 +114,22 @@ class BrokerList:
         if self.several or self._leader is not None:
             self.next()
 
+    def mmi_again(self, reply: list[bytes] | None, service_probe: bool, moved: bool, out_of_time: bool) -> bool:
+        """After one management round trip (mmi.status, mmi.admin, mmi.service): True if it must
+        be sent again, to the broker now ``current``. A standby's own answer (``role: standby``,
+        or ``code: NOT_LEADER``) naming a leader is followed when several brokers are given: the
+        cluster's status is the leader's (not for ``service_probe``, mmi.service: a standby's 404
+        is the answer). No reply: the next broker, unless ``moved`` (another request already left
+        this one) or the time is up."""
+        if not self.several or out_of_time:
+            return False
+        if reply is not None:
+            leader = _standby_leader(reply) if not service_probe else None
+            return leader is not None and self.follow(leader)
+        if not moved:
+            self.silent()
+        return True
+
     def refused(self, err: ZkvError | None, wait: float) -> float:
         """After a retried error reply with backoff ``wait``: for NOT_LEADER, follow its leader
         (returns 0: resend at once) or move on (returns ``wait``); other errors change nothing."""
@@ -161,18 +177,13 @@ class Link:
         self._pair.close(linger=0)
 
 
-def standby_leader(reply: list[bytes] | None) -> str | None:
-    """The leader a standby names in its answer to mmi.status or mmi.admin (``role: standby``, or
-    ``code: NOT_LEADER``), or None when the reply is not a standby's."""
-    if not reply:
-        return None
+def _standby_leader(reply: list[bytes]) -> str | None:
+    """The leader a standby names in a management answer, or None when it is not a standby's."""
     try:
-        answer = unpack(reply[0])
+        answer = unpack(reply[0]) if reply else None
     except Exception:
         return None
-    if not isinstance(answer, dict):
-        return None
-    if answer.get("role") != "standby" and answer.get("code") != "NOT_LEADER":
+    if not isinstance(answer, dict) or (answer.get("role") != "standby" and answer.get("code") != "NOT_LEADER"):
         return None
     leader = answer.get("leader")
     return leader if isinstance(leader, str) and leader else None

@@ -21,7 +21,7 @@ import zmq
 
 from client import programs
 from client.api import Build, Commands
-from client.brokers import LINK_CHECK, BrokerList, Link, standby_leader
+from client.brokers import LINK_CHECK, BrokerList, Link
 from client.commands import Call, OnPartial, Reply, StreamInfo, needs_size_check, oversize
 from client.retry import DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_TIMEOUT, Attempts
 from client.streams import ValueStream
@@ -169,19 +169,14 @@ class Client(Commands):
         client is at, a standby too) within ``wait``; with several brokers, the next one is tried
         when one is silent or gone, each at most once."""
         deadline = time.monotonic() + wait
+        reply = None
         for _ in self.brokers.urls:
             sock = self._ensure()
             reply = self._roundtrip(service, body, None, max(deadline - time.monotonic(), 0.0))
-            leader = standby_leader(reply) if self.brokers.several and service != MMI_SERVICE else None
-            if leader is not None and self.brokers.follow(leader):
-                self._open()  # a standby answered for itself: the cluster's status is the leader's
-                continue
-            if reply is not None or not self.brokers.several or time.monotonic() >= deadline:
+            if not self.brokers.mmi_again(reply, service == MMI_SERVICE, self._sock is not sock,
+                                          time.monotonic() >= deadline):
                 return reply
-            if self._sock is sock:
-                self.brokers.silent()
-                self._open()
-        return None
+        return reply
 
     def request(self, op: str, header: dict[str, Any], values: list[bytes] | None = None,
                 on_partial: OnPartial | None = None) -> Reply:

@@ -113,3 +113,21 @@ def test_a_watch_silence_marks_the_session_for_the_next_broker() -> None:
     assert ws.due(1.0, lambda: 2) is None
     act = ws.due(10.0, lambda: 3)  # nothing heard for longer than WATCH_SILENCE
     assert act is not None and act[0] == "open" and ws.silent
+
+
+def test_a_management_call_follows_a_standby_to_the_leader_and_moves_on_from_silence() -> None:
+    standby_status = [pack({"role": "standby", "leader": B, "formed": False})]
+    leader_status = [pack({"role": "leader", "formed": True})]
+    b = BrokerList(f"{A},{B},{C}")
+    assert b.mmi_again(standby_status, service_probe=False, moved=False, out_of_time=False)
+    assert b.current == B  # the cluster's status is the leader's
+    assert not b.mmi_again(leader_status, service_probe=False, moved=False, out_of_time=False)
+    assert not b.mmi_again([b"404"], service_probe=True, moved=False, out_of_time=False)  # mmi.service: the answer
+    assert b.mmi_again(None, service_probe=False, moved=False, out_of_time=False) and b.current == C
+    assert b.mmi_again(None, service_probe=False, moved=True, out_of_time=False) and b.current == C  # already moved
+    assert not b.mmi_again(None, service_probe=False, moved=False, out_of_time=True)
+    admin_refused = [pack({"ok": False, "code": "NOT_LEADER", "leader": A})]
+    assert b.mmi_again(admin_refused, service_probe=False, moved=False, out_of_time=False) and b.current == A
+    one = BrokerList(A)
+    assert not one.mmi_again(standby_status, service_probe=False, moved=False, out_of_time=False)
+    assert not one.mmi_again(None, service_probe=False, moved=False, out_of_time=False)  # one broker: as before
