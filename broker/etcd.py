@@ -42,6 +42,7 @@ log = structlog.get_logger("zkv.broker")
 
 MAX_TXN_OPS = 100  # etcd's --max-txn-ops is 128 by default
 STANDBY_POLL = 0.25  # s between a standby's looks at the leader key
+BROKERS_REFRESH = 2.0  # s between reads of every broker's registration (status only: no need per turn)
 DEDUP_MEMORY = 200_000  # remembered writes of this term (see EtcdMeta)
 
 
@@ -147,6 +148,7 @@ class Election(threading.Thread):
         self.resign_requested = threading.Event()
         self.lease = 0
         self.brokers: dict[str, dict[str, Any]] = {}  # every broker registered, as last read
+        self.brokers_read = -BROKERS_REFRESH  # monotonic
         self.etcd_ok = True
         self.last_error = ""
 
@@ -222,8 +224,10 @@ class Election(threading.Thread):
                 ld.lost()
             if info is not None:
                 ld.leader = info
-        registered = self.etcd.get_prefix(self.prefix + "brokers/")
-        self.brokers = {k.rsplit("/", 1)[-1]: _json(v) for k, v in registered.items()}
+        if sent - self.brokers_read >= BROKERS_REFRESH:
+            self.brokers_read = sent
+            registered = self.etcd.get_prefix(self.prefix + "brokers/")
+            self.brokers = {k.rsplit("/", 1)[-1]: _json(v) for k, v in registered.items()}
 
     def describe(self, now: float) -> dict[str, Any]:
         """What `zkv status` shows of the election."""

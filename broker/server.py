@@ -182,7 +182,7 @@ class BrokerServer:
         if self.core is not None:
             self.core.on_client(identity, frames, **who)
         elif self.standby is not None:
-            self.standby.on_client(identity, frames, self.leadership.leader, self._standby_status())
+            self.standby.on_client(identity, frames, self.leadership.leader, self._standby_status)
 
     def _on_worker(self, identity: bytes, frames: list[bytes], **who: Any) -> None:
         if self.core is not None:

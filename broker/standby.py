@@ -7,6 +7,7 @@ the leader's backend and replication endpoints. Messages in, a Ready out, like t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from broker.leadership import LeaderInfo
@@ -27,7 +28,8 @@ class Standby:
         return ready
 
     def on_client(self, identity: bytes, frames: list[bytes], leader: LeaderInfo | None,
-                  status: dict[str, Any]) -> None:
+                  status: Callable[[], dict[str, Any]]) -> None:
+        """``status``: builds mmi.status's answer, only when that is what was asked."""
         where = f"the leader is {leader.frontend}" if leader else "no leader is elected yet"
         message = f"this broker is a standby: {where}"
         try:
@@ -40,7 +42,7 @@ class Standby:
             if msg.service == MMI_SERVICE:
                 body = b"404"  # not served here
             elif msg.service == MMI_STATUS:
-                body = pack(status)
+                body = pack(status())
             elif msg.service == MMI_ADMIN:
                 body = pack({"ok": False, "code": ErrorCode.NOT_LEADER.value, "message": message,
                              "leader": leader.frontend if leader else None})

@@ -64,11 +64,19 @@ def kv(rid: int, **fields: object) -> list[bytes]:
 
 def test_a_standby_answers_every_request_not_leader_naming_the_leader() -> None:
     sb = Standby(Limits(4096, 1 << 20, 1 << 30))
-    sb.on_client(b"c", kv(7), OTHER, {})
-    sb.on_client(b"c", [*kv(8, op="put"), b"value"], None, {})
-    sb.on_client(b"c", [MDPC, C_REQUEST, SERVICE, b"\xc1"], OTHER, {})
-    sb.on_client(b"c", [MDPC, C_REQUEST, MMI_STATUS], OTHER, {"role": "standby"})
-    sb.on_client(b"c", [MDPC, C_REQUEST, MMI_ADMIN, pack({"cmd": "rebalance"})], OTHER, {})
+    asked = []
+
+    def status() -> dict[str, str]:
+        asked.append(1)
+        return {"role": "standby"}
+
+    sb.on_client(b"c", kv(7), OTHER, status)
+    sb.on_client(b"c", [*kv(8, op="put"), b"value"], None, status)
+    sb.on_client(b"c", [MDPC, C_REQUEST, SERVICE, b"\xc1"], OTHER, status)
+    assert asked == []  # built only for mmi.status
+    sb.on_client(b"c", [MDPC, C_REQUEST, MMI_STATUS], OTHER, status)
+    sb.on_client(b"c", [MDPC, C_REQUEST, MMI_ADMIN, pack({"cmd": "rebalance"})], OTHER, status)
+    assert asked == [1]
     out = sb.take_ready().client
     headers = [unpack(frames[3]) for _, frames in out]
     assert all(frames[:2] == [MDPC, C_FINAL] for _, frames in out)
