@@ -51,12 +51,15 @@ def _window(live: list[Op], culprits: list[Op], t_fail: float) -> tuple[list[Op]
     return sorted(chosen.values(), key=lambda o: (o.invoke, o.process)), omitted
 
 
-def explain(key: bytes, live: list[Op], t_fail: float, culprit: Op | None, t0: float) -> str:
-    """Why ``key``'s history is not linearizable: the sweep found no valid order past ``t_fail``
-    (when ``culprit``, or the ops completing then, returned); the ops around it."""
+def culprits_at(live: list[Op], t_fail: float, culprit: Op | None) -> list[Op]:
+    """The ops whose return at ``t_fail`` left no valid order (the sweep names one, ``culprit``)."""
     culprits = [o for o in live if o.outcome == "ok" and o.complete == t_fail]
-    if not culprits and culprit is not None:
-        culprits = [culprit]
+    return culprits or ([culprit] if culprit is not None else [])
+
+
+def explain(key: bytes, live: list[Op], t_fail: float, culprits: list[Op], t0: float) -> str:
+    """Why ``key``'s history is not linearizable: no valid order remains once ``culprits`` return
+    at ``t_fail``; the ops around them."""
     window, omitted = _window(live, culprits, t_fail)
     marked = {id(o) for o in culprits}
     lines = [

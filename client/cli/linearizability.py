@@ -32,10 +32,10 @@ import math
 import time
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
 
-from client.cli.failure_report import explain, fmt
+from client.cli.failure_report import culprits_at, explain, fmt
 from client.cli.history import Op, by_key, validate
 from client.cli.lost_writes import lost_by_reads
 
@@ -47,6 +47,8 @@ class CheckResult:
     ops_checked: int
     failures: list[str]  # one human-readable explanation per key that failed (key, a minimal window of ops)
     lost_writes: list[Op]  # acknowledged puts whose effect vanished (client/cli/lost_writes.py)
+    # Of each key that is not linearizable (when located): the ops whose return left no valid order.
+    culprits: list[Op] = field(default_factory=list)
 
 
 # -- preparation -------------------------------------------------------------------------------------------------
@@ -406,6 +408,7 @@ def check_history(ops: Iterable[Op], initial: dict[bytes, bytes | None] | None =
     initial = initial or {}
     t0 = min((o.invoke for o in all_ops), default=0.0)
     failures: list[str] = []
+    culprits: list[Op] = []
     ops_by_key = by_key(all_ops)
     ops_checked = 0
     for key in sorted(ops_by_key):
@@ -420,7 +423,9 @@ def check_history(ops: Iterable[Op], initial: dict[bytes, bytes | None] | None =
             continue
         swept = _sweep(k, deadline)
         if swept.verdict is False:
-            failures.append(explain(key, live, swept.t_fail, swept.culprit, t0))
+            found = culprits_at(live, swept.t_fail, swept.culprit)
+            culprits += found
+            failures.append(explain(key, live, swept.t_fail, found, t0))
         elif swept.verdict is None and searched.verdict is False:
             where = f"; the search could not get past:\n    {fmt(searched.furthest, t0)}" if searched.furthest else ""
             failures.append(f"key {key!r}: not linearizable ({len(live)} ops; locating the first failure ran out "
@@ -432,4 +437,4 @@ def check_history(ops: Iterable[Op], initial: dict[bytes, bytes | None] | None =
             failures.append(f"key {key!r}: inconclusive: checker bug, the search and the sweep disagree")
     lost = lost_by_reads(all_ops)
     return CheckResult(ok=not failures and not lost, keys_checked=len(ops_by_key), ops_checked=ops_checked,
-                       failures=failures, lost_writes=lost)
+                       failures=failures, lost_writes=lost, culprits=culprits)

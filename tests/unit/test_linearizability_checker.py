@@ -75,7 +75,9 @@ def test_sequential_history() -> None:
 
 
 def test_sequential_wrong_value_fails() -> None:
-    fails(put(1, b"a", 0, 1), get(2, None, 2, 3))
+    stale = get(2, None, 2, 3)
+    r = fails(put(1, b"a", 0, 1), stale)
+    assert r.culprits == [stale]  # the op whose return left no valid order, for callers to inspect
 
 
 def test_concurrent_put_and_get_either_order() -> None:
