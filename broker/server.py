@@ -95,6 +95,10 @@ class BrokerServer:
         if self.zap is not None:
             self.poller.register(self.zap.sock, zmq.POLLIN)
         self.stopping = False
+        # The signal that asked for the stop, named in the last log line. On a shared CI machine
+        # a broker and workers were once stopped mid-test by a signal from outside the suite;
+        # the log then said only "stopped", which reads like a stop of the process's own.
+        self.stop_signal: str | None = None
         self.reload_requested = False
         self.dropped_replies = 0
         self.budget = ReplyBudget(cfg.core.max_client_bytes)
@@ -166,6 +170,7 @@ class BrokerServer:
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.stopping = True
+        self.stop_signal = self.stop_signal or signal.Signals(signum).name
 
     def _on_sighup(self, signum: int, frame: object) -> None:
         if self.zap is None:
@@ -243,7 +248,7 @@ class BrokerServer:
         finally:
             self.meta.close()
             self._close_sockets()
-            log.info("broker_stopped", epoch=self.core.state.epoch)
+            log.info("broker_stopped", epoch=self.core.state.epoch, signal=self.stop_signal)
 
 
 def _recv_with_user_id(sock: zmq.Socket) -> tuple[list[bytes], bytes]:
