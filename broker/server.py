@@ -127,6 +127,10 @@ class BrokerServer:
         if self.zap is not None:
             self.poller.register(self.zap.sock, zmq.POLLIN)
         self.stopping = False
+        # The signal that asked for the stop, named in the last log line. On a shared CI machine
+        # a broker and workers were once stopped mid-test by a signal from outside the suite;
+        # the log then said only "stopped", which reads like a stop of the process's own.
+        self.stop_signal: str | None = None
         self.reload_requested = False
         self.dropped_replies = 0
         self.budget = ReplyBudget(cfg.core.max_client_bytes)
@@ -264,6 +268,7 @@ class BrokerServer:
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.stopping = True
+        self.stop_signal = self.stop_signal or signal.Signals(signum).name
 
     def _on_sighup(self, signum: int, frame: object) -> None:
         if self.zap is None:
@@ -363,7 +368,7 @@ class BrokerServer:
                 self.election.stop()  # a leader revokes its lease: a standby takes over at once
                 self.election.join(timeout=2 * self.cfg.lease.request_timeout + 1)
             self._close_sockets()
-            log.info("broker_stopped", epoch=epoch)
+            log.info("broker_stopped", epoch=epoch, signal=self.stop_signal)
 
 
 class _NoMetadata:

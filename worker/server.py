@@ -99,6 +99,10 @@ class WorkerServer:
         self.tried: set[BrokerPair] = set()  # moved to since the last registration (logged at info)
         self.last_heartbeat = 0.0
         self.stopping = False
+        # The signal that asked for the stop, named in the last log line. On a shared CI machine
+        # a broker and workers were once stopped mid-test by a signal from outside the suite;
+        # the log then said only "stopped", which reads like a stop of the process's own.
+        self.stop_signal: str | None = None
 
     # -- connection to the broker ---------------------------------------------------------------
 
@@ -216,6 +220,7 @@ class WorkerServer:
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.stopping = True
+        self.stop_signal = self.stop_signal or signal.Signals(signum).name
 
     def shutdown(self) -> None:
         try:
@@ -234,7 +239,7 @@ class WorkerServer:
             self.dealer.close(linger=100)
         self.sub.close(linger=0)
         self.ctx.term()
-        log.info("worker_stopped", id=self.cfg.worker_id)
+        log.info("worker_stopped", id=self.cfg.worker_id, signal=self.stop_signal)
 
     def _drain_sub(self, now: float) -> None:
         for _ in range(DRAIN_LIMIT):

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
 
 import pytest
 
 from broker.placement import slot_map
+from client import Client
+from protocol.errors import NotEnoughReplicas, ZkvError, ZkvTimeout
 from protocol.replication import slot_for_key
 from tests.support.cluster import Cluster, wait_for
 from tests.support.helpers import keys_in_slot
@@ -17,6 +20,57 @@ from tests.support.helpers import keys_in_slot
 pytestmark = pytest.mark.timeout(120)
 
 SLOTS = 16
+
+
+def stick_a_write(cluster: Cluster, slot: int, key: bytes, down: list[str]) -> None:
+    """Put ``key`` so that the broker sequences the write in ``slot`` and it cannot commit: the
+    replicas ``down`` (two of the slot's three) are SIGKILLed once the broker holds it pending.
+
+    The put must reach the broker before the broker declares those two dead (0.9 s of silence at
+    the tests' 0.3 s heartbeat). After that it is refused NOT_ENOUGH_REPLICAS and never
+    sequenced, so the slot has no stuck write and the rest of the test is wrong (the get of the
+    stuck key answers "(not found)"). The test used to SIGKILL the two and then start a `zkv put`
+    process, and on a loaded 2-core machine that process can take more than 0.9 s just to start
+    (4 runs in 5 under two busy loops failed this way). So instead the two are paused (SIGSTOP: silent, like
+    the dead, and acknowledging nothing), the put is sent from this process at once, and the
+    broker's own account is the sync point: the slot listed stalled with a pending write. Only then
+    are the two SIGKILLed. If the broker still noticed first (the put refused, nothing pending),
+    the two are resumed and the attempt made again: the test's precondition is established, not
+    assumed, and nothing it asserts afterwards is loosened."""
+    def stalled() -> bool:
+        return any(s["slot"] == slot and s["pending_writes"] >= 1 for s in cluster.status()["stalled_slots"])
+
+    for _attempt in range(5):
+        for wid in down:
+            cluster.procs[wid].signal(signal.SIGSTOP)
+        outcome: list[ZkvError | None] = []
+        sender = threading.Thread(target=_put, args=(cluster, key, outcome), daemon=True)
+        sender.start()
+        wait_for(lambda t=sender: stalled() or not t.is_alive(), 20, 0.1, "the put pending (slot stalled) or refused")
+        if stalled():
+            for wid in down:
+                cluster.procs[wid].signal(signal.SIGKILL)
+            sender.join(10)
+            # Never acknowledged: one live replica of W=2 (TIMEOUT, or NOT_ENOUGH_REPLICAS once the
+            # broker knows the write cannot commit).
+            assert outcome and isinstance(outcome[0], (ZkvTimeout, NotEnoughReplicas)), outcome
+            return
+        sender.join()
+        # Refused before it was sequenced: the broker declared the paused two dead first.
+        assert outcome and isinstance(outcome[0], NotEnoughReplicas), outcome
+        for wid in down:
+            cluster.procs[wid].signal(signal.SIGCONT)
+        cluster.wait_ready()
+    raise AssertionError(f"the broker declared {down} dead before every one of 5 puts reached it")
+
+
+def _put(cluster: Cluster, key: bytes, outcome: list[ZkvError | None]) -> None:
+    with Client(cluster.frontend, timeout=4.0, attempt_timeout=4.0, credentials=cluster.credentials) as c:
+        try:
+            c.put(key, b"never")
+            outcome.append(None)
+        except ZkvError as e:
+            outcome.append(e)
 
 
 def test_a_slot_whose_write_cannot_commit_keeps_answering(cluster_factory) -> None:  # type: ignore[no-untyped-def]
@@ -28,10 +82,7 @@ def test_a_slot_whose_write_cannot_commit_keeps_answering(cluster_factory) -> No
     elsewhere = next(k for k in (b"elsewhere%d" % i for i in range(100)) if slot_for_key(k, SLOTS) != slot)
     c.put(elsewhere, b"e")
     replicas = slot_map(SLOTS, ["w1", "w2", "w3", "w4"], 3)[slot]
-    for wid in replicas[:2]:
-        cluster.procs[wid].signal(signal.SIGKILL)
-    r = cluster.zkv("put", stuck.decode(), "never", "--url", cluster.frontend, "--timeout", "4")
-    assert r.returncode != 0  # TIMEOUT (or, had the broker noticed already, NOT_ENOUGH_REPLICAS)
+    stick_a_write(cluster, slot, stuck, replicas[:2])
     wait_for(lambda: not {w for w in replicas[:2]} & cluster.alive_workers(), 20, 0.2, "the two declared dead")
 
     assert c.get(other) == b"committed"  # the slot's committed state is served

@@ -62,8 +62,12 @@ class Proc:
     popen: subprocess.Popen | None = None
     command: list[str] = field(default_factory=lambda: list(ZKV))  # the process is command + args
     cwd: Path | None = None
+    # Set when the test stops the process through this object (a terminating signal, kill,
+    # terminate); ``exit_note`` names an exit nobody here asked for (see Cluster.logs).
+    stopped_by_test: bool = False
 
     def start(self) -> None:
+        self.stopped_by_test = False
         log = open(self.log_path, "ab")
         self.popen = subprocess.Popen(
             [*self.command, *self.args],
@@ -78,12 +82,15 @@ class Proc:
     def signal(self, sig: int) -> None:
         if self.running:
             assert self.popen is not None
+            if sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT):
+                self.stopped_by_test = True
             os.killpg(self.popen.pid, sig)
 
     def kill(self) -> None:
         if self.popen is None:
             return
         if self.popen.poll() is None:
+            self.stopped_by_test = True
             try:
                 os.killpg(self.popen.pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -94,9 +101,20 @@ class Proc:
         """SIGTERM and wait; returns the exit code."""
         assert self.popen is not None
         if self.popen.poll() is None:
+            self.stopped_by_test = True
             os.killpg(self.popen.pid, signal.SIGCONT)
             os.killpg(self.popen.pid, signal.SIGTERM)
         return self.popen.wait(timeout=timeout)
+
+    def exit_note(self) -> str:
+        """For the header of the process's log: its exit code if it ended on its own or by a signal
+        from elsewhere (not through this object), else "". A CI failure once had workers and a
+        broker stop mid-test with a clean "worker_stopped" (a SIGTERM from outside the suite), and
+        the log alone did not say that the test had not stopped them. (A test that signals a pid
+        itself, not through this object, is reported here too.)"""
+        if self.popen is None or self.stopped_by_test or self.popen.poll() is None:
+            return ""
+        return f" (exited with code {self.popen.returncode}, not stopped by this test)"
 
     def log_tail(self, lines: int = 40) -> str:
         try:
@@ -262,4 +280,4 @@ class Cluster:
                 p.kill()
 
     def logs(self) -> str:
-        return "\n".join(f"----- {name} -----\n{p.log_tail()}" for name, p in self.procs.items())
+        return "\n".join(f"----- {name}{p.exit_note()} -----\n{p.log_tail()}" for name, p in self.procs.items())
