@@ -11,6 +11,7 @@ and points ZKV_CREDENTIALS at its admin client, so that a test module runs uncha
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +19,13 @@ import pytest
 
 from protocol.curve import CREDENTIALS_ENV
 from tests.support.cluster import CURVE_ENV, Cluster
+
+# Several tests send SIGINT to a zkv process (Ctrl-C). A suite started as a background job
+# (`nohup ... &` from a script) inherits SIGINT ignored, and ignored dispositions survive exec:
+# the processes under test would ignore it too. A handler here is reset to the default at exec,
+# so every process the tests start gets Python's own Ctrl-C handling, as in a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture
