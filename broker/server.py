@@ -38,7 +38,7 @@ from broker.standby import Standby
 from broker.state import TICK_SECONDS, BrokerConfig
 from broker.zap import BACKEND, FRONTEND, REPLICATION, Zap
 from protocol.limits import DEFAULT_BACKEND, DEFAULT_FRONTEND, DEFAULT_REPLICATION, MAX_CHUNK_BYTES
-from protocol.process import tune_gc
+from protocol.process import dump_stacks_on_sigusr1, tune_gc
 from protocol.sockets import send_frames
 
 log = structlog.get_logger("zkv.broker")
@@ -219,6 +219,7 @@ class BrokerServer:
 
     def run(self) -> None:
         tune_gc()
+        dump_stacks_on_sigusr1()
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         signal.signal(signal.SIGHUP, self._on_sighup)

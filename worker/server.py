@@ -24,7 +24,7 @@ from zmq.utils.monitor import recv_monitor_message
 from protocol.curve import load_credentials
 from protocol.frames import MDPW, W_DISCONNECT, W_HEARTBEAT, pack
 from protocol.limits import DEFAULT_BACKEND, DEFAULT_REPLICATION
-from protocol.process import tune_gc
+from protocol.process import dump_stacks_on_sigusr1, tune_gc
 from protocol.replication import decode_replication, worker_topic
 from protocol.sockets import send_frames
 from worker import faults
@@ -170,6 +170,7 @@ class WorkerServer:
 
     def run(self) -> None:
         tune_gc()
+        dump_stacks_on_sigusr1()
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         self.connect()

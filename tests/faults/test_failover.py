@@ -148,9 +148,15 @@ def test_failover_under_load(fault: str, ha_cluster: HaCluster, capsys: pytest.C
                 proc.signal(signal.SIGCONT)
                 # On waking it must stand by: it answers NOT_LEADER, naming the new leader.
                 front = cluster.broker_endpoints[name][0]
-                with Client(front, timeout=15, attempt_timeout=1.0) as c:  # a woken, loaded process may be slow
-                    st = wait_for(lambda c=c: (s := c.status()).get("role") == "standby" and s.get("leader") and s,
-                                  10, 0.1, f"{name} standing by after SIGCONT")
+                try:
+                    with Client(front, timeout=15, attempt_timeout=1.0) as c:  # a woken, loaded process may be slow
+                        st = wait_for(lambda c=c: (s := c.status()).get("role") == "standby" and s.get("leader") and s,
+                                      10, 0.1, f"{name} standing by after SIGCONT")
+                except Exception as e:
+                    # What the woken broker is doing instead of answering: its threads' stacks.
+                    proc.signal(signal.SIGUSR1)
+                    time.sleep(1.0)
+                    raise AssertionError(f"{name} did not stand by after SIGCONT: {e!r}\n{proc.log_tail(120)}") from e
                 assert st["leader"] == new["value"]["frontend"], st  # the successor, never itself
             time.sleep(4.0)
         ops = workload.join()

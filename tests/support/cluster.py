@@ -18,6 +18,7 @@ every client, the library's and the CLI's (``zkv``, through ZKV_CREDENTIALS), as
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -36,10 +37,35 @@ ZKV: list[str] = [sys.executable, "-m", "client.cli"]
 CURVE_ENV = "ZKV_TEST_CURVE"  # "1": the test fixtures make every cluster with keys=True
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+# Ports are taken below the kernel's ephemeral range: a port the OS hands out for bind(0) lies in
+# that range, and between our probe and the broker's bind any outgoing connection (a client's, a
+# worker's, etcd's) could be given it (once: "Address already in use" for a broker under load).
+# Below it, only another listener can take it; each port is handed out once per process.
+_PORTS = list(range(max(1024, _ephemeral_low() - 12_000), _ephemeral_low()))
+random.SystemRandom().shuffle(_PORTS)
+_RESERVED = {5555, 5556, 5557, 5565, 5566, 5567, 2379, 2380, 6379, 8080}  # the defaults: never in tests
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A port on ``host`` that nothing listens on now, and that this process has not handed out."""
+    while _PORTS:
+        port = _PORTS.pop()
+        if port in _RESERVED:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free port left below the ephemeral range")
 
 
 def wait_for(cond: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05, what: str = "") -> Any:
