@@ -25,7 +25,7 @@ from client.retry import DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_TIMEOUT, Attempts
 from client.watch import WatchEvent, WatchSession, follow_leader
 from protocol.curve import Credentials
 from protocol.errors import ClientClosed
-from protocol.frames import C_FINAL, C_PARTIAL, C_REQUEST, MDPC, MMI_SERVICE, SERVICE, unpack
+from protocol.frames import C_FINAL, C_PARTIAL, C_REQUEST, MDPC, SERVICE, unpack
 
 
 class AsyncClient(Commands):
@@ -174,17 +174,16 @@ class AsyncClient(Commands):
             await asyncio.sleep(answer)
 
     async def _mmi(self, service: bytes, body: list[bytes], wait: float) -> list[bytes] | None:
-        """As ``Client._mmi``: one management round trip, trying the next broker when one is
-        silent or gone (several brokers), each at most once, within ``wait``."""
+        """As ``Client._mmi``: a management call within ``wait``, attempts as ``BrokerList.mmi_again`` says."""
         deadline = time.monotonic() + wait
-        reply = None
-        for _ in self.brokers.urls:
+        while True:
             sock = self._ensure()
-            reply = await self._roundtrip(service, body, None, max(deadline - time.monotonic(), 0.0))
-            if not self.brokers.mmi_again(reply, service == MMI_SERVICE, self._sock is not sock,
-                                          time.monotonic() >= deadline):
+            left = max(deadline - time.monotonic(), 0.0)
+            reply = await self._roundtrip(service, body, None, min(left, self.attempt_timeout))
+            if not self.brokers.mmi_again(reply, service, self._sock is not sock, time.monotonic() >= deadline):
                 return reply
-        return reply
+            if reply is None and self._sock is sock:
+                self._open()  # a fresh connection, as a kv request's next attempt gets
 
     async def _run_window(self, calls: Iterator[Call], window: int) -> None:
         """Run ``calls`` with up to ``window`` in flight: ``window`` lanes, each one call at a time.

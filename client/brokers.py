@@ -24,7 +24,7 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from protocol.errors import NotLeader, ZkvError
-from protocol.frames import unpack
+from protocol.frames import MMI_SERVICE, MMI_STATUS, unpack
 from protocol.limits import split_urls
 
 # Why a monitor and not a shorter first attempt: ZeroMQ's connect never fails, and a DEALER whose
@@ -114,18 +114,25 @@ class BrokerList:
         if self.several or self._leader is not None:
             self.next()
 
-    def mmi_again(self, reply: list[bytes] | None, service_probe: bool, moved: bool, out_of_time: bool) -> bool:
-        """After one management round trip (mmi.status, mmi.admin, mmi.service): True if it must
-        be sent again, to the broker now ``current``. A standby's own answer (``role: standby``,
-        or ``code: NOT_LEADER``) naming a leader is followed when several brokers are given: the
-        cluster's status is the leader's (not for ``service_probe``, mmi.service: a standby's 404
-        is the answer). No reply: the next broker, unless ``moved`` (another request already left
-        this one) or the time is up."""
-        if not self.several or out_of_time:
+    def mmi_again(self, reply: list[bytes] | None, service: bytes, moved: bool, out_of_time: bool) -> bool:
+        """After one attempt of a management call (mmi.status, mmi.service, mmi.admin): True if it
+        must be sent again, to the broker now ``current``.
+
+        - An answer: final, except that with several brokers a standby's own answer (``role:
+          standby``, or ``code: NOT_LEADER``) naming a leader is followed: the cluster's status is
+          the leader's (mmi.service excepted: a standby's 404 is the answer).
+        - No answer in the attempt's time: with several brokers, the next one (unless ``moved``:
+          another request already left this one); with one, the same broker again on a fresh
+          connection, for the read-only calls (status, service) only: an admin command has no
+          de-duplication, so it is not resent.
+        - Nothing is sent again once the call's time is up."""
+        if out_of_time:
             return False
         if reply is not None:
-            leader = _standby_leader(reply) if not service_probe else None
+            leader = _standby_leader(reply) if self.several and service != MMI_SERVICE else None
             return leader is not None and self.follow(leader)
+        if not self.several:
+            return service in (MMI_STATUS, MMI_SERVICE)
         if not moved:
             self.silent()
         return True

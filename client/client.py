@@ -28,7 +28,7 @@ from client.streams import ValueStream
 from client.watch import WatchEvent, WatchSession, follow_leader
 from protocol.curve import CREDENTIALS_ENV, Credentials, load_credentials
 from protocol.errors import ClientClosed
-from protocol.frames import C_FINAL, C_PARTIAL, C_REQUEST, MDPC, MMI_SERVICE, SERVICE, unpack
+from protocol.frames import C_FINAL, C_PARTIAL, C_REQUEST, MDPC, SERVICE, unpack
 from protocol.limits import DEFAULT_FRONTEND, URL_ENV
 
 
@@ -165,18 +165,18 @@ class Client(Commands):
             # A late reply to an earlier attempt or request: not ours, drop it.
 
     def _mmi(self, service: bytes, body: list[bytes], wait: float) -> list[bytes] | None:
-        """One management round trip (mmi.status, mmi.service: answered by whichever broker the
-        client is at, a standby too) within ``wait``; with several brokers, the next one is tried
-        when one is silent or gone, each at most once."""
+        """A management call (mmi.status, mmi.service, mmi.admin: answered by whichever broker the
+        client is at, a standby too) within ``wait``, each attempt up to ``attempt_timeout``; what
+        follows an attempt is ``BrokerList.mmi_again``'s rule."""
         deadline = time.monotonic() + wait
-        reply = None
-        for _ in self.brokers.urls:
+        while True:
             sock = self._ensure()
-            reply = self._roundtrip(service, body, None, max(deadline - time.monotonic(), 0.0))
-            if not self.brokers.mmi_again(reply, service == MMI_SERVICE, self._sock is not sock,
-                                          time.monotonic() >= deadline):
+            left = max(deadline - time.monotonic(), 0.0)
+            reply = self._roundtrip(service, body, None, min(left, self.attempt_timeout))
+            if not self.brokers.mmi_again(reply, service, self._sock is not sock, time.monotonic() >= deadline):
                 return reply
-        return reply
+            if reply is None and self._sock is sock:
+                self._open()  # a fresh connection, as a kv request's next attempt gets
 
     def request(self, op: str, header: dict[str, Any], values: list[bytes] | None = None,
                 on_partial: OnPartial | None = None) -> Reply:

@@ -232,3 +232,18 @@ def test_an_async_watch_through_a_standby_sees_the_leaders_changes(cluster: Clus
 
     assert asyncio.run(run()) == [("put", b"haw:1", b"a"), ("put", b"haw:2", b"b")]
     assert "watch" in [h["op"] for h in standby.got]
+
+
+def test_a_status_call_whose_connection_goes_nowhere_is_sent_again_on_a_fresh_one() -> None:
+    """Found by the pause failover test: a client's connection made just after a broker woke up
+    carried nothing to it, while a new client's did. A management call waited its whole timeout on
+    it; now, as a kv request, it resends after each attempt timeout on a fresh connection."""
+    fake = FakeBroker(False, ignore_first_connection=True)
+    try:
+        with Client(fake.url, timeout=10, attempt_timeout=1.0) as c:
+            t0 = time.monotonic()
+            assert c.status() == {"role": "leader"}
+            took = time.monotonic() - t0
+        assert fake.asked == 2 and 0.9 < took < 5, (fake.asked, took)
+    finally:
+        fake.close()

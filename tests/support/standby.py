@@ -17,9 +17,13 @@ class FakeBroker:
     kv request answered NOT_LEADER, mmi.status {role: standby, leader}, mmi.service 404), or with
     ``leader=False`` a leader that answers every kv request ok. Records the kv headers it got."""
 
-    def __init__(self, leader: str | None | bool) -> None:
+    def __init__(self, leader: str | None | bool, ignore_first_connection: bool = False) -> None:
+        """``ignore_first_connection``: answer nothing that arrives on the first connection (a
+        connection that is up but goes nowhere, as one made just after a broker woke up was)."""
         self.url = f"tcp://127.0.0.1:{free_port()}"
         self.leader = leader
+        self.ignored: bytes | None = None if ignore_first_connection else b""
+        self.asked = 0
         self.got: list[dict[str, Any]] = []
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.ROUTER)
@@ -35,6 +39,11 @@ class FakeBroker:
                 continue
             ident, *frames = self._sock.recv_multipart()
             if len(frames) < 3 or frames[:2] != [MDPC, C_REQUEST]:
+                continue
+            self.asked += 1
+            if self.ignored is None:
+                self.ignored = ident
+            if ident == self.ignored:
                 continue
             service = frames[2]
             if service == MMI_STATUS:

@@ -9,7 +9,7 @@ from client.brokers import BrokerList
 from client.retry import no_reply
 from client.watch import WatchSession, follow_leader
 from protocol.errors import NotLeader, Unavailable
-from protocol.frames import C_FINAL, pack
+from protocol.frames import C_FINAL, MMI_ADMIN, MMI_SERVICE, MMI_STATUS, pack
 
 A, B, C = "tcp://10.0.0.1:5555", "tcp://10.0.0.2:5555", "tcp://10.0.0.3:5555"
 
@@ -119,15 +119,22 @@ def test_a_management_call_follows_a_standby_to_the_leader_and_moves_on_from_sil
     standby_status = [pack({"role": "standby", "leader": B, "formed": False})]
     leader_status = [pack({"role": "leader", "formed": True})]
     b = BrokerList(f"{A},{B},{C}")
-    assert b.mmi_again(standby_status, service_probe=False, moved=False, out_of_time=False)
+    assert b.mmi_again(standby_status, MMI_STATUS, moved=False, out_of_time=False)
     assert b.current == B  # the cluster's status is the leader's
-    assert not b.mmi_again(leader_status, service_probe=False, moved=False, out_of_time=False)
-    assert not b.mmi_again([b"404"], service_probe=True, moved=False, out_of_time=False)  # mmi.service: the answer
-    assert b.mmi_again(None, service_probe=False, moved=False, out_of_time=False) and b.current == C
-    assert b.mmi_again(None, service_probe=False, moved=True, out_of_time=False) and b.current == C  # already moved
-    assert not b.mmi_again(None, service_probe=False, moved=False, out_of_time=True)
+    assert not b.mmi_again(leader_status, MMI_STATUS, moved=False, out_of_time=False)
+    assert not b.mmi_again([b"404"], MMI_SERVICE, moved=False, out_of_time=False)  # mmi.service: the answer
+    assert b.mmi_again(None, MMI_STATUS, moved=False, out_of_time=False) and b.current == C
+    assert b.mmi_again(None, MMI_STATUS, moved=True, out_of_time=False) and b.current == C  # already moved
+    assert not b.mmi_again(None, MMI_STATUS, moved=False, out_of_time=True)
     admin_refused = [pack({"ok": False, "code": "NOT_LEADER", "leader": A})]
-    assert b.mmi_again(admin_refused, service_probe=False, moved=False, out_of_time=False) and b.current == A
+    assert b.mmi_again(admin_refused, MMI_ADMIN, moved=False, out_of_time=False) and b.current == A
+
+
+def test_with_one_broker_a_silent_read_only_management_call_is_sent_again_an_admin_command_not() -> None:
     one = BrokerList(A)
-    assert not one.mmi_again(standby_status, service_probe=False, moved=False, out_of_time=False)
-    assert not one.mmi_again(None, service_probe=False, moved=False, out_of_time=False)  # one broker: as before
+    standby_status = [pack({"role": "standby", "leader": B, "formed": False})]
+    assert not one.mmi_again(standby_status, MMI_STATUS, moved=False, out_of_time=False)  # its own view
+    assert one.mmi_again(None, MMI_STATUS, moved=False, out_of_time=False) and one.current == A
+    assert one.mmi_again(None, MMI_SERVICE, moved=False, out_of_time=False)
+    assert not one.mmi_again(None, MMI_ADMIN, moved=False, out_of_time=False)  # no de-duplication: once
+    assert not one.mmi_again(None, MMI_STATUS, moved=False, out_of_time=True)
