@@ -195,13 +195,21 @@ def test_failover_under_load(fault: str, ha_cluster: HaCluster, capsys: pytest.C
             return o.complete is not None and any(o.invoke < t < o.complete for t in failed_at)
 
         def signature(o: Op) -> bool:
-            """A write in flight across a failover, or a read of the value of one (applied twice)."""
-            if o.kind in ("put", "delete"):
-                return across(o)
-            # A read's value (None: the key deleted) written by a write in flight across a failover.
-            return o.kind == "get" and any(w.key == o.key and across(w) and (
-                (w.kind == "put" and w.value == o.value) or (w.kind == "delete" and o.value is None))
-                for w in history)
+            """A write in flight across a failover, or an op that observed what such a write, applied
+            a second time, left: a get of its value (None for a delete), a delete that found the key
+            (after a put) or found nothing (after a delete)."""
+            if across(o):
+                return True
+            if o.kind == "get":
+                def wrote(w: Op) -> bool:
+                    return (w.kind == "put" and w.value == o.value) or (w.kind == "delete" and o.value is None)
+            elif o.kind == "delete" and o.deleted is not None:
+                def wrote(w: Op) -> bool:
+                    return w.kind == ("put" if o.deleted else "delete")
+            else:
+                return False
+            done = o.complete if o.complete is not None else float("inf")
+            return any(w.key == o.key and w is not o and w.invoke < done and across(w) and wrote(w) for w in history)
 
         assert result.culprits and len(result.culprits) >= len(result.failures), result.failures
         for o in result.culprits:
