@@ -52,12 +52,13 @@ class Replicas:
                 slot.applied[w.id] = pos
             if pos == slot.last:
                 slot.repairs.pop(w.id, None)
-        for s, q, found in ack.results:
+        for s, q, found, earlier in ack.results:
             slot = state.slots.get(s)
             if slot is not None:
                 batch = slot.pending.get(q)
-                if batch is not None and batch.found is None:
-                    batch.found = [list(f) for f in found]
+                if batch is not None and batch.found is None and batch.duplicate_of is None:
+                    batch.found = [list(f) for f in found] if found else None
+                    batch.duplicate_of = earlier
         for s, _e, _q in ack.positions:
             slot = state.slots.get(s)
             if slot is not None and not slot.recovering:

@@ -27,6 +27,7 @@ class Request:
     committed: bool = False  # writes: every part committed; a retry gets the stored answer
     parts: list[list[int]] = field(default_factory=list)  # writes: [slot, epoch, seq]
     dedup_key: tuple[bytes, int] | None = None
+    deduplicated: bool = False  # a part was a retry the replicas had applied before (their answer is in parts)
     maybe_retry: bool = True  # false when the client says this is its first attempt
     cond: int = COND_NONE  # put/delete: applied only if this condition holds
     expected: int = 0  # COND_VERSION: the version the key must have
@@ -48,6 +49,9 @@ class WriteBatch:
     request: Request
     indices: list[int]
     found: list[list[Any]] | None = None  # per op [flag, version before], from the first ACK
+    # The (epoch, seq) of the earlier write of the same client request, when the replicas found
+    # this batch was a retry of it and applied it as a no-op (worker/dedup.py).
+    duplicate_of: list[int] | None = None
 
 
 class RequestTable:

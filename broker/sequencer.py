@@ -9,20 +9,22 @@ from collections.abc import Callable
 
 from broker.requests import Request, WriteBatch
 from broker.state import BrokerState, Pos, Slot, TailEntry
-from protocol.replication import Replicate, WriteOp
+from protocol.replication import Origin, Replicate, WriteOp
 
 TAIL_ENTRIES = 512  # per slot, kept in memory for gap repair
 TAIL_BYTES = 256 * 1024  # per slot (committed entries; uncommitted ones are all kept)
 
 
-def sequence(state: BrokerState, slot: Slot, ops: list[WriteOp], values: list[bytes], now_ms: int) -> int:
+def sequence(state: BrokerState, slot: Slot, ops: list[WriteOp], values: list[bytes], now_ms: int,
+             origin: Origin | None = None) -> int:
     """Stamp one write batch (slot, epoch, seq), keep it in the tail, publish it to the slot's
-    replicas and learners. Returns its seq."""
+    replicas and learners. Returns its seq. ``origin`` names the client request, which replicas
+    record with the write so that a retry sequenced again later changes nothing (worker/dedup.py)."""
     seq = slot.last.seq + 1
     epoch = state.epoch
     if not slot.epochs or slot.epochs[-1][0] != epoch:
         slot.epochs.append((epoch, seq))
-    rep = Replicate(slot.id, epoch, seq, slot.last.epoch, slot.committed, now_ms, ops, values)
+    rep = Replicate(slot.id, epoch, seq, slot.last.epoch, slot.committed, now_ms, ops, values, origin)
     frames = rep.frames()
     entry = TailEntry(seq, epoch, slot.last.epoch, frames, sum(len(f) for f in frames))
     for wid in slot.replicas + slot.learners:

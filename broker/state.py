@@ -76,6 +76,7 @@ class Worker:
     clock_offset_ms: int = 0  # the worker's wall clock minus ours, as last reported
     applied: int = 0  # write batches applied since the worker started
     commits: int = 0  # LMDB commits (fsyncs) since the worker started
+    retries_absorbed: int = 0  # write batches it found were retries of earlier writes (worker/dedup.py)
     keys: int = 0
     disk_bytes: int = 0
     slots: set[int] = field(default_factory=set)  # slots it is a replica of
@@ -196,7 +197,8 @@ class BrokerState:
         # Set by the entry (broker/core.py): hands an event to every part that handles it.
         self.emit: Callable[[Any], None] = lambda event: None
         self.stats: dict[str, int] = {
-            "writes_committed": 0, "reads_served": 0, "bad_requests": 0, "rejected_requests": 0,
+            "writes_committed": 0, "writes_deduplicated": 0, "reads_served": 0, "bad_requests": 0,
+            "rejected_requests": 0,
             "snapshots_sent": 0, "replays_sent": 0, "slots_rereplicated": 0, "slots_moved": 0,
             "moves_abandoned": 0, "streams_aborted": 0}
         self._tokens = itertools.count(1)

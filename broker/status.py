@@ -64,7 +64,8 @@ def report(state: BrokerState, moves: list[dict[str, Any]], misplaced: int, open
              "last_heartbeat_ago": round(now_wall - w.last_seen_wall, 3) if w.last_seen_wall else None,
              "slots": len(w.slots), "keys": w.keys, "disk_bytes": w.disk_bytes,
              "behind_slots": behind(state, w), "clock_offset_ms": w.clock_offset_ms,
-             "applied": w.applied, "commits": w.commits, "draining": w.draining,
+             "applied": w.applied, "commits": w.commits, "retries_absorbed": w.retries_absorbed,
+             "draining": w.draining,
              "learning": len(w.learning)}
             for w in sorted(state.workers.values(), key=lambda w: w.id)
         ],

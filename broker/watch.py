@@ -52,6 +52,11 @@ class Watch:
     last_sent: float = 0.0
 
 
+# What the replicas found for a batch that was a retry of an earlier write (applied as a no-op);
+# compared by identity.
+NO_CHANGE: list[list[Any]] = []
+
+
 class Watches:
     def __init__(self, state: BrokerState) -> None:
         self.state = state
@@ -125,6 +130,8 @@ class Watches:
         for e in entries:
             ops = unpack(e.frames[0])[6]
             found = results.get(e.seq)
+            if found is NO_CHANGE:
+                continue  # a retry the replicas had applied before: nothing changed
             for i, (code, key, expire_at, cond, _expected) in enumerate(ops):
                 if code in (OP_CHUNK, OP_ABORT_STREAM):
                     continue  # a streamed value's parts: its commit (OP_PUT_STREAM) is the change
@@ -158,7 +165,9 @@ class Watches:
         for seq, batch in slot.pending.items():
             if seq > new:
                 break
-            if batch.found is not None:
+            if batch.duplicate_of is not None:
+                results[seq] = NO_CHANGE
+            elif batch.found is not None:
                 results[seq] = batch.found
         floor = slot.tail[0].seq if slot.tail else new + 1
         while results:  # seqs were added in increasing order: drop what left the tail

@@ -28,10 +28,12 @@ from protocol.frames import (
 @dataclass(slots=True)
 class Ack:
     """Cumulative applied positions [(slot, epoch, seq)], what conditional ops found
-    [(slot, seq, found)], and the snapshot transfer whose install this ACK reports."""
+    [(slot, seq, found, None)] or, for a batch that was a retry of an earlier write, [(slot, seq,
+    what that write found, [its epoch, seq])], and the snapshot transfer whose install this ACK
+    reports."""
 
     positions: list[tuple[int, int, int]]
-    results: list[tuple[int, int, list[list[Any]]]] = field(default_factory=list)
+    results: list[tuple[int, int, list[list[Any]], list[int] | None]] = field(default_factory=list)
     snap: bytes = b""
 
 
@@ -115,6 +117,12 @@ def _bytes(v: Any, name: str, max_len: int = MAX_ID_BYTES, allow_empty: bool = T
     return v
 
 
+def _earlier(v: Any) -> list[int]:
+    if not isinstance(v, list) or len(v) != 2:
+        raise ValueError("res: the earlier write must be [epoch, seq]")
+    return [_int(v[0], "res"), _int(v[1], "res")]
+
+
 def _triples(v: Any, name: str) -> list[tuple[int, int, int]]:
     if not isinstance(v, list):
         raise ValueError(f"{name} must be a list")
@@ -146,10 +154,11 @@ def decode_worker(cmd: bytes, body: list[bytes]) -> WorkerMessage:
         ack = _map(body[0])
         results = ack.get("res", [])
         if not isinstance(results, list) or not all(
-                isinstance(r, list) and len(r) == 3 and isinstance(r[2], list) for r in results):
-            raise ValueError("res entries must be [slot, seq, [found, ...]]")
+                isinstance(r, list) and len(r) in (3, 4) and isinstance(r[2], list) for r in results):
+            raise ValueError("res entries must be [slot, seq, [found, ...]] or [slot, seq, [found, ...], [epoch, seq]]")
         return Ack(_triples(ack.get("pos", []), "pos"),
-                   [(_int(s, "res"), _int(q, "res"), found) for s, q, found in results],
+                   [(_int(r[0], "res"), _int(r[1], "res"), r[2], _earlier(r[3]) if len(r) == 4 else None)
+                    for r in results],
                    _bytes(ack.get("snap") or b"", "snap"))
     if cmd == W_FINAL or cmd == W_PARTIAL:
         if len(body) < 3:
@@ -158,7 +167,7 @@ def decode_worker(cmd: bytes, body: list[bytes]) -> WorkerMessage:
     if cmd == W_HEARTBEAT:
         stats = _map(body[0]) if body else None
         if stats is not None:
-            for name in ("keys", "disk_bytes", "applied", "commits", "clock_ms"):
+            for name in ("keys", "disk_bytes", "applied", "commits", "retries_absorbed", "clock_ms"):
                 if name in stats:
                     _int(stats[name], name)
         return Heartbeat(stats)

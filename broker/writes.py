@@ -28,6 +28,7 @@ from protocol.replication import (
     OP_EXPIRE,
     OP_PUT,
     OP_PUT_STREAM,
+    Origin,
     WriteOp,
     chunk_key,
     slot_for_key,
@@ -90,10 +91,11 @@ class Writes:
                                   f"slot {s} has {slot.tail_bytes >> 20} MiB of writes not yet committed; retry")
         now_ms = state.wall_ms()
         expire_at = now_ms + msg.ttl if msg.ttl else 0
+        origin = Origin(req.cid, req.id, req.maybe_retry) if req.cid else None
         for s, idx in by_slot.items():
             slot = state.slots[s]
             ops, vals = write_ops(req, idx, msg.values, expire_at)
-            seq = sequence(state, slot, ops, vals, now_ms)
+            seq = sequence(state, slot, ops, vals, now_ms, origin)
             slot.pending[seq] = WriteBatch(req, idx)
             req.parts.append([s, state.epoch, seq])
             req.outstanding += 1
@@ -150,6 +152,13 @@ class Writes:
             batch = slot.pending.pop(seq)
             state.stats["writes_committed"] += 1
             req = batch.request
+            if batch.duplicate_of is not None:
+                # A retry of a write an earlier leader sequenced: the replicas applied it as a
+                # no-op; the answer is the first write's (its version, what it found).
+                state.stats["writes_deduplicated"] += 1
+                req.deduplicated = True
+                req.parts = [[p, *batch.duplicate_of] if p == slot.id and q == seq else [p, e, q]
+                             for p, e, q in req.parts]
             if batch.found is not None:
                 for i, f in zip(batch.indices, batch.found, strict=False):
                     req.results[i] = f
@@ -160,7 +169,7 @@ class Writes:
             if req.outstanding:
                 continue
             req.committed = True
-            if req.dedup_key and answer_depends_on_replicas(req):
+            if req.dedup_key and (answer_depends_on_replicas(req) or req.deduplicated):
                 # What a retry after a broker restart must answer: what the replicas found.
                 state.ready.metadata.dedup.append((req.cid, req.id, req.parts, req.results))
             if req.op == "put_chunk" and not req.done:

@@ -13,11 +13,15 @@ from typing import Any
 from client.commands import Reply, error_for
 from protocol.errors import NoReply, ZkvError
 from protocol.frames import pack, unpack
-from protocol.limits import split_urls
+from protocol.limits import DEDUP_RETENTION_MS, READ_OPS, split_urls
 
 BACKOFF_FIRST, BACKOFF_MAX = 0.05, 1.0  # s before resending after a retried error, doubling
 DEFAULT_TIMEOUT = 10.0  # s one call may take, retries included
 DEFAULT_ATTEMPT_TIMEOUT = 6.0  # s one attempt waits for its reply before the request is sent again
+# A write is not resent later than this after its first attempt: replicas remember the request a
+# write came from for DEDUP_RETENTION_MS by the broker's clock; half of it leaves room for the
+# clocks of two brokers (before and after a failover) to differ by up to a minute.
+RESEND_WRITES_FOR = DEDUP_RETENTION_MS / 1000 / 2
 
 
 def no_reply(url: str, timeout: float) -> NoReply:
@@ -42,6 +46,7 @@ class Attempts:
         self.header = {"op": op, "id": rid, "cid": cid, "retry": False, **header}
         self.body = [pack(self.header), *values]
         self.deadline = time.monotonic() + timeout
+        self.resend_until = time.monotonic() + (float("inf") if op in READ_OPS else RESEND_WRITES_FOR)
         self.backoff = BACKOFF_FIRST
         self.sent = 0
         self.last_error: ZkvError | None = None
@@ -49,7 +54,7 @@ class Attempts:
     def next(self) -> tuple[list[bytes], float]:
         """The frames of the next attempt and how long it may wait; raises when time is up."""
         left = self.deadline - time.monotonic()
-        if left <= 0:
+        if left <= 0 or (self.sent and time.monotonic() > self.resend_until):
             raise self.last_error or no_reply(self.url, self.timeout)
         if self.sent:
             self.header["retry"] = True

@@ -20,6 +20,11 @@ DEFAULT_MAX_STREAM_BYTES = 4 << 30  # a streamed value's default size limit (bro
 MAX_CHUNKS_PER_READ = 16  # credit one get_chunks request may ask for
 STREAM_INCOMPLETE = -1  # a replica's answer flag for a stream commit that found chunks missing
 
+# Exactly-once writes: how long (by the broker's clock carried in each write batch) a replica
+# remembers the client request a write came from. A write resent later than this after its first
+# attempt may be applied again; clients stop resending a write by then (client/retry.py).
+DEDUP_RETENTION_MS = 120_000
+
 # Scan pages.
 DEFAULT_SCAN_LIMIT = 1000
 MAX_SCAN_LIMIT = 10_000  # keys in one scan page

@@ -58,6 +58,18 @@ class WriteOp:
         return self.op not in (OP_PUT, OP_CHUNK, OP_ABORT_STREAM) or self.cond != COND_NONE
 
 
+@dataclass(slots=True, frozen=True)
+class Origin:
+    """The client request a write batch is a share of: its client id and request number, and
+    whether the client said it may be a retry (``check``: a first attempt cannot have been
+    applied before, so replicas skip the look-up). Replicas record it with the write and apply a
+    later batch of the same origin in the same slot as a no-op (worker/dedup.py)."""
+
+    cid: bytes
+    rid: int
+    check: bool
+
+
 @dataclass(slots=True)
 class Replicate:
     """One sequenced write batch of one slot.
@@ -75,19 +87,21 @@ class Replicate:
     now: int  # broker wall clock, ms; decides expiry of conditional deletes
     ops: list[WriteOp]
     values: list[bytes] = field(default_factory=list)  # one per op (b"" for deletes)
+    origin: Origin | None = None  # the client request (None: a write the broker decided)
 
     def header(self) -> bytes:
-        return pack(
-            [
-                self.slot,
-                self.epoch,
-                self.seq,
-                self.prev_epoch,
-                self.committed,
-                self.now,
-                [[o.op, o.key, o.expire_at, o.cond, o.expected] for o in self.ops],
-            ]
-        )
+        fields = [
+            self.slot,
+            self.epoch,
+            self.seq,
+            self.prev_epoch,
+            self.committed,
+            self.now,
+            [[o.op, o.key, o.expire_at, o.cond, o.expected] for o in self.ops],
+        ]
+        if self.origin is not None:
+            fields.append([self.origin.cid, self.origin.rid, self.origin.check])
+        return pack(fields)
 
     def frames(self) -> list[bytes]:
         """The batch as ``[header, *values]`` (as kept in the broker's tail and sent by REPLAY)."""
@@ -99,11 +113,15 @@ class Replicate:
 
     @classmethod
     def from_fields(cls, fields: list[Any], values: list[Any]) -> Replicate:
-        slot, epoch, seq, prev_epoch, committed, now, ops = fields
+        slot, epoch, seq, prev_epoch, committed, now, ops = fields[:7]
         wops = [WriteOp(int(o[0]), bytes(o[1]), int(o[2]), int(o[3]), int(o[4])) for o in ops]
         if len(values) != len(wops):
             raise ValueError("replication message: value frame count does not match ops")
-        return cls(slot, epoch, seq, prev_epoch, committed, now, wops, list(values))
+        origin = None
+        if len(fields) > 7:
+            cid, rid, check = fields[7]
+            origin = Origin(bytes(cid), int(rid), bool(check))
+        return cls(slot, epoch, seq, prev_epoch, committed, now, wops, list(values), origin)
 
 
 def encode_replication(worker_id: str, batches: list[list[bytes]]) -> list[bytes]:

@@ -73,6 +73,7 @@ class WorkerCore:
         self.broker_now = 0  # latest broker wall clock seen (ms); decides reclaiming of TTLs
         self.applied_total = 0  # replication batches applied (for status: group commit at work)
         self.commits = 0  # LMDB write transactions (each one fsync)
+        self.retries_absorbed = 0  # batches that were retries of writes applied before (no-ops)
         self.expiry_cursor: bytes | None = None  # where the next expiry report continues
         self.broker_epoch: int | None = None  # the incarnation this worker is registered with
         self.stale_dropped = 0  # replication messages of another incarnation, dropped
@@ -197,9 +198,10 @@ class WorkerCore:
         touched = {rep.slot for rep in batch}
         self.applied_total += len(batch)
         self.commits += 1
+        self.retries_absorbed += sum(len(r) == 4 for r in results)
         ack = {
             "pos": [[s, self.store.position(s).epoch, self.store.position(s).seq] for s in touched],
-            "res": [[s, q, r] for s, q, r in results],
+            "res": results,
         }
         self.outbox.append([W_ACK, pack(ack)])
         return len(batch)

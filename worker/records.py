@@ -9,6 +9,10 @@ database:
 - ``expiry``: EXPIRY_KEY (expire_at, slot) + key suffix -> b"": the TTL index, soonest first
 - ``blobs``: slot + stream id + chunk index -> one chunk of a streamed value
 - ``staged``: slot + stream id -> b"": a stream whose value is not committed yet
+- ``dedup``: slot + DEDUP_ID (request number) + client id -> DEDUP_ENTRY (epoch, seq, broker
+  clock of the write) + packed results or b"": the client requests this slot's writes came from
+  (worker/dedup.py)
+- ``dedup_age``: slot + broker clock (u64 BE) + DEDUP_ID + client id -> b"": that table by age, oldest first
 - ``meta``: b"p" + slot -> POSITION; b"i" + slot -> b"" while a snapshot install of the slot is
   half done; b"uuid" -> this data directory's id; b"cluster" -> the cluster's id; b"epoch" -> the
   highest broker epoch this worker has accepted an assignment from (u64 BE; fencing, worker/core.py)
@@ -23,6 +27,10 @@ from dataclasses import dataclass
 SLOT_PREFIX = struct.Struct(">H")
 POSITION = struct.Struct(">QQ")  # epoch, seq
 EXPIRY_KEY = struct.Struct(">QH")  # expire_at, slot (then the key suffix)
+
+DEDUP_ID = struct.Struct(">Q")  # request number (then the client id)
+DEDUP_ENTRY = struct.Struct(">QQQ")  # epoch, seq of the write that carried the request, broker clock ms
+AGE = struct.Struct(">Q")
 
 META_POSITION = b"p"
 META_INSTALLING = b"i"
@@ -74,6 +82,16 @@ def storage_key(slot: int, key: bytes) -> bytes:
 def expiry_key(expire_at: int, slot: int, suffix: bytes) -> bytes:
     """The expiry index entry of the record stored under ``slot + suffix``."""
     return EXPIRY_KEY.pack(expire_at, slot) + suffix
+
+
+def dedup_suffix(cid: bytes, rid: int) -> bytes:
+    """The part of a ``dedup`` key after the slot: request number, then client id."""
+    return DEDUP_ID.pack(rid) + cid
+
+
+def dedup_age_key(slot: int, now: int, suffix: bytes) -> bytes:
+    """The ``dedup_age`` entry of the ``dedup`` entry ``slot + suffix`` recorded at broker clock ``now``."""
+    return SLOT_PREFIX.pack(slot) + AGE.pack(now) + suffix
 
 
 def meta_key(kind: bytes, slot: int) -> bytes:

@@ -197,7 +197,8 @@ class WorkerServer:
                     self.last_heartbeat = now
                     self.send([W_HEARTBEAT, pack({**self.store.stats(), "clock_ms": self.wall_ms(),
                                                       "applied": self.core.applied_total,
-                                                      "commits": self.core.commits})])
+                                                      "commits": self.core.commits,
+                                                      "retries_absorbed": self.core.retries_absorbed})])
                 if now - self.broker_seen > self.cfg.heartbeat * self.cfg.liveness:
                     if not self.brokers.several:  # with several, broker_switched says it
                         log.warning("broker_silent_reconnecting", silent_s=round(now - self.broker_seen, 1))

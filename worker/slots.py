@@ -1,5 +1,6 @@
 """A slot's data as a whole, inside a caller's write transaction: its applied position, and
-removing everything it holds (records, expiry entries, chunks, open streams)."""
+removing everything it holds (records, expiry entries, chunks, open streams, the client requests
+its writes came from)."""
 
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def forget_slot(txn: lmdb.Transaction, t: Tables, slot: int) -> None:
 
 def delete_slot_data(txn: lmdb.Transaction, t: Tables, slot: int) -> None:
     prefix = SLOT_PREFIX.pack(slot)
-    for db in (t.blobs, t.staged):
+    for db in (t.blobs, t.staged, t.dedup, t.dedup_age):
         cur = txn.cursor(db=db)
         if cur.set_range(prefix):
             while cur.key().startswith(prefix):

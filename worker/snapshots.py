@@ -1,6 +1,8 @@
 """Snapshots of one slot on disk: the donor's consistent cut, and the receiver's install part by
 part. A snapshot is a stream of tagged entries, (tag + key within the slot, value): records,
-stored chunks and open streams, carried verbatim (their layout: worker/records.py)."""
+stored chunks, open streams and the client requests the slot's writes came from (without it, a
+replica filled by a snapshot would apply a retried write that the others refuse), carried
+verbatim (their layout: worker/records.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from collections.abc import Generator
 import lmdb
 
 from protocol.replication import CHUNK_INDEX, Manifest
+from worker import dedup
 from worker.records import (
     META_INSTALLING,
     META_POSITION,
@@ -24,7 +27,7 @@ from worker.records import (
 from worker.slots import delete_slot_data
 from worker.tables import Tables
 
-SNAP_RECORD, SNAP_CHUNK, SNAP_STAGED = b"d", b"b", b"s"
+SNAP_RECORD, SNAP_CHUNK, SNAP_STAGED, SNAP_DEDUP = b"d", b"b", b"s", b"u"
 
 SnapshotEntries = Generator[tuple[bytes, bytes], None, None]
 
@@ -32,11 +35,12 @@ SnapshotEntries = Generator[tuple[bytes, bytes], None, None]
 def cut(txn: lmdb.Transaction, t: Tables, slot: int) -> tuple[Position, tuple[int, int], SnapshotEntries]:
     """Donor: the slot's position in ``txn``, (keys, bytes) in it, and its tagged entries
     (SNAP_RECORD + storage key suffix, record; SNAP_CHUNK + stream id + index, chunk;
-    SNAP_STAGED + stream id, b""). The generator owns ``txn``: it aborts it when exhausted or
-    closed, so every entry comes from the same state as the position."""
+    SNAP_STAGED + stream id, b""; SNAP_DEDUP + request number + client id, entry). The
+    generator owns ``txn``: it aborts it when exhausted or closed, so every entry comes from the
+    same state as the position."""
     pos = decode_position(txn.get(meta_key(META_POSITION, slot), db=t.meta))
     prefix = SLOT_PREFIX.pack(slot)
-    sources = ((SNAP_RECORD, t.data), (SNAP_CHUNK, t.blobs), (SNAP_STAGED, t.staged))
+    sources = ((SNAP_RECORD, t.data), (SNAP_CHUNK, t.blobs), (SNAP_STAGED, t.staged), (SNAP_DEDUP, t.dedup))
     keys = size = 0
     for _, db in sources:
         cur = txn.cursor(db=db)
@@ -126,6 +130,8 @@ def install_part(txn: lmdb.Transaction, t: Tables, slot: int, entries: list[tupl
             txn.put(prefix + key, value, db=t.blobs)
         elif tag == SNAP_STAGED:
             txn.put(prefix + key, value, db=t.staged)
+        elif tag == SNAP_DEDUP:
+            dedup.restore(txn, t, slot, key, value)
         else:
             raise ValueError(f"unknown snapshot entry tag {tag!r}")
 

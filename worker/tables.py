@@ -1,4 +1,4 @@
-"""A worker's LMDB environment and its five databases, opened once and passed to the units that
+"""A worker's LMDB environment and its seven databases, opened once and passed to the units that
 read and write them (their keys and values: worker/records.py)."""
 
 from __future__ import annotations
@@ -17,10 +17,13 @@ class Tables:
     expiry: lmdb._Database  # the TTL index
     blobs: lmdb._Database  # chunks of streamed values
     staged: lmdb._Database  # streams not yet committed
+    dedup: lmdb._Database  # the client requests each slot's writes came from (exactly-once)
+    dedup_age: lmdb._Database  # that table by age, for forgetting
 
     @classmethod
     def open(cls, path: str, map_size: int, sync: bool) -> Tables:
         os.makedirs(path, exist_ok=True)
         env = lmdb.open(path, map_size=map_size, max_dbs=8, sync=sync, metasync=sync, writemap=False)
         return cls(env, env.open_db(b"data"), env.open_db(b"meta"), env.open_db(b"expiry"),
-                   env.open_db(b"blobs"), env.open_db(b"staged"))
+                   env.open_db(b"blobs"), env.open_db(b"staged"), env.open_db(b"dedup"),
+                   env.open_db(b"dedup_age"))

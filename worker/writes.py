@@ -24,7 +24,7 @@ from protocol.replication import (
     Replicate,
     WriteOp,
 )
-from worker import chunks
+from worker import chunks, dedup
 from worker.expiry import apply_reap
 from worker.records import (
     META_POSITION,
@@ -40,8 +40,9 @@ from worker.records import (
 )
 from worker.tables import Tables
 
-# Per batch whose answer depends on what the replica found: (slot, seq, [[flag, version before], ...]).
-BatchResults = list[tuple[int, int, list[list[Any]]]]
+# Per batch whose answer depends on what the replica found: [slot, seq, [[flag, version before], ...]];
+# per batch that was a retry of an earlier write: [slot, seq, that write's results or [], [its epoch, seq]].
+BatchResults = list[list[Any]]
 
 
 def apply_batch(t: Tables, batch: list[Replicate]) -> tuple[BatchResults, dict[int, Position]]:
@@ -52,14 +53,26 @@ def apply_batch(t: Tables, batch: list[Replicate]) -> tuple[BatchResults, dict[i
     before], ...])`` with one entry per op: flag is "the key existed" for a plain delete or
     expire, "the condition held" for a conditional op. Every replica computes the same answers:
     they apply the same history and judge expiry by the broker's clock carried in the batch.
+
+    A batch whose origin (client request) already wrote in the slot changes nothing but the
+    position, and is answered with the earlier write's position and results (worker/dedup.py).
     """
     results: BatchResults = []
     positions: dict[int, Position] = {}
     with t.env.begin(write=True) as txn:
         for rep in batch:
-            found = [_apply_op(txn, t, rep, op, value) for op, value in zip(rep.ops, rep.values, strict=True)]
-            if any(op.needs_result for op in rep.ops):
-                results.append((rep.slot, rep.seq, found))
+            dedup.forget_old(txn, t, rep.slot, rep.now)
+            before = dedup.earlier(txn, t, rep.slot, rep.origin) if rep.origin and rep.origin.check else None
+            if before is not None:
+                epoch, seq, found_then = before
+                results.append([rep.slot, rep.seq, found_then or [], [epoch, seq]])
+            else:
+                found = [_apply_op(txn, t, rep, op, value) for op, value in zip(rep.ops, rep.values, strict=True)]
+                needs = any(op.needs_result for op in rep.ops)
+                if needs:
+                    results.append([rep.slot, rep.seq, found])
+                if rep.origin is not None:
+                    dedup.remember(txn, t, rep, found if needs else None)
             pos = Position(rep.epoch, rep.seq)
             positions[rep.slot] = pos
             txn.put(meta_key(META_POSITION, rep.slot), encode_position(pos), db=t.meta)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from protocol.replication import slot_for_key
-from tests.support.sim import RandomFaults, SimCluster, replica_state
+from tests.support.sim import RandomFaults, SimCluster, dedup_table, replica_state
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -30,19 +30,26 @@ def test_random_fault_schedules_lose_no_acknowledged_write(tmp_path: Path, seed:
         acked: dict[bytes, bytes] = {}
         maybe: dict[bytes, set[bytes]] = {}
         faults = RandomFaults(sim, rng, p_kill=0.04, p_restart=0.02, p_lossy=0.02, p_broker=0.01, p_advance=0.11)
+        unsure: tuple[int, bytes, bytes] | None = None  # a put whose outcome is unknown: resent next
         for step in range(300):
             faults.step()
             key = b"k%d" % rng.randrange(12)
-            if rng.random() < 0.6:
-                value = b"s%d-%d" % (seed, step)
-                rid = sim.send(b"c", "put", [value], key=key)
+            if unsure is not None or rng.random() < 0.6:
+                # A client resends a put it got no answer to (same request number), before anything
+                # else, as the client library does: applied once, whichever broker sequences it.
+                rid, key, value = unsure or (None, key, b"s%d-%d" % (seed, step))
+                seen = len(sim.replies.get(b"c", []))
+                rid = sim.send(b"c", "put", [value], key=key, rid=rid)
                 sim.settle()
-                got = sim.reply(b"c", rid)
+                got = sim.reply(b"c", rid, after=seen)
+                unsure = None
                 if got is not None and got[0]["ok"]:
                     acked[key] = value
                     maybe.pop(key, None)
                 elif got is None or got[0].get("code") == "TIMEOUT":
                     maybe.setdefault(key, set()).add(value)  # outcome unknown
+                    if rng.random() < 0.7:
+                        unsure = (rid, key, value)
             else:
                 rid = sim.send(b"c", "get", key=key)
                 sim.settle()
@@ -63,6 +70,8 @@ def test_random_fault_schedules_lose_no_acknowledged_write(tmp_path: Path, seed:
             copies = [{k: v for k, v in sim.worker_data(w).items() if slot_for_key(k, sim.slots) == s}
                       for w in slot.replicas]
             assert copies[0] == copies[1] == copies[2], (seed, s)
+            tables = [dedup_table(sim, w, s) for w in slot.replicas]  # replicated state too
+            assert tables[0] == tables[1] == tables[2], (seed, s)
     finally:
         sim.close()
 

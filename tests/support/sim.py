@@ -217,8 +217,11 @@ class SimCluster:
         self.broker.on_client(client, [MDPC, C_REQUEST, SERVICE, pack(hdr), *(values or [])])
         return rid
 
-    def reply(self, client: bytes, rid: int) -> tuple[dict[str, Any], list[bytes]] | None:
-        for hdr, vals in zip(self.replies.get(client, []), self.reply_values.get(client, []), strict=True):
+    def reply(self, client: bytes, rid: int, after: int = 0) -> tuple[dict[str, Any], list[bytes]] | None:
+        """The first reply to request ``rid`` among the client's replies from number ``after`` on
+        (``len(sim.replies[client])`` before a resend: the answer to that attempt)."""
+        pairs = zip(self.replies.get(client, []), self.reply_values.get(client, []), strict=True)
+        for hdr, vals in itertools.islice(pairs, after, None):
             if hdr.get("id") == rid:
                 return hdr, vals
         return None
@@ -333,3 +336,13 @@ def replica_state(sim: SimCluster, wid: str, slot: int) -> tuple[dict[bytes, byt
             if bytes(k[:2]) == prefix:
                 out[2].add(bytes(k[2:]))
     return out
+
+
+def dedup_table(sim: SimCluster, wid: str, slot: int) -> dict[bytes, bytes]:
+    """One replica's record of the client requests a slot's writes came from (worker/dedup.py)."""
+    w = sim.workers[wid]
+    assert w.core is not None
+    st = w.core.store
+    prefix = slot.to_bytes(2, "big")
+    with st.env.begin() as txn:
+        return {bytes(k[2:]): bytes(v) for k, v in txn.cursor(db=st.tables.dedup) if bytes(k[:2]) == prefix}

@@ -1,0 +1,68 @@
+"""Exactly-once writes across brokers: each slot's table of the client requests its writes came from.
+
+A write batch carries its client request's (client id, request number) (``Origin``). A replica
+records it in the same transaction as the write; a later batch of the same origin in the same
+slot is a retry that a broker sequenced again (a successor after a failover does not know what its
+predecessor sequenced): it changes nothing, and the replica answers it with the first write's
+position and results. The table is part of the slot's replicated state, so every replica decides
+alike: they apply the same history, and forget entries by the broker clock carried in the batches
+(``DEDUP_RETENTION_MS``), never by their own. Snapshots carry it (worker/snapshots.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lmdb
+
+from protocol.frames import pack, unpack
+from protocol.limits import DEDUP_RETENTION_MS
+from protocol.replication import Origin, Replicate
+from worker.records import AGE, DEDUP_ENTRY, SLOT_PREFIX, dedup_age_key, dedup_suffix
+from worker.tables import Tables
+
+FORGET_PER_BATCH = 64  # entries forgotten per applied batch at most (deterministic: same on every replica)
+
+
+def forget_old(txn: lmdb.Transaction, t: Tables, slot: int, now: int) -> None:
+    """Drop the slot's entries recorded before ``now - DEDUP_RETENTION_MS`` (broker clock), oldest
+    first, at most FORGET_PER_BATCH: a slot's table then shrinks as fast as writes can fill it."""
+    prefix = SLOT_PREFIX.pack(slot)
+    cur = txn.cursor(db=t.dedup_age)
+    if not cur.set_range(prefix):
+        return
+    horizon = now - DEDUP_RETENTION_MS
+    start = SLOT_PREFIX.size + AGE.size
+    for _ in range(FORGET_PER_BATCH):
+        key = cur.key()
+        if not key.startswith(prefix) or AGE.unpack_from(key, SLOT_PREFIX.size)[0] >= horizon:
+            return
+        txn.delete(prefix + key[start:], db=t.dedup)
+        if not cur.delete():
+            return
+
+
+def earlier(txn: lmdb.Transaction, t: Tables, slot: int, origin: Origin) -> tuple[int, int, list[Any] | None] | None:
+    """The (epoch, seq, results) of the write this origin already made in the slot, or None."""
+    raw = txn.get(SLOT_PREFIX.pack(slot) + dedup_suffix(origin.cid, origin.rid), db=t.dedup)
+    if raw is None:
+        return None
+    epoch, seq, _now = DEDUP_ENTRY.unpack_from(raw)
+    rest = raw[DEDUP_ENTRY.size:]
+    return epoch, seq, unpack(rest) if rest else None
+
+
+def remember(txn: lmdb.Transaction, t: Tables, rep: Replicate, results: list[Any] | None) -> None:
+    """Record that ``rep`` carried its origin (with the results a retry must be answered with)."""
+    assert rep.origin is not None
+    suffix = dedup_suffix(rep.origin.cid, rep.origin.rid)
+    value = DEDUP_ENTRY.pack(rep.epoch, rep.seq, rep.now) + (pack(results) if results is not None else b"")
+    txn.put(SLOT_PREFIX.pack(rep.slot) + suffix, value, db=t.dedup)
+    txn.put(dedup_age_key(rep.slot, rep.now, suffix), b"", db=t.dedup_age)
+
+
+def restore(txn: lmdb.Transaction, t: Tables, slot: int, suffix: bytes, value: bytes) -> None:
+    """Snapshot install: one entry of the donor's table, and its age index entry."""
+    txn.put(SLOT_PREFIX.pack(slot) + suffix, value, db=t.dedup)
+    _epoch, _seq, now = DEDUP_ENTRY.unpack_from(value)
+    txn.put(dedup_age_key(slot, now, suffix), b"", db=t.dedup_age)
