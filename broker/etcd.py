@@ -151,14 +151,17 @@ class Election(threading.Thread):
         self.brokers_read = -BROKERS_REFRESH  # monotonic
         self.etcd_ok = True
         self.last_error = ""
+        self.campaign_after = 0.0  # monotonic; no campaign before (after giving way)
 
     def stop(self) -> None:
         self.stopped.set()
 
-    def resign(self) -> None:
-        """The server loop stopped leading (its deadline passed, or a guarded write failed): give
-        the key up, so that a successor need not wait for the lease to run out, and never lead
-        again in this epoch."""
+    def resign(self, hold_off: float = 0.0) -> None:
+        """The server loop stopped leading (its deadline passed, a guarded write failed, it lost
+        its workers): give the key up, so that a successor need not wait for the lease to run out,
+        and never lead again in this epoch. With ``hold_off``, do not campaign for that long
+        (seconds): another broker should win the next election."""
+        self.campaign_after = time.monotonic() + hold_off
         self.leadership.lost()
         self.resign_requested.set()
 
@@ -209,6 +212,8 @@ class Election(threading.Thread):
             ld.renewed(sent)
         current = self.etcd.get(self.leader_key)
         if current is None:
+            if sent < self.campaign_after:
+                return  # giving way: another broker should win this election
             # The epoch is the key's create revision, known once it is created: it is not in the value.
             epoch = self.etcd.create(self.leader_key, json.dumps(self.me.record()).encode(), self.lease)
             if epoch is None:

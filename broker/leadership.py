@@ -98,3 +98,30 @@ class Leadership:
 
     def remaining(self, now: float) -> float:
         return max(0.0, self.valid_until - now) if self.epoch else 0.0
+
+
+@dataclass
+class WorkerReach:
+    """Should a leader that lost its workers give way? A leader cut off from its workers but not
+    from etcd keeps its lease for ever and can commit nothing; a standby may reach them. The rule:
+    a leader that had at least W live workers in this term and then, for ``window`` seconds, had
+    fewer, gives its lease up (and stays out of the next election for a while, so that another
+    broker wins it). A leader that never reached W workers in its term (a cluster starting, every
+    worker down) keeps leading: giving way would only move the same wait to another broker, over
+    and over."""
+
+    w: int
+    window: float
+    had_quorum: bool = False
+    short_since: float | None = None  # monotonic; since when fewer than W workers are live
+
+    def observe(self, now: float, live: int) -> bool:
+        """``live`` workers are live now; True when the leader should give way."""
+        if live >= self.w:
+            self.had_quorum, self.short_since = True, None
+            return False
+        if not self.had_quorum:
+            return False
+        if self.short_since is None:
+            self.short_since = now
+        return now - self.short_since >= self.window

@@ -30,7 +30,7 @@ import zmq
 from broker.budget import ReplyBudget, Verdict
 from broker.core import BrokerCore
 from broker.etcd import Deposed, Election, Etcd, EtcdMeta, EtcdUnavailable
-from broker.leadership import LeaderInfo, Leadership, LeaseRules
+from broker.leadership import LeaderInfo, Leadership, LeaseRules, WorkerReach
 from broker.messages import Limits
 from broker.meta import MetaStore
 from broker.ready import Ready, execute
@@ -47,6 +47,9 @@ DRAIN_LIMIT = 1000
 TICK = TICK_SECONDS  # s between calls of BrokerCore.tick
 SYNC_INTERVAL = 1.0  # s between fsyncs of the metadata written without one
 DEDUP_PRUNE_INTERVAL = 300.0
+# etcd mode: a leader that had W live workers and then fewer for this many lease TTLs gives its
+# lease up, and stays out of the election as long, so that a standby that may reach them leads.
+GIVE_WAY_AFTER = 2
 
 
 @dataclass
@@ -109,6 +112,7 @@ class BrokerServer:
         self.meta: MetaStore | EtcdMeta | None = None
         self.core: BrokerCore | None = None
         self.served_epoch = 0  # the last epoch this process led in: it never leads in it again
+        self.reach = WorkerReach(cfg.core.w, 0.0)  # replaced at each term (etcd mode)
         if cfg.etcd:
             cfg.lease.check()
             self.etcd = Etcd(cfg.etcd, cfg.lease.request_timeout)
@@ -157,13 +161,21 @@ class BrokerServer:
                 return  # tried again next turn, while the lease holds
             self.served_epoch = epoch
             self.meta, self.core = meta, self._make_core(meta, restored, epoch)
+            self.reach = WorkerReach(self.cfg.core.w, GIVE_WAY_AFTER * ld.rules.ttl)
             self.budget = ReplyBudget(self.cfg.core.max_client_bytes)
             log.info("leading", epoch=epoch, workers=len(restored.workers), slots=len(restored.slots),
                      lease_left_s=round(ld.remaining(now), 2))
         elif self.core is not None and not ld.may_act(now):
             self._step_down("lease deadline passed" if ld.epoch else "lease lost")
+        elif self.core is not None:
+            live = sum(1 for w in self.core.state.workers.values() if w.alive)
+            others = self.election is not None and any(n != self.election.me.name for n in self.election.brokers)
+            if self.reach.observe(now, live) and others:
+                self._step_down(f"{live} live workers for {self.reach.window:.0f} s, writes need "
+                                f"{self.cfg.core.w}: giving way to a broker that may reach them",
+                                hold_off=GIVE_WAY_AFTER * ld.rules.ttl)
 
-    def _step_down(self, reason: str) -> None:
+    def _step_down(self, reason: str, hold_off: float = 0.0) -> None:
         assert self.election is not None and self.core is not None
         # The last moment it may have acted, in wall time: its lease deadline, or now if sooner
         # (a broker paused past its deadline notices only on waking, but sent nothing after it).
@@ -171,7 +183,7 @@ class BrokerServer:
         log.warning("leadership_given_up", epoch=self.core.state.epoch, reason=reason,
                     acted_until=round(time.time() - late, 3))
         self.core = self.meta = None
-        self.election.resign()
+        self.election.resign(hold_off)
 
     def _ha_status(self) -> dict[str, Any]:
         assert self.election is not None

@@ -9,7 +9,9 @@ backend and its replication PUB. The worker talks to one pair at a time, startin
 - ``on_disconnect(info)``: a DISCONNECT's body (docs/protocol.md §2). A standby naming the leader:
   follow the hint (the listed pair with that backend, or the hint and its replication url as a
   pair of their own); a standby that knows no leader: stay and register again (it may become the
-  leader); no body: register again with the same broker.
+  leader), but after ``LEADERLESS_LIMIT`` such answers in a row go on to the next pair (a broker
+  cut off from etcd knows no leader while another leads); no body: register again with the same
+  broker.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from protocol.limits import split_urls
 FOLLOW = "follow"  # moved to the broker a standby named as leader
 WAIT = "wait"  # a standby without a leader: READY again to the same broker after a pause
 AGAIN = "again"  # plain DISCONNECT ("register again"): READY again to the same broker
+NEXT = "next"  # a standby that kept knowing no leader: on to the next pair
+LEADERLESS_LIMIT = 3  # answers "standby, no leader" in a row from one broker before trying the next
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +44,7 @@ class BrokerList:
         self.pairs = [BrokerPair(b, r) for b, r in zip(backends, replications, strict=True)]
         self.index = 0
         self.outside: BrokerPair | None = None  # a leader named by a standby but not in the list
+        self.leaderless = 0  # "standby, no leader" answers in a row from the current broker
 
     @classmethod
     def parse(cls, broker: str, replication: str) -> BrokerList:
@@ -58,6 +63,7 @@ class BrokerList:
         """The pair after the current one (after an outside leader: the one after the listed pair
         whose standby named it)."""
         self.outside = None
+        self.leaderless = 0
         self.index = (self.index + 1) % len(self.pairs)
         return self.current
 
@@ -75,12 +81,19 @@ class BrokerList:
 
     def on_disconnect(self, info: Mapping[str, Any]) -> str:
         """A DISCONNECT with this body (empty: ``{}``): FOLLOW (``current`` is the leader now),
-        WAIT or AGAIN (``current`` unchanged)."""
+        NEXT (``current`` is the next pair), WAIT or AGAIN (``current`` unchanged)."""
         if info.get("reason") != "standby":
+            self.leaderless = 0
             return AGAIN
         leader = info.get("leader")
         if isinstance(leader, str) and leader and leader != self.current.backend:
             replication = info.get("replication")
             if self.follow(leader, replication if isinstance(replication, str) else None) is not None:
+                self.leaderless = 0
                 return FOLLOW
+        self.leaderless += 1
+        if self.several and self.leaderless >= LEADERLESS_LIMIT:
+            self.leaderless = 0
+            self.next()
+            return NEXT
         return WAIT

@@ -28,7 +28,7 @@ from protocol.process import dump_stacks_on_sigusr1, tune_gc
 from protocol.replication import decode_replication, worker_topic
 from protocol.sockets import send_frames
 from worker import faults
-from worker.brokers import AGAIN, FOLLOW, BrokerList, BrokerPair
+from worker.brokers import AGAIN, FOLLOW, NEXT, BrokerList, BrokerPair
 from worker.core import WorkerCore
 from worker.store import SlotStore
 
@@ -303,6 +303,8 @@ class WorkerServer:
             elif action == FOLLOW and self.brokers.outside is not None:
                 log.info("leader_not_in_broker_list", leader=self.brokers.current.backend,
                          replication=self.brokers.current.replication)
+            elif action == NEXT:
+                log.info("standby_knows_no_leader_trying_next", to=self.brokers.current.backend)
             # Also before following a leader: two standbys naming each other (stale hints) must
             # not spin. A standby without a leader is asked again (at debug): it may be elected.
             time.sleep(REREGISTER_PAUSE)  # nor if the broker keeps refusing (duplicate id)

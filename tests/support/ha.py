@@ -10,6 +10,7 @@ status, the CLI) follows the leader as a user's would.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.support.cluster import Cluster, Proc, free_port, wait_for
+from tests.support.netns import NetLab
 from tests.support.requirements import missing
 
 ETCD_START_TIMEOUT = 20.0
@@ -46,7 +48,9 @@ class EtcdMember:
              "--listen-client-urls", self.client_url, "--advertise-client-urls", self.client_url,
              "--listen-peer-urls", self.peer_url, "--initial-advertise-peer-urls", self.peer_url,
              "--initial-cluster", initial_cluster, "--initial-cluster-state", state,
-             "--initial-cluster-token", f"zkv-test-{self.data_dir.name}"],
+             # One token for every member of this cluster (its directory), never shared with another.
+             "--initial-cluster-token", "zkv-test-" + hashlib.blake2b(str(self.data_dir.parent).encode(),
+                                                                     digest_size=8).hexdigest()],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
 
@@ -63,9 +67,10 @@ class EtcdMember:
 class EtcdCluster:
     """``members`` etcd members on loopback free ports, data under ``root``."""
 
-    def __init__(self, root: Path, members: int = 1) -> None:
+    def __init__(self, root: Path, members: int = 1, host: str = "127.0.0.1") -> None:
         root.mkdir(parents=True, exist_ok=True)
-        self.members = [EtcdMember(f"e{i}", f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}",
+        self.host = host  # a NetLab's service address, for brokers in network namespaces
+        self.members = [EtcdMember(f"e{i}", f"http://{host}:{free_port(host)}", f"http://{host}:{free_port(host)}",
                                    root / f"e{i}", root / f"e{i}.log") for i in range(1, members + 1)]
         self.initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
 
@@ -121,20 +126,31 @@ class EtcdCluster:
 
 @dataclass
 class HaCluster(Cluster):
-    """A zkv cluster in etcd mode: ``brokers`` brokers on one etcd (``etcd``: an EtcdCluster)."""
+    """A zkv cluster in etcd mode: ``brokers`` brokers on one etcd (``etcd``: an EtcdCluster).
+
+    With ``lab`` (a NetLab set up, etcd on its service address) every broker runs in a network
+    namespace of its own and binds its endpoints on that namespace's address, so a test can cut a
+    broker off from etcd, from its workers, or from everything (NetLab.cut_tcp, link_down); the
+    workers, the clients and etcd stay in the host's namespace."""
 
     brokers: int = 2
     etcd: EtcdCluster | None = None
     lease_ttl: int = 3
     prefix: str = "/zkv-test/"
     broker_endpoints: dict[str, tuple[str, str, str]] = field(default_factory=dict)
+    lab: NetLab | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         assert self.etcd is not None, "HaCluster needs an EtcdCluster"
         for i in range(1, self.brokers + 1):
-            self.broker_endpoints[f"b{i}"] = tuple(  # type: ignore[assignment]
-                f"tcp://{self.host}:{free_port(self.host)}" for _ in range(3))
+            name = f"b{i}"
+            host = self.lab.add_host(name).addr if self.lab is not None else self.host
+            self.broker_endpoints[name] = tuple(  # type: ignore[assignment]
+                f"tcp://{host}:{free_port()}" for _ in range(3))  # (a fresh namespace: any port is free)
+        if self.lab is not None and not self.keys:
+            # Not loopback: without keys the brokers would refuse the address (protected mode).
+            self.broker_args = [*self.broker_args, "--insecure"]
         names = list(self.broker_endpoints)
         self.frontend = ",".join(self.broker_endpoints[n][0] for n in names)
         self.backend = ",".join(self.broker_endpoints[n][1] for n in names)
@@ -156,8 +172,9 @@ class HaCluster(Cluster):
                 *self._flag("--heartbeat", self.heartbeat), *self._flag("--request-timeout", self.request_timeout),
                 *(["--keys", str(self.key_dir)] if self.keys else []), *self.broker_args]
         # JSON logs: tests read each broker's terms from them (leading / leadership_given_up).
+        netns = ["ip", "netns", "exec", self.lab.hosts[name].name] if self.lab is not None else []
         p = self.procs.get(name) or Proc(name, args, self.root / "logs" / f"{name}.log", self.env,
-                                         command=[*self.command, "--log-json"], cwd=self.cwd)
+                                         command=[*netns, *self.command, "--log-json"], cwd=self.cwd)
         p.args = args
         self.procs[name] = p
         p.start()

@@ -11,6 +11,8 @@ third octets no interface of this host uses yet):
   ``lo`` up, default route via the host side. The worker inside reaches 10.231.x.1 through its own
   veth only, so ``ip link set zkv-<pid>-<n>h down`` cuts exactly that worker off (packets vanish,
   connections stall: a switch failure, not a refused connection) and ``up`` heals it.
+- ``cut_tcp`` drops chosen TCP conversations inside one namespace with nftables (a broker cut
+  off from etcd only, or from its workers only), ``heal_tcp`` lets them through again.
 
 Traffic only ever goes to loopback, 10.231.x.1 (a local address of this host) and addresses
 inside the namespaces made here. ``cleanup`` deletes every namespace and veth made, and is safe to
@@ -27,6 +29,7 @@ import subprocess
 from dataclasses import dataclass, field
 
 _probe_ids = itertools.count(1)
+CUT_TABLE = "zkv_cut"  # the nftables table of NetLab.cut_tcp, inside one namespace
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -52,6 +55,13 @@ def netns_unavailable() -> str | None:
     return None
 
 
+def nft_unavailable() -> str | None:
+    """Why the tests that cut single TCP conversations (NetLab.cut_tcp) cannot run here."""
+    if shutil.which("nft") is None:
+        return "nftables is not installed (Debian: apt-get install nftables)"
+    return None
+
+
 def _used_third_octets() -> set[int]:
     out = _ip("-4", "-o", "addr", "show").stdout
     return {int(m.group(1)) for m in re.finditer(r"inet 10\.231\.(\d+)\.", out)}
@@ -59,13 +69,13 @@ def _used_third_octets() -> set[int]:
 
 @dataclass
 class NetHost:
-    """A worker's namespace and its link to the host."""
+    """A process's namespace (a worker's, or a broker's) and its link to the host."""
 
     name: str  # the namespace
     host_if: str  # host side of the veth pair: the link the nemesis takes down
     ns_if: str
     host_addr: str
-    addr: str  # the worker's own address inside its namespace
+    addr: str  # the process's own address inside its namespace
 
     def exec_prefix(self) -> list[str]:
         return ["ip", "netns", "exec", self.name]
@@ -128,6 +138,31 @@ class NetLab:
 
     def link_up(self, label: str) -> None:
         _ip("link", "set", self.hosts[label].host_if, "up")
+
+    def cut_tcp(self, label: str, local_ports: tuple[int, ...] = (), remote: tuple[tuple[str, int], ...] = ()) -> None:
+        """Inside ``label``'s namespace, silently drop TCP to and from its own ``local_ports`` (the
+        peers that connect to it there) and to and from each ``(address, port)`` of ``remote`` (a
+        server it connects to): one conversation cut, the rest of its network untouched. nftables
+        tables are per namespace, so nothing outside it changes. ``heal_tcp`` removes the cut."""
+        h = self.hosts[label]
+        rules_in, rules_out = [], []
+        if local_ports:
+            ports = ", ".join(str(p) for p in local_ports)
+            rules_in.append(f"tcp dport {{ {ports} }} drop")
+            rules_out.append(f"tcp sport {{ {ports} }} drop")
+        for addr, port in remote:
+            rules_in.append(f"ip saddr {addr} tcp sport {port} drop")
+            rules_out.append(f"ip daddr {addr} tcp dport {port} drop")
+        ruleset = (f"table inet {CUT_TABLE} {{\n"
+                   f"  chain input {{ type filter hook input priority 0; policy accept; {'; '.join(rules_in)}; }}\n"
+                   f"  chain output {{ type filter hook output priority 0; policy accept; {'; '.join(rules_out)}; }}\n"
+                   "}\n")
+        subprocess.run(["ip", "netns", "exec", h.name, "nft", "-f", "-"], input=ruleset, text=True,
+                       capture_output=True, timeout=20, check=True)
+
+    def heal_tcp(self, label: str) -> None:
+        subprocess.run(["ip", "netns", "exec", self.hosts[label].name, "nft", "delete", "table", "inet", CUT_TABLE],
+                       capture_output=True, timeout=20, check=False)
 
     def link_is_up(self, label: str) -> bool:
         """Administratively up (the flag ``ip link set ... up`` sets)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from broker.leadership import LeaderInfo, Leadership, LeaseRules
+from broker.leadership import LeaderInfo, Leadership, LeaseRules, WorkerReach
 from broker.messages import Limits
 from broker.standby import Standby
 from protocol.frames import (
@@ -99,3 +99,23 @@ def test_a_standby_sends_workers_to_the_leader() -> None:
     assert out[0][1][:2] == [MDPW, W_DISCONNECT]
     assert unpack(out[0][1][2]) == {"reason": "standby", "leader": OTHER.backend, "replication": OTHER.replication}
     assert unpack(out[1][1][2])["leader"] is None
+
+
+def test_a_leader_gives_way_only_after_losing_the_workers_it_had() -> None:
+    reach = WorkerReach(w=2, window=6.0)
+    # Never had W workers in this term (a cluster starting, every worker down): keeps leading.
+    assert not reach.observe(0.0, 0)
+    assert not reach.observe(100.0, 1)
+    assert reach.observe(101.0, 2) is False  # now it has them
+    # Fewer than W: gives way only once that lasted the whole window.
+    assert not reach.observe(110.0, 1)
+    assert not reach.observe(115.9, 0)
+    assert reach.observe(116.0, 1)
+    # Back to W in between restarts the window.
+    reach = WorkerReach(w=2, window=6.0)
+    reach.observe(0.0, 3)
+    assert not reach.observe(1.0, 1)
+    assert not reach.observe(5.0, 2)
+    assert not reach.observe(6.5, 1)
+    assert not reach.observe(12.0, 1)
+    assert reach.observe(12.5, 1)

@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from client.cli import main
-from worker.brokers import AGAIN, FOLLOW, WAIT, BrokerList, BrokerPair
+from worker.brokers import AGAIN, FOLLOW, LEADERLESS_LIMIT, NEXT, WAIT, BrokerList, BrokerPair
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -90,6 +90,19 @@ def test_a_standby_without_a_usable_leader_is_asked_again(info: dict) -> None:
     brokers = three()
     assert brokers.on_disconnect(info) == WAIT
     assert brokers.current == BrokerPair(A, PA)
+
+
+def test_a_standby_that_keeps_knowing_no_leader_is_left_for_the_next_broker() -> None:
+    """A broker cut off from etcd stands by and knows no leader, while another one leads."""
+    brokers = three()
+    leaderless = {"reason": "standby", "leader": None, "replication": None}
+    assert [brokers.on_disconnect(leaderless) for _ in range(LEADERLESS_LIMIT - 1)] == [WAIT] * (LEADERLESS_LIMIT - 1)
+    assert brokers.on_disconnect(leaderless) == NEXT
+    assert brokers.current == BrokerPair(B, PB)
+    assert brokers.on_disconnect(leaderless) == WAIT  # counted afresh at each broker
+    # With one broker there is nowhere else to go: it is asked again, however often.
+    one = BrokerList([A], [PA])
+    assert all(one.on_disconnect(leaderless) == WAIT for _ in range(10))
 
 
 @pytest.mark.parametrize("info", [{}, {"reason": "duplicate"}])
