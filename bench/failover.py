@@ -82,6 +82,7 @@ class Round:
     fault: str
     old: str  # the broker killed or paused
     new: str = ""  # its successor, as etcd names it
+    at: float = 0.0  # wall clock of t0 (to find the round in the processes' logs)
     leader_s: float | None = None
     write_s: float | None = None
     all_slots_s: float | None = None
@@ -164,6 +165,7 @@ def failover(cluster: HaCluster, probe: Client, load: Load | None, n: int, fault
     leader: dict[str, Any] = {}
     slots: dict[str, Any] = {}
     t0 = time.monotonic()
+    r.at = time.time()
     proc.signal(signal.SIGKILL if fault == "kill" else signal.SIGSTOP)
     watchers = [threading.Thread(target=watch_leader, args=(cluster, epoch, t0, leader, opts.write_timeout),
                                  daemon=True),
