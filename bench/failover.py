@@ -21,7 +21,8 @@ it) and measures from t0:
   is acknowledged (the client moves on by itself: the figure the issue asks for);
 * **all slots**: until the new leader's status shows every slot recovered (each needs RF - W + 1
   = 2 replicas' reports), polled every 50 ms;
-* **load gap**: the background load's longest time without an acknowledgement around t0.
+* **load stall**: the background load's longest time without an acknowledgement, from its last
+  one before t0 until the round ends.
 
 Then the killed broker is restarted (a paused one is resumed, no sooner than 2 x TTL after t0);
 the round waits until it answers as a standby naming the new leader and every slot is fully
@@ -83,6 +84,8 @@ class Round:
     old: str  # the broker killed or paused
     new: str = ""  # its successor, as etcd names it
     at: float = 0.0  # wall clock of t0 (to find the round in the processes' logs)
+    old_epoch: int = 0  # the leader key's create revision before, and after
+    new_epoch: int = 0
     leader_s: float | None = None
     write_s: float | None = None
     all_slots_s: float | None = None
@@ -117,14 +120,16 @@ class Load(threading.Thread):
                 i += 1
                 self.stop.wait(self.interval)
 
-    def gap_around(self, t0: float) -> float | None:
-        """From the last acknowledgement before ``t0`` to the first after it."""
+    def longest_gap(self, t0: float, end: float) -> float | None:
+        """The longest time between two acknowledgements from the last one before ``t0`` to
+        ``end`` (a reply already on its way when the leader died may arrive just after ``t0``: the
+        stall is the gap that follows it)."""
         with self.lock:
             before = [a for a in self.acks if a <= t0]
-            after = [a for a in self.acks if a > t0]
-        if not after:
+            acks = before[-1:] + [a for a in self.acks if t0 < a <= end]
+        if len(acks) < 2 or acks[-1] <= t0:
             return None
-        return after[0] - (before[-1] if before else t0)
+        return max(b - a for a, b in zip(acks, acks[1:], strict=False))
 
 
 def watch_leader(cluster: HaCluster, old_epoch: int, t0: float, out: dict[str, Any], timeout: float) -> None:
@@ -160,7 +165,7 @@ def failover(cluster: HaCluster, probe: Client, load: Load | None, n: int, fault
     name, epoch = str(old["value"]["name"]), int(old["create_revision"])
     probe.put(b"failover-probe", b"before %d" % n)  # the probe's connection is up, to the leader
     proc = cluster.procs[name]
-    r = Round(n, fault, name)
+    r = Round(n, fault, name, old_epoch=epoch)
     errors_before = Counter(load.errors) if load else Counter()
     leader: dict[str, Any] = {}
     slots: dict[str, Any] = {}
@@ -184,6 +189,7 @@ def failover(cluster: HaCluster, probe: Client, load: Load | None, n: int, fault
     for t in watchers:
         t.join(timeout=opts.write_timeout + 40)
     r.leader_s, r.new, r.all_slots_s = leader.get("leader_s"), str(leader.get("new", "")), slots.get("all_slots_s")
+    r.new_epoch = int(leader.get("epoch", 0))
     if leader.get("error"):
         raise RuntimeError(f"round {n}: no new leader: {leader['error']}\n{cluster.logs()}")
 
@@ -205,7 +211,7 @@ def failover(cluster: HaCluster, probe: Client, load: Load | None, n: int, fault
         wait_for(standing_by, 60, 0.1, f"{name} standing by behind {r.new}")
     cluster.wait_ready(90)
     if load is not None:
-        r.load_gap_s = load.gap_around(t0)
+        r.load_gap_s = load.longest_gap(t0, time.monotonic())
         r.load_errors = dict(Counter(load.errors) - errors_before)
     time.sleep(opts.settle)
     return r
@@ -261,7 +267,7 @@ def cpu_ticks_ours() -> int:
     return core.children_jiffies() + round((me.ru_utime + me.ru_stime) * os.sysconf("SC_CLK_TCK"))
 
 
-def main() -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--failovers", type=int, default=20, help="rounds (the figure the issue asks for: >= 20)")
     ap.add_argument("--fault", choices=("kill", "pause"), default="kill",
@@ -277,15 +283,18 @@ def main() -> int:
     ap.add_argument("--settle", type=float, default=2.0, help="s of quiet after each round")
     ap.add_argument("--json", metavar="FILE", default="", help="write the rounds and the summary here")
     ap.add_argument("--keep", action="store_true", help="keep data and logs")
-    opts = ap.parse_args()
+    opts = ap.parse_args(argv)
     if opts.brokers < 2:
         ap.error("--brokers: at least 2 (a failover needs a standby)")
-    signal.signal(signal.SIGTERM, _interrupt)
-    etcd_path = shutil.which("etcd")
-    if etcd_path is None:
-        print("etcd is not installed (Debian: apt-get install etcd-server)", file=sys.stderr)
-        return 2
+    if opts.failovers < 1:
+        ap.error("--failovers: at least 1")
+    return opts
 
+
+def run(opts: argparse.Namespace, rounds: list[Round], swallow_interrupt: bool = True) -> dict[str, Any]:
+    """Start the cluster, run ``opts.failovers`` rounds (each appended to ``rounds`` when it ends),
+    stop every process and remove the directory, also on failure or Ctrl-C; the result. With
+    ``swallow_interrupt``, Ctrl-C ends the run early (``complete`` false) instead of raising."""
     root = Path(tempfile.mkdtemp(prefix="zkv-bench-failover-"))
     load_avg = os.getloadavg()[0]
     busy0, total0 = core.machine_jiffies()
@@ -294,10 +303,9 @@ def main() -> int:
     etcd = EtcdCluster(root / "etcd")
     cluster = HaCluster(root / "zkv", etcd=etcd, brokers=opts.brokers, lease_ttl=opts.lease_ttl, workers=3, rf=3,
                         w=2, slots=opts.slots, heartbeat=None, request_timeout=None, map_size=None, cwd=REPO)
-    rounds: list[Round] = []
     load: Load | None = None
     probe: Client | None = None
-    ok = False
+    complete = False
     try:
         etcd.start()
         cluster.start(timeout=120)
@@ -313,16 +321,18 @@ def main() -> int:
                   f"every slot {fmt(r.all_slots_s)} s, load stall {fmt(r.load_gap_s)} s"
                   + (f", probe error {r.write_error}" if r.write_error else "")
                   + (f", load errors {r.load_errors}" if r.load_errors else ""), file=sys.stderr, flush=True)
-        ok = True
+        complete = True
     except KeyboardInterrupt:
         print(f"interrupted after {len(rounds)} round(s)", file=sys.stderr)
+        if not swallow_interrupt:
+            raise
     finally:
         if load is not None:
             load.stop.set()
             load.join(timeout=35)
         if probe is not None:
             probe.close()
-        if not ok:
+        if not complete:
             print(cluster.logs(), file=sys.stderr)
         cluster.stop()
         etcd.stop()
@@ -332,31 +342,42 @@ def main() -> int:
             shutil.rmtree(root, ignore_errors=True)
     busy1, total1 = core.machine_jiffies()
     background = max(0.0, ((busy1 - busy0) - (cpu_ticks_ours() - ours0)) / max(1, total1 - total0))
-    stats = summary(rounds)
-    result = {
+    return {
         "config": {"fault": opts.fault, "failovers": opts.failovers, "brokers": opts.brokers, "workers": 3,
                    "slots": opts.slots, "rf": 3, "w": 2, "etcd_members": 1, "lease_ttl_s": opts.lease_ttl,
                    "renew_every_s": DEFAULT_RENEW_EVERY, "margin_s": DEFAULT_MARGIN,
                    "attempt_timeout_s": opts.attempt_timeout, "write_timeout_s": opts.write_timeout,
-                   "load_interval_s": opts.load_interval if load is not None else None, "etcd": etcd_path},
+                   "load_interval_s": opts.load_interval if load is not None else None},
         "machine": core.machine_facts(), "load_average_before": load_avg, "background_cpu": round(background, 3),
         "seconds": round(time.monotonic() - started, 1),
-        "rounds": [asdict(r) for r in rounds], "summary": stats,
+        "rounds": [asdict(r) for r in rounds], "summary": summary(rounds),
         "probe_errors": sum(1 for r in rounds if r.write_error),
         "load_writes": len(load.acks) if load else 0, "load_errors": dict(load.errors) if load else {},
-        "complete": ok,
+        "complete": complete,
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)
+    if shutil.which("etcd") is None:
+        print("etcd is not installed (Debian: apt-get install etcd-server)", file=sys.stderr)
+        return 2
+    rounds: list[Round] = []
+    result = run(opts, rounds)
+    cfg = result["config"]
     print(f"{len(rounds)} failover(s) by {opts.fault}; {opts.brokers} brokers, 3 workers, {opts.slots} slots, "
           f"RF=3 W=2, lease TTL {opts.lease_ttl} s, client attempt timeout {opts.attempt_timeout} s; "
-          f"{core.machine_facts()}; background CPU {background:.0%}, load average before {load_avg:.2f}; "
-          f"{result['seconds']} s in all")
-    if load is not None:
-        print(f"background load: {len(load.acks)} writes acknowledged, errors {dict(load.errors) or 'none'}")
+          f"{result['machine']}; background CPU {result['background_cpu']:.0%}, load average before "
+          f"{result['load_average_before']:.2f}; {result['seconds']} s in all")
+    if cfg["load_interval_s"] is not None:
+        print(f"background load: {result['load_writes']} writes acknowledged, "
+              f"errors {result['load_errors'] or 'none'}")
     print()
-    print(table(rounds, stats))
+    print(table(rounds, result["summary"]))
     if opts.json:
         Path(opts.json).write_text(json.dumps(result, indent=2) + "\n")
-    return 0 if ok and not result["probe_errors"] else 1
+    return 0 if result["complete"] and not result["probe_errors"] else 1
 
 
 if __name__ == "__main__":
