@@ -1,11 +1,15 @@
 """Several brokers (etcd mode, issue 11): which one a client talks to, and when it moves on.
 
 A client is given one broker frontend or a comma-separated list of them. It talks to one at a
-time. ``BrokerList`` is the rule, kept pure (no sockets, no clock) so that every sender shares it:
-``Client`` and ``AsyncClient`` requests, the windowed sender of streamed puts, watches:
+time. ``BrokerList`` is the rule, kept free of sockets (the clock only as a default argument) so
+that every sender shares it: ``Client`` and ``AsyncClient`` requests, the windowed sender of
+streamed puts, watches:
 
 * a ``NOT_LEADER`` reply naming the leader: go there (the list's entry if it is one, else the
   named URL itself) and resend at once; the request had no effect (docs/protocol.md §1.4);
+  except to a broker this client found silent less than ``AVOID_GONE_FOR`` seconds ago: until a
+  dead leader's lease lapses the standbys still name it, so the client asks the standby again
+  after the usual backoff (it names the new leader, or leads, within a second of the election);
 * a ``NOT_LEADER`` without a leader, or no reply in time: the next URL of the list, after the
   usual backoff (client/retry.py) for the former;
 * with one URL nothing ever moves: the behaviour of a single broker is unchanged.
@@ -39,13 +43,27 @@ from protocol.limits import split_urls
 # without a reset (power loss, a partition) shows nothing: the attempt timeout still covers it.
 FAILOVER_WAIT = 1.0  # s a connection may be down (or not yet up) before the client moves on
 LINK_CHECK = 0.1  # s between looks at the monitor while waiting for a reply
+# s a broker found silent is not followed back to on a standby's hint: a dead leader is named
+# until its lease lapses (3 s by default) and found dead after FAILOVER_WAIT at the earliest.
+# Longer would cost more if the broker was only slow: the client would stay away from a leader.
+AVOID_GONE_FOR = 3.0
+# ZMTP heartbeats on a watched connection (several brokers): libzmq's I/O thread answers them even
+# while the broker's Python is busy, so only a stopped process (SIGSTOP, a hung machine) or a cut
+# network misses them; the connection then drops and the Link sees it down. Without them a hung
+# leader's connection stays up and costs a whole attempt timeout.
+HEARTBEAT_IVL_MS = 500
+HEARTBEAT_TIMEOUT_MS = 2000
 
 _LINK_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
 _links = itertools.count()
 
 
+def _norm(url: str) -> str:
+    return url.strip().rstrip("/").lower()
+
+
 def _same(a: str, b: str) -> bool:
-    return a.strip().rstrip("/").lower() == b.strip().rstrip("/").lower()
+    return _norm(a) == _norm(b)
 
 
 class BrokerList:
@@ -58,6 +76,7 @@ class BrokerList:
         self._i = 0
         self._leader: str | None = None  # a leader named by a standby that is not in the list
         self._hops = 0  # leaders followed since the last answer that was not NOT_LEADER
+        self._gone: dict[str, float] = {}  # URL (normalised) -> when (monotonic) it was found silent
 
     @property
     def current(self) -> str:
@@ -87,11 +106,16 @@ class BrokerList:
             self._i = (self._i + 1) % len(self.urls)
         return self.current
 
-    def follow(self, leader: str | None) -> bool:
+    def follow(self, leader: str | None, now: float | None = None) -> bool:
         """A standby named ``leader``: talk to it. True if the client should resend at once;
         False if it moved to the next URL instead (no leader named, the standby named itself, or
         more leaders followed in a row than there are URLs: standbys that disagree while an
-        election runs), after which the usual backoff applies."""
+        election runs), or stays (the leader named is one it found silent just now: a stale
+        hint), after which the usual backoff applies."""
+        if leader and self._gone:
+            at = self._gone.get(_norm(leader))
+            if at is not None and (now if now is not None else time.monotonic()) - at < AVOID_GONE_FOR:
+                return False
         if not leader or _same(leader, self.current) or self._hops > len(self.urls):
             self._hops = 0
             self.next()
@@ -108,10 +132,11 @@ class BrokerList:
         """An answer that was not NOT_LEADER came: the current broker serves."""
         self._hops = 0
 
-    def silent(self) -> None:
+    def silent(self, now: float | None = None) -> None:
         """No reply in time from ``current``: with several URLs (or a followed leader outside
         them), the next one."""
         if self.several or self._leader is not None:
+            self._gone[_norm(self.current)] = now if now is not None else time.monotonic()
             self.next()
 
     def mmi_again(self, reply: list[bytes] | None, service: bytes, moved: bool, out_of_time: bool) -> bool:

@@ -21,7 +21,7 @@ import zmq
 
 from client import programs
 from client.api import Build, Commands
-from client.brokers import LINK_CHECK, BrokerList, Link
+from client.brokers import HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS, LINK_CHECK, BrokerList, Link
 from client.commands import Call, OnPartial, Reply, StreamInfo, needs_size_check, oversize
 from client.retry import DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_TIMEOUT, Attempts
 from client.streams import ValueStream
@@ -58,6 +58,9 @@ def linked_dealer(ctx: zmq.Context, url: str, credentials: Credentials | None,
     connection is up (client/brokers.py: how a dead broker is left within about a second)."""
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    if watched:
+        sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
     if credentials is not None:
         credentials.apply(sock)
     link = Link(sock) if watched else None

@@ -4,8 +4,11 @@
 backend and its replication PUB. The worker talks to one pair at a time, starting with the first;
 ``BrokerList`` decides which, free of sockets (worker/server.py connects them):
 
-- ``next()``: the broker is gone (silent, disconnected, nothing listening) or deposed: the next
-  pair in the list, wrapping around. With one broker that is the same one again (today's rule).
+- ``next()``: the broker is deposed: the next pair in the list, wrapping around. With one
+  broker that is the same one again (today's rule). ``leave(now)``: the same for a broker found
+  gone (silent, disconnected, nothing listening), which is then not followed back for
+  ``AVOID_GONE_FOR`` seconds when a standby names it: until its lease lapses a standby still
+  names a dead or paused leader, and going back costs the worker another wait for silence.
 - ``on_disconnect(info)``: a DISCONNECT's body (docs/protocol.md §2). A standby naming the leader:
   follow the hint (the listed pair with that backend, or the hint and its replication url as a
   pair of their own); a standby that knows no leader: stay and register again (it may become the
@@ -27,6 +30,7 @@ WAIT = "wait"  # a standby without a leader: READY again to the same broker afte
 AGAIN = "again"  # plain DISCONNECT ("register again"): READY again to the same broker
 NEXT = "next"  # a standby that kept knowing no leader: on to the next pair
 LEADERLESS_LIMIT = 3  # answers "standby, no leader" in a row from one broker before trying the next
+AVOID_GONE_FOR = 3.0  # s a broker found gone is not followed back to on a standby's hint (as clients)
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +49,7 @@ class BrokerList:
         self.index = 0
         self.outside: BrokerPair | None = None  # a leader named by a standby but not in the list
         self.leaderless = 0  # "standby, no leader" answers in a row from the current broker
+        self.gone: dict[str, float] = {}  # backend -> when (monotonic) it was found gone
 
     @classmethod
     def parse(cls, broker: str, replication: str) -> BrokerList:
@@ -67,6 +72,12 @@ class BrokerList:
         self.index = (self.index + 1) % len(self.pairs)
         return self.current
 
+    def leave(self, now: float) -> BrokerPair:
+        """The current broker is gone (silent, its connection dropped or refused): the next pair."""
+        if self.several:
+            self.gone[self.current.backend] = now
+        return self.next()
+
     def follow(self, leader: str, replication: str | None) -> BrokerPair | None:
         """Go to the broker a standby named as leader; None (and no change) when the hint cannot
         be used: it is not in the list and comes without a replication url."""
@@ -79,13 +90,16 @@ class BrokerList:
         self.outside = BrokerPair(leader, replication)
         return self.outside
 
-    def on_disconnect(self, info: Mapping[str, Any]) -> str:
-        """A DISCONNECT with this body (empty: ``{}``): FOLLOW (``current`` is the leader now),
-        NEXT (``current`` is the next pair), WAIT or AGAIN (``current`` unchanged)."""
+    def on_disconnect(self, info: Mapping[str, Any], now: float = 0.0) -> str:
+        """A DISCONNECT with this body (empty: ``{}``), at ``now`` (monotonic): FOLLOW (``current``
+        is the leader now), NEXT (``current`` is the next pair), WAIT or AGAIN (``current``
+        unchanged)."""
         if info.get("reason") != "standby":
             self.leaderless = 0
             return AGAIN
         leader = info.get("leader")
+        if isinstance(leader, str) and leader in self.gone and now - self.gone[leader] < AVOID_GONE_FOR:
+            return WAIT  # a stale hint: ask this standby again, it learns the new leader soon
         if isinstance(leader, str) and leader and leader != self.current.backend:
             replication = info.get("replication")
             if self.follow(leader, replication if isinstance(replication, str) else None) is not None:

@@ -202,9 +202,9 @@ class WorkerServer:
                 if now - self.broker_seen > self.cfg.heartbeat * self.cfg.liveness:
                     if not self.brokers.several:  # with several, broker_switched says it
                         log.warning("broker_silent_reconnecting", silent_s=round(now - self.broker_seen, 1))
-                    self.switch(self.brokers.next(), "silent")  # with one broker: that one again
+                    self.switch(self.brokers.leave(now), "silent")  # with one broker: that one again
                 elif self.broker_gone and now - self.connected_at >= REREGISTER_PAUSE:
-                    self.switch(self.brokers.next(), "disconnected")
+                    self.switch(self.brokers.leave(now), "disconnected")
                 if now - last_reclaim >= RECLAIM_INTERVAL:
                     last_reclaim = now
                     self.core.retry_stalled_repairs(now)
@@ -297,7 +297,7 @@ class WorkerServer:
             time.sleep(REREGISTER_PAUSE)  # with one broker: the same one again, not in a spin
             self.switch(self.brokers.next(), "deposed")
         elif self.core.reconnect_requested:
-            action = self.brokers.on_disconnect(self.core.disconnect_info)
+            action = self.brokers.on_disconnect(self.core.disconnect_info, now)
             if action == AGAIN:
                 log.warning("broker_disconnected_us_reconnecting")
             elif action == FOLLOW and self.brokers.outside is not None:

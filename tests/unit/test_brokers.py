@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from client.brokers import BrokerList
+from client.brokers import AVOID_GONE_FOR, BrokerList
 from client.retry import no_reply
 from client.watch import WatchSession, follow_leader
 from protocol.errors import NotLeader, Unavailable
@@ -138,3 +138,20 @@ def test_with_one_broker_a_silent_read_only_management_call_is_sent_again_an_adm
     assert one.mmi_again(None, MMI_SERVICE, moved=False, out_of_time=False)
     assert not one.mmi_again(None, MMI_ADMIN, moved=False, out_of_time=False)  # no de-duplication: once
     assert not one.mmi_again(None, MMI_STATUS, moved=False, out_of_time=True)
+
+
+def test_a_broker_found_silent_is_not_followed_back_on_a_stale_hint() -> None:
+    """Until a dead leader's lease lapses the standbys still name it: the client asks the standby
+    again after the backoff instead of going back to wait on the dead one."""
+    b = BrokerList([A, B])
+    b.silent()  # A (the leader) went silent, now
+    assert b.current == B
+    assert b.refused(NotLeader("standby", leader=A), 0.05) == 0.05  # a stale hint: stay, back off
+    assert b.current == B
+    b = BrokerList([A, B])
+    b.silent(now=100.0)
+    assert b.follow(A, now=100.0 + AVOID_GONE_FOR - 0.1) is False and b.current == B
+    assert b.follow("tcp://10.0.0.9:5555", now=101.0) is True  # a new leader is followed at once
+    b = BrokerList([A, B])
+    b.silent(now=100.0)
+    assert b.follow(A, now=100.0 + AVOID_GONE_FOR) is True and b.current == A  # long after: believed

@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from client.cli import main
-from worker.brokers import AGAIN, FOLLOW, LEADERLESS_LIMIT, NEXT, WAIT, BrokerList, BrokerPair
+from worker.brokers import AGAIN, AVOID_GONE_FOR, FOLLOW, LEADERLESS_LIMIT, NEXT, WAIT, BrokerList, BrokerPair
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -110,3 +110,25 @@ def test_a_disconnect_without_the_standby_reason_means_register_again_here(info:
     brokers = three()
     assert brokers.on_disconnect(info) == AGAIN
     assert brokers.current == BrokerPair(A, PA)
+
+
+def test_a_broker_found_gone_is_not_followed_back_on_a_stale_hint() -> None:
+    """Until a dead or paused leader's lease lapses, a standby still names it; a worker that just
+    left it for silence stays with the standby (and follows the new leader as soon as it is
+    named) instead of waiting for silence again."""
+    brokers = three()
+    assert brokers.leave(100.0) == BrokerPair(B, PB)  # A went silent
+    stale = {"reason": "standby", "leader": A, "replication": PA}
+    assert brokers.on_disconnect(stale, 100.5) == WAIT
+    assert brokers.on_disconnect(stale, 101.0) == WAIT
+    assert brokers.current == BrokerPair(B, PB)
+    assert brokers.on_disconnect({"reason": "standby", "leader": C, "replication": PC}, 101.5) == FOLLOW
+    assert brokers.current == BrokerPair(C, PC)
+    # Long enough after, a standby naming it is believed again (it is back and leads).
+    assert brokers.on_disconnect(stale, 100.0 + AVOID_GONE_FOR) == FOLLOW
+    assert brokers.current == BrokerPair(A, PA)
+    # Stale hints are not "no leader": they never send the worker on to the next broker.
+    brokers = three()
+    brokers.leave(0.0)
+    assert all(brokers.on_disconnect(stale, 0.1 * i) == WAIT for i in range(10))
+    assert brokers.current == BrokerPair(B, PB)
