@@ -267,7 +267,8 @@ class EtcdMeta:
     the embedded mode, with the same methods the server loop and ``execute`` call.
 
     Only what changes rarely is written, and only when it changed: a worker's membership, a
-    slot's replicas and epoch history, the cluster record. Positions come from the workers.
+    slot's replicas and epoch history, the cluster record, the open streams (so that a successor
+    aborts those their clients left). Positions come from the workers.
     De-duplication of retried writes is kept in memory for the term (a retry that reaches this
     leader while the write is in flight or just answered); across terms it is the replicas'
     business (docs/architecture.md)."""
@@ -283,6 +284,7 @@ class EtcdMeta:
         cluster: dict[str, Any] = {}
         workers: dict[str, dict[str, Any]] = {}
         slots: dict[int, dict[str, Any]] = {}
+        streams: dict[bytes, dict[str, Any]] = {}
         for key, value in raw.items():
             name = key[len(self.prefix + "meta/"):]
             record = unpack(value)
@@ -292,7 +294,9 @@ class EtcdMeta:
                 workers[name[len("workers/"):]] = record
             elif name.startswith("slots/"):
                 slots[int(name[len("slots/"):])] = record
-        return Restored(cluster, workers, slots, {}, positions_known=False)
+            elif name.startswith("streams/"):
+                streams[bytes.fromhex(name[len("streams/"):])] = record
+        return Restored(cluster, workers, slots, streams, positions_known=False)
 
     def apply(self, md: Metadata, sync: bool) -> None:
         puts: dict[str, bytes] = {}
@@ -306,6 +310,13 @@ class EtcdMeta:
             deletes.append(self.prefix + f"meta/workers/{wid}")
         for sid, info in md.slots.items():
             puts[self.prefix + f"meta/slots/{sid:05d}"] = pack({"replicas": info["replicas"], "epochs": info["epochs"]})
+        # Open streams: a successor aborts those their clients left, as a restarted broker does
+        # (one put when a stream's first chunk is sequenced, one delete when it closes).
+        for stream, info in md.streams.items():
+            if info is None:
+                deletes.append(self.prefix + f"meta/streams/{stream.hex()}")
+            else:
+                puts[self.prefix + f"meta/streams/{stream.hex()}"] = pack(info)
         puts = {k: v for k, v in puts.items() if self.written.get(k) != v}
         deletes = [k for k in deletes if k in self.written]
         for cid, rid, parts, results in md.dedup:

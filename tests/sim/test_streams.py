@@ -273,3 +273,31 @@ def test_open_streams_are_capped_per_client_and_per_broker(sim: SimCluster) -> N
     assert hdr["ok"], hdr
     assert first_chunk(b"c2", 5)["ok"]  # room again
     assert sim.put(b"plain", b"v")["ok"] and sim.get(b"plain") == b"v"
+
+
+@pytest.mark.parametrize("etcd_mode", [False, True], ids=["embedded", "failover"])
+def test_a_stream_left_open_across_a_restart_or_failover_is_still_aborted(tmp_path: Path, etcd_mode: bool) -> None:
+    """The broker that saw the stream open dies; its client is gone too. The next broker (the same
+    one restarted on its LMDB, or a successor reading etcd) must abort it once idle, or its chunks
+    stay staged on every replica for ever."""
+    from protocol.replication import slot_for_key
+
+    sim = SimCluster(tmp_path, slots=4, etcd_mode=etcd_mode)
+    try:
+        key = b"big"
+        s = slot_for_key(key, 4)
+        stream = b"S" * 16
+        for i in range(3):
+            hdr, _ = sim.call("put_chunk", [b"x" * 50], key=key, stream=stream, index=i)
+            assert hdr["ok"], hdr
+        assert all(_replica_state(sim, w, s)[2] == {stream} for w in sim.broker.slots[s].replicas)
+        sim.restart_broker()
+        sim.settle()
+        assert sim.broker.status()["open_streams"] == 1
+        sim.advance(70.0)  # past --stream-idle
+        assert sim.broker.status()["open_streams"] == 0
+        for w in sim.broker.slots[s].replicas:
+            _records, chunks, staged = _replica_state(sim, w, s)
+            assert staged == set() and chunks == {}, (w, "staged chunks leaked")
+    finally:
+        sim.close()

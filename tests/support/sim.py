@@ -271,12 +271,12 @@ class SimCluster:
 
 def what_etcd_keeps(restored: Restored) -> Restored:
     """The metadata a successor broker finds in etcd (broker/etcd.py EtcdMeta): no positions, no
-    open streams, no de-duplication table."""
+    de-duplication table."""
     return Restored(restored.cluster,
                     {w: {"data_id": i["data_id"], "draining": i.get("draining", False)}
                      for w, i in restored.workers.items()},
                     {s: {"replicas": i["replicas"], "epochs": i.get("epochs", [])} for s, i in restored.slots.items()},
-                    {}, positions_known=False)
+                    restored.streams, positions_known=False)
 
 
 class RandomFaults:
