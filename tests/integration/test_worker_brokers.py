@@ -16,6 +16,7 @@ import zmq
 
 from protocol.frames import MDPW, W_ACK, W_ASSIGN, W_DISCONNECT, W_NACK, W_READY, pack
 from tests.support.cluster import Cluster, Proc, free_port, wait_for
+from worker.brokers import LEADERLESS_LIMIT
 
 Reply = Callable[[bytes, int], list[bytes] | None]
 
@@ -103,15 +104,30 @@ def test_a_worker_told_by_a_standby_where_the_leader_is_registers_there(cluster_
     cluster = one_worker_cluster(cluster_factory)
     leader = {"leader": cluster.backend, "replication": cluster.replication}
     no_leader = {"leader": None, "replication": None}
-    # Three READYs answered "standby, no leader known" (asked again there), then the leader named.
-    with fake_broker(standby(lambda n: leader if n > 3 else no_leader)) as (fake, received):
+    # Two READYs answered "standby, no leader known" (asked again there), then the leader named.
+    asked = LEADERLESS_LIMIT - 1
+    with fake_broker(standby(lambda n: leader if n > asked else no_leader)) as (fake, received):
         fake_pub = f"tcp://127.0.0.1:{free_port()}"  # nothing listens: the SUB just waits
         w1 = start_listed_worker(cluster, [fake, cluster.backend], [fake_pub, cluster.replication])
         assert_serving(cluster)
-        assert received.count(W_READY) == 4  # 3 retries on the standby, no more once the leader was named
+        assert received.count(W_READY) == asked + 1  # no more once the leader was named
         log = w1.log_tail(200)
         assert switched(log, from_=fake, reason="standby", to=cluster.backend), log
         assert log.count("broker_switched") == 1
+        assert "standby_knows_no_leader_trying_next" not in log
+
+
+def test_a_worker_leaves_a_standby_that_keeps_knowing_no_leader(cluster_factory) -> None:  # type: ignore[no-untyped-def]
+    """A broker cut off from etcd stands by and knows no leader while another leads: after
+    LEADERLESS_LIMIT such answers the worker tries the next broker of its list (the leader)."""
+    cluster = one_worker_cluster(cluster_factory)
+    with fake_broker(standby(lambda n: {"leader": None, "replication": None})) as (fake, received):
+        fake_pub = f"tcp://127.0.0.1:{free_port()}"
+        w1 = start_listed_worker(cluster, [fake, cluster.backend], [fake_pub, cluster.replication])
+        assert_serving(cluster)
+        assert received.count(W_READY) == LEADERLESS_LIMIT
+        log = w1.log_tail(200)
+        assert "standby_knows_no_leader_trying_next" in log, log
 
 
 def test_a_worker_whose_first_broker_is_not_listening_moves_to_the_next(cluster_factory) -> None:  # type: ignore[no-untyped-def]
