@@ -22,7 +22,7 @@ from client.brokers import LINK_CHECK, BrokerList, Link
 from client.client import broker_url, client_credentials, close_linked, linked_dealer
 from client.commands import Call, OnPartial, Reply, StreamInfo, needs_size_check, oversize
 from client.retry import DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_TIMEOUT, Attempts
-from client.watch import WatchEvent, WatchSession, follow_leader
+from client.watch import CursorMark, WatchEvent, WatchSession, follow_leader
 from protocol.curve import Credentials
 from protocol.errors import ClientClosed
 from protocol.frames import C_FINAL, C_PARTIAL, C_REQUEST, MDPC, SERVICE, unpack
@@ -272,23 +272,27 @@ class AsyncWatchStream:
         self.session = session
         self._sock: zmq.asyncio.Socket | None = None
         self._link: Link | None = None
-        self._events: deque[WatchEvent] = deque()
+        self._events: deque[WatchEvent | CursorMark] = deque()
 
     @property
     def cursor(self) -> dict[str, Any] | None:
-        """Where the events delivered so far end: pass it as ``since`` to resume later."""
-        return self.session.cursor
+        """Where the events delivered so far end: pass it as ``since`` to resume later (events
+        already received but not yet taken from the stream are not behind it)."""
+        return self.session.delivered
 
     def __aiter__(self) -> AsyncWatchStream:
         return self
 
     async def __anext__(self) -> WatchEvent:
-        while not self._events:
-            if self.session.ended:
-                await self.close()
-                raise StopAsyncIteration
-            await self._pump()
-        return self._events.popleft()
+        while True:
+            while not self._events:
+                if self.session.ended:
+                    await self.close()
+                    raise StopAsyncIteration
+                await self._pump()
+            event = self.session.deliver(self._events.popleft())
+            if event is not None:
+                return event
 
     async def _pump(self) -> None:
         now = time.monotonic()

@@ -25,7 +25,7 @@ from client.brokers import HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS, LINK_CHECK, B
 from client.commands import Call, OnPartial, Reply, StreamInfo, needs_size_check, oversize
 from client.retry import DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_TIMEOUT, Attempts
 from client.streams import ValueStream
-from client.watch import WatchEvent, WatchSession, follow_leader
+from client.watch import CursorMark, WatchEvent, WatchSession, follow_leader
 from protocol.curve import CREDENTIALS_ENV, Credentials, load_credentials
 from protocol.errors import ClientClosed
 from protocol.frames import C_FINAL, C_PARTIAL, C_REQUEST, MDPC, SERVICE, unpack
@@ -352,23 +352,27 @@ class WatchStream:
         self.session = session
         self._sock: zmq.Socket | None = None
         self._link: Link | None = None
-        self._events: deque[WatchEvent] = deque()
+        self._events: deque[WatchEvent | CursorMark] = deque()
 
     @property
     def cursor(self) -> dict[str, Any] | None:
-        """Where the events delivered so far end: pass it as ``since`` to resume later."""
-        return self.session.cursor
+        """Where the events delivered so far end: pass it as ``since`` to resume later (events
+        already received but not yet taken from the stream are not behind it)."""
+        return self.session.delivered
 
     def __iter__(self) -> WatchStream:
         return self
 
     def __next__(self) -> WatchEvent:
-        while not self._events:
-            if self.session.ended:
-                self.close()
-                raise StopIteration
-            self._pump()
-        return self._events.popleft()
+        while True:
+            while not self._events:
+                if self.session.ended:
+                    self.close()
+                    raise StopIteration
+                self._pump()
+            event = self.session.deliver(self._events.popleft())
+            if event is not None:
+                return event
 
     def _pump(self) -> None:
         now = time.monotonic()

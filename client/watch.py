@@ -36,6 +36,17 @@ class WatchEvent(NamedTuple):
     stream: StreamInfo | None = None
 
 
+class CursorMark(NamedTuple):
+    """Where the broker said the events received so far end (a watch message's ``cursor``): taken
+    as the delivered cursor once every event before it has been handed out."""
+
+    cursor: dict[str, Any]
+
+
+def _copy(cursor: dict[str, Any] | None) -> dict[str, Any] | None:
+    return None if cursor is None else {**cursor, "s": list(cursor["s"])}
+
+
 class WatchSession:
     """The rules of one watch, shared by both clients (they only move frames): open it, keep it
     alive, check the message counter, keep the cursor, and resume from the cursor after a lost
@@ -43,7 +54,11 @@ class WatchSession:
 
     def __init__(self, prefix: Key = b"", since: dict[str, Any] | None = None) -> None:
         self.prefix = key_bytes(prefix)
-        self.cursor = since  # {"c": cluster id, "s": [seq per slot]}: opaque, pass it back as since
+        # {"c": cluster id, "s": [seq per slot]}: opaque, pass it back as since. ``cursor`` is past
+        # everything received (what a resume asks for); ``delivered`` past what the stream handed
+        # out (what its user may save: events received but not yet taken are not behind it).
+        self.cursor = _copy(since)
+        self.delivered = _copy(since)
         self.rid = 0
         self.n = 0
         self.open_at: float | None = 0.0  # when to (re)open the watch; None while it is open
@@ -94,8 +109,19 @@ class WatchSession:
     def _resume(self, now: float, delay: float) -> None:
         self.open_at = now + delay
 
-    def received(self, command: bytes, frames: list[bytes], now: float) -> list[WatchEvent]:
-        """A message from the broker (``command`` PARTIAL or FINAL, ``frames`` = header, values)."""
+    def deliver(self, item: WatchEvent | CursorMark) -> WatchEvent | None:
+        """Hand out one received item, in order: the event (its change is then behind the
+        delivered cursor), or None for a cursor mark (which becomes the delivered cursor)."""
+        if isinstance(item, CursorMark):
+            self.delivered = item.cursor
+            return None
+        if item.kind != "resync" and self.delivered is not None and 0 <= item.slot < len(self.delivered["s"]):
+            self.delivered["s"][item.slot] = max(self.delivered["s"][item.slot], item.version)
+        return item
+
+    def received(self, command: bytes, frames: list[bytes], now: float) -> list[WatchEvent | CursorMark]:
+        """A message from the broker (``command`` PARTIAL or FINAL, ``frames`` = header, values):
+        its events and cursor marks, to be handed out through ``deliver`` in this order."""
         rh = unpack(frames[0])
         if self.open_at is not None or rh.get("id") != self.rid:
             return []  # an earlier subscription's message
@@ -106,7 +132,7 @@ class WatchSession:
                 return []
             self.n += 1
             self.backoff = BACKOFF_FIRST
-            events = []
+            events: list[WatchEvent | CursorMark] = []
             streams = rh.get("streams") or {}
             for i, ((kind, key, slot, seq, expire_at), value) in enumerate(zip(rh["events"], frames[1:], strict=True)):
                 m = streams.get(i)
@@ -118,13 +144,14 @@ class WatchSession:
                 if self.cursor is not None:
                     self.cursor["s"][slot] = max(self.cursor["s"][slot], seq)
             if "cursor" in rh:
-                self.cursor = rh["cursor"]
+                self.cursor = _copy(rh["cursor"])
+                events.append(CursorMark(rh["cursor"]))
             return events
         if rh.get("ok"):
             if rh.get("resync"):
-                self.cursor = rh["cursor"]
+                self.cursor = _copy(rh["cursor"])
                 self._resume(now, 0.0)
-                return [WatchEvent("resync", b"", None, 0, 0, -1)]
+                return [CursorMark(rh["cursor"]), WatchEvent("resync", b"", None, 0, 0, -1)]
             self.ended = True  # cancelled
             return []
         err = error_for(rh)

@@ -27,6 +27,7 @@ LAZY_COMMANDS = {
     "bench": "client.cli.bench:bench",
     "verify": "client.cli.verify:verify",
     "broker": "broker.cli:broker",
+    "gateway": "client.gateway.cli:gateway",
     "keys": "client.cli.keys:keys",
     "restore": "client.cli.backup:restore",
     "worker": "worker.cli:worker",

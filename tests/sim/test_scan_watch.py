@@ -336,7 +336,7 @@ def test_watches_are_bounded(sim: SimCluster, monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_watch_session_resumes_from_its_cursor_after_a_lost_message() -> None:
-    from client.watch import WatchSession
+    from client.watch import CursorMark, WatchSession
     from protocol.frames import C_FINAL, C_PARTIAL, unpack
 
     ids = iter(range(1, 100))
@@ -344,7 +344,8 @@ def test_watch_session_resumes_from_its_cursor_after_a_lost_message() -> None:
     act = ws.due(0.0, lambda: next(ids))
     assert act is not None and act[0] == "open" and unpack(act[1][0]) == {"op": "watch", "id": 1, "prefix": b"p"}
     cursor = {"c": b"cl", "s": [0, 0, 0]}
-    assert ws.received(C_PARTIAL, [pack({"id": 1, "ok": True, "n": 1, "events": [], "cursor": cursor})], 0.1) == []
+    assert ws.received(C_PARTIAL, [pack({"id": 1, "ok": True, "n": 1, "events": [], "cursor": cursor})],
+                       0.1) == [CursorMark(cursor)]
     evs = ws.received(C_PARTIAL, [pack({"id": 1, "ok": True, "n": 2, "events": [["put", b"p1", 2, 7, 0]]}), b"v"], 0.2)
     assert [(e.kind, e.key, e.value, e.version, e.slot) for e in evs] == [("put", b"p1", b"v", 7, 2)]
     assert ws.cursor == {"c": b"cl", "s": [0, 0, 7]}
@@ -359,7 +360,7 @@ def test_watch_session_resumes_from_its_cursor_after_a_lost_message() -> None:
     assert ws.received(C_PARTIAL, [pack({"id": 1, "ok": True, "n": 5, "events": []})], 0.4) == []
     evs = ws.received(C_FINAL, [pack({"id": 2, "ok": True, "resync": True, "cursor": {"c": b"cl", "s": [1, 1, 9]}})],
                       0.5)
-    assert [e.kind for e in evs] == ["resync"] and ws.cursor == {"c": b"cl", "s": [1, 1, 9]}
+    assert [getattr(e, "kind", "mark") for e in evs] == ["mark", "resync"] and ws.cursor == {"c": b"cl", "s": [1, 1, 9]}
     act = ws.due(0.5, lambda: next(ids))
     assert act is not None and unpack(act[1][0])["since"] == {"c": b"cl", "s": [1, 1, 9]}
     # Silence (a broker restart): resume; keepalives in between.
@@ -368,6 +369,30 @@ def test_watch_session_resumes_from_its_cursor_after_a_lost_message() -> None:
     assert act is not None and act[0] == "send" and unpack(act[1][0]) == {"op": "watch", "id": 3, "keepalive": True}
     act = ws.due(10.0, lambda: next(ids))
     assert act is not None and act[0] == "open" and unpack(act[1][0])["id"] == 4
+
+
+def test_the_cursor_a_stream_hands_out_is_past_the_events_taken_and_no_further() -> None:
+    """Events arrive in messages; a user saving ``cursor`` after each event it took must not skip
+    the events received with it but not yet taken (the cursor of a message is past all of them)."""
+    from client.watch import CursorMark, WatchSession
+    from protocol.frames import C_PARTIAL
+
+    ws = WatchSession(b"p", since={"c": b"cl", "s": [0, 0, 0]})
+    ws.due(0.0, lambda: 1)
+    items = ws.received(C_PARTIAL, [pack({"id": 1, "ok": True, "n": 1, "events": [["put", b"p1", 0, 5, 0],
+                                                                                   ["put", b"p2", 2, 8, 0]]}),
+                                    b"a", b"b"], 0.1)
+    items += ws.received(C_PARTIAL, [pack({"id": 1, "ok": True, "n": 2, "events": [],
+                                           "cursor": {"c": b"cl", "s": [5, 6, 8]}})], 0.1)
+    assert ws.cursor == {"c": b"cl", "s": [5, 6, 8]}  # what a resume asks for: all received
+    first = ws.deliver(items[0])
+    assert first is not None and first.key == b"p1"
+    assert ws.delivered == {"c": b"cl", "s": [5, 0, 0]}  # not past p2, still to be taken
+    assert ws.deliver(items[1]) is not None and ws.delivered == {"c": b"cl", "s": [5, 0, 8]}
+    assert ws.deliver(items[2]) is None and isinstance(items[2], CursorMark)
+    assert ws.delivered == {"c": b"cl", "s": [5, 6, 8]}  # the broker's cursor, once all was taken
+    ws.delivered["s"][1] = 99  # the user's copy is not the session's resume cursor
+    assert ws.cursor == {"c": b"cl", "s": [5, 6, 8]}
 
 
 def test_scan_pages_stop_at_the_byte_budget(sim: SimCluster) -> None:

@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -203,6 +204,28 @@ class Cluster:
         self.procs["broker"] = p
         p.start()
         return p
+
+    def start_gateway(self, name: str = "gateway") -> str:
+        """Start ``zkv gateway`` on a free port, talking to this cluster; its base URL, once it
+        answers /healthz."""
+        port = free_port(self.host)
+        args = ["gateway", "--listen", f"{self.host}:{port}", "--url", self.frontend]
+        p = Proc(name, args, self.root / "logs" / f"{name}.log", self.env, command=self.command, cwd=self.cwd)
+        self.procs[name] = p
+        p.start()
+        base = f"http://{self.host}:{port}"
+
+        def healthy() -> bool:
+            if not p.running:
+                raise AssertionError(f"{name} exited:\n{p.log_tail()}")
+            try:
+                with urllib.request.urlopen(base + "/healthz", timeout=1) as r:
+                    return bool(r.status == 200)
+            except OSError:
+                return False
+
+        wait_for(healthy, 20, 0.1, f"{name} answering /healthz")
+        return base
 
     def worker_dir(self, wid: str) -> Path:
         return self.root / wid
