@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import shutil
 import signal
 import subprocess
 import threading
@@ -17,6 +18,7 @@ import requests
 
 from client import Client
 from tests.support.cluster import Cluster, wait_for
+from tests.support.requirements import missing
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -24,6 +26,14 @@ pytestmark = pytest.mark.timeout(180)
 @pytest.fixture
 def gw(cluster: Cluster) -> Iterator[tuple[Cluster, str]]:
     yield cluster, cluster.start_gateway()
+
+
+@pytest.fixture
+def curl() -> str:
+    path = shutil.which("curl")
+    if path is None:
+        missing("curl is not installed (Debian: apt-get install curl); the streamed-upload tests use it")
+    return str(path)
 
 
 def kv(base: str, key: str) -> str:
@@ -141,7 +151,7 @@ def test_etag_cas_race_between_two_clients(gw: tuple[Cluster, str]) -> None:
     assert r.status_code == 304 and r.content == b""
 
 
-def test_a_large_value_streams_both_ways(gw: tuple[Cluster, str], tmp_path: Any) -> None:
+def test_a_large_value_streams_both_ways(gw: tuple[Cluster, str], tmp_path: Any, curl: str) -> None:
     """A 24 MiB value uploaded with curl (chunked, no length) and with a Content-Length, read
     back whole; the native client sees a streamed value. (The 200 MiB run with the memory bound
     is the issue's own test, below when it exists.)"""
@@ -149,7 +159,7 @@ def test_a_large_value_streams_both_ways(gw: tuple[Cluster, str], tmp_path: Any)
     data = hashlib.sha256(b"seed").digest() * (24 * 1024 * 1024 // 32)
     src = tmp_path / "big.bin"
     src.write_bytes(data)
-    out = subprocess.run(["curl", "-sS", "-f", "-X", "PUT", "-H", "Transfer-Encoding: chunked", "-T", str(src),
+    out = subprocess.run([curl, "-sS", "-f", "-X", "PUT", "-H", "Transfer-Encoding: chunked", "-T", str(src),
                           kv(base, "big")], capture_output=True, timeout=120)
     assert out.returncode == 0, out.stderr
     r = requests.get(kv(base, "big"), timeout=60)
@@ -178,7 +188,8 @@ def test_a_cut_upload_writes_nothing(gw: tuple[Cluster, str]) -> None:
 
 
 @pytest.mark.timeout(400)
-def test_a_200_mib_value_through_the_gateway_in_bounded_memory(gw: tuple[Cluster, str], tmp_path: Any) -> None:
+def test_a_200_mib_value_through_the_gateway_in_bounded_memory(gw: tuple[Cluster, str], tmp_path: Any,
+                                                                curl: str) -> None:
     """The issue's memory bound: a 200 MiB value uploaded with curl (chunked) and downloaded
     streamed, while the gateway's RssAnon stays under 100 MiB (sampled every 50 ms)."""
     from tests.support.helpers import rss_anon
@@ -205,7 +216,7 @@ def test_a_200_mib_value_through_the_gateway_in_bounded_memory(gw: tuple[Cluster
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     try:
-        out = subprocess.run(["curl", "-sS", "-f", "-X", "PUT", "-H", "Transfer-Encoding: chunked", "-T", str(src),
+        out = subprocess.run([curl, "-sS", "-f", "-X", "PUT", "-H", "Transfer-Encoding: chunked", "-T", str(src),
                               kv(base, "huge")], capture_output=True, timeout=300)
         assert out.returncode == 0, out.stderr
         up_peak = peak[0]

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -164,12 +165,15 @@ def _alive(pid: int) -> bool:
 
 def test_quickstart_under_honcho_survives_a_crash_and_a_stopped_worker(tmp_path: Path) -> None:
     """The repository's Procfile under honcho (ports and heartbeat changed, nothing else): a
-    SIGKILLed worker comes back, a cleanly stopped one stays down, honcho keeps the others."""
+    SIGKILLed worker comes back, a cleanly stopped one stays down, honcho keeps the others; the
+    HTTP gateway serves the same cluster."""
     c = Cluster(tmp_path / "unused", workers=0)  # for its free ports and its client helpers
     python = f"exec {sys.executable} -m client.cli"
+    http = f"127.0.0.1:{free_port()}"
     extra = {"broker": f"--frontend {c.frontend} --backend {c.backend} --replication {c.replication} "
                        "--slots 64 --heartbeat 0.3 --request-timeout 3",
-             "worker": f"--broker {c.backend} --replication {c.replication} --heartbeat 0.3 --map-size {1 << 30}"}
+             "worker": f"--broker {c.backend} --replication {c.replication} --heartbeat 0.3 --map-size {1 << 30}",
+             "gateway": f"--listen {http} --url {c.frontend}"}
     lines = []
     for line in (REPO / "Procfile").read_text().splitlines():
         name, command = line.split(": ", 1)
@@ -196,10 +200,12 @@ def test_quickstart_under_honcho_survives_a_crash_and_a_stopped_worker(tmp_path:
         with c.client() as kv:
             kv.put(b"still", b"serving")
             assert kv.get(b"still") == b"serving"
+        with urllib.request.urlopen(f"http://{http}/v1/kv/still", timeout=15) as r:
+            assert r.read() == b"serving"
         os.kill(honcho.pid, signal.SIGTERM)
         honcho.wait(timeout=30)  # honcho's own code is 128+15; what counts is how each process stopped
         out = (tmp_path / "honcho.log").read_text()
-        for name in ("broker", "w1", "w2", "w3"):
+        for name in ("broker", "w1", "w2", "w3", "gateway"):
             assert f"{name}.1 stopped (rc=0)" in out, out
     finally:
         c.stop_all()
