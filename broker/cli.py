@@ -17,6 +17,7 @@ import click
 from broker.leadership import LeaseRules
 from broker.state import BrokerConfig
 from protocol.limits import DEFAULT_BACKEND, DEFAULT_FRONTEND, DEFAULT_REPLICATION, split_urls
+from protocol.metrics import host_port
 
 MIB = 1024 * 1024
 D = BrokerConfig()
@@ -70,12 +71,14 @@ D = BrokerConfig()
               help="Seconds of the leader's etcd lease; a dead leader is replaced within about this.")
 @click.option("--advertise", default="",
               help="Host that other machines reach this broker at, in the leader key (default: the bound host).")
+@click.option("--metrics", default="", metavar="HOST:PORT",
+              help="Serve Prometheus metrics at http://HOST:PORT/metrics (default: none).")
 def broker(data: str, frontend: str, backend: str, replication: str, keys: str, insecure: bool, slots: int,
            rf: int, w: int,
            heartbeat: float, request_timeout: float, max_value: int, max_stream: int, stream_idle: float,
            max_streams: int, max_client_streams: int, max_client_bytes: int, grace: float, initial_workers: int,
            auto_rebalance: bool, move_concurrency: int, copy_rate: int, etcd: str, etcd_prefix: str, name: str,
-           lease_ttl: int, advertise: str) -> None:
+           lease_ttl: int, advertise: str, metrics: str) -> None:
     """Run the broker (the master). With --etcd, any number of brokers share one cluster: one
     leads, the others stand by and take over when its lease lapses."""
     from broker.server import BindError, BrokerEndpoints, BrokerServerConfig, run_broker
@@ -90,6 +93,11 @@ def broker(data: str, frontend: str, backend: str, replication: str, keys: str, 
                     f"refusing to listen on {endpoint} ({role}) without --keys: anyone who reaches it could read, "
                     "write and administer every key; give --keys DIR (zkv keys init DIR), a loopback address, "
                     "or --insecure")
+    if metrics:
+        try:
+            host_port(metrics)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--metrics") from None
     try:
         etcd_urls = split_urls(etcd) if etcd else []
         rules = LeaseRules(ttl=lease_ttl)
@@ -101,6 +109,7 @@ def broker(data: str, frontend: str, backend: str, replication: str, keys: str, 
         adv = BrokerEndpoints(*(with_host(u, advertise) for u in (frontend, backend, replication)))
     cfg = BrokerServerConfig(
         data_dir=data, keys=keys, etcd=etcd_urls, etcd_prefix=etcd_prefix, name=name, lease=rules, advertise=adv,
+        metrics=metrics,
         endpoints=BrokerEndpoints(frontend, backend, replication),
         core=BrokerConfig(slots=slots, rf=rf, w=w, heartbeat=heartbeat, request_timeout=request_timeout,
                           max_value=max_value, max_stream=max_stream, stream_idle=stream_idle,

@@ -189,6 +189,9 @@ class BrokerCore:
     def status(self) -> dict[str, Any]:
         st = report(self.state, self.moves.report(), len(self.moves.misplaced(self.state.clock())),
                     len(self.streams.open))
+        st["watches"] = len(self.watches.watches)
+        # Client connections (ROUTER identities) with a request or a watch in flight.
+        st["clients"] = len({r.identity for r in self.requests.waiting.values()} | {k[0] for k in self.watches.watches})
         if self.ha_status is not None:
             ha = self.ha_status()
             st.update(role="leader", leader=(ha["leader"] or {}).get("frontend"), ha=ha)

@@ -27,6 +27,7 @@ from typing import Any
 import structlog
 import zmq
 
+from broker import metrics as broker_metrics
 from broker.budget import ReplyBudget, Verdict
 from broker.core import BrokerCore
 from broker.etcd import Deposed, Election, Etcd, EtcdMeta, EtcdUnavailable
@@ -38,6 +39,7 @@ from broker.standby import Standby
 from broker.state import TICK_SECONDS, BrokerConfig
 from broker.zap import BACKEND, FRONTEND, REPLICATION, Zap
 from protocol.limits import DEFAULT_BACKEND, DEFAULT_FRONTEND, DEFAULT_REPLICATION, MAX_CHUNK_BYTES
+from protocol.metrics import Snapshot, serve
 from protocol.process import dump_stacks_on_sigusr1, tune_gc
 from protocol.sockets import send_frames
 
@@ -47,6 +49,7 @@ DRAIN_LIMIT = 1000
 TICK = TICK_SECONDS  # s between calls of BrokerCore.tick
 SYNC_INTERVAL = 1.0  # s between fsyncs of the metadata written without one
 DEDUP_PRUNE_INTERVAL = 300.0
+METRICS_INTERVAL = 1.0  # s between the status snapshots a metrics scrape reads
 # etcd mode: a leader that had W live workers and then fewer for this many lease TTLs gives its
 # lease up, and stays out of the election as long, so that a standby that may reach them leads.
 GIVE_WAY_AFTER = 2
@@ -73,6 +76,7 @@ class BrokerServerConfig:
     # The endpoints others reach this broker at, as the leader key publishes them (default: the
     # bound ones, with a wildcard host replaced by this machine's name).
     advertise: BrokerEndpoints | None = None
+    metrics: str = ""  # HOST:PORT of the Prometheus metrics (broker/metrics.py); empty: none
 
 
 class BindError(Exception):
@@ -242,7 +246,13 @@ class BrokerServer:
         if self.election is not None:
             log.info("standing_by", name=self.election.me.name, etcd=self.cfg.etcd, ttl=self.cfg.lease.ttl)
             self.election.start()
+        metrics = None
+        if self.cfg.metrics:
+            metrics = Snapshot(broker_metrics.families)
+            serve(self.cfg.metrics, metrics)
+            log.info("metrics_listening", listen=self.cfg.metrics)
         last_tick = last_sync = last_prune = time.monotonic()
+        last_metrics = last_tick - METRICS_INTERVAL  # the first snapshot at the first turn
         try:
             while not self.stopping:
                 if self.election is not None:
@@ -267,6 +277,9 @@ class BrokerServer:
                 if now - last_tick >= TICK and self.core is not None:
                     last_tick = now
                     self.core.tick()
+                if metrics is not None and now - last_metrics >= METRICS_INTERVAL:
+                    last_metrics = now
+                    metrics.publish(self.core.status() if self.core is not None else {"role": "standby"})
                 self._execute()
                 if self.meta is None:
                     continue

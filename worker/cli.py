@@ -13,6 +13,7 @@ import click
 
 from protocol.curve import WORKER, KeysError, load_credentials
 from protocol.limits import DEFAULT_BACKEND, DEFAULT_REPLICATION
+from protocol.metrics import host_port
 from worker.brokers import BrokerList
 from worker.lock import DataDirInUse, DataLock
 from worker.server import WorkerConfig, run_worker
@@ -29,13 +30,15 @@ from worker.server import WorkerConfig, run_worker
               help="This worker's credentials file (zkv keys add-worker) for a broker with --keys.")
 @click.option("--heartbeat", default=WorkerConfig.heartbeat, show_default=True, help="Heartbeat interval, seconds.")
 @click.option("--map-size", default=WorkerConfig.map_size, show_default=True, help="LMDB map size, bytes.")
+@click.option("--metrics", default="", metavar="HOST:PORT",
+              help="Serve Prometheus metrics at http://HOST:PORT/metrics (default: none).")
 @click.option("--supervise", is_flag=True,
               help="Restart the serving process when it crashes; exit only on SIGTERM/SIGINT (for honcho).")
 @click.option("--test-drop-replication", default="", hidden=True,
               help="Test hook: drop replication messages (every=N or prob=P).")
 @click.option("--test-clock-skew-ms", default=0, hidden=True, help="Test hook: offset this worker's clock.")
 def worker(worker_id: str, data: str, broker: str, replication: str, credentials: str, heartbeat: float,
-           map_size: int, supervise: bool, test_drop_replication: str, test_clock_skew_ms: int) -> None:
+           map_size: int, metrics: str, supervise: bool, test_drop_replication: str, test_clock_skew_ms: int) -> None:
     """Run a storage worker. Its data directory is locked: a second worker on it is refused."""
     try:
         BrokerList.parse(broker, replication)  # refused here, in one line, rather than in the loop
@@ -43,8 +46,13 @@ def worker(worker_id: str, data: str, broker: str, replication: str, credentials
         raise click.ClickException(str(e)) from None
     if credentials:
         _check_credentials(credentials, worker_id)
+    if metrics:
+        try:
+            host_port(metrics)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--metrics") from None
     cfg = WorkerConfig(worker_id=worker_id, data_dir=data, broker=broker, replication=replication,
-                       heartbeat=heartbeat, map_size=map_size, credentials=credentials,
+                       heartbeat=heartbeat, map_size=map_size, credentials=credentials, metrics=metrics,
                        drop_replication=test_drop_replication, clock_skew_ms=test_clock_skew_ms)
     try:
         lock = DataLock(data)

@@ -30,6 +30,7 @@ from protocol.sockets import send_frames
 from worker import faults
 from worker.brokers import AGAIN, FOLLOW, NEXT, BrokerList, BrokerPair
 from worker.core import WorkerCore
+from worker.metrics import WorkerMetrics
 from worker.store import SlotStore
 
 log = structlog.get_logger("zkv.worker")
@@ -52,6 +53,7 @@ class WorkerConfig:
     liveness: int = 3
     map_size: int = 1 << 36
     credentials: str = ""  # a worker credentials file (zkv keys add-worker); empty: no CURVE
+    metrics: str = ""  # HOST:PORT of the Prometheus metrics (worker/metrics.py); empty: none
     # Test options, set only by tests; worker/faults.py turns them into hooks for the loop.
     drop_replication: str = ""
     clock_skew_ms: int = 0
@@ -174,6 +176,9 @@ class WorkerServer:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         self.connect()
+        metrics = WorkerMetrics(self.cfg.metrics) if self.cfg.metrics else None
+        if metrics is not None:
+            log.info("metrics_listening", listen=self.cfg.metrics)
         last_reclaim = time.monotonic()
         try:
             while not self.stopping:
@@ -190,8 +195,16 @@ class WorkerServer:
                     self._drain_dealer(now)
                 if self.monitor is not None and self.monitor in events:
                     self._drain_monitor()
-                self.core.flush()
+                began = time.perf_counter()
+                if (applied := self.core.flush()) and metrics is not None:
+                    metrics.committed(time.perf_counter() - began, applied)
                 self.flush_outbox()
+                if metrics is not None and now - self.last_heartbeat >= self.cfg.heartbeat:
+                    metrics.snapshot.publish({**self.store.stats(), "applied": self.core.applied_total,
+                                              "commits": self.core.commits,
+                                              "retries_absorbed": self.core.retries_absorbed,
+                                              "slots": len(self.core.assigned),
+                                              "registered": self.core.broker_epoch is not None})
                 if now - self.last_heartbeat >= self.cfg.heartbeat:
                     # Every interval, busy or idle: it carries the stats `zkv status` shows.
                     self.last_heartbeat = now

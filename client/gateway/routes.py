@@ -22,7 +22,7 @@ import re
 import urllib.parse
 import zlib
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
@@ -30,6 +30,7 @@ from aiohttp import web
 from client.aio import AsyncClient
 from client.client import Client
 from client.gateway.errors import bad_request, from_error, problem
+from client.gateway.metrics import GatewayMetrics
 from client.gateway.uploads import BodyReader, stream_body
 from client.watch import WatchEvent
 from protocol.errors import ErrorCode, ZkvError
@@ -57,10 +58,12 @@ class Gateway:
 
     client: AsyncClient
     new_sync_client: Callable[[], Client]
+    metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
 
     def app(self) -> web.Application:
         # The body is read as a stream: aiohttp's client_max_size limits only request.read().
-        app = web.Application(client_max_size=DEFAULT_CHUNK_BYTES + 1, middlewares=[self.answer_errors])
+        app = web.Application(client_max_size=DEFAULT_CHUNK_BYTES + 1,
+                              middlewares=[self.metrics.middleware, self.answer_errors])
         app.router.add_route("PUT", "/v1/kv/{key:.+}", self.put)
         app.router.add_get("/v1/kv/{key:.+}", self.get)  # and HEAD
         app.router.add_route("DELETE", "/v1/kv/{key:.+}", self.delete)
@@ -68,6 +71,7 @@ class Gateway:
         app.router.add_route("GET", "/v1/watch", self.watch)
         app.router.add_route("GET", "/healthz", self.healthz)
         app.router.add_route("GET", "/readyz", self.readyz)
+        app.router.add_route("GET", "/metrics", self.metrics.handler)
         return app
 
     @web.middleware
@@ -170,6 +174,7 @@ class Gateway:
                 await events.put(e)
 
         task = asyncio.ensure_future(pump())
+        self.metrics.watches.inc()
         try:
             await response.write(b": watching\n\n")
             while True:
@@ -184,6 +189,7 @@ class Gateway:
         except (ConnectionResetError, asyncio.CancelledError):
             pass  # the HTTP client went away
         finally:
+            self.metrics.watches.dec()
             task.cancel()
             await stream.close()
         return response

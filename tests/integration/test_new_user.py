@@ -175,11 +175,15 @@ def test_quickstart_under_honcho_survives_a_crash_and_a_stopped_worker(tmp_path:
              "worker": f"--broker {c.backend} --replication {c.replication} --heartbeat 0.3 --map-size {1 << 30}",
              "gateway": f"--listen {http} --url {c.frontend}"}
     lines = []
+    metrics: dict[str, str] = {}
     for line in (REPO / "Procfile").read_text().splitlines():
         name, command = line.split(": ", 1)
         assert command.startswith("exec zkv "), line
         role = command.split()[2]
-        lines.append(f"{name}: {command.replace('exec zkv', python, 1)} {extra[role]}")
+        # Metrics on free ports too (the last --metrics given wins), one per process.
+        metrics[name] = f"127.0.0.1:{free_port()}"
+        own = f" --metrics {metrics[name]}" if "--metrics" in command else ""
+        lines.append(f"{name}: {command.replace('exec zkv', python, 1)} {extra[role]}{own}")
     (tmp_path / "Procfile").write_text("\n".join(lines) + "\n")
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
     log = open(tmp_path / "honcho.log", "wb")
@@ -202,6 +206,14 @@ def test_quickstart_under_honcho_survives_a_crash_and_a_stopped_worker(tmp_path:
             assert kv.get(b"still") == b"serving"
         with urllib.request.urlopen(f"http://{http}/v1/kv/still", timeout=15) as r:
             assert r.read() == b"serving"
+        def scraped(name: str) -> bool:
+            with urllib.request.urlopen(f"http://{metrics[name]}/metrics", timeout=15) as r:
+                return b"zkv_" in r.read()
+
+        for name in ("broker", "w1", "w3"):  # every process of the Procfile serves its metrics
+            wait_for(lambda name=name: scraped(name), 10, 0.2, f"{name}'s metrics")
+        with urllib.request.urlopen(f"http://{http}/metrics", timeout=15) as r:
+            assert b"zkv_gateway_requests_total" in r.read()
         os.kill(honcho.pid, signal.SIGTERM)
         honcho.wait(timeout=30)  # honcho's own code is 128+15; what counts is how each process stopped
         out = (tmp_path / "honcho.log").read_text()
