@@ -146,8 +146,16 @@ export class ZkvClient {
   // PARTIALs for `matchId` (§1.8, get_chunks) go to onPartial(header, valueFrames).
   async roundtrip(frames, service, matchId, waitMs, onPartial = null) {
     if (this.opened !== this.current()) this.open(); // moved to another broker
-    await this.sock.send(frames);
     const deadline = Date.now() + waitMs;
+    // A DEALER whose connection was refused at the handshake (a key the broker did not know yet,
+    // §1.12) has nowhere to queue a message: send would wait for ever. Bound it like the reply.
+    this.sock.sendTimeout = waitMs;
+    try {
+      await this.sock.send(frames);
+    } catch (e) {
+      if (e.code === "EAGAIN") return null;
+      throw e;
+    }
     for (;;) {
       const left = deadline - Date.now();
       if (left <= 0) return null;
