@@ -55,6 +55,17 @@ class Term:
     end: float | None  # None: still leading when the test ended
 
 
+def stop(cluster: HaCluster | None, etcd: EtcdCluster | None, request: pytest.FixtureRequest) -> None:
+    """Every fixture's cleanup: the logs if the test failed, then every process, etcd last."""
+    failed = getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed
+    if cluster is not None:
+        if failed:
+            print(cluster.logs())
+        cluster.stop_all()
+    if etcd is not None:
+        etcd.stop()
+
+
 @pytest.fixture
 def ha_cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[HaCluster]:
     etcd = EtcdCluster(tmp_path / "etcd").start()
@@ -62,11 +73,7 @@ def ha_cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[HaClu
     try:
         yield cluster
     finally:
-        failed = getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed
-        if failed:
-            print(cluster.logs())
-        cluster.stop_all()
-        etcd.stop()
+        stop(cluster, etcd, request)
 
 
 def terms(cluster: HaCluster, deaths: dict[str, list[float]]) -> list[Term]:
@@ -218,11 +225,7 @@ def three_brokers(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Ha
     try:
         yield cluster
     finally:
-        failed = getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed
-        if failed:
-            print(cluster.logs())
-        cluster.stop_all()
-        etcd.stop()
+        stop(cluster, etcd, request)
 
 
 @pytest.mark.timeout(300)
@@ -318,13 +321,7 @@ def partitioned(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tupl
         cluster = HaCluster(tmp_path / "zkv", etcd=etcd, brokers=2, lease_ttl=LEASE_TTL, lab=lab)
         yield cluster, lab
     finally:
-        failed = getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed
-        if cluster is not None:
-            if failed:
-                print(cluster.logs())
-            cluster.stop_all()
-        if etcd is not None:
-            etcd.stop()
+        stop(cluster, etcd, request)
         problems = lab.cleanup() + [f"left over: {n}" for n in lab.leftovers()]
         assert not problems, problems
 

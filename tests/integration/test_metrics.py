@@ -67,7 +67,9 @@ def test_broker_and_worker_metrics_move_with_known_operations(metered: tuple[Clu
     after = wait_for(moved, 10, 0.2, "the committed writes counted")
     assert value(after, "zkv_broker_reads_served_total") - value(before, "zkv_broker_reads_served_total") >= 20
     assert value(after, "zkv_broker_slots_under_replicated") == 0
-    assert value(after, "zkv_broker_worker_keys", worker="w1") >= 0  # per-worker series exist
+    for w in ("w1", "w2", "w3"):  # one series per worker for each per-worker metric
+        for name in ("zkv_broker_worker_behind_slots", "zkv_broker_worker_heartbeat_age_seconds"):
+            assert (name, (("worker", w),)) in after, (name, w)
     for w in ("w1", "w2", "w3"):
         def counted(w: str = w) -> dict[Any, float] | None:
             s = scrape(urls[w])

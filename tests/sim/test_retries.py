@@ -76,29 +76,27 @@ def test_a_write_retried_after_a_restart_does_not_undo_a_later_write(sim: SimClu
     assert hdr["version"] == later["version"]  # the retry wrote nothing, not even the same value
 
 
+def answers_across_a_restart(sim: SimCluster, op: str, values: list[bytes], **fields: Any) -> tuple[dict, dict]:
+    """Send a write from client-1, restart the broker (a failover in etcd mode), send it again
+    with the same request number: (the first answer, the retry's answer)."""
+    rid = sim.send(b"c1", op, values, cid=b"client-1", **fields)
+    sim.settle()
+    first = last_reply(sim, b"c1", rid)
+    sim.restart_broker()
+    sim.settle()
+    sim.send(b"c1", op, values, cid=b"client-1", rid=rid, **fields)
+    sim.settle()
+    return first, last_reply(sim, b"c1", rid)
+
+
 def test_a_conditional_write_retried_after_a_restart_gets_its_first_answer(sim: SimCluster) -> None:
     """put-if-absent succeeded; its retry must say so, not CONDITION_FAILED (the key exists now:
     because of the first attempt)."""
-    rid = sim.send(b"c1", "put", [b"mine"], key=b"lock", cid=b"client-1", if_absent=True)
-    sim.settle()
-    first = last_reply(sim, b"c1", rid)
-    assert first["ok"]
-    sim.restart_broker()
-    sim.settle()
-    sim.send(b"c1", "put", [b"mine"], key=b"lock", cid=b"client-1", rid=rid, if_absent=True)
-    sim.settle()
-    assert last_reply(sim, b"c1", rid) == first
+    first, again = answers_across_a_restart(sim, "put", [b"mine"], key=b"lock", if_absent=True)
+    assert first["ok"] and again == first
     # And a CAS on a version: the retry does not fail against the version it created itself.
-    v = first["version"]
-    rid2 = sim.send(b"c1", "put", [b"next"], key=b"lock", cid=b"client-1", if_version=v)
-    sim.settle()
-    second = last_reply(sim, b"c1", rid2)
-    assert second["ok"]
-    sim.restart_broker()
-    sim.settle()
-    sim.send(b"c1", "put", [b"next"], key=b"lock", cid=b"client-1", rid=rid2, if_version=v)
-    sim.settle()
-    assert last_reply(sim, b"c1", rid2) == second
+    second, again = answers_across_a_restart(sim, "put", [b"next"], key=b"lock", if_version=first["version"])
+    assert second["ok"] and again == second
     assert sim.get(b"lock") == b"next"
 
 

@@ -55,6 +55,17 @@ def test_move_during_open_stream_commits_everywhere(tmp_path: Path) -> None:
         sim.close()
 
 
+def assert_idle_stream_aborted(sim: SimCluster, s: int) -> None:
+    """The one open stream, left idle past --stream-idle, is aborted: no replica of slot ``s``
+    keeps a staged chunk."""
+    assert sim.broker.status()["open_streams"] == 1
+    sim.advance(70.0)
+    assert sim.broker.status()["open_streams"] == 0
+    for w in sim.broker.slots[s].replicas:
+        _records, chunks, staged = _replica_state(sim, w, s)
+        assert staged == set() and chunks == {}, (w, "staged chunks leaked")
+
+
 def test_an_abort_or_commit_naming_another_key_cannot_leak_staged_chunks(tmp_path: Path) -> None:
     """put_abort (or put_commit) naming a key of another slot than the stream's chunks used to close
     the broker's OpenStream (so the idle abort never ran) while the OP_ABORT_STREAM went to the
@@ -75,12 +86,7 @@ def test_an_abort_or_commit_naming_another_key_cannot_leak_staged_chunks(tmp_pat
         for op, fields in (("put_abort", {}), ("put_commit", {"chunks": 3, "size": 150}), ("put_chunk", {"index": 3})):
             hdr, _ = sim.call(op, [b"y"] if op == "put_chunk" else [], key=other, stream=stream, **fields)
             assert hdr["ok"] is False and hdr["code"] == "BAD_REQUEST", (op, hdr)
-        assert sim.broker.status()["open_streams"] == 1
-        sim.advance(70.0)  # past --stream-idle
-        assert sim.broker.status()["open_streams"] == 0
-        for w in sim.broker.slots[s].replicas:
-            _records, chunks, staged = _replica_state(sim, w, s)
-            assert staged == set() and chunks == {}, (w, "staged chunks leaked")
+        assert_idle_stream_aborted(sim, s)
     finally:
         sim.close()
 
@@ -293,11 +299,6 @@ def test_a_stream_left_open_across_a_restart_or_failover_is_still_aborted(tmp_pa
         assert all(_replica_state(sim, w, s)[2] == {stream} for w in sim.broker.slots[s].replicas)
         sim.restart_broker()
         sim.settle()
-        assert sim.broker.status()["open_streams"] == 1
-        sim.advance(70.0)  # past --stream-idle
-        assert sim.broker.status()["open_streams"] == 0
-        for w in sim.broker.slots[s].replicas:
-            _records, chunks, staged = _replica_state(sim, w, s)
-            assert staged == set() and chunks == {}, (w, "staged chunks leaked")
+        assert_idle_stream_aborted(sim, s)
     finally:
         sim.close()
