@@ -9,6 +9,8 @@
 - ``GET /v1/kv?prefix=&after=&limit=&keys_only=``: one page of keys in order (keys and values
   base64), ``next`` the ``after`` of the following page (``b64:...``) or null.
 - ``/healthz`` (this process), ``/readyz`` (the cluster formed and every slot serving).
+- ``/`` the live cluster page (static/index.html), fed by ``/v1/cluster/events`` (SSE, one
+  ``cluster`` event a second) and ``/v1/cluster`` (one view as JSON): cluster_view.py.
 
 Keys are the path after ``/v1/kv/``, percent-decoded to bytes, so any byte string is a key.
 """
@@ -17,8 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import importlib.resources
 import json
 import re
+import time
 import urllib.parse
 import zlib
 from collections.abc import Awaitable, Callable
@@ -29,6 +33,7 @@ from aiohttp import web
 
 from client.aio import AsyncClient
 from client.client import Client
+from client.gateway.cluster_view import ClusterFeed
 from client.gateway.errors import bad_request, from_error, problem
 from client.gateway.metrics import GatewayMetrics
 from client.gateway.uploads import BodyReader, stream_body
@@ -45,6 +50,7 @@ SSE_KEEPALIVE_S = 15.0  # a comment line this often: proxies and browsers keep a
 WATCH_QUEUE = 256  # events read ahead of a slow HTTP client (then the watch waits)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+PAGE = importlib.resources.files("client.gateway").joinpath("static/index.html").read_bytes()
 
 
 class Refused(Exception):
@@ -59,6 +65,10 @@ class Gateway:
     client: AsyncClient
     new_sync_client: Callable[[], Client]
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
+    feed: ClusterFeed = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.feed = ClusterFeed(self.client.status, time.monotonic)
 
     def app(self) -> web.Application:
         # The body is read as a stream: aiohttp's client_max_size limits only request.read().
@@ -72,6 +82,14 @@ class Gateway:
         app.router.add_route("GET", "/healthz", self.healthz)
         app.router.add_route("GET", "/readyz", self.readyz)
         app.router.add_route("GET", "/metrics", self.metrics.handler)
+        app.router.add_route("GET", "/", self.page)
+        app.router.add_route("GET", "/v1/cluster", self.cluster)
+        app.router.add_route("GET", "/v1/cluster/events", self.cluster_events)
+
+        async def stop_feed(_: web.Application) -> None:
+            await self.feed.close()
+
+        app.on_shutdown.append(stop_feed)
         return app
 
     @web.middleware
@@ -192,6 +210,33 @@ class Gateway:
             self.metrics.watches.dec()
             task.cancel()
             await stream.close()
+        return response
+
+    # -- the live cluster page -----------------------------------------------------------------
+
+    async def page(self, request: web.Request) -> web.StreamResponse:
+        return web.Response(body=PAGE, content_type="text/html", charset="utf-8",
+                            headers={"Cache-Control": "no-cache"})
+
+    async def cluster(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response(await self.feed.read())
+
+    async def cluster_events(self, request: web.Request) -> web.StreamResponse:
+        """SSE: one ``cluster`` event a second, the whole view each time (a page that missed one
+        loses nothing); the browser's EventSource reconnects by itself after a gateway restart."""
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                               "X-Accel-Buffering": "no"})
+        await response.prepare(request)
+        views = self.feed.subscribe()
+        try:
+            await response.write(b"retry: 1000\n\n")
+            while True:
+                view = await views.get()
+                await response.write(f"event: cluster\ndata: {json.dumps(view)}\n\n".encode())
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass  # the page was closed
+        finally:
+            self.feed.unsubscribe(views)
         return response
 
     # -- health -------------------------------------------------------------------------------

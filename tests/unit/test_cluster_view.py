@@ -1,0 +1,34 @@
+"""The live page's view (client/gateway/cluster_view.py): counters become per-second rates
+between two status readings; a counter that went down (a new leader counts from 0) gives none."""
+
+from __future__ import annotations
+
+from client.gateway.cluster_view import ClusterView
+
+
+def status(writes: int, reads: int | None, applied: dict[str, int]) -> dict:
+    st: dict = {"writes_committed": writes, "workers": [{"id": w, "applied": a} for w, a in applied.items()]}
+    if reads is not None:
+        st["reads_served"] = reads
+    return st
+
+
+def test_rates_between_two_readings() -> None:
+    view = ClusterView()
+    first = view.update(status(100, 10, {"w1": 50, "w2": 50}), now=10.0)
+    assert first["rates"]["writes_committed"] is None  # one reading: no rate yet
+    assert [w["applied_per_s"] for w in first["workers"]] == [None, None]
+    second = view.update(status(300, 10, {"w1": 250, "w2": 150}), now=12.0)
+    assert second["rates"]["writes_committed"] == 100.0
+    assert second["rates"]["reads_served"] == 0.0
+    assert {w["id"]: w["applied_per_s"] for w in second["workers"]} == {"w1": 100.0, "w2": 50.0}
+    assert second["error"] is None and second["writes_committed"] == 300
+
+
+def test_a_counter_not_started_is_zero_and_a_reset_gives_no_rate() -> None:
+    view = ClusterView()
+    view.update(status(500, None, {"w1": 10}), now=1.0)
+    st = view.update(status(20, 4, {"w1": 12, "w9": 3}), now=2.0)  # a new leader: its counters from 0
+    assert st["rates"]["writes_committed"] is None
+    assert st["rates"]["reads_served"] == 4.0  # absent before: counted from 0
+    assert {w["id"]: w["applied_per_s"] for w in st["workers"]} == {"w1": 2.0, "w9": None}
