@@ -197,6 +197,10 @@ class BrokerCore:
             st.update(role="leader", leader=(ha["leader"] or {}).get("frontend"), ha=ha)
         return st
 
+    def metrics_state(self) -> dict[str, Any]:
+        """What the metrics snapshot publishes: the status and the request durations."""
+        return {**self.status(), "request_latency": self.state.latency.export()}
+
     def admin(self, cmd: dict[str, Any]) -> dict[str, Any]:
         if cmd.get("cmd") == "reload_keys":
             if self.reload_keys is None:
@@ -227,12 +231,14 @@ class BrokerCore:
             if isinstance(msg, MmiRequest):
                 self._on_mmi(identity, msg)
             elif isinstance(msg, KvRequest):
+                state.latency.begin(identity, msg.rid, msg.op)
                 if not state.slots:
                     raise Unavailable(ErrorCode.UNAVAILABLE,
                                       f"cluster not formed: waiting for {state.cfg.rf} workers to register")
                 for handle in self.ops[msg.op]:
                     handle(identity, msg)
             elif isinstance(msg, ScanRequest):
+                state.latency.begin(identity, msg.rid, "scan")
                 self.scans.start(identity, msg)
             elif isinstance(msg, WatchRequest):
                 self.watches.on_request(identity, msg)

@@ -1,15 +1,17 @@
 """The broker's Prometheus metrics, from its status (broker/status.py) as published each second
 (protocol/metrics.py). What an operator graphs and alerts on: workers by state and their
 heartbeat age and lag, slots under-replicated / recovering / stalled, moves and the bytes they
-have left, open streams and watches, leadership, and the counters of served requests."""
+have left, open streams and watches, leadership, the counters of served requests, and how long
+requests take by op and outcome (broker/latency.py)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 
+from broker.latency import BUCKETS
 from protocol.metrics import counter, gauge
 
 COUNTERS = {  # status field -> (metric, help)
@@ -71,3 +73,14 @@ def families(st: dict[str, Any]) -> Iterator[Metric]:
     for field, (name, doc) in COUNTERS.items():
         if field in st:
             yield counter(name, doc, st[field])
+    yield request_durations(st.get("request_latency", []))
+
+
+def request_durations(histograms: list[dict[str, Any]]) -> HistogramMetricFamily:
+    h = HistogramMetricFamily("zkv_broker_request_duration_seconds",
+                              "from a request's arrival at the broker to its answer, by op and outcome "
+                              "(ok, or the error code)", labels=["op", "outcome"])
+    bounds = [str(b) for b in BUCKETS] + ["+Inf"]
+    for x in histograms:
+        h.add_metric([x["op"], x["outcome"]], list(zip(bounds, x["buckets"], strict=True)), x["sum"])
+    return h

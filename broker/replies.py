@@ -15,6 +15,7 @@ INVALID_INPUT = frozenset({ErrorCode.BAD_REQUEST, ErrorCode.UNKNOWN_COMMAND, Err
 
 def reply(state: BrokerState, identity: bytes, header: dict[str, Any], values: list[bytes] | None = None,
           service: bytes = SERVICE) -> None:
+    state.latency.end(identity, header)
     state.ready.reply(identity, [MDPC, C_FINAL, service, pack(header), *(values or [])])
 
 

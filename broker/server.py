@@ -279,7 +279,7 @@ class BrokerServer:
                     self.core.tick()
                 if metrics is not None and now - last_metrics >= METRICS_INTERVAL:
                     last_metrics = now
-                    metrics.publish(self.core.status() if self.core is not None else {"role": "standby"})
+                    metrics.publish(self.core.metrics_state() if self.core is not None else {"role": "standby"})
                 self._execute()
                 if self.meta is None:
                     continue

@@ -15,6 +15,7 @@ from typing import Any
 
 import structlog
 
+from broker.latency import RequestTimes
 from broker.messages import Unavailable
 from broker.ready import Ready
 from protocol.errors import ErrorCode
@@ -196,6 +197,7 @@ class BrokerState:
         self.started = clock()  # when this incarnation started (status: workers not heard from since)
         # Set by the entry (broker/core.py): hands an event to every part that handles it.
         self.emit: Callable[[Any], None] = lambda event: None
+        self.latency = RequestTimes(clock)  # request durations by op and outcome (metrics)
         self.stats: dict[str, int] = {
             "writes_committed": 0, "writes_deduplicated": 0, "reads_served": 0, "bad_requests": 0,
             "rejected_requests": 0,

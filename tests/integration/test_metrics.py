@@ -14,6 +14,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from client import Client
+from protocol.errors import ErrorCode, ZkvError
 from tests.support.cluster import Cluster, free_port, wait_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -58,13 +59,29 @@ def test_broker_and_worker_metrics_move_with_known_operations(metered: tuple[Clu
             c.put(b"m%d" % i, b"v" * 100)
         for i in range(20):
             assert c.get(b"m%d" % i) == b"v" * 100
+        with pytest.raises(ZkvError) as refused:
+            c.put(b"m0", b"x", if_version=10**9)
+        assert refused.value.code == ErrorCode.CONDITION_FAILED
+
+    duration = "zkv_broker_request_duration_seconds"
+
+    def timed(s: dict[Any, float], op: str, outcome: str, suffix: str = "_count") -> float:
+        return s.get((duration + suffix, (("op", op), ("outcome", outcome))), 0.0)
 
     def moved() -> dict[Any, float] | None:
         s = scrape(urls["broker"])
         done = value(s, "zkv_broker_writes_committed_total") - value(before, "zkv_broker_writes_committed_total")
-        return s if done >= 50 else None
+        refused = timed(s, "put", "CONDITION_FAILED") - timed(before, "put", "CONDITION_FAILED")
+        return s if done >= 50 and refused else None
 
     after = wait_for(moved, 10, 0.2, "the committed writes counted")
+    # Each request timed once, under its op and outcome.
+    assert timed(after, "put", "ok") - timed(before, "put", "ok") == 50
+    assert timed(after, "get", "ok") - timed(before, "get", "ok") == 20
+    assert timed(after, "put", "CONDITION_FAILED") - timed(before, "put", "CONDITION_FAILED") == 1
+    assert 0 < timed(after, "put", "ok", "_sum") < 50 * 3.0  # seconds, each under the request timeout
+    inf = (duration + "_bucket", (("le", "+Inf"), ("op", "put"), ("outcome", "ok")))
+    assert after[inf] == timed(after, "put", "ok")
     assert value(after, "zkv_broker_reads_served_total") - value(before, "zkv_broker_reads_served_total") >= 20
     assert value(after, "zkv_broker_slots_under_replicated") == 0
     for w in ("w1", "w2", "w3"):  # one series per worker for each per-worker metric
@@ -80,7 +97,7 @@ def test_broker_and_worker_metrics_move_with_known_operations(metered: tuple[Clu
         applied = "zkv_worker_batches_applied_total"
         assert value(ws, applied) - value(w_before[w], applied) >= 50
         commits = value(ws, "zkv_worker_commits_total") - value(w_before[w], "zkv_worker_commits_total")
-        assert 1 <= commits <= 50
+        assert 1 <= commits <= 51  # 50 puts and the refused CAS, which the replicas evaluate
         assert value(ws, "zkv_worker_commit_seconds_count") - value(w_before[w], "zkv_worker_commit_seconds_count") \
             == commits  # one observation per commit
         assert value(ws, "zkv_worker_commit_batches_sum") - value(w_before[w], "zkv_worker_commit_batches_sum") >= 50
