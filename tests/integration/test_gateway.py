@@ -10,7 +10,9 @@ import shutil
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,6 +20,7 @@ import requests
 
 from client import Client
 from tests.support.cluster import Cluster, wait_for
+from tests.support.ha import EtcdCluster, HaCluster
 from tests.support.requirements import missing
 
 pytestmark = pytest.mark.timeout(180)
@@ -305,3 +308,58 @@ def test_sse_watch_resumes_through_another_gateway_with_last_event_id(gw: tuple[
         r2.close()
     bad = requests.get(base2 + "/v1/watch", headers={"Last-Event-ID": "not-a-cursor"}, timeout=15)
     assert bad.status_code == 400 and bad.json()["code"] == "BAD_REQUEST"
+
+
+@pytest.fixture
+def ha_gateway(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[HaCluster, str]]:
+    etcd = EtcdCluster(tmp_path / "etcd").start()
+    cluster = HaCluster(tmp_path / "zkv", etcd=etcd, brokers=2, lease_ttl=3)
+    try:
+        cluster.start()
+        yield cluster, cluster.start_gateway()
+    finally:
+        failed = getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed
+        if failed:
+            print(cluster.logs())
+        cluster.stop_all()
+        etcd.stop()
+
+
+def test_gateway_follows_a_new_leader_and_loses_no_acknowledged_write(ha_gateway: tuple[HaCluster, str]) -> None:
+    """Standby brokers behind one gateway (given both): the leader is SIGKILLed under an HTTP
+    write load; the same gateway process goes on against the successor, and every write it
+    answered 200 is there. A write it could not finish is a 503 or a 504, never another error."""
+    cluster, base = ha_gateway
+    gateway = cluster.procs["gateway"]
+    s = requests.Session()
+    acked: dict[str, str] = {}
+    failures: list[tuple[int, str]] = []
+    killed_at: float | None = None
+    resumed_at: float | None = None
+    after_kill = 0
+    deadline = time.monotonic() + 60
+    i = 0
+    while time.monotonic() < deadline and after_kill < 30:
+        if killed_at is None and len(acked) == 30:
+            leader = cluster.leader_name()
+            cluster.procs[leader].signal(signal.SIGKILL)
+            killed_at = time.monotonic()
+        key, value = f"ha:{i:05}", f"value {i}"
+        i += 1
+        r = s.put(kv(base, key), data=value.encode(), timeout=30)
+        if r.status_code == 200:
+            acked[key] = value
+            if killed_at is not None:
+                after_kill += 1
+                resumed_at = resumed_at or time.monotonic()
+        else:
+            failures.append((r.status_code, r.text[:200]))
+    assert killed_at is not None and resumed_at is not None and after_kill == 30, (len(acked), failures[-3:])
+    print(f"[gateway failover] first 200 after the kill: {resumed_at - killed_at:.2f} s; "
+          f"acknowledged {len(acked)}, not {len(failures)}: {[c for c, _ in failures]}")
+    assert all(code in (503, 504) for code, _ in failures), failures
+    assert gateway.running
+    for key, value in acked.items():  # through the gateway, from the new leader
+        r = s.get(kv(base, key), timeout=15)
+        assert r.status_code == 200 and r.text == value, (key, r.status_code, r.text[:200])
+    assert s.get(base + "/readyz", timeout=15).json()["ready"] is True
