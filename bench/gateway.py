@@ -15,6 +15,9 @@ run and in this order:
 
 Prints requests/s, p50 and p99 of each, and the gateway's ratio to the native client. Every
 process is stopped and the directory removed at the end, on failure or on Ctrl-C.
+
+``--profile`` also samples the gateway with py-spy during each of its wrk runs and prints where
+its time goes (bench/hotspots.py's tables: inclusive and self shares of the sampled time).
 """
 
 from __future__ import annotations
@@ -27,10 +30,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from hotspots import PY_SPY, summarize_collapsed, top_table  # noqa: E402
 
 from client.client import Client  # noqa: E402
 from tests.support.cluster import ZKV, Cluster, free_port  # noqa: E402
@@ -106,12 +112,19 @@ http {{
     return p, f"http://127.0.0.1:{port}"
 
 
+def profile(pid: int, seconds: int, out: Path) -> subprocess.Popen:
+    """py-spy sampling ``pid`` for the next ``seconds`` (idle samples left out), collapsed stacks."""
+    return subprocess.Popen([PY_SPY, "record", "-p", str(pid), "-d", str(seconds), "-r", "200", "-f", "raw",
+                             "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=int, default=10, help="s per wrk run")
     ap.add_argument("--conns", type=int, default=50)
     ap.add_argument("--native-n", type=int, default=20000, help="requests per zkv bench run")
     ap.add_argument("--json", default="")
+    ap.add_argument("--profile", action="store_true", help="py-spy the gateway during its wrk runs")
     args = ap.parse_args()
     for tool in ("wrk", "nginx"):
         if shutil.which(tool) is None:
@@ -130,6 +143,8 @@ def main() -> None:
         for op in ("get", "put"):
             for size in (100, 1024):
                 script = (GET_LUA if op == "get" else PUT_LUA).format(size=size)
+                spy = profile(cluster.pids()["gateway"], args.duration, root / f"{op}-{size}.txt") \
+                    if args.profile else None
                 row = {"op": op, "size": size,
                        "gateway": wrk(gw, script, args.conns, args.duration, root),
                        "native": native(cluster.frontend, op, size, args.conns, args.native_n),
@@ -144,6 +159,14 @@ def main() -> None:
                     s = row["nginx_static"]
                     line += f"  nginx static {s['rps']:>8,.0f} req/s p99 {s['p99_ms']:.2f} ms"
                 print(line, flush=True)
+                if spy is not None:
+                    spy.wait(args.duration + 60)
+                    self_c, total_c, n = summarize_collapsed((root / f"{op}-{size}.txt").read_text())
+                    busy = n / (200 * args.duration)  # samples of a busy thread: py-spy leaves idle ones out
+                    inner = Counter({f: v for f, v in total_c.items() if v < 0.9 * n})  # not the loop's frames
+                    print(f"gateway, {op.upper()} {size} B: {n} samples, busy {busy:.0%} of the run"
+                          f"\ninclusive\n{top_table(inner, n, 20)}"
+                          f"\nself\n{top_table(self_c, n, 12)}\n", flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=2))
     finally:

@@ -349,6 +349,8 @@ class AsyncValueStream:
 
     def __init__(self, info: StreamInfo, chunks: AsyncIterator[bytes]) -> None:
         self.version, self.size = info.version, info.size
+        # The whole value when it came with the get (not streamed): no chunk to ask for.
+        self.inline: bytes | None = info.inline
         self._chunks = chunks
         self._buf = b""
 

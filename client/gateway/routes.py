@@ -129,6 +129,8 @@ class Gateway:
         tag = etag(stream.version)
         if matches(request.headers.get("If-None-Match"), stream.version):
             return web.Response(status=304, headers={"ETag": tag})
+        if stream.inline is not None:  # headers and body in one write (most values are small)
+            return web.Response(body=stream.inline, headers={"ETag": tag, "Content-Type": "application/octet-stream"})
         response = web.StreamResponse(headers={"ETag": tag, "Content-Type": "application/octet-stream"})
         response.content_length = stream.size
         await response.prepare(request)
