@@ -1,6 +1,6 @@
-"""A worker's Prometheus metrics (protocol/metrics.py): its commits (how long each took, fsync
-included, and how many write batches it carried: group commit at work), what it holds, and the
-counters it also reports in its heartbeats."""
+"""A worker's Prometheus metrics (protocol/metrics.py): its commits (how long each took, and of
+that the fsync: LMDB's commit call alone), how many write batches each carried (group commit at
+work), what it holds, and the counters it also reports in its heartbeats."""
 
 from __future__ import annotations
 
@@ -32,10 +32,14 @@ class WorkerMetrics:
         self.snapshot = Snapshot(families)
         self.commit_seconds = Histogram("zkv_worker_commit_seconds", "time of one commit, fsync included",
                                         buckets=COMMIT_BUCKETS, registry=None)
+        self.fsync_seconds = Histogram("zkv_worker_fsync_seconds",
+                                       "time of LMDB's commit call alone: writing the dirty pages and fsyncing them",
+                                       buckets=COMMIT_BUCKETS, registry=None)
         self.commit_batches = Histogram("zkv_worker_commit_batches", "write batches in one commit",
                                         buckets=BATCH_BUCKETS, registry=None)
-        serve(listen, self.snapshot, self.commit_seconds, self.commit_batches)
+        serve(listen, self.snapshot, self.commit_seconds, self.fsync_seconds, self.commit_batches)
 
-    def committed(self, seconds: float, batches: int) -> None:
+    def committed(self, seconds: float, batches: int, fsync_seconds: float) -> None:
         self.commit_seconds.observe(seconds)
+        self.fsync_seconds.observe(fsync_seconds)
         self.commit_batches.observe(batches)

@@ -197,7 +197,7 @@ class WorkerServer:
                     self._drain_monitor()
                 began = time.perf_counter()
                 if (applied := self.core.flush()) and metrics is not None:
-                    metrics.committed(time.perf_counter() - began, applied)
+                    metrics.committed(time.perf_counter() - began, applied, self.store.last_commit_seconds)
                 self.flush_outbox()
                 if metrics is not None and now - self.last_heartbeat >= self.cfg.heartbeat:
                     metrics.snapshot.publish({**self.store.stats(), "applied": self.core.applied_total,

@@ -44,6 +44,7 @@ class SlotStore:
                 data_id = uuid.uuid4().bytes
                 txn.put(META_DATA_ID, data_id, db=t.meta)
             self.data_id: bytes = data_id
+            self.last_commit_seconds = 0.0  # of the last apply_batch: LMDB's page writes and fsync (metrics)
             self.positions: dict[int, Position] = load_positions(txn, t)
 
     def close(self) -> None:
@@ -90,7 +91,7 @@ class SlotStore:
     def apply_batch(self, batch: list[Replicate]) -> BatchResults:
         """Apply sequenced writes in one transaction (one fsync); see ``writes.apply_batch``. The
         positions in memory change only once the transaction has committed."""
-        results, positions = writes.apply_batch(self.tables, batch)
+        results, positions, self.last_commit_seconds = writes.apply_batch(self.tables, batch)
         self.positions.update(positions)
         return results
 

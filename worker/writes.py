@@ -5,6 +5,7 @@ exactly the data on disk.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import lmdb
@@ -45,8 +46,9 @@ from worker.tables import Tables
 BatchResults = list[list[Any]]
 
 
-def apply_batch(t: Tables, batch: list[Replicate]) -> tuple[BatchResults, dict[int, Position]]:
+def apply_batch(t: Tables, batch: list[Replicate]) -> tuple[BatchResults, dict[int, Position], float]:
     """Apply sequenced writes in one transaction (one fsync). The caller has checked order.
+    Also returns the seconds LMDB's commit took: writing the dirty pages and fsyncing them.
 
     Returns the new positions of the touched slots and, for batches whose answer depends on what
     the replica found (deletes, TTL changes, conditional writes), ``(slot, seq, [[flag, version
@@ -57,25 +59,36 @@ def apply_batch(t: Tables, batch: list[Replicate]) -> tuple[BatchResults, dict[i
     A batch whose origin (client request) already wrote in the slot changes nothing but the
     position, and is answered with the earlier write's position and results (worker/dedup.py).
     """
+    txn = t.env.begin(write=True)
+    try:
+        results, positions = _write_batch(txn, t, batch)
+    except BaseException:
+        txn.abort()
+        raise
+    began = time.perf_counter()
+    txn.commit()
+    return results, positions, time.perf_counter() - began
+
+
+def _write_batch(txn: lmdb.Transaction, t: Tables, batch: list[Replicate]) -> tuple[BatchResults, dict[int, Position]]:
     results: BatchResults = []
     positions: dict[int, Position] = {}
-    with t.env.begin(write=True) as txn:
-        for rep in batch:
-            dedup.forget_old(txn, t, rep.slot, rep.now)
-            before = dedup.earlier(txn, t, rep.slot, rep.origin) if rep.origin and rep.origin.check else None
-            if before is not None:
-                epoch, seq, found_then = before
-                results.append([rep.slot, rep.seq, found_then or [], [epoch, seq]])
-            else:
-                found = [_apply_op(txn, t, rep, op, value) for op, value in zip(rep.ops, rep.values, strict=True)]
-                needs = any(op.needs_result for op in rep.ops)
-                if needs:
-                    results.append([rep.slot, rep.seq, found])
-                if rep.origin is not None:
-                    dedup.remember(txn, t, rep, found if needs else None)
-            pos = Position(rep.epoch, rep.seq)
-            positions[rep.slot] = pos
-            txn.put(meta_key(META_POSITION, rep.slot), encode_position(pos), db=t.meta)
+    for rep in batch:
+        dedup.forget_old(txn, t, rep.slot, rep.now)
+        before = dedup.earlier(txn, t, rep.slot, rep.origin) if rep.origin and rep.origin.check else None
+        if before is not None:
+            epoch, seq, found_then = before
+            results.append([rep.slot, rep.seq, found_then or [], [epoch, seq]])
+        else:
+            found = [_apply_op(txn, t, rep, op, value) for op, value in zip(rep.ops, rep.values, strict=True)]
+            needs = any(op.needs_result for op in rep.ops)
+            if needs:
+                results.append([rep.slot, rep.seq, found])
+            if rep.origin is not None:
+                dedup.remember(txn, t, rep, found if needs else None)
+        pos = Position(rep.epoch, rep.seq)
+        positions[rep.slot] = pos
+        txn.put(meta_key(META_POSITION, rep.slot), encode_position(pos), db=t.meta)
     return results, positions
 
 

@@ -100,6 +100,11 @@ def test_broker_and_worker_metrics_move_with_known_operations(metered: tuple[Clu
         assert 1 <= commits <= 51  # 50 puts and the refused CAS, which the replicas evaluate
         assert value(ws, "zkv_worker_commit_seconds_count") - value(w_before[w], "zkv_worker_commit_seconds_count") \
             == commits  # one observation per commit
+        fsyncs = value(ws, "zkv_worker_fsync_seconds_count") - value(w_before[w], "zkv_worker_fsync_seconds_count")
+        assert fsyncs == commits
+        fsync_time = value(ws, "zkv_worker_fsync_seconds_sum") - value(w_before[w], "zkv_worker_fsync_seconds_sum")
+        commit_time = value(ws, "zkv_worker_commit_seconds_sum") - value(w_before[w], "zkv_worker_commit_seconds_sum")
+        assert 0 < fsync_time <= commit_time  # the fsync is part of each commit
         assert value(ws, "zkv_worker_commit_batches_sum") - value(w_before[w], "zkv_worker_commit_batches_sum") >= 50
         assert value(ws, "zkv_worker_registered") == 1
     # A worker dies: the broker's gauges say so.
