@@ -66,6 +66,9 @@ class Gateway:
     new_sync_client: Callable[[], Client]
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
     feed: ClusterFeed = field(init=False)
+    # The handlers of open event streams (watches, live pages): a SIGTERM ends them at once, or
+    # aiohttp would wait for them (its shutdown timeout) before the process could exit.
+    event_streams: set[asyncio.Task[Any]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.feed = ClusterFeed(self.client.status, time.monotonic)
@@ -86,10 +89,12 @@ class Gateway:
         app.router.add_route("GET", "/v1/cluster", self.cluster)
         app.router.add_route("GET", "/v1/cluster/events", self.cluster_events)
 
-        async def stop_feed(_: web.Application) -> None:
+        async def end_event_streams(_: web.Application) -> None:
+            for task in list(self.event_streams):
+                task.cancel()
             await self.feed.close()
 
-        app.on_shutdown.append(stop_feed)
+        app.on_shutdown.append(end_event_streams)
         return app
 
     @web.middleware
@@ -195,6 +200,7 @@ class Gateway:
 
         task = asyncio.ensure_future(pump())
         self.metrics.watches.inc()
+        handler = self._event_stream_opened()
         try:
             await response.write(b": watching\n\n")
             while True:
@@ -209,6 +215,7 @@ class Gateway:
         except (ConnectionResetError, asyncio.CancelledError):
             pass  # the HTTP client went away
         finally:
+            self.event_streams.discard(handler)
             self.metrics.watches.dec()
             task.cancel()
             await stream.close()
@@ -230,6 +237,7 @@ class Gateway:
                                                "X-Accel-Buffering": "no"})
         await response.prepare(request)
         views = self.feed.subscribe()
+        handler = self._event_stream_opened()
         try:
             await response.write(b"retry: 1000\n\n")
             while True:
@@ -238,8 +246,15 @@ class Gateway:
         except (ConnectionResetError, asyncio.CancelledError):
             pass  # the page was closed
         finally:
+            self.event_streams.discard(handler)
             self.feed.unsubscribe(views)
         return response
+
+    def _event_stream_opened(self) -> asyncio.Task[Any]:
+        handler = asyncio.current_task()
+        assert handler is not None
+        self.event_streams.add(handler)
+        return handler
 
     # -- health -------------------------------------------------------------------------------
 

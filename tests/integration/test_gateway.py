@@ -241,10 +241,18 @@ def test_a_200_mib_value_through_the_gateway_in_bounded_memory(gw: tuple[Cluster
 def test_the_gateway_stops_cleanly_on_sigterm(gw: tuple[Cluster, str]) -> None:
     cluster, base = gw
     assert requests.get(base + "/healthz", timeout=5).status_code == 200
+    # Open event streams (a watch, a live page) do not hold the exit back: aiohttp would wait
+    # for their handlers, which never end by themselves, for its whole shutdown timeout.
+    streams = [requests.get(base + path, stream=True, timeout=15)
+               for path in ("/v1/watch?prefix=x", "/v1/cluster/events")]
+    firsts = [next(sse_lines(r)) for r in streams]
+    assert firsts == [b": watching", b"retry: 1000"]
     p = cluster.procs["gateway"]
     p.signal(signal.SIGTERM)
     assert p.popen is not None and p.popen.wait(timeout=15) == 0
     assert "gateway_stopped" in p.log_tail()
+    for r in streams:
+        r.close()
 
 
 def sse_lines(r: requests.Response) -> Iterator[bytes]:
