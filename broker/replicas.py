@@ -84,6 +84,14 @@ class Replicas:
         slot.repairs.pop(wid, None)
         if slot.applied[wid] != slot.last:
             self.repair(slot, wid)
+        # What READY reports is on the replica's disk (fsynced), so it counts for the commit rule
+        # as an ACK would. It must: a worker declared lost (a stalled disk, a paused process) has
+        # the ACKs it sent meanwhile refused with DISCONNECT. If every replica applied the slot's
+        # last writes that way, none of them will ever ACK those writes again, and without this
+        # the committed seq stays below them until the next write to the slot: every read of a
+        # key they changed is held until it times out, for as long as the slot gets no writes.
+        advance(self.state, slot)
+        self.state.emit(ReplicaAdvanced(slot, self.state.workers[wid]))
 
     # -- repair ----------------------------------------------------------------------------------
 

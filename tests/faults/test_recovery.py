@@ -3,11 +3,13 @@ catch-up after a restart, repair of dropped replication messages, broker restart
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
 
 import pytest
 
-from protocol.errors import NotEnoughReplicas
+from protocol.errors import NotEnoughReplicas, ZkvError
 from protocol.replication import slot_for_key
 from tests.support.cluster import Cluster, wait_for
 from tests.support.helpers import Writer, copies, keys_in_slot, terminate, worker_keys
@@ -221,3 +223,45 @@ def test_broker_restart_keeps_data_and_metadata(cluster: Cluster) -> None:
     for k, value, _err in writer.failed:
         got = c.get(k)
         assert got in (None, value), k
+
+
+def test_every_worker_paused_past_its_liveness_with_a_write_in_flight(cluster: Cluster) -> None:
+    """The CI failure of test_a_standby_killed_while_it_takes_over (final reads failed), on its
+    own: on a loaded machine every worker stalls at once (a saturated disk) with a write in
+    flight, for longer than the broker's liveness. The broker declares them lost; when they wake
+    they apply the write, their ACKs are refused (DISCONNECT) and they register again, READY
+    reporting the write. Each key must then read, although its slot gets no further write: the
+    broker counted only ACKs, so the committed seq stayed below the write and every read of the
+    key was held until its timeout, for good (NoReply or TIMEOUT). A pause lets the worker first
+    notice the silent broker and register before it applies, which the broker repairs: each
+    round hits the defect or not, so there are several."""
+    c = cluster.client(timeout=8, attempt_timeout=4)
+    keys = [keys_in_slot(slot, cluster.slots, 1, "paused-")[0] for slot in range(5)]  # a slot each
+    for k in keys:
+        c.put(k, b"old")
+    outcome: dict[bytes, object] = {}
+    for k in keys:
+        for wid in WIDS:
+            cluster.procs[wid].signal(signal.SIGSTOP)
+        acked: list[bool] = []
+
+        def put(key: bytes = k, acked: list[bool] = acked) -> None:
+            with cluster.client(timeout=3, attempt_timeout=3) as pc:
+                try:
+                    pc.put(key, b"new")
+                    acked.append(True)
+                except ZkvError:
+                    pass  # TIMEOUT: its outcome is unknown
+
+        writer = threading.Thread(target=put)
+        writer.start()
+        time.sleep(1.3)  # the broker's liveness is 3 heartbeats of 0.3 s
+        for wid in WIDS:
+            cluster.procs[wid].signal(signal.SIGCONT)
+        writer.join()
+        wait_for(lambda: cluster.alive_workers() == set(WIDS), 20, 0.05, "every worker registered again")
+        try:
+            outcome[k] = c.get(k)
+        except ZkvError as e:
+            outcome[k] = f"{type(e).__name__}: {e}"
+        assert outcome[k] in ((b"new",) if acked else (b"old", b"new")), outcome
