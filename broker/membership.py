@@ -19,6 +19,7 @@ log = structlog.get_logger("zkv.broker")
 class Membership:
     def __init__(self, state: BrokerState) -> None:
         self.state = state
+        self.last_tick = state.clock()  # monotonic; the previous tick (``tick``'s stall rule)
 
     def on_ready(self, identity: bytes, body: list[bytes], key_name: str | None = None) -> None:
         """READY: a worker (re)registers, saying which data it holds and where each slot stands.
@@ -135,6 +136,7 @@ class Membership:
     def tick(self, now: float) -> None:
         """Declare silent workers lost; heartbeat the others when nothing else was sent to them."""
         state = self.state
+        self._forgive_own_stall(now)
         expiry = state.cfg.heartbeat * state.cfg.liveness
         hb = [W_HEARTBEAT, pack({"now": state.wall_ms()})]
         for w in list(state.workers.values()):
@@ -146,3 +148,22 @@ class Membership:
             if now - w.last_sent >= state.cfg.heartbeat:
                 state.to_worker(w, hb)
 
+    def _forgive_own_stall(self, now: float) -> None:
+        """A broker that did not tick for a while (SIGSTOP, a CPU starved by other processes, a
+        long turn) has not heard its workers meanwhile: their heartbeats of that time are still
+        in its kernel's buffers when it wakes, not yet read (libzmq's I/O thread wakes with the
+        loop, and the loop's first drain may find nothing). Counting that time as the workers'
+        silence declared every worker lost at once after a pause of a second (tests, 0.3 s
+        heartbeats) and dropped their ACKs. Of the time between two ticks, at most one heartbeat
+        interval counts: the rest moves each live worker's last_seen on. A worker that really
+        died is still declared lost, ``liveness`` heartbeats of the broker's waking time after
+        its last message; a broker that is slow on every turn only finds it later."""
+        last, self.last_tick = self.last_tick, now
+        stalled = now - last - self.state.cfg.heartbeat
+        if stalled <= 0:
+            return
+        log.warning("broker_stalled", stalled_s=round(now - last, 2),
+                    detail="the workers' silence during the stall is not counted")
+        for w in self.state.workers.values():
+            if w.alive:
+                w.last_seen += stalled

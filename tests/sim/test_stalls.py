@@ -1,6 +1,7 @@
 """Stalls on a loaded machine (the CI failure of test_a_standby_killed_while_it_takes_over: final
-reads failed for a minute after every worker had been declared lost at once): a write whose ACKs
-were refused while its replicas counted as lost commits when they register again."""
+reads failed for a minute after every worker had been declared lost at once): a broker that was
+not running does not count that time as its workers' silence, and a write whose ACKs were
+refused while its replicas counted as lost commits when they register again."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from protocol.frames import MDPW, W_HEARTBEAT
 from protocol.replication import slot_for_key
 from tests.support.sim import SimCluster
 
@@ -52,3 +54,27 @@ def test_a_write_whose_acks_were_refused_commits_when_its_replicas_register_agai
     finally:
         sim.close()
 
+
+def test_a_stalled_broker_does_not_count_its_stall_as_the_workers_silence(tmp_path: Path) -> None:
+    """The broker is paused for longer than its liveness (3 heartbeats of 1 s); it ticks on
+    waking before it has read the heartbeats the workers sent meanwhile. No live worker is
+    lost; one that died just before the pause is, ``liveness`` heartbeats after the pause."""
+    sim = SimCluster(tmp_path)
+    try:
+        assert sim.put(b"k", b"v")["ok"]
+        sim.kill_worker("w3")
+        sim.t += 4.0  # paused; the workers' heartbeats of that time wait, unread
+        sim.wall += 4000
+        sim.broker.tick()
+        assert all(sim.broker.workers[w].alive for w in ("w1", "w2", "w3"))
+        for w in ("w1", "w2"):  # the broker reads what waited
+            sim.broker.on_worker(sim.workers[w].identity, [MDPW, W_HEARTBEAT])
+        sim.settle()
+        sim.advance(2.0)
+        assert sim.broker.workers["w3"].alive  # not yet: 3 s of silence after the pause
+        sim.advance(1.5)
+        assert not sim.broker.workers["w3"].alive
+        assert sim.broker.workers["w1"].alive and sim.broker.workers["w2"].alive
+        assert sim.get(b"k") == b"v"
+    finally:
+        sim.close()
