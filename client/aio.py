@@ -144,7 +144,7 @@ class AsyncClient(Commands):
                     return None
                 await asyncio.wait({fut}, timeout=min(left, LINK_CHECK))
             return fut.result() or None  # [] : the client moved to another broker meanwhile
-        except TimeoutError:
+        except (TimeoutError, zmq.Again):  # Again: no connection to queue it on (SEND_TIMEOUT_MS)
             return None
         finally:
             self._waiting.pop((service, rid), None)
@@ -303,7 +303,10 @@ class AsyncWatchStream:
             if act[0] == "open" or self._sock is None:
                 self._reopen()  # a fresh socket: nothing of an earlier subscription reaches it
             assert self._sock is not None
-            await self._sock.send_multipart([MDPC, C_REQUEST, SERVICE, *act[1]])
+            try:
+                await self._sock.send_multipart([MDPC, C_REQUEST, SERVICE, *act[1]])
+            except zmq.Again:  # no connection (SEND_TIMEOUT_MS): a fresh socket; the session resends
+                self._reopen()
             return
         assert self._sock is not None
         wait = self.session.wait(now)

@@ -53,6 +53,9 @@ AVOID_GONE_FOR = 3.0
 # leader's connection stays up and costs a whole attempt timeout.
 HEARTBEAT_IVL_MS = 500
 HEARTBEAT_TIMEOUT_MS = 2000
+# The longest a client's send may wait to be queued (client.linked_dealer): normally it never
+# waits (a DEALER queues up to its high-water mark); only a connection with no queue does.
+SEND_TIMEOUT_MS = 1000
 
 _LINK_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
 _links = itertools.count()

@@ -21,7 +21,7 @@ import zmq
 
 from client import programs
 from client.api import Build, Commands
-from client.brokers import HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS, LINK_CHECK, BrokerList, Link
+from client.brokers import HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS, LINK_CHECK, SEND_TIMEOUT_MS, BrokerList, Link
 from client.commands import Call, OnPartial, Reply, StreamInfo, needs_size_check, oversize
 from client.retry import DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_TIMEOUT, Attempts
 from client.streams import ValueStream
@@ -58,6 +58,10 @@ def linked_dealer(ctx: zmq.Context, url: str, credentials: Credentials | None,
     connection is up (client/brokers.py: how a dead broker is left within about a second)."""
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    # A send never waits long: a connection refused at the CURVE handshake makes libzmq drop the
+    # DEALER's queue, and a send would then block for ever. It raises zmq.Again instead, which
+    # every sender here takes as a silence (a fresh socket, the next attempt).
+    sock.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
     if watched:
         sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
@@ -140,7 +144,10 @@ class Client(Commands):
         """Send once, wait up to ``wait`` s for the reply whose header id is ``match``
         (PARTIALs for it go to ``on_partial``)."""
         sock = self._ensure()
-        sock.send_multipart([MDPC, C_REQUEST, service, *body], copy=len(body) < 2)
+        try:
+            sock.send_multipart([MDPC, C_REQUEST, service, *body], copy=len(body) < 2)
+        except zmq.Again:
+            return None  # no connection to queue it on (SEND_TIMEOUT_MS): as no reply
         deadline = time.monotonic() + wait
         while True:
             left = deadline - time.monotonic()
@@ -215,7 +222,11 @@ class Client(Commands):
 
         def send(a: Attempts, call: Call) -> None:
             body, wait = a.next()
-            self._ensure().send_multipart([MDPC, C_REQUEST, SERVICE, *body], copy=False)
+            try:
+                self._ensure().send_multipart([MDPC, C_REQUEST, SERVICE, *body], copy=False)
+            except zmq.Again:  # no connection to queue it on (SEND_TIMEOUT_MS): a silence, at once
+                self._open()
+                wait = 0.0
             flight[a.rid] = (a, call, time.monotonic() + wait, False)
 
         def switch(wait: float) -> None:
@@ -383,7 +394,10 @@ class WatchStream:
             if act[0] == "open" or self._sock is None:
                 self._reopen()  # a fresh socket: nothing of an earlier subscription reaches it
             assert self._sock is not None
-            self._sock.send_multipart([MDPC, C_REQUEST, SERVICE, *act[1]])
+            try:
+                self._sock.send_multipart([MDPC, C_REQUEST, SERVICE, *act[1]])
+            except zmq.Again:  # no connection (SEND_TIMEOUT_MS): a fresh socket; the session resends
+                self._reopen()
             return
         assert self._sock is not None
         wait = self.session.wait(now)

@@ -182,6 +182,62 @@ def test_a_revoked_client_is_refused_from_its_next_request_after_sighup(secured:
         carol.get(b"bob")
 
 
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_client_whose_handshake_is_refused_on_reconnect_gets_an_error_not_a_hang(secured: Cluster,
+                                                                                   kind: str) -> None:
+    """A connected client is revoked and the broker restarts: its reconnection is refused at the
+    CURVE handshake, and libzmq then drops the DEALER's queue, so a send on it would block for
+    ever. The request must end within the client's timeout, with an error."""
+    import asyncio
+    import threading
+
+    from client import AsyncClient
+
+    path = secured.add_client_key("dave", "write")
+    dave_keys = _creds(path)
+    holder: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            if kind == "sync":
+                c = secured.client(credentials=dave_keys, timeout=3.0, attempt_timeout=1.0)
+                c.put(b"dave", b"1")
+                holder["ready"].set()
+                holder["go"].wait(60)
+                c.put(b"dave", b"2")
+            else:
+                async def main() -> None:
+                    async with AsyncClient(secured.frontend, credentials=dave_keys, timeout=3.0,
+                                           attempt_timeout=1.0) as c:
+                        await c.put(b"dave", b"1")
+                        holder["ready"].set()
+                        await asyncio.get_running_loop().run_in_executor(None, holder["go"].wait, 60)
+                        await c.put(b"dave", b"2")
+
+                asyncio.run(main())
+            holder["result"] = "written"
+        except Exception as e:  # noqa: BLE001 - the outcome is what the test checks
+            holder["result"] = e
+
+    holder["ready"], holder["go"] = threading.Event(), threading.Event()
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    assert holder["ready"].wait(30), holder
+    assert secured.zkv("keys", "revoke", str(secured.key_dir), "dave").returncode == 0
+    broker = secured.procs["broker"]
+    broker.signal(signal.SIGTERM)
+    assert broker.popen is not None and broker.popen.wait(15) == 0
+    secured.start_broker()
+    secured.wait_ready(30)
+    time.sleep(1.0)  # the client's socket reconnects and is refused meanwhile
+    began = time.monotonic()
+    holder["go"].set()
+    t.join(20)
+    assert not t.is_alive(), "the request hung on a connection refused at the handshake"
+    assert isinstance(holder["result"], NoReply), holder["result"]
+    assert time.monotonic() - began < 10
+
+
 # -- workers ---------------------------------------------------------------------------------------
 
 
