@@ -111,6 +111,21 @@ class Etcd:
         kvs = self.post("/kv/range", {"key": _b64(prefix), "range_end": _b64(end)}).get("kvs", [])
         return {_unb64(kv["key"]).decode(): _unb64(kv.get("value")) for kv in kvs}
 
+    def get_prefix_entries(self, prefix: str) -> dict[str, tuple[bytes, int, int]]:
+        """Every key under ``prefix``: (value, create revision, lease id; 0 for none)."""
+        end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+        kvs = self.post("/kv/range", {"key": _b64(prefix), "range_end": _b64(end)}).get("kvs", [])
+        return {_unb64(kv["key"]).decode(): (_unb64(kv.get("value")), int(kv.get("create_revision", 0)),
+                                            int(kv.get("lease", 0))) for kv in kvs}
+
+    def delete_if_created(self, key: str, create_revision: int) -> bool:
+        """Delete ``key`` only if it is still the one created at ``create_revision``."""
+        r = self.post("/kv/txn", {
+            "compare": [{"key": _b64(key), "result": "EQUAL", "target": "CREATE",
+                         "create_revision": create_revision}],
+            "success": [{"request_delete_range": {"key": _b64(key)}}]})
+        return bool(r.get("succeeded"))
+
     def put(self, key: str, value: bytes, lease: int = 0) -> None:
         self.post("/kv/put", {"key": _b64(key), "value": _b64(value), "lease": lease})
 
@@ -223,7 +238,7 @@ class Election(threading.Thread):
             log.info("leader_elected", epoch=epoch, lease=hex(self.lease), ttl=ld.rules.ttl)
         else:
             value, created = current
-            info = _leader_info(value, created)
+            info = leader_info(value, created)
             if ld.epoch and created != ld.epoch:
                 log.warning("leader_key_lost", epoch=ld.epoch, now=created)
                 ld.lost()
@@ -254,7 +269,7 @@ def _json(raw: bytes) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _leader_info(raw: bytes, created: int) -> LeaderInfo | None:
+def leader_info(raw: bytes, created: int) -> LeaderInfo | None:
     v = _json(raw)
     if not v.get("name"):
         return None
