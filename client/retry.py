@@ -49,6 +49,7 @@ class Attempts:
         self.resend_until = time.monotonic() + (float("inf") if op in READ_OPS else RESEND_WRITES_FOR)
         self.backoff = BACKOFF_FIRST
         self.sent = 0
+        self.last_wait = 0.0  # of the latest attempt
         self.last_error: ZkvError | None = None
 
     def next(self) -> tuple[list[bytes], float]:
@@ -60,10 +61,15 @@ class Attempts:
             self.header["retry"] = True
             self.body[0] = pack(self.header)
         self.sent += 1
-        return self.body, min(left, self.attempt_timeout)
+        self.last_wait = min(left, self.attempt_timeout)
+        return self.body, self.last_wait
 
     def no_reply(self) -> None:
-        """An attempt got no reply in its time (the caller reopens its socket before the next)."""
+        """An attempt got no reply in its time (the caller reopens its socket before the next).
+        An attempt cut short by the deadline proves nothing: the broker's last answer (a TIMEOUT,
+        say) is kept as the error, not replaced by "no reply"."""
+        if self.last_error is not None and self.last_wait < self.attempt_timeout:
+            return
         self.last_error = no_reply(self.url, self.timeout)
 
     def answer(self, reply: list[bytes]) -> Reply | float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import time
 from typing import Any
 
 import pytest
@@ -135,6 +136,27 @@ def test_the_client_resends_what_retried_holds_and_raises_the_rest() -> None:
                 a.answer(reply)
             assert e.value.code == code and not e.value.retried
             assert e.value.retryable == (code in RETRYABLE)
+
+
+def test_a_last_attempt_cut_short_keeps_the_brokers_error() -> None:
+    """A broker that answers TIMEOUT each time: the last attempt, shorter than the others (the
+    deadline cuts it), gets no reply; the error raised is the broker's TIMEOUT, not "no reply"."""
+    a = Attempts("tcp://x", "get", 1, b"cid", {"key": b"k"}, [], timeout=2.5, attempt_timeout=1.0)
+    a.next()
+    a.answer([pack({"id": 1, "ok": False, "code": "TIMEOUT", "message": "the broker's request timeout"})])
+    a.deadline = time.monotonic() + 0.5  # the time left is less than one attempt
+    _, wait = a.next()
+    assert wait < 1.0
+    a.no_reply()
+    a.deadline = time.monotonic()  # the time is up
+    with pytest.raises(BrokerTimeout):
+        a.next()
+    b = _attempts()  # a whole attempt with no reply is a silence
+    b.next()
+    b.no_reply()
+    b.deadline = time.monotonic()
+    with pytest.raises(NoReply):
+        b.next()
 
 
 def test_errors_are_typed_by_fault() -> None:
