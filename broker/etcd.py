@@ -107,9 +107,7 @@ class Etcd:
         return (_unb64(kvs[0].get("value")), int(kvs[0].get("create_revision", 0))) if kvs else None
 
     def get_prefix(self, prefix: str) -> dict[str, bytes]:
-        end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
-        kvs = self.post("/kv/range", {"key": _b64(prefix), "range_end": _b64(end)}).get("kvs", [])
-        return {_unb64(kv["key"]).decode(): _unb64(kv.get("value")) for kv in kvs}
+        return {key: value for key, (value, _, _) in self.get_prefix_entries(prefix).items()}
 
     def get_prefix_entries(self, prefix: str) -> dict[str, tuple[bytes, int, int]]:
         """Every key under ``prefix``: (value, create revision, lease id; 0 for none)."""

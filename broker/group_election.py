@@ -66,6 +66,10 @@ class GroupElection(threading.Thread):
         self.turns = 0
         self.etcd_ok = True
         self.revoke_on_stop = True
+        self.last_seats = self.seats  # the last seats published before the thread ended
+        # Groups handed over whose key is not deleted yet (the delete failed): group -> epoch.
+        # They are never ours again; the delete is retried each turn.
+        self.released: dict[int, int] = {}
 
     def stop(self, revoke: bool = True) -> None:
         """Stop; with ``revoke`` (a clean stop) give every group up at once. Without it the lease
@@ -86,12 +90,19 @@ class GroupElection(threading.Thread):
                 log.exception("group_election_turn_failed")
             self.turns += 1
             self.stopped.wait(self.rules.renew_every)
-        if self.revoke_on_stop and self.lease:
+        self.last_seats = seats = self.seats
+        if not self.revoke_on_stop:
+            return  # as a crash: the lease runs out by itself
+        # A clean stop hands every group over in order: nothing more of it is sent, then the
+        # lease (and every key on it) goes, so a successor need not wait for it to run out.
+        self.seats = GroupSeats({}, 0.0, seats.leaders)
+        for group in sorted(seats.held):
+            self.hand_over(group)
+        if self.lease:
             try:
                 self.etcd.revoke(self.lease)
             except EtcdUnavailable:
                 pass
-        self.seats = GroupSeats({}, 0.0, self.seats.leaders)
 
     def _turn(self) -> None:
         sent = time.monotonic()
@@ -102,8 +113,13 @@ class GroupElection(threading.Thread):
             self.lease = 0
         if not self.lease:
             sent = time.monotonic()
-            self.lease = self.etcd.grant(self.rules.ttl)
-            self.etcd.put(self.prefix + "brokers/" + self.me.name, json.dumps(self.me.record()).encode(), self.lease)
+            lease = self.etcd.grant(self.rules.ttl)
+            self.etcd.put(self.prefix + "brokers/" + self.me.name, json.dumps(self.me.record()).encode(), lease)
+            self.lease = lease  # only once registered: a failed put is retried with a new lease
+            self.released.clear()  # keys on the old lease go with it
+        for group, epoch in list(self.released.items()):
+            self.etcd.delete_if_created(group_key(self.prefix, group), epoch)
+            del self.released[group]
         valid_until = sent + self.rules.ttl - self.rules.margin
         brokers = {k.rsplit("/", 1)[-1] for k in self.etcd.get_prefix(self.prefix + "brokers/")}
         held: dict[int, int] = {}
@@ -116,14 +132,16 @@ class GroupElection(threading.Thread):
                 continue
             holders[group] = info.name
             leaders[group] = info
-            if info.name == self.me.name and lease == self.lease:
+            if info.name == self.me.name and lease == self.lease and self.released.get(group) != created:
                 held[group] = created
         plan = self.balance.plan(sent, brokers, holders)
         for group in plan.release:
             if group in held:
                 self.seats = GroupSeats({g: e for g, e in held.items() if g != group}, valid_until, leaders)
                 self.hand_over(group)  # nothing more of the group is sent after this returns
-                self.etcd.delete_if_created(group_key(self.prefix, group), held.pop(group))
+                self.released[group] = held.pop(group)
+                self.etcd.delete_if_created(group_key(self.prefix, group), self.released[group])
+                del self.released[group]
                 log.info("group_handed_over", group=group)
         for group in plan.campaign:
             epoch = self.etcd.create(group_key(self.prefix, group), json.dumps(self.me.record()).encode(), self.lease)

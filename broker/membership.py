@@ -165,5 +165,5 @@ class Membership:
         log.warning("broker_stalled", stalled_s=round(now - last, 2),
                     detail="the workers' silence during the stall is not counted")
         for w in self.state.workers.values():
-            if w.alive:
-                w.last_seen += stalled
+            if w.alive:  # never past now: one heard in the drain just before this tick is heard now
+                w.last_seen = min(now, w.last_seen + stalled)

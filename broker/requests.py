@@ -28,6 +28,9 @@ class Request:
     parts: list[list[int]] = field(default_factory=list)  # writes: [slot, epoch, seq]
     dedup_key: tuple[bytes, int] | None = None
     deduplicated: bool = False  # a part was a retry the replicas had applied before (their answer is in parts)
+    # A part committed by the positions a READY reported, its ACK (with what the replicas found)
+    # refused: the write is applied, but its answer is not known (broker/writes.py).
+    results_lost: bool = False
     maybe_retry: bool = True  # false when the client says this is its first attempt
     cond: int = COND_NONE  # put/delete: applied only if this condition holds
     expected: int = 0  # COND_VERSION: the version the key must have

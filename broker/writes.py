@@ -16,6 +16,7 @@ from broker.answers import answer, answer_depends_on_replicas
 from broker.events import ChunkCommitted, Committed
 from broker.history import epoch_of
 from broker.messages import Invalid, KvRequest, Unavailable
+from broker.replies import error
 from broker.requests import Request, RequestTable, WriteBatch
 from broker.sequencer import sequence
 from broker.state import BrokerState
@@ -162,6 +163,12 @@ class Writes:
             if batch.found is not None:
                 for i, f in zip(batch.indices, batch.found, strict=False):
                     req.results[i] = f
+            elif batch.duplicate_of is None and answer_depends_on_replicas(req):
+                # Committed by the positions its replicas reported on registering again, after
+                # their ACKs (which carry what they found) were refused: never make the answer up.
+                req.results_lost = True
+                for i in batch.indices:
+                    req.results[i] = [None, 0]
             else:
                 for i in batch.indices:
                     req.results[i] = True
@@ -169,6 +176,9 @@ class Writes:
             if req.outstanding:
                 continue
             req.committed = True
+            if req.results_lost:
+                self._answer_lost_results(req)
+                continue
             if req.dedup_key and (answer_depends_on_replicas(req) or req.deduplicated):
                 # What a retry after a broker restart must answer: what the replicas found.
                 state.ready.metadata.dedup.append((req.cid, req.id, req.parts, req.results))
@@ -178,6 +188,27 @@ class Writes:
                 req.done = True
                 self.requests.remove(req)
                 answer(state, req, req.identity)
+
+
+    def _answer_lost_results(self, req: Request) -> None:
+        """A committed write whose answer the replicas' refused ACKs carried. As after a broker
+        restart (``lookup``): a plain delete is "applied, existence unknown"; anything else is
+        TIMEOUT, and its retry is answered by the replicas' own record (worker/dedup.py). No
+        dedup entry is kept here: it would hold no answer, and a retry answered from it would be
+        wrong (a CAS would read as refused). A retry finds the entry persisted at sequencing, with
+        no answer, and gets the same TIMEOUT (or "existence unknown") as after a restart."""
+        if req.dedup_key:
+            self.dedup.pop(req.dedup_key, None)
+        if req.done:
+            return
+        req.done = True
+        self.requests.remove(req)
+        if req.op == "delete" and req.cond == COND_NONE:
+            answer(self.state, req, req.identity)
+        else:
+            error(self.state, req.identity, req.id, ErrorCode.TIMEOUT,
+                  "the write was applied, but what the replicas found was lost with their "
+                  "acknowledgements: retry it (the retry gets their recorded answer)")
 
 
 def write_ops(req: Request, idx: list[int], values: list[bytes], expire_at: int) -> tuple[list[WriteOp], list[bytes]]:

@@ -305,8 +305,8 @@ class AsyncWatchStream:
             assert self._sock is not None
             try:
                 await self._sock.send_multipart([MDPC, C_REQUEST, SERVICE, *act[1]])
-            except zmq.Again:  # no connection (SEND_TIMEOUT_MS): a fresh socket; the session resends
-                self._reopen()
+            except zmq.Again:  # no connection to queue it on (SEND_TIMEOUT_MS): a silence, resumed at once
+                self.session.lost(time.monotonic())
             return
         assert self._sock is not None
         wait = self.session.wait(now)

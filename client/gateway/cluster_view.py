@@ -68,7 +68,9 @@ def unreachable(message: str) -> dict[str, Any]:
 @dataclass
 class ClusterFeed:
     """Polls ``status`` once a second while at least one page listens; every view goes to every
-    listener's queue. ``latest`` is the last view (for ``/v1/cluster`` and a page's first paint)."""
+    listener's queue. ``latest`` is the last view: ``/v1/cluster`` answers it while pages keep it
+    fresh (so a JSON reader does not shift the pages' rate readings), and a new page gets it
+    first."""
 
     status: Callable[[], Awaitable[dict[str, Any]]]
     clock: Callable[[], float]
@@ -88,10 +90,22 @@ class ClusterFeed:
             self.latest = self.view.update(st, self.clock())
         return self.latest
 
+    def polling(self) -> bool:
+        return self.task is not None and not self.task.done()
+
+    async def current(self) -> dict[str, Any]:
+        """The latest view while pages keep it fresh; else one read now."""
+        if self.polling() and self.latest is not None:
+            return self.latest
+        return await self.read()
+
     def subscribe(self) -> asyncio.Queue[dict[str, Any]]:
+        """A new page's queue; it starts with the latest view, if any (its first paint)."""
         q: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=PAGE_QUEUE)
+        if self.polling() and self.latest is not None:
+            q.put_nowait(self.latest)
         self.listeners.add(q)
-        if self.task is None or self.task.done():
+        if not self.polling():
             self.task = asyncio.ensure_future(self._poll())
         return q
 

@@ -228,7 +228,7 @@ class Gateway:
                             headers={"Cache-Control": "no-cache"})
 
     async def cluster(self, request: web.Request) -> web.StreamResponse:
-        return web.json_response(await self.feed.read())
+        return web.json_response(await self.feed.current())
 
     async def cluster_events(self, request: web.Request) -> web.StreamResponse:
         """SSE: one ``cluster`` event a second, the whole view each time (a page that missed one

@@ -8,9 +8,11 @@ Each test also shows that it can see the attack succeed: the same socket, given 
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ import pytest
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from client import Client, Forbidden, NoReply, NotEnoughReplicas
+from client import AsyncClient, Client, Forbidden, NoReply, NotEnoughReplicas
 from protocol import curve
 from protocol.frames import C_REQUEST, MDPC, MDPW, MMI_SERVICE, SERVICE, W_ACK, W_DISCONNECT, W_READY, pack
 from tests.support.cluster import ZKV, Cluster, free_port, wait_for
@@ -188,11 +190,6 @@ def test_a_client_whose_handshake_is_refused_on_reconnect_gets_an_error_not_a_ha
     """A connected client is revoked and the broker restarts: its reconnection is refused at the
     CURVE handshake, and libzmq then drops the DEALER's queue, so a send on it would block for
     ever. The request must end within the client's timeout, with an error."""
-    import asyncio
-    import threading
-
-    from client import AsyncClient
-
     path = secured.add_client_key("dave", "write")
     dave_keys = _creds(path)
     holder: dict[str, Any] = {}

@@ -55,6 +55,75 @@ def test_a_write_whose_acks_were_refused_commits_when_its_replicas_register_agai
         sim.close()
 
 
+@pytest.mark.parametrize("op", ["cas", "failed-cas", "delete", "cas-delete"])
+def test_a_write_whose_answer_was_in_the_refused_acks_is_answered_without_guessing(tmp_path: Path, op: str) -> None:
+    """As above, for writes whose answer is what the replicas found (a CAS, a delete): the ACKs
+    that carried it were refused, so the broker cannot know it. It must not crash or make one up
+    (a CAS answered as refused, a delete as "existed"): a plain delete is "applied, existence
+    unknown" (deleted: null), anything else TIMEOUT, and so is a retry of it."""
+    sim = SimCluster(tmp_path)
+    try:
+        key = b"answer-lost"
+        slot = sim.broker.slots[slot_for_key(key, sim.slots)]
+        version = sim.put(key, b"old")["version"]
+        fields: dict = {"key": key, "cid": b"c-lost", "retry": False}
+        if op == "cas":
+            name, values, fields["if_version"] = "put", [b"new"], version
+        elif op == "failed-cas":
+            name, values, fields["if_version"] = "put", [b"new"], version + 100
+        elif op == "delete":
+            name, values = "delete", []
+        else:
+            name, values, fields["if_version"] = "delete", [], version
+        sim.intercept = lambda wid, frames: True
+        rid = sim.send(b"w", name, values, **fields)
+        sim.settle()
+        _silence_every_worker(sim, 3.5)
+        sim.intercept = None
+        sim.release()
+        sim.advance(0.5)
+        assert all(w.alive for w in sim.broker.workers.values())  # no READY was refused (a crash)
+        assert slot.committed == slot.last.seq
+        got = sim.reply(b"w", rid)
+        assert got is not None, "no answer at all"
+        hdr = got[0]
+        if op == "delete":
+            assert hdr["ok"] and hdr["deleted"] is None, hdr
+        else:
+            assert not hdr["ok"] and hdr["code"] == "TIMEOUT", hdr
+            after = len(sim.replies[b"w"])
+            sim.send(b"w", name, values, rid=rid, **{**fields, "retry": True})
+            sim.settle()
+            again = sim.reply(b"w", rid, after)
+            assert again is not None and again[0].get("code") == "TIMEOUT", again
+        applied = op in ("cas", "delete", "cas-delete")
+        expected = None if op in ("delete", "cas-delete") else b"new" if applied else b"old"
+        assert sim.get(key) == expected
+    finally:
+        sim.close()
+
+
+def test_a_worker_heard_just_before_the_tick_after_a_stall_is_not_credited_into_the_future(tmp_path: Path) -> None:
+    """The server drains what waited before it ticks: a worker heard in that drain must not have
+    the stall added on top (its last_seen would lie in the future, and its death go unseen for as
+    long as the broker stalled)."""
+    sim = SimCluster(tmp_path)
+    try:
+        assert sim.put(b"k", b"v")["ok"]
+        sim.t += 30.0  # a long pause
+        sim.wall += 30_000
+        for w in ("w1", "w2", "w3"):  # the wake-up drain, before the first tick
+            sim.broker.on_worker(sim.workers[w].identity, [MDPW, W_HEARTBEAT])
+        sim.broker.tick()
+        assert all(w.last_seen <= sim.t for w in sim.broker.workers.values())
+        sim.kill_worker("w3")
+        sim.advance(3.5)  # liveness: 3 heartbeats of 1 s
+        assert not sim.broker.workers["w3"].alive
+        assert sim.broker.workers["w1"].alive and sim.broker.workers["w2"].alive
+    finally:
+        sim.close()
+
+
 def test_a_stalled_broker_does_not_count_its_stall_as_the_workers_silence(tmp_path: Path) -> None:
     """The broker is paused for longer than its liveness (3 heartbeats of 1 s); it ticks on
     waking before it has read the heartbeats the workers sent meanwhile. No live worker is

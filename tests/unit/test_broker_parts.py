@@ -16,7 +16,8 @@ BROKER = Path(__file__).resolve().parents[2] / "broker"
 PARTS = {"writes", "reads", "streams", "replicas", "recovery", "membership", "moves", "scan", "watch", "expiry",
          "dumps"}
 ENTRY = {"core"}
-EDGE = {"server", "meta", "cli", "zap", "etcd", "group_election"}  # sockets, disk, etcd, the command line: they may use the entry
+# Sockets, disk, etcd, the command line: they may use the entry.
+EDGE = {"server", "meta", "cli", "zap", "etcd", "group_election"}
 
 
 @pytest.mark.parametrize(("applied", "w", "last", "expected"), [
