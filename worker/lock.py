@@ -38,11 +38,13 @@ class DataLock:
         self.fd = fd
 
     def record(self, pid: int, supervisor: int | None = None) -> None:
-        """Write who serves from this directory (a reader sees the old or the new text whole:
-        both are far smaller than a page)."""
-        text = f"{pid}\n" + (f"supervisor {supervisor}\n" if supervisor is not None else "")
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, text.encode(), 0)
+        """Write who serves from this directory. The new text is written over the old, then the
+        file cut to its length: a reader (``head -1 worker.lock``) always finds a whole first
+        line. Truncating first left the file empty for a moment, and a reader then found no pid
+        (the honcho test read it so, once, while the supervisor restarted a crashed worker)."""
+        data = (f"{pid}\n" + (f"supervisor {supervisor}\n" if supervisor is not None else "")).encode()
+        os.pwrite(self.fd, data, 0)
+        os.ftruncate(self.fd, len(data))
 
     def release(self) -> None:
         os.close(self.fd)
