@@ -1,0 +1,79 @@
+"""Routing with several active brokers (client/slotmap.py): keys to their group's leader, a
+multi-key request split by broker, and scan pages of several brokers merged: paging through the
+merged pages gives every key once, in order, whatever each broker's page held."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from client.commands import ScanItem
+from client.slotmap import SlotMap, merge_pages
+from protocol.replication import slot_for_key
+
+MAP = SlotMap(slots=64, groups=4, leaders={0: "tcp://a:1", 1: "tcp://b:1", 2: "tcp://a:1"}, revision=7)
+
+
+def test_keys_go_to_their_groups_leader_and_a_request_splits_by_broker() -> None:
+    keys = [f"k{i}".encode() for i in range(40)]
+    for k in keys:
+        assert MAP.group_of(k) == slot_for_key(k, 64) % 4
+        assert MAP.leader_for(k) == MAP.leaders.get(MAP.group_of(k))
+    shares = MAP.split(keys)
+    assert sorted(i for idx in shares.values() for i in idx) == list(range(40))  # each key once
+    for broker, idx in shares.items():
+        assert idx == sorted(idx) and all(MAP.leader_for(keys[i]) == broker for i in idx)
+    assert None in shares  # group 3 has no leader: its keys wait for one
+    assert MAP.newer_than(6) and not MAP.newer_than(7)
+
+
+def test_a_map_round_trips_and_a_bad_one_is_refused() -> None:
+    assert SlotMap.from_record(MAP.record()) == MAP
+    for bad in ({}, {"slots": 64, "groups": 0, "revision": 1}, {"slots": 4, "groups": 8, "revision": 1},
+                {"slots": 64, "groups": 4, "revision": 1, "leaders": {"9": "tcp://x:1"}},
+                {"slots": "x", "groups": 4, "revision": 1}):
+        with pytest.raises(ValueError):
+            SlotMap.from_record(bad)
+
+
+def broker_page(keys: list[bytes], after: bytes | None, limit: int, cap: int) -> tuple[list[ScanItem], bool]:
+    """One broker's scan page: its keys after ``after``, at most ``limit``, cut short at ``cap``
+    (the page's byte limit), never empty when there is more (docs/protocol.md)."""
+    rest = [k for k in sorted(keys) if after is None or k > after]
+    take = max(1, min(limit, cap))
+    page = rest[:take]
+    return [ScanItem(k, b"v", 1) for k in page], len(rest) > len(page)
+
+
+@settings(max_examples=300, deadline=None)
+@given(keys=st.sets(st.binary(min_size=1, max_size=4), max_size=60), brokers=st.integers(1, 4),
+       limit=st.integers(1, 10), seed=st.integers(0, 2**32 - 1))
+def test_paging_through_merged_pages_gives_every_key_once_in_order(keys: set[bytes], brokers: int, limit: int,
+                                                                    seed: int) -> None:
+    rng = random.Random(seed)
+    owned: list[list[bytes]] = [[] for _ in range(brokers)]
+    for k in keys:  # each key lives on exactly one broker (its group's leader)
+        owned[rng.randrange(brokers)].append(k)
+    seen: list[bytes] = []
+    after: bytes | None = None
+    for _ in range(len(keys) + 2):
+        pages = [broker_page(o, after, limit, rng.randint(1, limit)) for o in owned]
+        items, more = merge_pages(pages, limit)
+        assert len(items) <= limit
+        assert items or not more, "a merged page with more is never empty"
+        seen += [it.key for it in items]
+        if not more:
+            break
+        after = items[-1].key
+    else:
+        pytest.fail("the scan did not finish")
+    assert seen == sorted(keys)
+
+
+def test_a_page_with_more_must_not_be_empty() -> None:
+    with pytest.raises(ValueError):
+        merge_pages([([], True)], 5)
+    assert merge_pages([([], False), ([ScanItem(b"a", b"", 1)], False)], 5) == ([ScanItem(b"a", b"", 1)], False)
