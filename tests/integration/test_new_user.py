@@ -4,6 +4,7 @@ cluster that has not formed, and the configuration the CLI shows."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -220,11 +221,47 @@ def test_quickstart_under_honcho_survives_a_crash_and_a_stopped_worker(tmp_path:
         for name in ("broker", "w1", "w2", "w3", "gateway"):
             assert f"{name}.1 stopped (rc=0)" in out, out
     finally:
+        # honcho starts each process in a session of its own: killing honcho's process group does
+        # not reach them, and a failed run used to leave the gateway and a worker running.
+        started = _zkv_descendants(honcho.pid)
         c.stop_all()
         if honcho.poll() is None:
-            os.killpg(honcho.pid, signal.SIGKILL)
-            honcho.wait(timeout=10)
+            honcho.send_signal(signal.SIGTERM)  # honcho stops every process it started
+            try:
+                honcho.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(honcho.pid, signal.SIGKILL)
+                honcho.wait(timeout=10)
+        for pid in started:  # whatever honcho did not stop
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         log.close()
+
+
+def _zkv_processes() -> dict[int, int]:
+    """pid -> parent pid of every running zkv process (``python -m client.cli ...``)."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            if b"client.cli" not in (d / "cmdline").read_bytes():
+                continue
+            out[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+    return out
+
+
+def _zkv_descendants(root: int) -> list[int]:
+    """The zkv processes below ``root`` (children, the supervisors' serving processes, ...)."""
+    parents = _zkv_processes()
+    found, frontier = [], {root}
+    while frontier:
+        frontier = {pid for pid, ppid in parents.items() if ppid in frontier and pid not in found}
+        found += sorted(frontier)
+    return found
+
 
 
 # -- no broker, no cluster: fast and clear (defect 5) ----------------------------------------------
