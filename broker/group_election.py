@@ -63,7 +63,6 @@ class GroupElection(threading.Thread):
         self.seats = GroupSeats({}, 0.0, {})
         self.lease = 0
         self.stopped = threading.Event()
-        self.turns = 0
         self.etcd_ok = True
         self.revoke_on_stop = True
         self.last_seats = self.seats  # the last seats published before the thread ended
@@ -88,7 +87,6 @@ class GroupElection(threading.Thread):
                 self.etcd_ok = False
             except Exception:  # never let the thread die: the broker would lead blind
                 log.exception("group_election_turn_failed")
-            self.turns += 1
             self.stopped.wait(self.rules.renew_every)
         self.last_seats = seats = self.seats
         if not self.revoke_on_stop:

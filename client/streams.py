@@ -111,8 +111,6 @@ class ValueStream:
 
     def __init__(self, info: StreamInfo, chunks: Iterator[bytes]) -> None:
         self.version, self.size = info.version, info.size
-        # The whole value when it came with the get (not streamed): no chunk to ask for.
-        self.inline: bytes | None = info.inline
         self._chunks = chunks
         self._buf = b""
 

@@ -39,7 +39,7 @@ from client.cli.linearizability import check_history
 from client.cli.lost_writes import lost_writes
 from client.cli.workload import Workload, WorkloadConfig, summarize
 from tests.support.cluster import wait_for
-from tests.support.ha import EtcdCluster, EtcdMember, HaCluster
+from tests.support.ha import EtcdCluster, EtcdMember, HaCluster, stop
 from tests.support.netns import NetLab, netns_unavailable, nft_unavailable
 from tests.support.requirements import missing
 
@@ -53,17 +53,6 @@ class Term:
     epoch: int
     start: float  # wall clock, s
     end: float | None  # None: still leading when the test ended
-
-
-def stop(cluster: HaCluster | None, etcd: EtcdCluster | None, request: pytest.FixtureRequest) -> None:
-    """Every fixture's cleanup: the logs if the test failed, then every process, etcd last."""
-    failed = getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed
-    if cluster is not None:
-        if failed:
-            print(cluster.logs())
-        cluster.stop_all()
-    if etcd is not None:
-        etcd.stop()
 
 
 @pytest.fixture

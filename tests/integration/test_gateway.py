@@ -20,7 +20,7 @@ import requests
 
 from client import Client
 from tests.support.cluster import Cluster, wait_for
-from tests.support.ha import EtcdCluster, HaCluster
+from tests.support.ha import EtcdCluster, HaCluster, stop
 from tests.support.requirements import missing
 
 pytestmark = pytest.mark.timeout(180)
@@ -326,11 +326,7 @@ def ha_gateway(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple
         cluster.start()
         yield cluster, cluster.start_gateway()
     finally:
-        failed = getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed
-        if failed:
-            print(cluster.logs())
-        cluster.stop_all()
-        etcd.stop()
+        stop(cluster, etcd, request)
 
 
 def test_gateway_follows_a_new_leader_and_loses_no_acknowledged_write(ha_gateway: tuple[HaCluster, str]) -> None:

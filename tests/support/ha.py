@@ -199,3 +199,15 @@ class HaCluster(Cluster):
     def broker_procs(self) -> list[Proc]:
         return [self.procs[n] for n in self.broker_endpoints if n in self.procs]
 
+
+
+def stop(cluster: HaCluster | None, etcd: EtcdCluster | None, request: Any) -> None:
+    """Every etcd-mode fixture's cleanup (``request``: the pytest request): the logs if the test
+    failed, then every process, etcd last."""
+    failed = getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed
+    if cluster is not None:
+        if failed:
+            print(cluster.logs())
+        cluster.stop_all()
+    if etcd is not None:
+        etcd.stop()
