@@ -33,10 +33,14 @@ def slot_for_key(key: bytes, slots: int) -> int:
     return (zlib.crc32(key) & 0xFFFFFFFF) % slots
 
 
-def worker_topic(worker_id: str) -> bytes:
+def worker_topic(worker_id: str, group: int | None = None) -> bytes:
     """PUB/SUB topic of a worker's replication messages: ``b"w"``, its id, ``b"\\0"`` (so that no
-    id's topic is a prefix of another's: SUB filters match prefixes)."""
-    return b"w" + worker_id.encode() + b"\0"
+    id's topic is a prefix of another's: SUB filters match prefixes). With slot groups (active
+    brokers) the group follows as two bytes: a worker subscribes once per group it serves, and
+    gets each message once, on the subscription of the group that sent it; without a group the
+    topic is a prefix of all of them."""
+    topic = b"w" + worker_id.encode() + b"\0"
+    return topic if group is None else topic + group.to_bytes(2, "big")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,12 +128,12 @@ class Replicate:
         return cls(slot, epoch, seq, prev_epoch, committed, now, wops, list(values), origin)
 
 
-def encode_replication(worker_id: str, batches: list[list[bytes]]) -> list[bytes]:
+def encode_replication(worker_id: str, batches: list[list[bytes]], group: int | None = None) -> list[bytes]:
     """One replication message carrying write batches (each ``[header, *values]``) to one worker.
     Batching per worker and per turn, instead of one PUB message per batch, is what lets the
     broker and the workers pay their per-message costs once for many writes."""
     headers = [b[0] for b in batches]
-    return [worker_topic(worker_id), pack(headers), *[v for b in batches for v in b[1:]]]
+    return [worker_topic(worker_id, group), pack(headers), *[v for b in batches for v in b[1:]]]
 
 
 def decode_replication(frames: list[Any]) -> list[Replicate]:
