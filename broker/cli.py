@@ -73,12 +73,15 @@ D = BrokerConfig()
               help="Host that other machines reach this broker at, in the leader key (default: the bound host).")
 @click.option("--metrics", default="", metavar="HOST:PORT",
               help="Serve Prometheus metrics at http://HOST:PORT/metrics (default: none).")
+@click.option("--groups", default=1, show_default=True,
+              help="etcd mode: slot groups, each led by one of the live brokers (active brokers); "
+                   "1: one leader, the others stand by. Every broker of a cluster gives the same.")
 def broker(data: str, frontend: str, backend: str, replication: str, keys: str, insecure: bool, slots: int,
            rf: int, w: int,
            heartbeat: float, request_timeout: float, max_value: int, max_stream: int, stream_idle: float,
            max_streams: int, max_client_streams: int, max_client_bytes: int, grace: float, initial_workers: int,
            auto_rebalance: bool, move_concurrency: int, copy_rate: int, etcd: str, etcd_prefix: str, name: str,
-           lease_ttl: int, advertise: str, metrics: str) -> None:
+           lease_ttl: int, advertise: str, metrics: str, groups: int) -> None:
     """Run the broker (the master). With --etcd, any number of brokers share one cluster: one
     leads, the others stand by and take over when its lease lapses."""
     from broker.server import BindError, BrokerEndpoints, BrokerServerConfig, run_broker
@@ -104,12 +107,16 @@ def broker(data: str, frontend: str, backend: str, replication: str, keys: str, 
         rules.check()
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--etcd" if "endpoint" in str(e) else "--lease-ttl") from None
+    if groups != 1 and not etcd_urls:
+        raise click.BadParameter("slot groups need etcd mode (--etcd)", param_hint="--groups")
+    if not 1 <= groups <= slots:
+        raise click.BadParameter(f"need 1 <= groups <= slots ({slots})", param_hint="--groups")
     adv = None
     if advertise:
         adv = BrokerEndpoints(*(with_host(u, advertise) for u in (frontend, backend, replication)))
     cfg = BrokerServerConfig(
         data_dir=data, keys=keys, etcd=etcd_urls, etcd_prefix=etcd_prefix, name=name, lease=rules, advertise=adv,
-        metrics=metrics,
+        metrics=metrics, groups=groups,
         endpoints=BrokerEndpoints(frontend, backend, replication),
         core=BrokerConfig(slots=slots, rf=rf, w=w, heartbeat=heartbeat, request_timeout=request_timeout,
                           max_value=max_value, max_stream=max_stream, stream_idle=stream_idle,

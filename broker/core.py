@@ -34,6 +34,7 @@ from broker.events import (
 from broker.expiry import Expiry
 from broker.membership import Membership
 from broker.messages import (
+    ClientMessage,
     DumpRequest,
     Invalid,
     KvRequest,
@@ -213,12 +214,17 @@ class BrokerCore:
     def on_client(self, identity: bytes, frames: list[bytes], role: str | None = None) -> None:
         """``role``: the role of the key that sent the message ("" if it holds none any more);
         None when the broker authenticates nobody (no key directory): everything is allowed."""
-        state = self.state
         try:
             msg = decode_client(frames, self.limits)
         except Invalid as e:
-            error(state, identity, e.rid, e.code, str(e), service=e.service)
+            error(self.state, identity, e.rid, e.code, str(e), service=e.service)
             return
+        self.on_message(identity, msg, role)
+
+    def on_message(self, identity: bytes, msg: ClientMessage, role: str | None = None) -> None:
+        """A decoded client message (``on_client``; with active brokers the process decodes it
+        once to find its group's core)."""
+        state = self.state
         if role is not None and not role_includes(role, needed_role(msg)):
             message = forbidden_message(msg, role)
             state.stats["rejected_requests"] += 1
@@ -340,6 +346,7 @@ class BrokerCore:
         """End the step: send the reads gathered during it, and return everything it produced."""
         self.reads.end_turn()
         ready, self.state.ready = self.state.ready, Ready()
+        ready.group = self.cfg.group if self.cfg.groups > 1 else None
         md = ready.metadata
         md.slots = {s: slot.record() for s, slot in md.slots.items()}
         md.workers = {wid: w.record() for wid, w in md.workers.items()}

@@ -83,7 +83,7 @@ class Membership:
         if len(alive) < need:
             log.info("waiting_for_workers", alive=len(alive), need=need)
             return
-        for s, reps in slot_map(cfg.slots, alive, cfg.rf).items():
+        for s, reps in slot_map(cfg.owned_slots(), alive, cfg.rf).items():
             slot = Slot(s, reps)
             for wid in reps:
                 slot.applied[wid] = Pos()
@@ -95,7 +95,8 @@ class Membership:
         state.cluster_id = state.new_id()
         state.ready.metadata.cluster = {"formed": True, "slots": cfg.slots, "rf": cfg.rf, "id": state.cluster_id}
         state.ready.must_sync = True  # the slot map is durable before any worker acts on it
-        log.info("cluster_formed", workers=alive, slots=cfg.slots, rf=cfg.rf)
+        log.info("cluster_formed", workers=alive, slots=cfg.slots, rf=cfg.rf,
+                 **({"group": cfg.group, "groups": cfg.groups} if cfg.groups > 1 else {}))
         for wid in alive:
             state.send_assign(state.workers[wid])
 

@@ -106,6 +106,7 @@ class ScanRequest:
     start_after: bytes | None
     limit: int
     values: bool
+    group: int | None = None  # active brokers: the slot group scanned (each group's leader scans its own)
 
 
 @dataclass(slots=True)
@@ -127,6 +128,7 @@ class WatchRequest:
     keepalive: bool = False
     prefix: bytes = b""
     since: dict[str, Any] | None = None
+    group: int | None = None  # active brokers: the slot group watched (each group's leader watches its own)
 
 
 @dataclass(slots=True)
@@ -330,14 +332,15 @@ def _scan(rid: int, header: dict[str, Any], limits: Limits) -> ScanRequest:
     values = header.get("values", True)
     if values is not True and values is not False:
         raise Invalid(ErrorCode.BAD_REQUEST, "values must be a boolean")
-    return ScanRequest(rid, prefix, start_after, limit, values)
+    return ScanRequest(rid, prefix, start_after, limit, values, _group(header))
 
 
 def _watch(rid: int, header: dict[str, Any], limits: Limits) -> WatchRequest:
+    group = _group(header)
     if header.get("cancel") is True:
-        return WatchRequest(rid, cancel=True)
+        return WatchRequest(rid, cancel=True, group=group)
     if header.get("keepalive") is True:
-        return WatchRequest(rid, keepalive=True)
+        return WatchRequest(rid, keepalive=True, group=group)
     prefix = _prefix(header, limits)
     since = header.get("since")
     if since is not None:
@@ -345,7 +348,12 @@ def _watch(rid: int, header: dict[str, Any], limits: Limits) -> WatchRequest:
         if not (isinstance(since, dict) and isinstance(since.get("c"), bytes) and isinstance(seqs, list)
                 and all(is_int(q) and q >= 0 for q in seqs)):
             raise Invalid(ErrorCode.BAD_REQUEST, "since must be a cursor {c: bin, s: [int, ...]} from a watch")
-    return WatchRequest(rid, prefix=prefix, since=since)
+    return WatchRequest(rid, prefix=prefix, since=since, group=group)
+
+
+def _group(header: dict[str, Any]) -> int | None:
+    """``group`` of a scan or watch: which slot group it is for (active brokers); absent: all."""
+    return None if header.get("group") is None else int_field(header, "group", 0, 0xFFFF)
 
 
 def _dump(rid: int, header: dict[str, Any]) -> DumpRequest:

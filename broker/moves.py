@@ -39,7 +39,7 @@ class Moves:
     def target(self, s: int, members: list[str]) -> list[str]:
         key = tuple(members)
         if self._targets[0] != key:  # placement only changes when membership does
-            self._targets = (key, slot_map(self.state.cfg.slots, members, self.state.cfg.rf))
+            self._targets = (key, slot_map(self.state.cfg.owned_slots(), members, self.state.cfg.rf))
         return self._targets[1][s]
 
     def misplaced(self, now: float) -> list[int]:

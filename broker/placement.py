@@ -7,6 +7,7 @@ it wins, about 1/(N+1) of them.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 
 
 def _score(worker_id: str, slot: int) -> int:
@@ -19,5 +20,6 @@ def replicas_for_slot(slot: int, workers: list[str], rf: int) -> list[str]:
     return sorted(workers, key=lambda w: _score(w, slot), reverse=True)[:rf]
 
 
-def slot_map(slots: int, workers: list[str], rf: int) -> dict[int, list[str]]:
-    return {s: replicas_for_slot(s, workers, rf) for s in range(slots)}
+def slot_map(slots: int | Iterable[int], workers: list[str], rf: int) -> dict[int, list[str]]:
+    """The replicas of ``slots`` (a count: all of them; or the slot ids of one group)."""
+    return {s: replicas_for_slot(s, workers, rf) for s in (range(slots) if isinstance(slots, int) else slots)}

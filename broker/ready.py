@@ -48,6 +48,7 @@ class Ready:
     replication: dict[str, list[Frames]] = field(default_factory=dict)  # worker id -> write batches
     metadata: Metadata = field(default_factory=Metadata)
     must_sync: bool = False  # the metadata must be fsynced before anything is sent
+    group: int | None = None  # the slot group whose writes these are (active brokers): the topic says it
 
     def reply(self, identity: bytes, frames: Frames) -> None:
         self.client.append((identity, frames))
@@ -60,7 +61,7 @@ class Ready:
 
     def replication_messages(self) -> list[Frames]:
         """One PUB message per worker that has writes to apply: per-message costs paid once."""
-        return [encode_replication(wid, batches) for wid, batches in self.replication.items()]
+        return [encode_replication(wid, batches, self.group) for wid, batches in self.replication.items()]
 
     def __bool__(self) -> bool:
         return bool(self.client or self.workers or self.replication or self.metadata)

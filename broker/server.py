@@ -19,6 +19,7 @@ import dataclasses
 import os
 import signal
 import socket
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -28,9 +29,11 @@ import structlog
 import zmq
 
 from broker import metrics as broker_metrics
+from broker.active import ActiveCores, GroupMap
 from broker.budget import ReplyBudget, Verdict
 from broker.core import BrokerCore
 from broker.etcd import Deposed, Election, Etcd, EtcdMeta, EtcdUnavailable
+from broker.group_election import GroupElection
 from broker.leadership import LeaderInfo, Leadership, LeaseRules, WorkerReach
 from broker.messages import Limits
 from broker.meta import MetaStore
@@ -38,6 +41,7 @@ from broker.ready import Ready, execute
 from broker.standby import Standby
 from broker.state import TICK_SECONDS, BrokerConfig
 from broker.zap import BACKEND, FRONTEND, REPLICATION, Zap
+from protocol.frames import pack, unpack
 from protocol.limits import DEFAULT_BACKEND, DEFAULT_FRONTEND, DEFAULT_REPLICATION, MAX_CHUNK_BYTES
 from protocol.metrics import Snapshot, serve
 from protocol.process import dump_stacks_on_sigusr1, tune_gc
@@ -77,6 +81,9 @@ class BrokerServerConfig:
     # bound ones, with a wildcard host replaced by this machine's name).
     advertise: BrokerEndpoints | None = None
     metrics: str = ""  # HOST:PORT of the Prometheus metrics (broker/metrics.py); empty: none
+    # etcd mode: slot groups, each led by one of the live brokers (active brokers, broker/active.py);
+    # 1: one leader for every slot, the others standbys. Fixed when the cluster forms.
+    groups: int = 1
 
 
 class BindError(Exception):
@@ -117,7 +124,25 @@ class BrokerServer:
         self.core: BrokerCore | None = None
         self.served_epoch = 0  # the last epoch this process led in: it never leads in it again
         self.reach = WorkerReach(cfg.core.w, 0.0)  # replaced at each term (etcd mode)
-        if cfg.etcd:
+        # Active brokers (--groups): the group cores (broker/active.py), their metadata, the last
+        # epoch each group was led in by this process (never led in again), the shared cluster id.
+        self.active: ActiveCores | None = None
+        self.group_election: GroupElection | None = None
+        self.group_meta: dict[int, EtcdMeta] = {}
+        self.group_served: dict[int, int] = {}
+        self.cluster_id = b""
+        self.groups_changed = threading.Condition()
+        if cfg.etcd and cfg.groups > 1:
+            cfg.lease.check()
+            self.etcd = Etcd(cfg.etcd, cfg.lease.request_timeout)
+            adv = cfg.advertise or advertised(cfg.endpoints)
+            name = cfg.name or f"{socket.gethostname()}:{adv.frontend.rsplit(':', 1)[-1]}"
+            me = LeaderInfo(name, 0, adv.frontend, adv.backend, adv.replication)
+            self.group_election = GroupElection(self.etcd, cfg.etcd_prefix, me, cfg.groups, cfg.lease,
+                                                hand_over=self._hand_over)
+            self.active = ActiveCores(Limits(cfg.core.max_key, cfg.core.max_value, cfg.core.max_stream),
+                                      cfg.core.slots, cfg.groups, self._active_status)
+        elif cfg.etcd:
             cfg.lease.check()
             self.etcd = Etcd(cfg.etcd, cfg.lease.request_timeout)
             self.leadership = Leadership(cfg.lease)
@@ -143,12 +168,96 @@ class BrokerServer:
         self.dropped_replies = 0
         self.budget = ReplyBudget(cfg.core.max_client_bytes)
 
-    def _make_core(self, meta: MetaStore | EtcdMeta, restored: Any, epoch: int) -> BrokerCore:
-        return BrokerCore(dataclasses.replace(self.cfg.core), restored, epoch, clock=time.monotonic,
-                          wall_ms=lambda: int(time.time() * 1000), new_id=lambda: uuid.uuid4().bytes,
+    def _make_core(self, meta: MetaStore | EtcdMeta, restored: Any, epoch: int, group: int | None = None) -> BrokerCore:
+        cfg = dataclasses.replace(self.cfg.core)
+        new_id = lambda: uuid.uuid4().bytes  # noqa: E731
+        if group is not None:  # a group's core: its slots only, and the cluster's one id
+            cfg = dataclasses.replace(cfg, groups=self.cfg.groups, group=group)
+            cluster_id = self.cluster_id
+            new_id = lambda: cluster_id  # noqa: E731
+        return BrokerCore(cfg, restored, epoch, clock=time.monotonic,
+                          wall_ms=lambda: int(time.time() * 1000), new_id=new_id,
                           lookup_dedup=meta.lookup_dedup,
                           reload_keys=self.zap.reload if self.zap is not None else None,
                           ha_status=self._ha_status if self.election is not None else None)
+
+    # -- active brokers (--groups) --------------------------------------------------------------
+
+    def _lead_groups(self, now: float) -> None:
+        """Make a core for each group the election won at a new epoch; drop the core of each
+        group this broker may no longer act for (its lease deadline passed, or handed over)."""
+        assert self.group_election is not None and self.active is not None
+        seats = self.group_election.seats
+        self.active.map = GroupMap(self.cfg.core.slots, self.cfg.groups, dict(seats.leaders))
+        for group in list(self.active.cores):
+            if not seats.may_act(group, now):
+                self._drop_group(group, "handed over" if group not in seats.held else "lease deadline passed")
+        if not self.cluster_id and seats.held:
+            try:
+                self.cluster_id = self._cluster_id()
+            except EtcdUnavailable as e:
+                log.warning("cluster_record_unreadable", error=str(e)[:200])
+                return
+        for group, epoch in sorted(seats.held.items()):
+            if group in self.active.cores or not seats.may_act(group, now) or epoch <= self.group_served.get(group, 0):
+                continue
+            meta = EtcdMeta(self.etcd, f"{self.cfg.etcd_prefix}groups/{group:05d}/", epoch)
+            try:
+                restored = meta.load()
+            except EtcdUnavailable as e:
+                log.warning("metadata_unreadable", group=group, epoch=epoch, error=str(e)[:200])
+                continue  # tried again next turn, while the lease holds
+            self.group_served[group] = epoch
+            self.group_meta[group] = meta
+            self.active.cores[group] = self._make_core(meta, restored, epoch, group)
+            log.info("group_leading", group=group, epoch=epoch, workers=len(restored.workers),
+                     slots=len(restored.slots))
+        with self.groups_changed:
+            self.groups_changed.notify_all()
+
+    def _cluster_id(self) -> bytes:
+        """The cluster's id, the same for every group: created once, by the first broker to lead."""
+        key = self.cfg.etcd_prefix + "cluster"
+        record = {"id": uuid.uuid4().bytes, "slots": self.cfg.core.slots, "groups": self.cfg.groups}
+        self.etcd.create(key, pack(record), 0)
+        found = self.etcd.get(key)
+        if found is None:
+            raise EtcdUnavailable(f"{key} was created and is gone")
+        record = unpack(found[0])
+        if record.get("groups") != self.cfg.groups or record.get("slots") != self.cfg.core.slots:
+            log.error("cluster_settings_differ", groups=record.get("groups"), slots=record.get("slots"),
+                      ours_groups=self.cfg.groups, ours_slots=self.cfg.core.slots)
+        return bytes(record["id"])
+
+    def _drop_group(self, group: int, reason: str) -> None:
+        assert self.active is not None
+        core = self.active.cores.pop(group)
+        meta = self.group_meta.pop(group, None)
+        if meta is not None:
+            meta.close()
+        log.warning("group_given_up", group=group, epoch=core.state.epoch, reason=reason)
+
+    def _hand_over(self, group: int) -> None:
+        """Called by the election's thread: returns once the loop has dropped the group's core
+        (the seats without it are already published), so nothing more of it is sent."""
+        assert self.active is not None
+        with self.groups_changed:
+            self.groups_changed.wait_for(lambda: group not in self.active.cores or self.stopping, timeout=5.0)
+
+    def _active_status(self) -> dict[str, Any]:
+        """mmi.status of an active broker: the group cores' status merged, and the groups."""
+        assert self.active is not None and self.group_election is not None
+        cores = self.active.cores
+        st: dict[str, Any] = dict(cores[min(cores)].status()) if cores else {
+            "formed": False, "workers": [], "rf": self.cfg.core.rf, "w": self.cfg.core.w}
+        st.update(role="active", name=self.group_election.me.name, groups=self.cfg.groups,
+                  leading={str(g): c.state.epoch for g, c in sorted(cores.items())},
+                  slot_map=self.active.map.record(), redirected=self.active.redirected,
+                  ha=self.group_election.describe(time.monotonic()),
+                  slots=sum(len(c.state.slots) for c in cores.values()),
+                  stats={k: sum(c.state.stats.get(k, 0) for c in cores.values())
+                         for k in (next(iter(cores.values())).state.stats if cores else {})})
+        return st
 
     # -- etcd mode --------------------------------------------------------------------------------
 
@@ -199,13 +308,17 @@ class BrokerServer:
                 "ha": ha, "workers": [], "slots": 0, "rf": self.cfg.core.rf, "w": self.cfg.core.w}
 
     def _on_client(self, identity: bytes, frames: list[bytes], **who: Any) -> None:
-        if self.core is not None:
+        if self.active is not None:
+            self.active.on_client(identity, frames, **who)
+        elif self.core is not None:
             self.core.on_client(identity, frames, **who)
         elif self.standby is not None:
             self.standby.on_client(identity, frames, self.leadership.leader, self._standby_status)
 
     def _on_worker(self, identity: bytes, frames: list[bytes], **who: Any) -> None:
-        if self.core is not None:
+        if self.active is not None:
+            self.active.on_worker(identity, frames, **who)
+        elif self.core is not None:
             self.core.on_worker(identity, frames, **who)
         elif self.standby is not None:
             self.standby.on_worker(identity, frames, self.leadership.leader)
@@ -246,6 +359,10 @@ class BrokerServer:
         if self.election is not None:
             log.info("standing_by", name=self.election.me.name, etcd=self.cfg.etcd, ttl=self.cfg.lease.ttl)
             self.election.start()
+        if self.group_election is not None:
+            log.info("active", name=self.group_election.me.name, etcd=self.cfg.etcd, groups=self.cfg.groups,
+                     ttl=self.cfg.lease.ttl)
+            self.group_election.start()
         metrics = None
         if self.cfg.metrics:
             metrics = Snapshot(broker_metrics.families)
@@ -257,6 +374,8 @@ class BrokerServer:
             while not self.stopping:
                 if self.election is not None:
                     self._lead_or_stand_by(time.monotonic())
+                elif self.group_election is not None:
+                    self._lead_groups(time.monotonic())
                 try:
                     events = dict(self.poller.poll(int(TICK * 1000)))
                 except zmq.ZMQError as e:
@@ -274,21 +393,25 @@ class BrokerServer:
                 if self.frontend in events:
                     self._drain(self.frontend, self._on_client, self._client_sender)
                 now = time.monotonic()
-                if now - last_tick >= TICK and self.core is not None:
+                cores = self._cores()
+                if now - last_tick >= TICK:
                     last_tick = now
-                    self.core.tick()
+                    for core in cores.values():
+                        core.tick()
                 if metrics is not None and now - last_metrics >= METRICS_INTERVAL:
                     last_metrics = now
-                    metrics.publish(self.core.metrics_state() if self.core is not None else {"role": "standby"})
+                    metrics.publish(self.core.metrics_state() if self.core is not None else
+                                    {"role": "active" if self.active is not None else "standby"})
                 self._execute()
-                if self.meta is None:
-                    continue
+                metas = self._metas()
                 if now - last_sync >= SYNC_INTERVAL:
                     last_sync = now
-                    self.meta.sync()
+                    for meta in metas:
+                        meta.sync()
                 if now - last_prune >= DEDUP_PRUNE_INTERVAL:
                     last_prune = now
-                    self.meta.prune_dedup()
+                    for meta in metas:
+                        meta.prune_dedup()
         finally:
             self.shutdown()
 
@@ -329,7 +452,21 @@ class BrokerServer:
         peer = self.zap.worker(user) if self.zap is not None else None
         return frames, {"key_name": peer.name if peer is not None else ""}
 
+    def _cores(self) -> dict[int, BrokerCore]:
+        """Every core this process runs: its groups' (active brokers), or the one (a leader)."""
+        if self.active is not None:
+            return self.active.cores
+        return {0: self.core} if self.core is not None else {}
+
+    def _metas(self) -> list[MetaStore | EtcdMeta]:
+        if self.active is not None:
+            return list(self.group_meta.values())
+        return [self.meta] if self.meta is not None else []
+
     def _execute(self) -> None:
+        if self.active is not None:
+            self._execute_groups()
+            return
         if self.core is None or self.meta is None:
             if self.standby is not None:
                 self._carry_out(self.standby.take_ready(), _NO_METADATA)
@@ -345,6 +482,19 @@ class BrokerServer:
             # Nothing of this turn was sent (the metadata is written first); the core's state
             # assumed it was, so the core cannot go on: a successor recovers from etcd and workers.
             self._step_down(f"metadata write failed: {e}")
+
+    def _execute_groups(self) -> None:
+        assert self.active is not None and self.group_election is not None
+        for group, core in list(self.active.cores.items()):
+            ready = core.ready()
+            if not self.group_election.seats.may_act(group, time.monotonic()):
+                self._drop_group(group, "lease deadline passed during a turn")
+                continue
+            try:
+                self._carry_out(ready, self.group_meta[group])
+            except (Deposed, EtcdUnavailable) as e:
+                self._drop_group(group, f"metadata write failed: {e}")  # nothing of this turn was sent
+        self._carry_out(self.active.take_ready(), _NO_METADATA)
 
     def _carry_out(self, ready: Ready, meta: Any) -> None:
         execute(ready, meta, publish=lambda frames: send_frames(self.pub, frames),
@@ -390,6 +540,11 @@ class BrokerServer:
         finally:
             if self.meta is not None:
                 self.meta.close()
+            if self.active is not None and self.group_election is not None:
+                for group in list(self.active.cores):
+                    self._drop_group(group, "stopping")
+                self.group_election.stop()  # hands every group over, then revokes the lease
+                self.group_election.join(timeout=2 * self.cfg.lease.request_timeout + 1)
             if self.election is not None:
                 self.election.stop()  # a leader revokes its lease: a standby takes over at once
                 self.election.join(timeout=2 * self.cfg.lease.request_timeout + 1)

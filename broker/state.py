@@ -53,6 +53,21 @@ class BrokerConfig:
     # Reply bytes libzmq still holds for one client connection (it does not read them) before
     # further replies to it are refused with UNAVAILABLE (broker/budget.py).
     max_client_bytes: int = 64 * 1024 * 1024
+    # Active brokers (etcd mode, --groups): this core leads the slots s with s % groups == group
+    # and knows no other; groups 1 is the whole cluster, as with one leader.
+    groups: int = 1
+    group: int = 0
+
+    def owns(self, slot: int) -> bool:
+        return slot % self.groups == self.group
+
+    def owned_slots(self) -> range:
+        return range(self.group, self.slots, self.groups)
+
+    @property
+    def group_fields(self) -> dict[str, int]:
+        """What ASSIGN and the group's answers carry of the group (nothing with one leader)."""
+        return {"group": self.group, "groups": self.groups} if self.groups > 1 else {}
 
 
 @dataclass(slots=True, frozen=True, order=True)
@@ -279,7 +294,7 @@ class BrokerState:
     def send_assign(self, w: Worker) -> None:
         """Tell a worker the slots it holds (and learns), in this broker's epoch."""
         self.to_worker(w, [W_ASSIGN, pack({"slots": sorted(w.slots | w.learning), "epoch": self.epoch,
-                                           "cluster": self.cluster_id})])
+                                           "cluster": self.cluster_id, **self.cfg.group_fields})])
 
     def slot_changed(self, slot: Slot) -> None:
         self.ready.metadata.slots[slot.id] = slot

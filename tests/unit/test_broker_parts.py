@@ -15,7 +15,8 @@ BROKER = Path(__file__).resolve().parents[2] / "broker"
 # The parts: each owns one responsibility and its state, and talks to the others through events.
 PARTS = {"writes", "reads", "streams", "replicas", "recovery", "membership", "moves", "scan", "watch", "expiry",
          "dumps"}
-ENTRY = {"core"}
+# The entry: a core; with active brokers, the cores of the groups this broker leads (active).
+ENTRY = {"core", "active"}
 # Sockets, disk, etcd, the command line: they may use the entry.
 EDGE = {"server", "meta", "cli", "zap", "etcd", "group_election"}
 
