@@ -40,10 +40,20 @@ from broker.ready import Ready
 from broker.roles import forbidden_message, needed_role
 from protocol.curve import role_includes
 from protocol.errors import ErrorCode
-from protocol.frames import C_FINAL, MDPC, MDPW, MMI_ADMIN, MMI_SERVICE, MMI_STATUS, W_DISCONNECT, W_READY, pack, unpack
+from protocol.frames import (
+    C_FINAL,
+    MDPC,
+    MDPW,
+    MMI_ADMIN,
+    MMI_SERVICE,
+    MMI_SLOTS,
+    MMI_STATUS,
+    W_DISCONNECT,
+    W_READY,
+    pack,
+    unpack,
+)
 from protocol.replication import slot_for_key
-
-MMI_SLOTS = b"mmi.slots"
 
 
 @dataclass(frozen=True)
@@ -115,7 +125,9 @@ class ActiveCores:
         try:
             group = request_group(msg, self.map.slots, self.map.groups)
         except Invalid as e:
-            self._error(identity, b"kv", e.rid, e.code, str(e))
+            # With the map's size and revision: a client without the map fetches it and splits.
+            self._reply(identity, b"kv", {"id": e.rid, "ok": False, "code": e.code.value, "message": str(e),
+                                          "groups": self.map.groups, "revision": self.map.revision})
             return
         core = self.cores.get(group)
         if core is not None:

@@ -487,8 +487,11 @@ class BrokerServer:
         assert self.active is not None and self.group_election is not None
         for group, core in list(self.active.cores.items()):
             ready = core.ready()
-            if not self.group_election.seats.may_act(group, time.monotonic()):
-                self._drop_group(group, "lease deadline passed during a turn")
+            seats = self.group_election.seats
+            if not seats.may_act(group, time.monotonic()):
+                # Checked again just before sending: handed over meanwhile, or a pause.
+                self._drop_group(group, "handed over" if group not in seats.held else
+                                 "lease deadline passed during a turn")
                 continue
             try:
                 self._carry_out(ready, self.group_meta[group])

@@ -131,6 +131,17 @@ class BrokerList:
         self._leader = leader.strip()
         return True
 
+    def route(self, url: str) -> None:
+        """Active brokers: the next request goes to ``url``, its keys' group leader by the slot
+        map (client/slotmap.py); not a failover, so nothing is counted."""
+        if _same(url, self.current):
+            return
+        for i, u in enumerate(self.urls):
+            if _same(u, url):
+                self._i, self._leader = i, None
+                return
+        self._leader = url.strip()
+
     def settled(self) -> None:
         """An answer that was not NOT_LEADER came: the current broker serves."""
         self._hops = 0

@@ -24,12 +24,15 @@ from client.api import Build, Commands
 from client.brokers import HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS, LINK_CHECK, SEND_TIMEOUT_MS, BrokerList, Link
 from client.commands import Call, OnPartial, Reply, StreamInfo, needs_size_check, oversize
 from client.retry import DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_TIMEOUT, Attempts
+from client.slotmap import SlotMap, merge_split
 from client.streams import ValueStream
 from client.watch import CursorMark, WatchEvent, WatchSession, follow_leader
 from protocol.curve import CREDENTIALS_ENV, Credentials, load_credentials
 from protocol.errors import ClientClosed
-from protocol.frames import C_FINAL, C_PARTIAL, C_REQUEST, MDPC, SERVICE, unpack
+from protocol.frames import C_FINAL, C_PARTIAL, C_REQUEST, MDPC, MMI_SLOTS, SERVICE, unpack
 from protocol.limits import DEFAULT_FRONTEND, URL_ENV
+
+SPLIT_OPS = {"mget": False, "mset": True}  # multi-key ops split by slot group: op -> carries values
 
 
 def broker_url(url: str | None) -> str:
@@ -106,6 +109,10 @@ class Client(Commands):
         self._sock: zmq.Socket | None = None
         self._link: Link | None = None
         self._at = ""  # the URL the socket is connected to
+        # Active brokers: the slot map once a broker's NOT_LEADER named a slot group, and the
+        # sockets to the other group leaders (one per URL, kept while the client routes).
+        self.slot_map: SlotMap | None = None
+        self._idle: dict[str, tuple[zmq.Socket, Link | None]] = {}
         self._open()
 
     def _open(self) -> None:
@@ -115,10 +122,19 @@ class Client(Commands):
         self._sock, self._link = linked_dealer(self._ctx, self._at, self.credentials, self.brokers.several)
 
     def _ensure(self) -> zmq.Socket:
-        """The socket, reopened first if the client has moved to another broker."""
+        """The socket, reopened first if the client has moved to another broker (with a slot
+        map, the socket to another group's leader is kept for the next request there)."""
         if self._sock is None:
             raise ClientClosed("client is closed")
         if self._at != self.brokers.current:
+            if self.slot_map is not None:
+                self._idle[self._at] = (self._sock, self._link)
+                kept = self._idle.pop(self.brokers.current, None)
+                if kept is not None:
+                    self._at = self.brokers.current
+                    self._sock, self._link = kept
+                    return self._sock
+                self._sock = self._link = None
             self._open()
         assert self._sock is not None
         return self._sock
@@ -130,6 +146,9 @@ class Client(Commands):
     def close(self) -> None:
         close_linked(self._sock, self._link)
         self._sock, self._link = None, None
+        for sock, link in self._idle.values():
+            close_linked(sock, link)
+        self._idle.clear()
 
     def __enter__(self) -> Client:
         return self
@@ -190,11 +209,17 @@ class Client(Commands):
 
     def request(self, op: str, header: dict[str, Any], values: list[bytes] | None = None,
                 on_partial: OnPartial | None = None) -> Reply:
-        """Send one kv request with retries; returns (reply header, value frames) or raises."""
+        """Send one kv request with retries; returns (reply header, value frames) or raises.
+        With active brokers it goes to its keys' group leader, and a multi-key request is split
+        by group (docs/protocol.md §1.14)."""
+        split = self._split(op, header, values)
+        if split is not None:
+            return split
         attempts = Attempts(self.url, op, next(self._ids), self.client_id, header, values or [],
                             self.timeout, self.attempt_timeout)
         while True:
             body, wait = attempts.next()
+            self._route(header)
             sock = self._ensure()
             reply = self._roundtrip(SERVICE, body, attempts.rid, wait, on_partial)
             if reply is None:
@@ -203,11 +228,91 @@ class Client(Commands):
                     self._open()  # drop whatever the old socket still queues for a dead broker
                 attempts.no_reply()
                 continue
+            if self.slot_map is None and self._map_needed(reply):
+                return self.request(op, header, values, on_partial)  # split by the map now known
             answer = attempts.answer(reply)
             if isinstance(answer, tuple):
                 self.brokers.settled()
                 return answer
+            if self._learn(reply):
+                continue  # a group's leader named: resent there at once
             time.sleep(self.brokers.refused(attempts.last_error, answer))  # NOT_LEADER: go to the leader
+
+    # -- active brokers: routing by slot group --------------------------------------------------
+
+    def _keys(self, header: dict[str, Any]) -> list[bytes]:
+        if "key" in header:
+            return [header["key"]]
+        return list(header.get("keys") or [])
+
+    def _route(self, header: dict[str, Any]) -> None:
+        """With a slot map: send to the leader of the request's group, when the map knows it."""
+        m = self.slot_map
+        keys = self._keys(header)
+        if m is not None and keys:
+            url = m.leader_for(keys[0])
+            if url:
+                self.brokers.route(url)
+
+    def _learn(self, reply: list[bytes]) -> bool:
+        """A NOT_LEADER of an active broker names the group and its leader: note it (and fetch the
+        whole map when it is newer than ours); True if the request is to be resent at once."""
+        try:
+            hdr = unpack(reply[0])
+        except (IndexError, ValueError):
+            return False
+        group = hdr.get("group") if isinstance(hdr, dict) and hdr.get("code") == "NOT_LEADER" else None
+        if not isinstance(group, int):
+            return False
+        m = self.slot_map
+        if m is None or int(hdr.get("revision") or 0) > m.revision:
+            self._fetch_map()
+            m = self.slot_map
+        if m is None:
+            return False
+        leader = hdr.get("leader") if isinstance(hdr.get("leader"), str) else None
+        if m.leaders.get(group) != leader:  # no leader now (a handover): forget the old one
+            self.slot_map = m = m.learn(group, leader)
+        return bool(m.leaders.get(group))
+
+    def _map_needed(self, reply: list[bytes]) -> bool:
+        """A refusal of a request spanning slot groups (it names the cluster's ``groups``), sent
+        before this client knew the map: fetch it; True if it is known now."""
+        try:
+            hdr = unpack(reply[0])
+        except (IndexError, ValueError):
+            return False
+        if not (isinstance(hdr, dict) and hdr.get("code") == "BAD_REQUEST" and isinstance(hdr.get("groups"), int)):
+            return False
+        self._fetch_map()
+        return self.slot_map is not None
+
+    def _fetch_map(self) -> None:
+        reply = self._mmi(MMI_SLOTS, [b""], self.attempt_timeout)
+        if reply is None or reply[0] == b"501":
+            return
+        try:
+            self.slot_map = SlotMap.from_record(unpack(reply[0]))
+        except ValueError:
+            pass
+
+    def _split(self, op: str, header: dict[str, Any], values: list[bytes] | None) -> Reply | None:
+        """An MGET or MSET over several slot groups: one request per group, answers put back in
+        the keys' order; None when it is not split (no map, or one group)."""
+        m = self.slot_map
+        if op not in SPLIT_OPS or m is None or m.groups < 2:
+            return None
+        keys = self._keys(header)
+        shares = m.by_group(keys)
+        if len(shares) < 2:
+            return None
+        parts = []
+        for indices in shares.values():
+            sub_header = {**header, "keys": [keys[i] for i in indices]}
+            sub_values = [values[i] for i in indices] if SPLIT_OPS[op] and values else None
+            hdr, frames = self.request(op, sub_header, sub_values)
+            parts.append((indices, hdr, frames))
+        return merge_split(len(keys), parts)
 
     def _run_window(self, calls: Iterator[Call], window: int) -> None:
         """Run ``calls`` with up to ``window`` requests in flight (each with the retry rules of

@@ -43,6 +43,20 @@ class SlotMap:
     def newer_than(self, revision: int) -> bool:
         return self.revision > revision
 
+    def by_group(self, keys: Sequence[bytes]) -> dict[int, list[int]]:
+        """The indices of ``keys`` by group, in their order: what one request may carry."""
+        out: dict[int, list[int]] = {}
+        for i, k in enumerate(keys):
+            out.setdefault(self.group_of(k), []).append(i)
+        return out
+
+    def learn(self, group: int, leader: str | None) -> SlotMap:
+        """This map with ``group``'s leader as a NOT_LEADER named it (None: not known)."""
+        leaders = {g: url for g, url in self.leaders.items() if g != group}
+        if leader:
+            leaders[group] = leader
+        return SlotMap(self.slots, self.groups, leaders, self.revision)
+
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> SlotMap:
         """From the map a broker answers (``{"slots", "groups", "leaders": {"G": url}, "revision"}``);
@@ -59,6 +73,29 @@ class SlotMap:
     def record(self) -> dict[str, Any]:
         return {"slots": self.slots, "groups": self.groups, "revision": self.revision,
                 "leaders": {str(g): url for g, url in sorted(self.leaders.items())}}
+
+
+Share = tuple[Sequence[int], dict[str, Any], Sequence[Any]]
+
+
+def merge_split(n: int, parts: Sequence[Share]) -> tuple[dict[str, Any], list[Any]]:
+    """One reply of a multi-key request from the replies of its shares (one per group): each
+    share's indices into the ``n`` keys, its header and its value frames (one per key, or none).
+    A header list as long as its share's keys is per key and goes back by index; any other
+    field is the first share's."""
+    header: dict[str, Any] = dict(parts[0][1]) if parts else {}
+    values: list[Any] = [None] * n
+    per_key: dict[str, list[Any]] = {}
+    for indices, hdr, frames in parts:
+        for name, field in hdr.items():
+            if isinstance(field, list) and len(field) == len(indices):
+                merged = per_key.setdefault(name, [None] * n)
+                for i, x in zip(indices, field, strict=True):
+                    merged[i] = x
+        for i, x in zip(indices, frames, strict=False):
+            values[i] = x
+    header.update(per_key)
+    return header, values if any(len(frames) for _, _, frames in parts) else []
 
 
 def merge_pages(pages: Sequence[tuple[Sequence[Any], bool]], limit: int) -> tuple[list[Any], bool]:

@@ -45,6 +45,7 @@ SERVICE = b"kv"
 MMI_SERVICE = b"mmi.service"
 MMI_STATUS = b"mmi.status"
 MMI_ADMIN = b"mmi.admin"
+MMI_SLOTS = b"mmi.slots"  # active brokers: which broker leads each slot group (docs/protocol.md §1.14)
 
 
 # msgspec's msgpack codec: the same bytes as msgpack-python's packb(use_bin_type=True) and the same

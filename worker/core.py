@@ -55,8 +55,13 @@ class SnapshotInProgress:
 
 
 class WorkerCore:
-    def __init__(self, worker_id: str, store: SlotStore, process_id: bytes | None = None) -> None:
+    def __init__(self, worker_id: str, store: SlotStore, process_id: bytes | None = None,
+                 group: int | None = None) -> None:
+        """``group``: the slot group this core registers for (active brokers: one core per group,
+        all on one store, each with its group's leader); None: every slot, one broker at a time."""
         self.worker_id = worker_id
+        self.group = group
+        self.groups = 0  # with a group: how many the cluster has (ASSIGN, DISCONNECT say it)
         self.store = store
         # New for every process: READY tells the broker a restart from a reconnect of the same one.
         self.process_id = process_id or uuid.uuid4().bytes
@@ -82,9 +87,28 @@ class WorkerCore:
         # Fencing: the highest broker epoch this worker has taken an assignment from (kept in the
         # store), or that sequenced a write it holds. An ASSIGN below it comes from a deposed
         # leader: refused, and the loop leaves that broker (deposed_broker).
-        self.highest_epoch = max([store.highest_epoch, *(p.epoch for p in store.positions.values())])
+        self.highest_epoch = self._highest_on_disk()
         self.deposed_broker = False
 
+    def owns(self, slot: int) -> bool:
+        """Is ``slot`` this core's? Every slot without a group; with one, only its group's slots,
+        and none while the number of groups is not known."""
+        if self.group is None:
+            return True
+        return self.groups > 0 and slot % self.groups == self.group
+
+    def _highest_on_disk(self) -> int:
+        """The highest epoch recorded, or that sequenced a write held, for this core's slots."""
+        return max([self.store.highest_epoch_of(self.group),
+                    *(p.epoch for s, p in self.store.positions.items() if self.owns(s))])
+
+    def _learn_groups(self, info: dict) -> None:
+        groups = info.get("groups")
+        if self.group is None or self.groups or not isinstance(groups, int) or isinstance(groups, bool) \
+                or groups <= self.group:
+            return
+        self.groups = groups
+        self.highest_epoch = self._highest_on_disk()
     # -- commands from the broker ---------------------------------------------------------------
 
     def on_broker(self, cmd: bytes, body: list[bytes], now: float) -> None:
@@ -109,6 +133,7 @@ class WorkerCore:
         elif cmd == W_DISCONNECT:
             self.reconnect_requested = True
             self.disconnect_info = disconnect_body(body)
+            self._learn_groups(self.disconnect_info)
         else:
             log.warning("unknown_broker_command", command=cmd.hex())
 
@@ -181,20 +206,10 @@ class WorkerCore:
 
     def flush(self) -> int:
         """Commit the waiting batch (one transaction, one fsync) and queue one cumulative ACK."""
-        if not self.batch:
-            return 0
-        batch, self.batch = self.batch, []
-        try:
-            results = self.store.apply_batch(batch)
-        except lmdb.Error as e:
-            # Nothing of the batch is on disk (the transaction aborted) and nothing is acknowledged:
-            # forget it, so the broker's repair sends it again, and keep serving reads meanwhile.
-            # A write this worker can never store (a full disk) then stays visible as a lagging
-            # replica in `zkv status` and in these logs, not as a crash loop.
-            for rep in batch:
-                self.pos[rep.slot] = self.store.position(rep.slot)
-            log.error("apply_failed", error=str(e), batches=len(batch))
-            return 0
+        return flush_together([self])
+
+    def _acknowledge(self, batch: list[Replicate], results: list) -> None:
+        """``batch`` is on disk: one cumulative ACK for it."""
         touched = {rep.slot for rep in batch}
         self.applied_total += len(batch)
         self.commits += 1
@@ -204,11 +219,15 @@ class WorkerCore:
             "res": results,
         }
         self.outbox.append([W_ACK, pack(ack)])
-        return len(batch)
 
     # -- assignment -----------------------------------------------------------------------------
 
     def on_assign_message(self, info: dict) -> None:
+        if self.group is not None:
+            self._learn_groups(info)
+            if info.get("group") != self.group or not self.groups:
+                log.warning("assignment_for_another_group_refused", group=info.get("group"), ours=self.group)
+                return
         cluster = bytes(info.get("cluster", b""))
         mine = self.store.cluster_id
         if mine and cluster != mine:
@@ -226,13 +245,14 @@ class WorkerCore:
         if not mine and cluster:
             self.store.set_cluster_id(cluster)
         if epoch > self.highest_epoch:
-            self.store.set_highest_epoch(epoch)  # on disk first: a restart must refuse the older one too
+            self.store.set_highest_epoch_of(self.group, epoch)  # on disk first: a restart must refuse the older one too
             self.highest_epoch = epoch
         first = epoch != self.broker_epoch  # the first assignment from this broker incarnation
         self.broker_epoch = epoch
         added, removed = self.on_assign(list(info["slots"]))
         # Slots given to other workers while this one was away: its copies are stale, drop them.
-        stale = (removed | set(self.store.positions)) - self.assigned
+        # Only this core's slots: another group's are another core's business.
+        stale = {s for s in removed | set(self.store.positions) if self.owns(s)} - self.assigned
         if stale:
             self.flush()
             for s in stale:
@@ -329,10 +349,45 @@ class WorkerCore:
             "id": self.worker_id,
             "data_id": st.data_id,
             "process": self.process_id,
-            "positions": [[s, p.epoch, p.seq] for s, p in st.positions.items()],
+            "positions": [[s, p.epoch, p.seq] for s, p in st.positions.items() if self.owns(s)],
             **st.stats(),
+            **({} if self.group is None else {"group": self.group}),
         }
         return [W_READY, SERVICE, pack(info)]
+
+
+def flush_together(cores: list[WorkerCore]) -> int:
+    """Commit the waiting batches of ``cores`` (sessions of one store: with active brokers, one per
+    slot group) in one transaction, one fsync, and queue each core's ACK for its own share.
+    Returns the batches committed."""
+    shares = [(core, core.batch) for core in cores if core.batch]
+    if not shares:
+        return 0
+    for core, _ in shares:
+        core.batch = []
+    batch = [rep for _, b in shares for rep in b]
+    store = shares[0][0].store
+    try:
+        results = store.apply_batch(batch)
+    except lmdb.Error as e:
+        # Nothing of the batch is on disk (the transaction aborted) and nothing is acknowledged:
+        # forget it, so the broker's repair sends it again, and keep serving reads meanwhile.
+        # A write this worker can never store (a full disk) then stays visible as a lagging
+        # replica in `zkv status` and in these logs, not as a crash loop.
+        for core, b in shares:
+            for rep in b:
+                core.pos[rep.slot] = store.position(rep.slot)
+        log.error("apply_failed", error=str(e), batches=len(batch))
+        return 0
+    # Results exist only for batches whose answer depends on what was found; each starts with its
+    # slot, and the cores' slots are disjoint (one group each), so the slot says whose it is.
+    owner = {rep.slot: i for i, (_, b) in enumerate(shares) for rep in b}
+    per_core: list[list] = [[] for _ in shares]
+    for r in results:
+        per_core[owner[r[0]]].append(r)
+    for (core, b), mine in zip(shares, per_core, strict=True):
+        core._acknowledge(b, mine)
+    return len(batch)
 
 
 def disconnect_body(body: list[bytes]) -> dict:

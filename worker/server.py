@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import signal
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,7 +30,7 @@ from protocol.replication import decode_replication, worker_topic
 from protocol.sockets import send_frames
 from worker import faults
 from worker.brokers import AGAIN, FOLLOW, NEXT, BrokerList, BrokerPair
-from worker.core import WorkerCore
+from worker.core import WorkerCore, flush_together
 from worker.metrics import WorkerMetrics
 from worker.store import SlotStore
 
@@ -69,77 +70,76 @@ def system_wall_ms() -> int:
     return int(time.time() * 1000)
 
 
-class WorkerServer:
-    def __init__(self, cfg: WorkerConfig, replication_filter: ReplicationFilter | None = None,
-                 wall_ms: Callable[[], int] = system_wall_ms) -> None:
-        self.cfg = cfg
-        self.ctx = zmq.Context()
-        self.store = SlotStore(cfg.data_dir, map_size=cfg.map_size)
-        self.core = WorkerCore(cfg.worker_id, self.store)
-        self.replication_filter = replication_filter
-        self.wall_ms = wall_ms
-        self.credentials = load_credentials(cfg.credentials) if cfg.credentials else None
-        self.brokers = BrokerList.parse(cfg.broker, cfg.replication)
-        self.pair = self.brokers.current  # the pair both sockets are connected to
-        self.sub = self.ctx.socket(zmq.SUB)
-        if self.credentials is not None:
-            self.credentials.apply(self.sub)
+class Session:
+    """One registration with a broker: a DEALER (and its monitor), a SUB, and the core that decides
+    (worker/core.py). With one leader there is one session, for every slot; with active brokers
+    (slot groups) one per group, each following that group's leader (worker/brokers.py), all
+    sharing the worker's store."""
+
+    def __init__(self, server: WorkerServer, core: WorkerCore, brokers: BrokerList) -> None:
+        self.server, self.core, self.brokers = server, core, brokers
+        self.pair = brokers.current  # the pair both sockets are connected to
+        cfg = server.cfg
+        self.sub = server.ctx.socket(zmq.SUB)
+        if server.credentials is not None:
+            server.credentials.apply(self.sub)
         self.sub.setsockopt(zmq.RCVHWM, 0)  # queue at the subscriber rather than drop at the PUB
         self.sub.setsockopt(zmq.SNDHWM, 100_000)  # >1000 subscriptions resent on reconnect
         self.sub.setsockopt(zmq.LINGER, 0)
         self.sub.connect(self.pair.replication)
-        # Every replication message for this worker, whatever slots it carries; the core applies
-        # only what the registered broker incarnation sent for slots it holds.
-        self.sub.setsockopt(zmq.SUBSCRIBE, worker_topic(cfg.worker_id))
+        # Every replication message for this worker (and this session's group), whatever slots it
+        # carries; the core applies only what the registered broker incarnation sent for its slots.
+        self.sub.setsockopt(zmq.SUBSCRIBE, worker_topic(cfg.worker_id, core.group))
+        server.poller.register(self.sub, zmq.POLLIN)
         self.dealer: zmq.Socket | None = None
         self.monitor: zmq.Socket | None = None  # the DEALER's monitor, with several brokers
-        self.poller = zmq.Poller()
-        self.poller.register(self.sub, zmq.POLLIN)
         self.broker_seen = 0.0
         self.connected_at = 0.0
         self.broker_gone = False  # the monitor saw the connection drop or fail
         self.tried: set[BrokerPair] = set()  # moved to since the last registration (logged at info)
-        self.last_heartbeat = 0.0
-        self.stopping = False
-        # The signal that asked for the stop, named in the last log line. On a shared CI machine
-        # a broker and workers were once stopped mid-test by a signal from outside the suite;
-        # the log then said only "stopped", which reads like a stop of the process's own.
-        self.stop_signal: str | None = None
+        self.groups_announced = 0  # a broker said the cluster has this many slot groups
+
+    @property
+    def label(self) -> dict[str, int]:
+        return {} if self.core.group is None else {"group": self.core.group}
 
     # -- connection to the broker ---------------------------------------------------------------
 
     def connect(self) -> None:
         """A new DEALER to the current pair's backend (the SUB follows in ``switch``), and READY."""
+        server = self.server
         ready = self.core.reconnect()
         first = self.dealer is None
         self._close_dealer()
-        self.dealer = self.ctx.socket(zmq.DEALER)
+        self.dealer = server.ctx.socket(zmq.DEALER)
         self.dealer.setsockopt(zmq.LINGER, 0)
         self.dealer.setsockopt(zmq.SNDHWM, 100_000)
         self.dealer.setsockopt(zmq.RCVHWM, 0)
-        if self.credentials is not None:
-            self.credentials.apply(self.dealer)
+        if server.credentials is not None:
+            server.credentials.apply(self.dealer)
         if self.brokers.several:
             self.monitor = self.dealer.get_monitor_socket(GONE_EVENTS | zmq.EVENT_CONNECTED)
-            self.poller.register(self.monitor, zmq.POLLIN)
+            server.poller.register(self.monitor, zmq.POLLIN)
         self.dealer.connect(self.pair.backend)
-        self.poller.register(self.dealer, zmq.POLLIN)
+        server.poller.register(self.dealer, zmq.POLLIN)
         self.send(ready)
         self.broker_seen = self.connected_at = time.monotonic()
         self.broker_gone = False
         # With several brokers, after the first: broker_switched says where (standbys are retried).
         (log.info if not self.brokers.several or first else log.debug)(
-            "ready_sent", broker=self.pair.backend, id=self.cfg.worker_id, slots_with_data=len(self.store.positions))
+            "ready_sent", broker=self.pair.backend, id=server.cfg.worker_id,
+            slots_with_data=len(server.store.positions), **self.label)
 
     def _close_dealer(self) -> None:
+        poller = self.server.poller
         if self.monitor is not None:
             assert self.dealer is not None
-            self.poller.unregister(self.monitor)
+            poller.unregister(self.monitor)
             self.dealer.disable_monitor()
             self.monitor.close(linger=0)
             self.monitor = None
         if self.dealer is not None:
-            self.poller.unregister(self.dealer)
+            poller.unregister(self.dealer)
             self.dealer.close(linger=0)
             self.dealer = None
 
@@ -149,7 +149,7 @@ class WorkerServer:
             # At info the first move to each broker since the last registration; while the worker
             # keeps going round (every broker down, an election under way) at debug.
             (log.debug if pair in self.tried else log.info)(
-                "broker_switched", **{"from": self.pair.backend}, to=pair.backend, reason=reason)
+                "broker_switched", **{"from": self.pair.backend}, to=pair.backend, reason=reason, **self.label)
             self.tried.add(pair)
             try:
                 self.sub.disconnect(self.pair.replication)
@@ -168,101 +168,46 @@ class WorkerServer:
         for frames in out:
             self.send(frames)
 
-    # -- loop -----------------------------------------------------------------------------------
-
-    def run(self) -> None:
-        tune_gc()
-        dump_stacks_on_sigusr1()
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
-        self.connect()
-        metrics = WorkerMetrics(self.cfg.metrics) if self.cfg.metrics else None
-        if metrics is not None:
-            log.info("metrics_listening", listen=self.cfg.metrics)
-        last_reclaim = time.monotonic()
+    def close(self, goodbye: bool) -> None:
         try:
-            while not self.stopping:
-                try:
-                    events = dict(self.poller.poll(int(self.cfg.heartbeat * 1000 / 4)))
-                except zmq.ZMQError as e:
-                    if e.errno == zmq.EINTR:
-                        continue
-                    raise
-                now = time.monotonic()
-                if self.sub in events:
-                    self._drain_sub(now)
-                if self.dealer in events:
-                    self._drain_dealer(now)
-                if self.monitor is not None and self.monitor in events:
-                    self._drain_monitor()
-                began = time.perf_counter()
-                if (applied := self.core.flush()) and metrics is not None:
-                    metrics.committed(time.perf_counter() - began, applied, self.store.last_commit_seconds)
-                self.flush_outbox()
-                if metrics is not None and now - self.last_heartbeat >= self.cfg.heartbeat:
-                    metrics.snapshot.publish({**self.store.stats(), "applied": self.core.applied_total,
-                                              "commits": self.core.commits,
-                                              "retries_absorbed": self.core.retries_absorbed,
-                                              "slots": len(self.core.assigned),
-                                              "registered": self.core.broker_epoch is not None})
-                if now - self.last_heartbeat >= self.cfg.heartbeat:
-                    # Every interval, busy or idle: it carries the stats `zkv status` shows.
-                    self.last_heartbeat = now
-                    self.send([W_HEARTBEAT, pack({**self.store.stats(), "clock_ms": self.wall_ms(),
-                                                      "applied": self.core.applied_total,
-                                                      "commits": self.core.commits,
-                                                      "retries_absorbed": self.core.retries_absorbed})])
-                if now - self.broker_seen > self.cfg.heartbeat * self.cfg.liveness:
-                    if not self.brokers.several:  # with several, broker_switched says it
-                        log.warning("broker_silent_reconnecting", silent_s=round(now - self.broker_seen, 1))
-                    self.switch(self.brokers.leave(now), "silent")  # with one broker: that one again
-                elif self.broker_gone and now - self.connected_at >= REREGISTER_PAUSE:
-                    self.switch(self.brokers.leave(now), "disconnected")
-                if now - last_reclaim >= RECLAIM_INTERVAL:
-                    last_reclaim = now
-                    self.core.retry_stalled_repairs(now)
-                    self.flush_outbox()
-                    if self.core.broker_now:
-                        self.core.report_expired()
-                        self.flush_outbox()
-                        # Expired keys are deleted through the log (OP_REAP); this local pass is
-                        # the fallback for keys the broker could not reap for a long time.
-                        n = self.store.reclaim_expired(self.core.broker_now - REAP_FALLBACK_MS)
-                        if n:
-                            log.debug("expired_reclaimed", keys=n)
-        finally:
-            self.shutdown()
-
-    def _on_signal(self, signum: int, frame: object) -> None:
-        self.stopping = True
-        self.stop_signal = self.stop_signal or signal.Signals(signum).name
-
-    def shutdown(self) -> None:
-        try:
-            self.core.flush()
             self.flush_outbox()
-            if self.dealer is not None:
+            if goodbye and self.dealer is not None:
                 self.send([W_DISCONNECT])
         except zmq.ZMQError:
             pass
-        self.store.close()
+        poller = self.server.poller
         if self.monitor is not None:
             assert self.dealer is not None
+            poller.unregister(self.monitor)
             self.dealer.disable_monitor()
             self.monitor.close(linger=0)
+            self.monitor = None
         if self.dealer is not None:
-            self.dealer.close(linger=100)
+            poller.unregister(self.dealer)
+            self.dealer.close(linger=100 if goodbye else 0)
+            self.dealer = None
+        poller.unregister(self.sub)
         self.sub.close(linger=0)
-        self.ctx.term()
-        log.info("worker_stopped", id=self.cfg.worker_id, signal=self.stop_signal)
 
-    def _drain_sub(self, now: float) -> None:
+    # -- a turn ---------------------------------------------------------------------------------
+
+    def check_broker(self, now: float) -> None:
+        cfg = self.server.cfg
+        if now - self.broker_seen > cfg.heartbeat * cfg.liveness:
+            if not self.brokers.several:  # with several, broker_switched says it
+                log.warning("broker_silent_reconnecting", silent_s=round(now - self.broker_seen, 1), **self.label)
+            self.switch(self.brokers.leave(now), "silent")  # with one broker: that one again
+        elif self.broker_gone and now - self.connected_at >= REREGISTER_PAUSE:
+            self.switch(self.brokers.leave(now), "disconnected")
+
+    def drain_sub(self, now: float) -> None:
+        server = self.server
         for _ in range(DRAIN_LIMIT):
             try:
                 frames = self.sub.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            if self.replication_filter is not None and not self.replication_filter(frames):
+            if server.replication_filter is not None and not server.replication_filter(frames):
                 continue
             try:
                 batches = decode_replication(frames)
@@ -272,7 +217,7 @@ class WorkerServer:
             for rep in batches:
                 self.core.on_replicate(rep, now)
 
-    def _drain_monitor(self) -> None:
+    def drain_monitor(self) -> None:
         assert self.monitor is not None
         while True:
             try:
@@ -283,7 +228,7 @@ class WorkerServer:
             # down is tried in turn, not spun through.
             self.broker_gone = bool(event & GONE_EVENTS)
 
-    def _drain_dealer(self, now: float) -> None:
+    def drain_dealer(self, now: float) -> None:
         assert self.dealer is not None
         for _ in range(DRAIN_LIMIT):
             try:
@@ -298,7 +243,7 @@ class WorkerServer:
                 self._on_command(frames[1], frames[2:], now)
             except Exception as e:
                 log.exception("broker_command_failed", command=frames[1].hex(), error=str(e))
-            if self.dealer is None:
+            if self.dealer is None or self.groups_announced:
                 return
 
     def _on_command(self, cmd: bytes, body: list[bytes], now: float) -> None:
@@ -310,18 +255,163 @@ class WorkerServer:
             time.sleep(REREGISTER_PAUSE)  # with one broker: the same one again, not in a spin
             self.switch(self.brokers.next(), "deposed")
         elif self.core.reconnect_requested:
-            action = self.brokers.on_disconnect(self.core.disconnect_info, now)
+            info = self.core.disconnect_info
+            if info.get("reason") == "groups" and self.core.group is None:
+                groups = info.get("groups")
+                if isinstance(groups, int) and not isinstance(groups, bool) and groups > 1:
+                    self.groups_announced = groups  # the server makes a session per group
+                    return
+            action = self.brokers.on_disconnect(info, now)
             if action == AGAIN:
-                log.warning("broker_disconnected_us_reconnecting")
+                log.warning("broker_disconnected_us_reconnecting", **self.label)
             elif action == FOLLOW and self.brokers.outside is not None:
                 log.info("leader_not_in_broker_list", leader=self.brokers.current.backend,
-                         replication=self.brokers.current.replication)
+                         replication=self.brokers.current.replication, **self.label)
             elif action == NEXT:
-                log.info("standby_knows_no_leader_trying_next", to=self.brokers.current.backend)
+                log.info("standby_knows_no_leader_trying_next", to=self.brokers.current.backend, **self.label)
             # Also before following a leader: two standbys naming each other (stale hints) must
             # not spin. A standby without a leader is asked again (at debug): it may be elected.
-            time.sleep(REREGISTER_PAUSE)  # nor if the broker keeps refusing (duplicate id)
+            time.sleep(REREGISTER_PAUSE if self.core.group is None else REREGISTER_PAUSE / 4)
             self.switch(self.brokers.current, "standby")
+
+
+class WorkerServer:
+    def __init__(self, cfg: WorkerConfig, replication_filter: ReplicationFilter | None = None,
+                 wall_ms: Callable[[], int] = system_wall_ms) -> None:
+        self.cfg = cfg
+        self.ctx = zmq.Context()
+        self.store = SlotStore(cfg.data_dir, map_size=cfg.map_size)
+        self.replication_filter = replication_filter
+        self.wall_ms = wall_ms
+        self.credentials = load_credentials(cfg.credentials) if cfg.credentials else None
+        BrokerList.parse(cfg.broker, cfg.replication)  # checked before anything is connected
+        self.poller = zmq.Poller()
+        self.process_id = uuid.uuid4().bytes  # one for every session: the same process
+        self.sessions = [Session(self, WorkerCore(cfg.worker_id, self.store, self.process_id),
+                                 BrokerList.parse(cfg.broker, cfg.replication))]
+        self.last_heartbeat = 0.0
+        self.stopping = False
+        # The signal that asked for the stop, named in the last log line. On a shared CI machine
+        # a broker and workers were once stopped mid-test by a signal from outside the suite;
+        # the log then said only "stopped", which reads like a stop of the process's own.
+        self.stop_signal: str | None = None
+
+    @property
+    def core(self) -> WorkerCore:
+        """The first session's core (with one leader, the only one)."""
+        return self.sessions[0].core
+
+    def split_into_groups(self, groups: int) -> None:
+        """A broker said the cluster has slot groups (active brokers): one session per group, each
+        starting at the broker that said so and following its group's leader from there."""
+        first = self.sessions[0]
+        log.info("slot_groups", groups=groups, broker=first.pair.backend)
+        start = first.pair
+        first.close(goodbye=False)
+        self.sessions = []
+        for group in range(groups):
+            core = WorkerCore(self.cfg.worker_id, self.store, self.process_id, group=group)
+            core.groups = groups
+            brokers = BrokerList.parse(self.cfg.broker, self.cfg.replication)
+            if start not in brokers.pairs:
+                brokers.follow(start.backend, start.replication)
+            else:
+                brokers.index = brokers.pairs.index(start)
+            session = Session(self, core, brokers)
+            self.sessions.append(session)
+            session.connect()
+
+    # -- loop -----------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        tune_gc()
+        dump_stacks_on_sigusr1()
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        self.sessions[0].connect()
+        metrics = WorkerMetrics(self.cfg.metrics) if self.cfg.metrics else None
+        if metrics is not None:
+            log.info("metrics_listening", listen=self.cfg.metrics)
+        last_reclaim = time.monotonic()
+        try:
+            while not self.stopping:
+                try:
+                    events = dict(self.poller.poll(int(self.cfg.heartbeat * 1000 / 4)))
+                except zmq.ZMQError as e:
+                    if e.errno == zmq.EINTR:
+                        continue
+                    raise
+                now = time.monotonic()
+                for session in self.sessions:
+                    if session.sub in events:
+                        session.drain_sub(now)
+                    if session.dealer in events:
+                        session.drain_dealer(now)
+                    if session.monitor is not None and session.monitor in events:
+                        session.drain_monitor()
+                if self.sessions[0].groups_announced:
+                    self.split_into_groups(self.sessions[0].groups_announced)
+                    continue
+                cores = [s.core for s in self.sessions]
+                began = time.perf_counter()
+                if (applied := flush_together(cores)) and metrics is not None:
+                    metrics.committed(time.perf_counter() - began, applied, self.store.last_commit_seconds)
+                for session in self.sessions:
+                    session.flush_outbox()
+                if metrics is not None and now - self.last_heartbeat >= self.cfg.heartbeat:
+                    metrics.snapshot.publish({**self.store.stats(), "applied": sum(c.applied_total for c in cores),
+                                              "commits": sum(c.commits for c in cores),
+                                              "retries_absorbed": sum(c.retries_absorbed for c in cores),
+                                              "slots": sum(len(c.assigned) for c in cores),
+                                              "registered": any(c.broker_epoch is not None for c in cores)})
+                if now - self.last_heartbeat >= self.cfg.heartbeat:
+                    # Every interval, busy or idle: it carries the stats `zkv status` shows.
+                    self.last_heartbeat = now
+                    beat = pack({**self.store.stats(), "clock_ms": self.wall_ms(),
+                                 "applied": sum(c.applied_total for c in cores),
+                                 "commits": sum(c.commits for c in cores),
+                                 "retries_absorbed": sum(c.retries_absorbed for c in cores)})
+                    for session in self.sessions:
+                        session.send([W_HEARTBEAT, beat])
+                for session in self.sessions:
+                    session.check_broker(now)
+                if now - last_reclaim >= RECLAIM_INTERVAL:
+                    last_reclaim = now
+                    self._reclaim(now)
+        finally:
+            self.shutdown()
+
+    def _reclaim(self, now: float) -> None:
+        broker_now = 0
+        for session in self.sessions:
+            core = session.core
+            core.retry_stalled_repairs(now)
+            session.flush_outbox()
+            if core.broker_now:
+                core.report_expired()
+                session.flush_outbox()
+                broker_now = max(broker_now, core.broker_now)
+        if broker_now:
+            # Expired keys are deleted through the log (OP_REAP); this local pass is the fallback
+            # for keys the broker could not reap for a long time.
+            n = self.store.reclaim_expired(broker_now - REAP_FALLBACK_MS)
+            if n:
+                log.debug("expired_reclaimed", keys=n)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.stopping = True
+        self.stop_signal = self.stop_signal or signal.Signals(signum).name
+
+    def shutdown(self) -> None:
+        try:
+            flush_together([s.core for s in self.sessions])
+        except zmq.ZMQError:
+            pass
+        for session in self.sessions:
+            session.close(goodbye=True)
+        self.store.close()
+        self.ctx.term()
+        log.info("worker_stopped", id=self.cfg.worker_id, signal=self.stop_signal)
 
 
 def run_worker(cfg: WorkerConfig) -> None:

@@ -66,13 +66,20 @@ class SlotStore:
     @property
     def highest_epoch(self) -> int:
         """The highest broker epoch recorded by ``set_highest_epoch`` (0: none yet)."""
-        with self.env.begin() as txn:
-            raw = txn.get(META_EPOCH, db=self.meta)
-        return EPOCH.unpack(raw)[0] if raw else 0
+        return self.highest_epoch_of(None)
 
     def set_highest_epoch(self, epoch: int) -> None:
+        self.set_highest_epoch_of(None, epoch)
+
+    def highest_epoch_of(self, group: int | None) -> int:
+        """The same for one slot group (active brokers: each group's leader has epochs of its own)."""
+        with self.env.begin() as txn:
+            raw = txn.get(_epoch_key(group), db=self.meta)
+        return EPOCH.unpack(raw)[0] if raw else 0
+
+    def set_highest_epoch_of(self, group: int | None, epoch: int) -> None:
         with self.env.begin(write=True) as txn:
-            txn.put(META_EPOCH, EPOCH.pack(epoch), db=self.meta)
+            txn.put(_epoch_key(group), EPOCH.pack(epoch), db=self.meta)
 
     def stats(self) -> dict[str, int]:
         with self.env.begin() as txn:
@@ -158,3 +165,7 @@ class SlotStore:
         self.begin_snapshot_install(slot)
         self.install_snapshot_part(slot, entries)
         self.finish_snapshot_install(slot, pos)
+
+
+def _epoch_key(group: int | None) -> bytes:
+    return META_EPOCH if group is None else META_EPOCH + b"/%d" % group

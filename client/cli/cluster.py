@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from client.cli.common import NoBroker, ZkvCommandError, connect, credentials, probe, timeout_option, url_option
+from client.client import Client
 from client.probe import mmi_service
 from protocol.errors import ZkvError
 
@@ -36,7 +37,9 @@ def status(url: str, timeout: float, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(st, indent=2, default=lambda b: b.hex()))
         return
-    if "role" in st or "leader" in st:  # several brokers (etcd mode): which one answered
+    if st.get("role") == "active":
+        _active_brokers(st, timeout)
+    elif "role" in st or "leader" in st:  # several brokers (etcd mode): which one answered
         leader = st.get("leader")
         click.echo(f"role {st.get('role', '-')}  leader {leader if leader else 'unknown'}")
     if st.get("role") == "standby" or "epoch" not in st:
@@ -73,6 +76,34 @@ def status(url: str, timeout: float, as_json: bool) -> None:
         click.echo(f"slot {lost['slot']} LOST committed writes {lost['recovered_at'] + 1}..{lost['committed']} "
                    "(more replicas lost than RF - W); it serves what survived")
 
+
+
+def _active_brokers(st: dict[str, Any], timeout: float) -> None:
+    """Active brokers (--groups): which broker leads which slot groups, and each one's load (its
+    own status, asked of it); then the answering broker's view of the workers and its slots."""
+    smap = st.get("slot_map") or {}
+    groups = int(st.get("groups") or smap.get("groups") or 0)
+    by_url: dict[str, list[int]] = {}
+    for g, url in (smap.get("leaders") or {}).items():
+        by_url.setdefault(url, []).append(int(g))
+    leaderless = sorted(set(range(groups)) - {g for gs in by_url.values() for g in gs})
+    click.echo(f"role active  broker {st.get('name', '-')}  groups {groups}  map revision {smap.get('revision', 0)}"
+               + (f"  groups without a leader: {_slot_ranges(leaderless)}" if leaderless else ""))
+    rows = [("BROKER", "FRONTEND", "GROUPS", "SLOTS", "WRITES", "READS", "REDIRECTED")]
+    for url, led in sorted(by_url.items()):
+        try:
+            with Client(url, timeout=min(timeout, 3.0), credentials=credentials()) as c:
+                other = c.status()
+        except ZkvError:
+            rows.append(("?", url, _slot_ranges(sorted(led)), "-", "-", "-", "unreachable"))
+            continue
+        stats = other.get("stats") or {}
+        rows.append((str(other.get("name", "?")), url, _slot_ranges(sorted(led)), str(other.get("slots", "-")),
+                     str(stats.get("writes_committed", 0)), str(stats.get("reads_served", 0)),
+                     str(other.get("redirected", 0))))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  ".join(c.ljust(widths[i]) for i, c in enumerate(r)).rstrip())
 
 
 def _move_progress(m: dict[str, Any]) -> str:

@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 
-from broker.active import MMI_SLOTS, ActiveCores, request_group
+from broker.active import ActiveCores, request_group
 from broker.core import BrokerCore
 from broker.leadership import LeaderInfo
 from broker.messages import Invalid, KvRequest, Limits, ScanRequest
 from broker.state import BrokerConfig, Restored
-from protocol.frames import C_REQUEST, MDPC, MDPW, SERVICE, W_ASSIGN, W_DISCONNECT, W_READY, pack, unpack
+from protocol.frames import C_REQUEST, MDPC, MDPW, MMI_SLOTS, SERVICE, W_ASSIGN, W_DISCONNECT, W_READY, pack, unpack
 from protocol.replication import slot_for_key
 
 SLOTS, GROUPS = 16, 4

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from client.commands import ScanItem
-from client.slotmap import SlotMap, merge_pages
+from client.slotmap import SlotMap, merge_pages, merge_split
 from protocol.replication import slot_for_key
 
 MAP = SlotMap(slots=64, groups=4, leaders={0: "tcp://a:1", 1: "tcp://b:1", 2: "tcp://a:1"}, revision=7)
@@ -77,3 +77,27 @@ def test_a_page_with_more_must_not_be_empty() -> None:
     with pytest.raises(ValueError):
         merge_pages([([], True)], 5)
     assert merge_pages([([], False), ([ScanItem(b"a", b"", 1)], False)], 5) == ([ScanItem(b"a", b"", 1)], False)
+
+
+def test_an_mget_split_by_group_is_answered_in_the_keys_order() -> None:
+    keys = [f"m{i}".encode() for i in range(30)]
+    shares = MAP.by_group(keys)
+    assert len(shares) > 1 and sorted(i for idx in shares.values() for i in idx) == list(range(30))
+    assert all(MAP.group_of(keys[i]) == g for g, idx in shares.items() for i in idx)
+    # Each group's broker answers its share: per-key lists and one value frame per key.
+    parts = [(idx, {"id": 9, "ok": True, "found": [i % 3 != 0 for i in idx], "versions": list(idx)},
+              [b"v%d" % i for i in idx]) for idx in shares.values()]
+    header, values = merge_split(30, parts)
+    assert header["found"] == [i % 3 != 0 for i in range(30)]
+    assert header["versions"] == list(range(30))
+    assert values == [b"v%d" % i for i in range(30)]
+    assert header["ok"] is True and header["id"] == 9
+    # An MSET's answers carry no frames: none come back.
+    assert merge_split(3, [([0, 2], {"ok": True}, []), ([1], {"ok": True}, [])]) == ({"ok": True}, [])
+
+
+def test_a_not_leader_teaches_the_map_one_groups_leader() -> None:
+    learned = MAP.learn(3, "tcp://c:1")
+    assert learned.leaders == {**MAP.leaders, 3: "tcp://c:1"} and learned.revision == MAP.revision
+    assert MAP.learn(0, None).leaders == {1: "tcp://b:1", 2: "tcp://a:1"}
+    assert MAP.leaders[0] == "tcp://a:1"  # the map is never changed in place

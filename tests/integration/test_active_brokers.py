@@ -1,0 +1,213 @@
+"""Active brokers (issue 15, ``--groups``), real processes on a real etcd: three brokers share the
+slot groups, each sequencing its own; workers register with every group's leader; a broker's
+death moves its groups to the others and loses no acknowledged write."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from client import Client
+from client.slotmap import SlotMap
+from protocol.errors import ZkvError
+from protocol.frames import MMI_SLOTS, unpack
+from tests.support.cluster import wait_for
+from tests.support.ha import EtcdCluster, HaCluster, stop
+
+pytestmark = pytest.mark.timeout(150)
+
+GROUPS = 6
+SLOTS = 48
+
+
+@pytest.fixture
+def active(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[HaCluster]:
+    etcd = EtcdCluster(tmp_path / "etcd").start()
+    cluster = HaCluster(tmp_path / "zkv", etcd=etcd, brokers=3, lease_ttl=3, slots=SLOTS,
+                        broker_args=["--groups", str(GROUPS)])
+    try:
+        yield cluster
+    finally:
+        stop(cluster, etcd, request)
+
+
+def broker_status(cluster: HaCluster, name: str) -> dict[str, Any]:
+    with Client(cluster.broker_endpoints[name][0], timeout=3.0) as c:
+        return c.status()
+
+
+def slot_map(cluster: HaCluster, name: str) -> SlotMap:
+    with Client(cluster.broker_endpoints[name][0], timeout=3.0) as c:
+        reply = c._mmi(MMI_SLOTS, [b""], 3.0)
+    assert reply is not None
+    return SlotMap.from_record(unpack(reply[0]))
+
+
+def full_map(cluster: HaCluster, name: str, leaders: set[str] | None = None) -> SlotMap:
+    """``name``'s slot map once it names a leader for every group (each broker reads the group
+    keys twice a second: just after a handover its map may lack the group's new leader), all of
+    them among ``leaders`` if given."""
+
+    def full() -> SlotMap | None:
+        m = slot_map(cluster, name)
+        if len(m.leaders) != GROUPS or (leaders is not None and not set(m.leaders.values()) <= leaders):
+            return None
+        return m
+
+    return wait_for(full, 10.0, 0.1, f"{name}'s slot map naming every group's leader")
+
+
+def wait_served(cluster: HaCluster, names: list[str], timeout: float = 60.0) -> dict[str, dict[str, Any]]:
+    """Until every group is led by one of ``names``, as evenly as can be (handovers are paced:
+    one a second per broker), and each of them has every slot of its groups formed, recovered and
+    fully replicated; their statuses."""
+    even = sorted(GROUPS // len(names) + (i < GROUPS % len(names)) for i in range(len(names)))
+
+    def served() -> dict[str, dict[str, Any]] | None:
+        try:
+            sts = {n: broker_status(cluster, n) for n in names}
+        except Exception:
+            return None
+        led = [g for st in sts.values() for g in st.get("leading", {})]
+        if sorted(int(g) for g in led) != list(range(GROUPS)):
+            return None
+        if sorted(len(st["leading"]) for st in sts.values()) != even:
+            return None
+        for st in sts.values():
+            if st["slots"] != len(st["leading"]) * SLOTS // GROUPS or st.get("recovering_slots", 1) \
+                    or st.get("under_replicated_slots", 1):
+                return None
+        return sts
+
+    return wait_for(served, timeout, 0.2, f"every one of {GROUPS} groups led by {names} and served")
+
+
+def start_three(cluster: HaCluster) -> dict[str, dict[str, Any]]:
+    cluster.start_broker()
+    for i in range(1, 4):
+        cluster.start_worker(f"w{i}")
+    return wait_served(cluster, ["b1", "b2", "b3"])
+
+
+class Writer(threading.Thread):
+    """Puts under way from a client of every broker, through whatever the test does; each
+    acknowledged put is remembered, with its version."""
+
+    def __init__(self, cluster: HaCluster, tag: str) -> None:
+        super().__init__(daemon=True)
+        self.client = cluster.client(timeout=30.0)
+        self.tag = tag.encode()
+        self.acked: dict[bytes, bytes] = {}
+        self.failed = 0
+        self.stop_at = threading.Event()
+
+    def run(self) -> None:
+        i = 0
+        while not self.stop_at.is_set():
+            k, v = self.tag + b":%05d" % i, b"v%d" % i
+            try:
+                self.client.put(k, v)
+                self.acked[k] = v
+            except ZkvError:
+                self.failed += 1
+            i += 1
+
+    def finish(self) -> dict[bytes, bytes]:
+        self.stop_at.set()
+        self.join(60)
+        assert not self.is_alive()
+        return self.acked
+
+
+def lost(cluster: HaCluster, acked: dict[bytes, bytes]) -> list[bytes]:
+    with cluster.client(timeout=20.0) as c:
+        keys = sorted(acked)
+        got = [v for i in range(0, len(keys), 100) for v in c.mget(keys[i:i + 100])]
+    return [k for k, v in zip(keys, got, strict=True) if v != acked[k]]
+
+
+@pytest.mark.parametrize("fault", ["kill", "pause"])
+def test_three_active_brokers_share_the_groups_and_survive_a_fault(active: HaCluster, fault: str) -> None:
+    """Each broker sequences its own groups; one is SIGKILLed, or SIGSTOPped past its lease and
+    resumed later; under a write load the other two take its groups at higher epochs, and no
+    acknowledged write is lost (a resumed broker gives its groups up: its lease has lapsed)."""
+    cluster = active
+    sts = start_three(cluster)
+    smap = full_map(cluster, "b1")
+    assert smap.groups == GROUPS and smap.slots == SLOTS and len(smap.leaders) == GROUPS
+    assert set(smap.leaders.values()) == {cluster.broker_endpoints[n][0] for n in ("b1", "b2", "b3")}
+    with cluster.client(timeout=20.0) as c:
+        keys = [b"pre%03d" % i for i in range(60)]
+        c.mset({k: k + b"!" for k in keys})  # split by group: every broker takes its share
+        assert c.mget(keys) == [k + b"!" for k in keys]
+    sts = {n: broker_status(cluster, n) for n in ("b1", "b2", "b3")}
+    assert all(st["stats"]["writes_committed"] > 0 for st in sts.values()), {
+        n: st["stats"]["writes_committed"] for n, st in sts.items()}
+
+    writer = Writer(cluster, fault)
+    writer.start()
+    try:
+        time.sleep(1.0)
+        victim = "b2"
+        its_groups = {int(g) for g in sts[victim]["leading"]}
+        if fault == "kill":
+            cluster.procs[victim].kill()
+        else:
+            cluster.procs[victim].signal(signal.SIGSTOP)
+        began = time.monotonic()
+        sts = wait_served(cluster, ["b1", "b3"])
+        taken = time.monotonic() - began
+        survivors = {cluster.broker_endpoints[n][0] for n in ("b1", "b3")}
+        new_map = full_map(cluster, "b1", survivors)
+        assert new_map.revision > smap.revision
+        assert all(new_map.leaders[g] in survivors for g in its_groups)
+        if fault == "pause":
+            cluster.procs[victim].signal(signal.SIGCONT)
+            # It wakes with groups it may no longer act for: it drops them, then takes its share back.
+            sts = wait_served(cluster, ["b1", "b2", "b3"])
+        time.sleep(1.0)
+    finally:
+        acked = writer.finish()
+    assert len(acked) > 50, f"only {len(acked)} puts acknowledged ({writer.failed} failed)"
+    missing = lost(cluster, {**acked, **{k: k + b"!" for k in keys}})
+    assert not missing, f"{len(missing)} of {len(acked)} acknowledged writes lost: {missing[:5]}"
+    assert taken < 30, f"groups of the {fault}ed broker led again after {taken:.1f} s"
+
+
+def test_group_leadership_moves_to_a_joining_broker_under_load(active: HaCluster) -> None:
+    """Two brokers lead the six groups 3/3; a third joins under a write load and gets its share by
+    orderly handovers (the holder stops sequencing, then deletes the key); nothing acknowledged
+    is lost and the map names the newcomer."""
+    cluster = active
+    cluster.start_broker("b1")
+    cluster.start_broker("b2")
+    for i in range(1, 4):
+        cluster.start_worker(f"w{i}")
+    wait_served(cluster, ["b1", "b2"])
+    writer = Writer(cluster, "move")
+    writer.start()
+    try:
+        time.sleep(1.0)
+        cluster.start_broker("b3")
+        sts = wait_served(cluster, ["b1", "b2", "b3"])
+        time.sleep(1.0)
+    finally:
+        acked = writer.finish()
+    assert len(sts["b3"]["leading"]) == 2
+    assert cluster.broker_endpoints["b3"][0] in full_map(cluster, "b3").leaders.values()
+    # `zkv status` at any broker: which broker leads which groups, and each one's load.
+    out = cluster.zkv("status", "--url", cluster.broker_endpoints["b3"][0]).stdout.decode()
+    assert out.startswith(f"role active  broker b3  groups {GROUPS}"), out
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[2:5]}
+    assert set(rows) == {"b1", "b2", "b3"}, out
+    assert sorted(len(r[2].split(",")) if "-" not in r[2] else 2 for r in rows.values()) == [2, 2, 2], out
+    assert all(r[1] == cluster.broker_endpoints[name][0] and r[4].isdigit() for name, r in rows.items()), out
+    assert len(acked) > 50, f"only {len(acked)} puts acknowledged ({writer.failed} failed)"
+    missing = lost(cluster, acked)
+    assert not missing, f"{len(missing)} of {len(acked)} acknowledged writes lost: {missing[:5]}"
