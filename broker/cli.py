@@ -84,7 +84,7 @@ def broker(data: str, frontend: str, backend: str, replication: str, keys: str, 
            lease_ttl: int, advertise: str, metrics: str, groups: int) -> None:
     """Run the broker (the master). With --etcd, any number of brokers share one cluster: one
     leads, the others stand by and take over when its lease lapses."""
-    from broker.server import BindError, BrokerEndpoints, BrokerServerConfig, run_broker
+    from broker.server import BindError, BrokerEndpoints, BrokerServerConfig, ClusterShapeError, run_broker
     from protocol.curve import KeysError
 
     if not 1 <= w <= rf:
@@ -133,6 +133,8 @@ def broker(data: str, frontend: str, backend: str, replication: str, keys: str, 
         raise click.ClickException(f"{e}; choose another with --{e.role} (ZKV_BROKER_{e.role.upper()})") from None
     except KeysError as e:
         raise click.ClickException(f"--keys {keys}: {e}") from None
+    except ClusterShapeError as e:
+        raise click.ClickException(str(e)) from None
 
 
 def with_host(endpoint: str, host: str) -> str:

@@ -94,6 +94,30 @@ class BindError(Exception):
         self.role, self.endpoint, self.reason = role, endpoint, reason
 
 
+class ClusterShapeError(Exception):
+    """The etcd prefix holds a cluster of another shape (one leader vs slot groups, or another
+    number of groups or slots): leading it would split or corrupt it."""
+
+
+def check_cluster_shape(etcd: Etcd, prefix: str, groups: int, slots: int) -> None:
+    """Raise ClusterShapeError when the prefix's cluster does not match ``groups`` and ``slots``;
+    nothing when it matches, is new, or etcd cannot be read now (checked again by the leaders)."""
+    try:
+        single = etcd.get(prefix + "meta/cluster")
+        grouped = etcd.get(prefix + "cluster")
+    except EtcdUnavailable:
+        return
+    if groups > 1 and single is not None:
+        raise ClusterShapeError(f"etcd prefix {prefix} holds a cluster with one leader: --groups {groups} cannot "
+                                "lead it (give --groups 1, or another --etcd-prefix for a new cluster)")
+    if grouped is not None:
+        record = unpack(grouped[0])
+        if groups == 1 or record.get("groups") != groups or record.get("slots") != slots:
+            raise ClusterShapeError(f"etcd prefix {prefix} holds a cluster of {record.get('groups')} slot groups "
+                                    f"and {record.get('slots')} slots: give --groups {record.get('groups')} "
+                                    f"--slots {record.get('slots')}, or another --etcd-prefix for a new cluster")
+
+
 class BrokerServer:
     def __init__(self, cfg: BrokerServerConfig) -> None:
         self.cfg = cfg
@@ -225,8 +249,11 @@ class BrokerServer:
             raise EtcdUnavailable(f"{key} was created and is gone")
         record = unpack(found[0])
         if record.get("groups") != self.cfg.groups or record.get("slots") != self.cfg.core.slots:
+            # Another broker formed it with other settings meanwhile (checked at start, too): lead nothing.
             log.error("cluster_settings_differ", groups=record.get("groups"), slots=record.get("slots"),
                       ours_groups=self.cfg.groups, ours_slots=self.cfg.core.slots)
+            raise EtcdUnavailable(f"{key}: the cluster has {record.get('groups')} groups, "
+                                  f"this broker {self.cfg.groups}")
         return bytes(record["id"])
 
     def _drop_group(self, group: int, reason: str) -> None:
@@ -248,8 +275,25 @@ class BrokerServer:
         """mmi.status of an active broker: the group cores' status merged, and the groups."""
         assert self.active is not None and self.group_election is not None
         cores = self.active.cores
-        st: dict[str, Any] = dict(cores[min(cores)].status()) if cores else {
+        each = [cores[g].status() for g in sorted(cores)]
+        # The workers as the lowest group's core sees them (every core sees the same processes);
+        # the slots' figures summed over every group led here.
+        st: dict[str, Any] = dict(each[0]) if each else {
             "formed": False, "workers": [], "rf": self.cfg.core.rf, "w": self.cfg.core.w}
+        if each:
+            held: dict[str, int] = {}
+            for s in each:
+                for w in s["workers"]:
+                    held[w["id"]] = held.get(w["id"], 0) + w["slots"]
+            st["workers"] = [{**w, "slots": held.get(w["id"], 0)} for w in st["workers"]]
+            st.update(formed=all(s["formed"] for s in each),
+                      under_replicated_slots=sorted(x for s in each for x in s["under_replicated_slots"]),
+                      recovering_slots=sum(s["recovering_slots"] for s in each),
+                      stalled_slots=[x for s in each for x in s["stalled_slots"]],
+                      lost_writes=[x for s in each for x in s["lost_writes"]],
+                      committed_writes=sum(s["committed_writes"] for s in each),
+                      moves=[m for s in each for m in s["moves"]],
+                      misplaced_slots=sum(s["misplaced_slots"] for s in each))
         st.update(role="active", name=self.group_election.me.name, groups=self.cfg.groups,
                   leading={str(g): c.state.epoch for g, c in sorted(cores.items())},
                   slot_map=self.active.map.record(), redirected=self.active.redirected,
@@ -356,6 +400,12 @@ class BrokerServer:
                  replication=self.cfg.endpoints.replication, data=self.cfg.data_dir)
         if self.zap is not None:
             log.info("curve_on", **self.zap.describe())
+        if self.cfg.etcd:
+            try:
+                check_cluster_shape(self.etcd, self.cfg.etcd_prefix, self.cfg.groups, self.cfg.core.slots)
+            except ClusterShapeError:
+                self._close_sockets()
+                raise
         if self.election is not None:
             log.info("standing_by", name=self.election.me.name, etcd=self.cfg.etcd, ttl=self.cfg.lease.ttl)
             self.election.start()

@@ -17,7 +17,7 @@ from client import Client
 from client.slotmap import SlotMap
 from protocol.errors import ZkvError
 from protocol.frames import MMI_SLOTS, unpack
-from tests.support.cluster import wait_for
+from tests.support.cluster import free_port, wait_for
 from tests.support.ha import EtcdCluster, HaCluster, stop
 
 pytestmark = pytest.mark.timeout(150)
@@ -211,3 +211,22 @@ def test_group_leadership_moves_to_a_joining_broker_under_load(active: HaCluster
     assert len(acked) > 50, f"only {len(acked)} puts acknowledged ({writer.failed} failed)"
     missing = lost(cluster, acked)
     assert not missing, f"{len(missing)} of {len(acked)} acknowledged writes lost: {missing[:5]}"
+
+
+def test_a_broker_of_another_shape_refuses_to_start(active: HaCluster) -> None:
+    """A prefix holds one cluster: a broker whose --groups (or no groups) differs says so and
+    exits, before it takes any group or the leader key."""
+    cluster = active
+    cluster.start_broker("b1")
+    cluster.start_worker("w1")
+    # Leading a group, b1 has made the cluster's record in etcd (its id, slots and groups).
+    wait_for(lambda: len(broker_status(cluster, "b1").get("leading", {})) == GROUPS, 30, 0.2, "b1 leading")
+    assert cluster.etcd is not None
+    for groups in ("1", "4"):
+        r = cluster.zkv("broker", "--data", str(cluster.root / "odd"), "--etcd", cluster.etcd.endpoints,
+                        "--etcd-prefix", cluster.prefix, "--slots", str(SLOTS), "--groups", groups,
+                        "--frontend", f"tcp://127.0.0.1:{free_port()}", "--backend", f"tcp://127.0.0.1:{free_port()}",
+                        "--replication", f"tcp://127.0.0.1:{free_port()}", timeout=30)
+        err = r.stderr.decode()
+        assert r.returncode == 1 and f"holds a cluster of {GROUPS} slot groups and {SLOTS} slots" in err, err
+    assert cluster.etcd.get(cluster.prefix + "leader") is None  # the one-leader broker never campaigned
