@@ -294,6 +294,14 @@ class AsyncWatchStream:
             if event is not None:
                 return event
 
+    async def opened(self) -> None:
+        """Return once the broker holds the watch: its first cursor has come, so every change
+        committed from now on is delivered (a watch opened without ``since`` starts where the
+        broker is when it registers it, not when ``watch()`` was called). At once with ``since``:
+        everything after that cursor is replayed whenever the watch opens. Not while iterating."""
+        while self.session.cursor is None and not self.session.ended:
+            await self._pump()
+
     async def _pump(self) -> None:
         now = time.monotonic()
         if self._link is not None and self.session.open_at is None and self._link.dead(now):

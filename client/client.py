@@ -24,13 +24,13 @@ from client.api import Build, Commands
 from client.brokers import HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS, LINK_CHECK, SEND_TIMEOUT_MS, BrokerList, Link
 from client.commands import Call, OnPartial, Reply, StreamInfo, needs_size_check, oversize
 from client.retry import DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_TIMEOUT, Attempts
-from client.slotmap import SlotMap, merge_split
+from client.slotmap import SlotMap, merge_scans, merge_split
 from client.streams import ValueStream
 from client.watch import CursorMark, WatchEvent, WatchSession, follow_leader
 from protocol.curve import CREDENTIALS_ENV, Credentials, load_credentials
 from protocol.errors import ClientClosed
 from protocol.frames import C_FINAL, C_PARTIAL, C_REQUEST, MDPC, MMI_SLOTS, SERVICE, unpack
-from protocol.limits import DEFAULT_FRONTEND, URL_ENV
+from protocol.limits import DEFAULT_FRONTEND, DEFAULT_SCAN_LIMIT, URL_ENV
 
 SPLIT_OPS = {"mget": False, "mset": True}  # multi-key ops split by slot group: op -> carries values
 
@@ -223,6 +223,7 @@ class Client(Commands):
             sock = self._ensure()
             reply = self._roundtrip(SERVICE, body, attempts.rid, wait, on_partial)
             if reply is None:
+                self._unroute(header)
                 if self._sock is sock:  # (as AsyncClient, where another request may have reopened it)
                     self.brokers.silent()  # several brokers: try the next one
                     self._open()  # drop whatever the old socket still queues for a dead broker
@@ -248,11 +249,24 @@ class Client(Commands):
     def _route(self, header: dict[str, Any]) -> None:
         """With a slot map: send to the leader of the request's group, when the map knows it."""
         m = self.slot_map
+        if m is None:
+            return
         keys = self._keys(header)
-        if m is not None and keys:
-            url = m.leader_for(keys[0])
-            if url:
-                self.brokers.route(url)
+        url = m.leaders.get(header["group"]) if "group" in header else m.leader_for(keys[0]) if keys else None
+        if url:
+            self.brokers.route(url)
+
+    def _unroute(self, header: dict[str, Any]) -> None:
+        """No reply from the leader the map named for this request's group: forget it, so the
+        next attempt goes where the broker list's failover rules say, whose NOT_LEADER names
+        the group's new leader once there is one."""
+        m = self.slot_map
+        if m is None:
+            return
+        keys = self._keys(header)
+        group = header["group"] if "group" in header else m.group_of(keys[0]) if keys else None
+        if group is not None and m.leaders.get(group) == self._at:
+            self.slot_map = m.learn(group, None)
 
     def _learn(self, reply: list[bytes]) -> bool:
         """A NOT_LEADER of an active broker names the group and its leader: note it (and fetch the
@@ -300,6 +314,10 @@ class Client(Commands):
         """An MGET or MSET over several slot groups: one request per group, answers put back in
         the keys' order; None when it is not split (no map, or one group)."""
         m = self.slot_map
+        if op == "scan" and m is not None and m.groups > 1 and "group" not in header:
+            # Every group's leader scans its own slots; the pages merge in key order.
+            replies = [self.request(op, {**header, "group": g}) for g in range(m.groups)]
+            return merge_scans(replies, int(header.get("limit", DEFAULT_SCAN_LIMIT)))
         if op not in SPLIT_OPS or m is None or m.groups < 2:
             return None
         keys = self._keys(header)
@@ -489,6 +507,11 @@ class WatchStream:
             event = self.session.deliver(self._events.popleft())
             if event is not None:
                 return event
+
+    def opened(self) -> None:
+        """Return once the broker holds the watch (as ``AsyncWatchStream.opened``)."""
+        while self.session.cursor is None and not self.session.ended:
+            self._pump()
 
     def _pump(self) -> None:
         now = time.monotonic()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from protocol.replication import slot_for_key
 
@@ -117,3 +117,32 @@ def merge_pages(pages: Sequence[tuple[Sequence[Any], bool]], limit: int) -> tupl
     merged = merged[:limit]
     more = cut or any(more for _, more in pages)
     return merged, more
+
+
+class _Entry(NamedTuple):
+    key: bytes
+    version: int
+    value: Any
+    stream: Any  # the manifest field of a streamed value (docs/protocol.md §1.8), or None
+
+
+def merge_scans(parts: Sequence[tuple[dict[str, Any], Sequence[Any]]], limit: int) -> tuple[dict[str, Any], list[Any]]:
+    """One scan reply from every group's reply to the same page request (``merge_pages``' rule).
+    A page with ``more`` but no keys counts as complete, as it does for one broker (nothing
+    could follow it: ``next_start``)."""
+    pages = []
+    with_values = any(len(frames) for _, frames in parts)
+    for hdr, frames in parts:
+        streams = {int(i): m for i, m in (hdr.get("streams") or {}).items()}
+        keys = [bytes(k) for k in hdr["keys"]]
+        items = [_Entry(k, int(v), frames[i] if with_values else None, streams.get(i))
+                 for i, (k, v) in enumerate(zip(keys, hdr["versions"], strict=True))]
+        pages.append((items, bool(hdr.get("more")) and bool(items)))
+    merged, more = merge_pages(pages, limit)
+    header: dict[str, Any] = {**(parts[0][0] if parts else {}), "keys": [e.key for e in merged],
+                              "versions": [e.version for e in merged], "more": more}
+    header.pop("streams", None)
+    streams = {i: e.stream for i, e in enumerate(merged) if e.stream is not None}
+    if streams:
+        header["streams"] = streams
+    return header, [e.value for e in merged] if with_values else []

@@ -198,10 +198,14 @@ class Gateway:
             except BaseException as e:  # noqa: BLE001 - handed to the writer, which ends the response
                 await events.put(e)
 
-        task = asyncio.ensure_future(pump())
+        task: asyncio.Future[None] | None = None
         self.metrics.watches.inc()
         handler = self._event_stream_opened()
         try:
+            # ": watching" promises that every change from here on is an event: only once the
+            # broker holds the watch (under load a change made right after it was once missed).
+            await stream.opened()
+            task = asyncio.ensure_future(pump())
             await response.write(b": watching\n\n")
             while True:
                 try:
@@ -217,7 +221,8 @@ class Gateway:
         finally:
             self.event_streams.discard(handler)
             self.metrics.watches.dec()
-            task.cancel()
+            if task is not None:
+                task.cancel()
             await stream.close()
         return response
 

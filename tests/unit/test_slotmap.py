@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from client.commands import ScanItem
-from client.slotmap import SlotMap, merge_pages, merge_split
+from client.slotmap import SlotMap, merge_pages, merge_scans, merge_split
 from protocol.replication import slot_for_key
 
 MAP = SlotMap(slots=64, groups=4, leaders={0: "tcp://a:1", 1: "tcp://b:1", 2: "tcp://a:1"}, revision=7)
@@ -101,3 +101,22 @@ def test_a_not_leader_teaches_the_map_one_groups_leader() -> None:
     assert learned.leaders == {**MAP.leaders, 3: "tcp://c:1"} and learned.revision == MAP.revision
     assert MAP.learn(0, None).leaders == {1: "tcp://b:1", 2: "tcp://a:1"}
     assert MAP.leaders[0] == "tcp://a:1"  # the map is never changed in place
+
+
+def test_scan_replies_of_every_group_merge_into_one_page() -> None:
+    # Group 0's page is cut at b"c" (more), group 1's is complete: only keys up to b"c" may be
+    # returned; a streamed value's manifest follows its key to its new index.
+    g0 = ({"id": 1, "ok": True, "keys": [b"a", b"c"], "versions": [1, 3], "more": True}, [b"A", b"C"])
+    g1 = ({"id": 1, "ok": True, "keys": [b"b", b"d"], "versions": [2, 4], "more": False,
+           "streams": {0: {"stream": b"s", "size": 9, "chunks": 1}}}, [b"", b"D"])
+    header, values = merge_scans([g0, g1], limit=10)
+    assert header["keys"] == [b"a", b"b", b"c"] and header["versions"] == [1, 2, 3]
+    assert values == [b"A", b"", b"C"] and header["more"] is True
+    assert header["streams"] == {1: {"stream": b"s", "size": 9, "chunks": 1}}
+    # Cut by the limit: more, though every group was complete.
+    header, values = merge_scans([g1, ({"keys": [b"e"], "versions": [5], "more": False}, [b"E"])], limit=2)
+    assert header["keys"] == [b"b", b"d"] and header["more"] is True and "streams" in header
+    # Keys only (no value frames) stay without values; an empty page with more ends like one broker's.
+    header, values = merge_scans([({"keys": [b"x"], "versions": [7], "more": False}, []),
+                                  ({"keys": [], "versions": [], "more": True}, [])], limit=5)
+    assert header["keys"] == [b"x"] and values == [] and header["more"] is False
