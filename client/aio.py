@@ -22,10 +22,11 @@ from client.brokers import LINK_CHECK, BrokerList, Link
 from client.client import broker_url, client_credentials, close_linked, linked_dealer
 from client.commands import Call, OnPartial, Reply, StreamInfo, needs_size_check, oversize
 from client.retry import DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_TIMEOUT, Attempts
+from client.routing import Router
 from client.watch import CursorMark, WatchEvent, WatchSession, follow_leader
 from protocol.curve import Credentials
 from protocol.errors import ClientClosed
-from protocol.frames import C_FINAL, C_PARTIAL, C_REQUEST, MDPC, SERVICE, unpack
+from protocol.frames import C_FINAL, C_PARTIAL, C_REQUEST, MDPC, MMI_SLOTS, SERVICE, unpack
 
 
 class AsyncClient(Commands):
@@ -55,45 +56,52 @@ class AsyncClient(Commands):
         self.client_id = uuid.uuid4().bytes
         self._ids = itertools.count(1)
         self._ctx = context or zmq.asyncio.Context.instance()
-        self._sock: zmq.asyncio.Socket | None = None
-        self._link: Link | None = None
-        self._at = ""  # the URL the socket is connected to
+        # One socket per broker talked to: the current one, and with active brokers each group
+        # leader's (client/routing.py). Replies are matched to requests by (service, id) whichever
+        # socket they come on.
+        self.router = Router()
+        self._conns: dict[str, _Conn] = {}
         self._waiting: dict[Any, asyncio.Future[list[bytes]]] = {}
         self._partials: dict[Any, OnPartial] = {}
-        self._reader: asyncio.Task[None] | None = None
+        self._closed = False
         self._open()
 
     def _open(self) -> None:
         """A fresh socket to the current broker (the old one's queued replies are dropped)."""
-        moved = self._at != self.brokers.current
-        close_linked(self._sock, self._link)
-        self._at = self.brokers.current
-        self._sock, self._link = linked_dealer(self._ctx, self._at, self.credentials, self.brokers.several)
-        if self._reader is not None:
-            self._reader.cancel()
-        self._reader = None
-        if moved:
-            # Another broker: the requests waiting on the old socket resend at once (an empty
-            # reply means "moved") instead of waiting out their attempt timeout.
-            for fut in self._waiting.values():
-                if not fut.done():
+        self._drop(self.brokers.current, wake=False)
+        self._connect(self.brokers.current)
+
+    def _connect(self, url: str) -> _Conn:
+        if self._closed:
+            raise ClientClosed("client is closed")
+        if self.router.slot_map is None:
+            # Not routing: one socket at a time. The requests waiting on a broker the client has
+            # left resend at once (to the current one) instead of waiting out their attempt.
+            for other in [u for u in self._conns if u != url]:
+                self._drop(other, wake=True)
+        conn = self._conns.get(url)
+        if conn is None:
+            sock, link = linked_dealer(self._ctx, url, self.credentials, self.brokers.several)
+            conn = self._conns[url] = _Conn(url, sock, link)
+        return conn
+
+    def _drop(self, url: str, wake: bool) -> None:
+        """Close the socket to ``url``; with ``wake``, the requests waiting on it resend at once
+        (their reply is ``[]``: "moved")."""
+        conn = self._conns.pop(url, None)
+        if conn is None:
+            return
+        conn.close()
+        if wake:
+            for key in conn.sent:
+                fut = self._waiting.get(key)
+                if fut is not None and not fut.done():
                     fut.set_result([])
 
-    def _ensure(self) -> zmq.asyncio.Socket:
-        """The socket, reopened first if the client has moved to another broker."""
-        if self._sock is None:
-            raise ClientClosed("client is closed")
-        if self._at != self.brokers.current:
-            self._open()
-        assert self._sock is not None
-        return self._sock
-
     async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            self._reader = None
-        close_linked(self._sock, self._link)
-        self._sock, self._link = None, None
+        self._closed = True
+        for url in list(self._conns):
+            self._drop(url, wake=False)
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -103,10 +111,8 @@ class AsyncClient(Commands):
 
     # -- transport ------------------------------------------------------------------------------
 
-    async def _read_replies(self) -> None:
+    async def _read_replies(self, sock: zmq.asyncio.Socket) -> None:
         """Route each reply to the request waiting for its (service, id)."""
-        assert self._sock is not None
-        sock = self._sock
         while True:
             frames = await sock.recv_multipart()
             if len(frames) < 4 or frames[0] != MDPC or frames[1] not in (C_FINAL, C_PARTIAL):
@@ -123,66 +129,99 @@ class AsyncClient(Commands):
             if fut is not None and not fut.done():
                 fut.set_result(frames[3:])
 
-    async def _roundtrip(self, service: bytes, body: list[bytes], rid: Any, wait: float,
+    async def _roundtrip(self, conn: _Conn, service: bytes, body: list[bytes], rid: Any, wait: float,
                          on_partial: OnPartial | None = None) -> list[bytes] | None:
-        sock = self._ensure()
-        if self._reader is None or self._reader.done():
-            self._reader = asyncio.ensure_future(self._read_replies())
+        """Send once on ``conn``, wait up to ``wait`` s for the reply (None: none, or the client
+        left that broker meanwhile)."""
+        if conn.reader is None or conn.reader.done():  # started here: a running loop is needed
+            conn.reader = asyncio.ensure_future(self._read_replies(conn.sock))
+        key = (service, rid)
         fut: asyncio.Future[list[bytes]] = asyncio.get_running_loop().create_future()
-        self._waiting[(service, rid)] = fut
+        self._waiting[key] = fut
         if on_partial is not None:
-            self._partials[(service, rid)] = on_partial
+            self._partials[key] = on_partial
+        conn.sent.add(key)
         try:
-            await sock.send_multipart([MDPC, C_REQUEST, service, *body], copy=len(body) < 2)
-            if self._link is None:
+            await conn.sock.send_multipart([MDPC, C_REQUEST, service, *body], copy=len(body) < 2)
+            if conn.link is None:
                 return (await asyncio.wait_for(fut, wait)) or None  # [] : moved to another broker
             # Several brokers: look at the connection meanwhile (client/brokers.py, FAILOVER_WAIT).
             deadline = time.monotonic() + wait
             while not fut.done():
                 left = deadline - time.monotonic()
-                if left <= 0 or (self._sock is sock and self._link is not None and self._link.dead()):
+                if left <= 0 or (self._conns.get(conn.url) is conn and conn.link.dead()):
                     return None
                 await asyncio.wait({fut}, timeout=min(left, LINK_CHECK))
             return fut.result() or None  # [] : the client moved to another broker meanwhile
         except (TimeoutError, zmq.Again):  # Again: no connection to queue it on (SEND_TIMEOUT_MS)
             return None
         finally:
-            self._waiting.pop((service, rid), None)
-            self._partials.pop((service, rid), None)
+            conn.sent.discard(key)
+            self._waiting.pop(key, None)
+            self._partials.pop(key, None)
 
     async def request(self, op: str, header: dict[str, Any], values: list[bytes] | None = None,
                       on_partial: OnPartial | None = None) -> Reply:
-        """Send one kv request with retries; returns (reply header, value frames) or raises."""
+        """Send one kv request with retries; returns (reply header, value frames) or raises.
+        With active brokers it goes to its keys' group leader, and a request spanning groups is
+        split, its parts sent at once (docs/protocol.md §1.14)."""
+        split = self.router.split(op, header, values)
+        if split is not None:
+            return split.merge(await asyncio.gather(*(self.request(op, part.header, part.values)
+                                                      for part in split.parts)))
         attempts = Attempts(self.url, op, next(self._ids), self.client_id, header, values or [],
                             self.timeout, self.attempt_timeout)
         while True:
             body, wait = attempts.next()
-            sock = self._ensure()
-            reply = await self._roundtrip(SERVICE, body, attempts.rid, wait, on_partial)
+            url = self.router.target(header) or self.brokers.current
+            conn = self._connect(url)
+            reply = await self._roundtrip(conn, SERVICE, body, attempts.rid, wait, on_partial)
             if reply is None:
-                if self._sock is sock:  # once for the requests in flight that went unanswered with this one
-                    self.brokers.silent()  # several brokers: try the next one
-                    self._open()  # drop whatever the old socket still queues for a dead broker
+                self.router.forget(header, url)
+                if self._conns.get(url) is conn:  # once for the requests in flight that went unanswered with this one
+                    if url == self.brokers.current:
+                        self.brokers.silent()  # several brokers: try the next one
+                    self._drop(url, wake=True)  # drop whatever the old socket still queues for a dead broker
                 attempts.no_reply()
                 continue
+            if self.router.spans_groups(reply):
+                await self._fetch_map()
+                if self.router.slot_map is not None:
+                    return await self.request(op, header, values, on_partial)  # split by the map now known
             answer = attempts.answer(reply)
             if isinstance(answer, tuple):
                 self.brokers.settled()
                 return answer
-            if self._sock is sock:  # (a NOT_LEADER from a broker the client has left changes nothing)
+            if await self._followed(reply):
+                continue  # a group's leader named: resent there at once
+            if url == self.brokers.current:  # (a NOT_LEADER from a broker the client has left changes nothing)
                 answer = self.brokers.refused(attempts.last_error, answer)
             await asyncio.sleep(answer)
+
+    async def _fetch_map(self) -> None:
+        self.router.install(await self._mmi(MMI_SLOTS, [b""], self.attempt_timeout))
+
+    async def _followed(self, reply: list[bytes]) -> bool:
+        """As ``Client._followed``: a NOT_LEADER naming a slot group followed; True to resend at once."""
+        redirect = self.router.redirect(reply)
+        if redirect is None:
+            return False
+        if self.router.needs_map(redirect):
+            await self._fetch_map()
+        return self.router.follow(redirect)
 
     async def _mmi(self, service: bytes, body: list[bytes], wait: float) -> list[bytes] | None:
         """As ``Client._mmi``: a management call within ``wait``, attempts as ``BrokerList.mmi_again`` says."""
         deadline = time.monotonic() + wait
         while True:
-            sock = self._ensure()
+            url = self.brokers.current
+            conn = self._connect(url)
             left = max(deadline - time.monotonic(), 0.0)
-            reply = await self._roundtrip(service, body, None, min(left, self.attempt_timeout))
-            if not self.brokers.mmi_again(reply, service, self._sock is not sock, time.monotonic() >= deadline):
+            reply = await self._roundtrip(conn, service, body, None, min(left, self.attempt_timeout))
+            moved = self.brokers.current != url or self._conns.get(url) is not conn
+            if not self.brokers.mmi_again(reply, service, moved, time.monotonic() >= deadline):
                 return reply
-            if reply is None and self._sock is sock:
+            if reply is None and not moved:
                 self._open()  # a fresh connection, as a kv request's next attempt gets
 
     async def _run_window(self, calls: Iterator[Call], window: int) -> None:
@@ -262,6 +301,24 @@ class AsyncClient(Commands):
 
     def _watch_stream(self, session: WatchSession) -> AsyncWatchStream:
         return AsyncWatchStream(self, session)
+
+
+class _Conn:
+    """One DEALER to one broker, the task reading its replies, and the requests sent on it that
+    await a reply (woken when the client leaves that broker)."""
+
+    def __init__(self, url: str, sock: zmq.asyncio.Socket, link: Link | None) -> None:
+        self.url = url
+        self.sock = sock
+        self.link = link
+        self.reader: asyncio.Task[None] | None = None
+        self.sent: set[Any] = set()
+
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.cancel()
+            self.reader = None
+        close_linked(self.sock, self.link)
 
 
 class AsyncWatchStream:

@@ -24,15 +24,13 @@ from client.api import Build, Commands
 from client.brokers import HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS, LINK_CHECK, SEND_TIMEOUT_MS, BrokerList, Link
 from client.commands import Call, OnPartial, Reply, StreamInfo, needs_size_check, oversize
 from client.retry import DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_TIMEOUT, Attempts
-from client.slotmap import SlotMap, merge_scans, merge_split
+from client.routing import Router
 from client.streams import ValueStream
 from client.watch import CursorMark, WatchEvent, WatchSession, follow_leader
 from protocol.curve import CREDENTIALS_ENV, Credentials, load_credentials
 from protocol.errors import ClientClosed
 from protocol.frames import C_FINAL, C_PARTIAL, C_REQUEST, MDPC, MMI_SLOTS, SERVICE, unpack
-from protocol.limits import DEFAULT_FRONTEND, DEFAULT_SCAN_LIMIT, URL_ENV
-
-SPLIT_OPS = {"mget": False, "mset": True}  # multi-key ops split by slot group: op -> carries values
+from protocol.limits import DEFAULT_FRONTEND, URL_ENV
 
 
 def broker_url(url: str | None) -> str:
@@ -111,7 +109,7 @@ class Client(Commands):
         self._at = ""  # the URL the socket is connected to
         # Active brokers: the slot map once a broker's NOT_LEADER named a slot group, and the
         # sockets to the other group leaders (one per URL, kept while the client routes).
-        self.slot_map: SlotMap | None = None
+        self.router = Router()
         self._idle: dict[str, tuple[zmq.Socket, Link | None]] = {}
         self._open()
 
@@ -127,7 +125,7 @@ class Client(Commands):
         if self._sock is None:
             raise ClientClosed("client is closed")
         if self._at != self.brokers.current:
-            if self.slot_map is not None:
+            if self.router.slot_map is not None:
                 self._idle[self._at] = (self._sock, self._link)
                 kept = self._idle.pop(self.brokers.current, None)
                 if kept is not None:
@@ -212,9 +210,9 @@ class Client(Commands):
         """Send one kv request with retries; returns (reply header, value frames) or raises.
         With active brokers it goes to its keys' group leader, and a multi-key request is split
         by group (docs/protocol.md §1.14)."""
-        split = self._split(op, header, values)
+        split = self.router.split(op, header, values)
         if split is not None:
-            return split
+            return split.merge([self.request(op, part.header, part.values) for part in split.parts])
         attempts = Attempts(self.url, op, next(self._ids), self.client_id, header, values or [],
                             self.timeout, self.attempt_timeout)
         while True:
@@ -223,114 +221,44 @@ class Client(Commands):
             sock = self._ensure()
             reply = self._roundtrip(SERVICE, body, attempts.rid, wait, on_partial)
             if reply is None:
-                self._unroute(header)
+                self.router.forget(header, self._at)
                 if self._sock is sock:  # (as AsyncClient, where another request may have reopened it)
                     self.brokers.silent()  # several brokers: try the next one
                     self._open()  # drop whatever the old socket still queues for a dead broker
                 attempts.no_reply()
                 continue
-            if self.slot_map is None and self._map_needed(reply):
-                return self.request(op, header, values, on_partial)  # split by the map now known
+            if self.router.spans_groups(reply):
+                self._fetch_map()
+                if self.router.slot_map is not None:
+                    return self.request(op, header, values, on_partial)  # split by the map now known
             answer = attempts.answer(reply)
             if isinstance(answer, tuple):
                 self.brokers.settled()
                 return answer
-            if self._learn(reply):
+            if self._followed(reply):
                 continue  # a group's leader named: resent there at once
             time.sleep(self.brokers.refused(attempts.last_error, answer))  # NOT_LEADER: go to the leader
 
-    # -- active brokers: routing by slot group --------------------------------------------------
-
-    def _keys(self, header: dict[str, Any]) -> list[bytes]:
-        if "key" in header:
-            return [header["key"]]
-        return list(header.get("keys") or [])
+    # -- active brokers: routing by slot group (client/routing.py) -------------------------------
 
     def _route(self, header: dict[str, Any]) -> None:
         """With a slot map: send to the leader of the request's group, when the map knows it."""
-        m = self.slot_map
-        if m is None:
-            return
-        keys = self._keys(header)
-        url = m.leaders.get(header["group"]) if "group" in header else m.leader_for(keys[0]) if keys else None
+        url = self.router.target(header)
         if url:
             self.brokers.route(url)
 
-    def _unroute(self, header: dict[str, Any]) -> None:
-        """No reply from the leader the map named for this request's group: forget it, so the
-        next attempt goes where the broker list's failover rules say, whose NOT_LEADER names
-        the group's new leader once there is one."""
-        m = self.slot_map
-        if m is None:
-            return
-        keys = self._keys(header)
-        group = header["group"] if "group" in header else m.group_of(keys[0]) if keys else None
-        if group is not None and m.leaders.get(group) == self._at:
-            self.slot_map = m.learn(group, None)
-
-    def _learn(self, reply: list[bytes]) -> bool:
-        """A NOT_LEADER of an active broker names the group and its leader: note it (and fetch the
-        whole map when it is newer than ours); True if the request is to be resent at once."""
-        try:
-            hdr = unpack(reply[0])
-        except (IndexError, ValueError):
-            return False
-        group = hdr.get("group") if isinstance(hdr, dict) and hdr.get("code") == "NOT_LEADER" else None
-        if not isinstance(group, int):
-            return False
-        m = self.slot_map
-        if m is None or int(hdr.get("revision") or 0) > m.revision:
-            self._fetch_map()
-            m = self.slot_map
-        if m is None:
-            return False
-        leader = hdr.get("leader") if isinstance(hdr.get("leader"), str) else None
-        if m.leaders.get(group) != leader:  # no leader now (a handover): forget the old one
-            self.slot_map = m = m.learn(group, leader)
-        return bool(m.leaders.get(group))
-
-    def _map_needed(self, reply: list[bytes]) -> bool:
-        """A refusal of a request spanning slot groups (it names the cluster's ``groups``), sent
-        before this client knew the map: fetch it; True if it is known now."""
-        try:
-            hdr = unpack(reply[0])
-        except (IndexError, ValueError):
-            return False
-        if not (isinstance(hdr, dict) and hdr.get("code") == "BAD_REQUEST" and isinstance(hdr.get("groups"), int)):
-            return False
-        self._fetch_map()
-        return self.slot_map is not None
-
     def _fetch_map(self) -> None:
-        reply = self._mmi(MMI_SLOTS, [b""], self.attempt_timeout)
-        if reply is None or reply[0] == b"501":
-            return
-        try:
-            self.slot_map = SlotMap.from_record(unpack(reply[0]))
-        except ValueError:
-            pass
+        self.router.install(self._mmi(MMI_SLOTS, [b""], self.attempt_timeout))
 
-    def _split(self, op: str, header: dict[str, Any], values: list[bytes] | None) -> Reply | None:
-        """An MGET or MSET over several slot groups: one request per group, answers put back in
-        the keys' order; None when it is not split (no map, or one group)."""
-        m = self.slot_map
-        if op == "scan" and m is not None and m.groups > 1 and "group" not in header:
-            # Every group's leader scans its own slots; the pages merge in key order.
-            replies = [self.request(op, {**header, "group": g}) for g in range(m.groups)]
-            return merge_scans(replies, int(header.get("limit", DEFAULT_SCAN_LIMIT)))
-        if op not in SPLIT_OPS or m is None or m.groups < 2:
-            return None
-        keys = self._keys(header)
-        shares = m.by_group(keys)
-        if len(shares) < 2:
-            return None
-        parts = []
-        for indices in shares.values():
-            sub_header = {**header, "keys": [keys[i] for i in indices]}
-            sub_values = [values[i] for i in indices] if SPLIT_OPS[op] and values else None
-            hdr, frames = self.request(op, sub_header, sub_values)
-            parts.append((indices, hdr, frames))
-        return merge_split(len(keys), parts)
+    def _followed(self, reply: list[bytes]) -> bool:
+        """A NOT_LEADER naming a slot group: follow it (the whole map first when it is newer than
+        ours); True if the request is to be resent at once, to the leader it names."""
+        redirect = self.router.redirect(reply)
+        if redirect is None:
+            return False
+        if self.router.needs_map(redirect):
+            self._fetch_map()
+        return self.router.follow(redirect)
 
     def _run_window(self, calls: Iterator[Call], window: int) -> None:
         """Run ``calls`` with up to ``window`` requests in flight (each with the retry rules of

@@ -167,14 +167,22 @@ def test_group_leadership_moves_to_a_joining_broker_under_load(active: HaCluster
     assert sorted(len(r[2].split(",")) if "-" not in r[2] else 2 for r in rows.values()) == [2, 2, 2], out
     assert all(r[1] == cluster.broker_endpoints[name][0] and r[4].isdigit() for name, r in rows.items()), out
 
-    async def one_broker_at_a_time() -> None:
-        # AsyncClient does not route yet: single-key requests still work, through redirects.
+    async def routed() -> None:
+        # AsyncClient routes as Client does: it learns the map from the first redirect, keeps a
+        # socket to each group leader, and splits MSET/MGET and scans over the groups.
+        keys = [b"async%03d" % i for i in range(60)]
         async with AsyncClient(cluster.frontend, timeout=20.0) as ac:
-            for i in range(12):
-                await ac.put(b"async%d" % i, b"x%d" % i)
-            assert [await ac.get(b"async%d" % i) for i in range(12)] == [b"x%d" % i for i in range(12)]
+            await ac.put(b"async-first", b"1")
+            assert ac.router.slot_map is not None and ac.router.slot_map.groups == GROUPS
+            assert len(ac.router.slot_map.by_group(keys)) == GROUPS
+            await ac.mset({k: b"v" + k for k in keys})
+            assert await ac.mget(keys) == [b"v" + k for k in keys]
+            got = [it.key async for it in ac.scan(prefix=b"async0", limit=7)]
+            assert got == keys, got[:5]
+            assert await ac.get(b"async-first") == b"1"
+            assert len(ac._conns) >= 2, f"one socket only: {list(ac._conns)}"  # the leaders of 3 brokers' groups
 
-    asyncio.run(one_broker_at_a_time())
+    asyncio.run(routed())
     assert len(acked) > 50, f"only {len(acked)} puts acknowledged ({writer.failed} failed)"
     missing = lost(cluster, acked)
     assert not missing, f"{len(missing)} of {len(acked)} acknowledged writes lost: {missing[:5]}"

@@ -1,0 +1,104 @@
+"""client/routing.py: where a request goes with active brokers, what a refusal teaches, and how a
+request spanning slot groups splits and merges (the rules both clients share)."""
+
+from __future__ import annotations
+
+import pytest
+
+from client.routing import Router
+from protocol.frames import pack
+
+pytestmark = pytest.mark.timeout(10)
+
+A, B = "tcp://a:1", "tcp://b:1"
+
+
+def routed(groups: int = 4, slots: int = 16) -> Router:
+    r = Router()
+    r.install([pack({"slots": slots, "groups": groups, "revision": 5,
+                     "leaders": {str(g): (A if g % 2 == 0 else B) for g in range(groups)}})])
+    return r
+
+
+def key_in(r: Router, group: int) -> bytes:
+    assert r.slot_map is not None
+    return next(b"k%d" % i for i in range(1000) if r.slot_map.group_of(b"k%d" % i) == group)
+
+
+def test_without_a_map_nothing_is_routed_or_split() -> None:
+    r = Router()
+    assert r.target({"key": b"x"}) is None
+    assert r.split("mget", {"keys": [b"a", b"b"]}, None) is None
+    assert r.split("scan", {"prefix": b""}, None) is None
+    r.install(None)
+    r.install([b"501"])
+    r.install([pack({"slots": 0})])
+    assert r.slot_map is None
+
+
+def test_a_request_goes_to_its_groups_leader_and_a_silent_leader_is_forgotten() -> None:
+    r = routed()
+    k0, k1 = key_in(r, 0), key_in(r, 1)
+    assert r.target({"key": k0}) == A and r.target({"keys": [k1]}) == B
+    assert r.target({"group": 3, "prefix": b""}) == B
+    r.forget({"key": k0}, B)  # B does not lead group 0: nothing changes
+    assert r.target({"key": k0}) == A
+    r.forget({"key": k0}, A)
+    assert r.target({"key": k0}) is None and r.target({"key": k1}) == B
+
+
+def test_a_not_leader_naming_a_group_is_followed_and_a_newer_revision_asks_for_the_map() -> None:
+    r = routed()
+    assert r.redirect([pack({"code": "NOT_LEADER", "leader": A})]) is None  # standby mode: no group
+    assert r.redirect([b"\xc1"]) is None and r.redirect([]) is None
+    red = r.redirect([pack({"code": "NOT_LEADER", "leader": A, "group": 1, "revision": 5})])
+    assert red is not None and not r.needs_map(red)
+    assert r.follow(red) and r.target({"group": 1}) == A
+    none = r.redirect([pack({"code": "NOT_LEADER", "leader": None, "group": 1, "revision": 9})])
+    assert none is not None and r.needs_map(none)
+    assert not r.follow(none) and r.target({"group": 1}) is None  # a handover: back off
+    assert not Router().follow(none)  # no map: nothing to follow
+
+
+def test_a_refusal_spanning_groups_asks_for_the_map_only_without_one() -> None:
+    refusal = [pack({"code": "BAD_REQUEST", "groups": 4, "revision": 5})]
+    assert Router().spans_groups(refusal)
+    assert not Router().spans_groups([pack({"code": "BAD_REQUEST"})])
+    assert not routed().spans_groups(refusal)
+
+
+def test_an_mset_splits_by_group_and_the_answers_go_back_in_the_keys_order() -> None:
+    r = routed()
+    keys = [key_in(r, g) for g in (2, 0, 2, 1)]
+    split = r.split("mset", {"keys": keys, "ttl": 5}, [b"v0", b"v1", b"v2", b"v3"])
+    assert split is not None and len(split.parts) == 3
+    assert all(p.header["ttl"] == 5 for p in split.parts)
+    by_keys = {tuple(p.header["keys"]): p.values for p in split.parts}
+    assert by_keys[(keys[0], keys[2])] == [b"v0", b"v2"] and by_keys[(keys[1],)] == [b"v1"]
+    replies = [({"ok": True, "versions": [10 * i + j for j in range(len(p.header["keys"]))]}, [])
+               for i, p in enumerate(split.parts)]
+    hdr, values = split.merge(replies)
+    assert hdr["versions"] == [0, 10, 1, 20] and values == []
+    assert r.split("mset", {"keys": [keys[0], keys[2]]}, [b"a", b"b"]) is None  # one group: whole
+    assert r.split("get", {"key": keys[0]}, None) is None
+
+
+def test_an_mget_split_gives_the_values_back_by_index() -> None:
+    r = routed()
+    keys = [key_in(r, g) for g in (3, 1, 3)]
+    split = r.split("mget", {"keys": keys}, None)
+    assert split is not None and [p.values for p in split.parts] == [None, None]
+    hdr, values = split.merge([({"ok": True}, [b"x", b"z"]), ({"ok": True}, [b"y"])])
+    assert values == [b"x", b"y", b"z"]
+
+
+def test_a_scan_without_a_group_asks_every_group_and_merges_in_key_order() -> None:
+    r = routed(groups=3)
+    split = r.split("scan", {"prefix": b"p", "limit": 2}, None)
+    assert split is not None and [p.header["group"] for p in split.parts] == [0, 1, 2]
+    assert r.split("scan", {"prefix": b"p", "group": 1}, None) is None
+    pages = [({"keys": [b"pa", b"pd"], "versions": [1, 2], "more": True}, [b"A", b"D"]),
+             ({"keys": [b"pb"], "versions": [3], "more": False}, [b"B"]),
+             ({"keys": [], "versions": [], "more": False}, [])]
+    hdr, values = split.merge(pages)
+    assert hdr["keys"] == [b"pa", b"pb"] and values == [b"A", b"B"] and hdr["more"]
