@@ -2,7 +2,8 @@
 
 Each turn: take what is waiting on both ROUTERs, let ``BrokerCore`` decide, tick its timers,
 then carry out its Ready (broker/ready.py ``execute``: persist, publish, send to workers, answer
-clients). Only this module touches sockets, the clock and the broker's LMDB.
+clients). Only this module touches sockets, the clock and the broker's LMDB (with slot groups,
+broker/group_leading.py reads the clock too).
 
 With a key directory (``--keys``) every socket is a CURVE server (broker/zap.py); each message is
 handed to the core with who sent it: a client's role, a worker's registered id.
@@ -11,6 +12,10 @@ In etcd mode (``--etcd``) the broker starts as a standby (broker/standby.py answ
 while its election thread (broker/etcd.py) campaigns; once it holds the leader key it loads the
 metadata from etcd and makes a core for its epoch, and it drops that core (standby again) the
 moment its lease deadline passes or a guarded metadata write fails (broker/leadership.py).
+
+With slot groups (``--etcd ... --groups N``, active brokers) the cores of the groups this broker
+leads, their metadata and their handovers are broker/group_leading.py's; this module calls it
+each turn and carries out what its cores produced.
 """
 
 from __future__ import annotations
@@ -19,9 +24,9 @@ import dataclasses
 import os
 import signal
 import socket
-import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,11 +34,10 @@ import structlog
 import zmq
 
 from broker import metrics as broker_metrics
-from broker.active import ActiveCores, GroupMap
 from broker.budget import ReplyBudget, Verdict
 from broker.core import BrokerCore
 from broker.etcd import Deposed, Election, Etcd, EtcdMeta, EtcdUnavailable
-from broker.group_election import GroupElection
+from broker.group_leading import GroupLeading
 from broker.leadership import LeaderInfo, Leadership, LeaseRules, WorkerReach
 from broker.messages import Limits
 from broker.meta import MetaStore
@@ -41,7 +45,7 @@ from broker.ready import Ready, execute
 from broker.standby import Standby
 from broker.state import TICK_SECONDS, BrokerConfig
 from broker.zap import BACKEND, FRONTEND, REPLICATION, Zap
-from protocol.frames import pack, unpack
+from protocol.frames import unpack
 from protocol.limits import DEFAULT_BACKEND, DEFAULT_FRONTEND, DEFAULT_REPLICATION, MAX_CHUNK_BYTES
 from protocol.metrics import Snapshot, serve
 from protocol.process import dump_stacks_on_sigusr1, tune_gc
@@ -148,33 +152,23 @@ class BrokerServer:
         self.core: BrokerCore | None = None
         self.served_epoch = 0  # the last epoch this process led in: it never leads in it again
         self.reach = WorkerReach(cfg.core.w, 0.0)  # replaced at each term (etcd mode)
-        # Active brokers (--groups): the group cores (broker/active.py), their metadata, the last
-        # epoch each group was led in by this process (never led in again), the shared cluster id.
-        self.active: ActiveCores | None = None
-        self.group_election: GroupElection | None = None
-        self.group_meta: dict[int, EtcdMeta] = {}
-        self.group_served: dict[int, int] = {}
-        self.cluster_id = b""
-        self.groups_changed = threading.Condition()
-        if cfg.etcd and cfg.groups > 1:
+        # Active brokers (--groups): the cores of the slot groups led here (broker/group_leading.py).
+        self.group_leading: GroupLeading | None = None
+        self.stopping = False
+        if cfg.etcd:
             cfg.lease.check()
             self.etcd = Etcd(cfg.etcd, cfg.lease.request_timeout)
             adv = cfg.advertise or advertised(cfg.endpoints)
             name = cfg.name or f"{socket.gethostname()}:{adv.frontend.rsplit(':', 1)[-1]}"
             me = LeaderInfo(name, 0, adv.frontend, adv.backend, adv.replication)
-            self.group_election = GroupElection(self.etcd, cfg.etcd_prefix, me, cfg.groups, cfg.lease,
-                                                hand_over=self._hand_over)
-            self.active = ActiveCores(Limits(cfg.core.max_key, cfg.core.max_value, cfg.core.max_stream),
-                                      cfg.core.slots, cfg.groups, self._active_status)
-        elif cfg.etcd:
-            cfg.lease.check()
-            self.etcd = Etcd(cfg.etcd, cfg.lease.request_timeout)
-            self.leadership = Leadership(cfg.lease)
-            adv = cfg.advertise or advertised(cfg.endpoints)
-            name = cfg.name or f"{socket.gethostname()}:{adv.frontend.rsplit(':', 1)[-1]}"
-            self.election = Election(self.etcd, cfg.etcd_prefix, LeaderInfo(name, 0, adv.frontend, adv.backend,
-                                                                             adv.replication), self.leadership)
-            self.standby = Standby(Limits(cfg.core.max_key, cfg.core.max_value, cfg.core.max_stream))
+            limits = Limits(cfg.core.max_key, cfg.core.max_value, cfg.core.max_stream)
+            if cfg.groups > 1:
+                self.group_leading = GroupLeading(self.etcd, cfg.etcd_prefix, me, cfg.core, cfg.groups, cfg.lease,
+                                                  limits, self._make_core, stopping=lambda: self.stopping)
+            else:
+                self.leadership = Leadership(cfg.lease)
+                self.election = Election(self.etcd, cfg.etcd_prefix, me, self.leadership)
+                self.standby = Standby(limits)
         else:
             self.meta = MetaStore(os.path.join(cfg.data_dir))
             self.core = self._make_core(self.meta, self.meta.load(), self.meta.next_epoch())
@@ -183,7 +177,6 @@ class BrokerServer:
         self.poller.register(self.backend, zmq.POLLIN)
         if self.zap is not None:
             self.poller.register(self.zap.sock, zmq.POLLIN)
-        self.stopping = False
         # The signal that asked for the stop, named in the last log line. On a shared CI machine
         # a broker and workers were once stopped mid-test by a signal from outside the suite;
         # the log then said only "stopped", which reads like a stop of the process's own.
@@ -192,116 +185,16 @@ class BrokerServer:
         self.dropped_replies = 0
         self.budget = ReplyBudget(cfg.core.max_client_bytes)
 
-    def _make_core(self, meta: MetaStore | EtcdMeta, restored: Any, epoch: int, group: int | None = None) -> BrokerCore:
-        cfg = dataclasses.replace(self.cfg.core)
-        new_id = lambda: uuid.uuid4().bytes  # noqa: E731
-        if group is not None:  # a group's core: its slots only, and the cluster's one id
-            cfg = dataclasses.replace(cfg, groups=self.cfg.groups, group=group)
-            cluster_id = self.cluster_id
-            new_id = lambda: cluster_id  # noqa: E731
-        return BrokerCore(cfg, restored, epoch, clock=time.monotonic,
-                          wall_ms=lambda: int(time.time() * 1000), new_id=new_id,
+    def _make_core(self, meta: MetaStore | EtcdMeta, restored: Any, epoch: int, cfg: BrokerConfig | None = None,
+                   new_id: Callable[[], bytes] | None = None) -> BrokerCore:
+        """A core on this process's clock and keys; ``cfg`` and ``new_id``: a slot group's
+        (broker/group_leading.py), else the broker's config and a new id at each cluster formed."""
+        return BrokerCore(cfg if cfg is not None else dataclasses.replace(self.cfg.core), restored, epoch,
+                          clock=time.monotonic, wall_ms=lambda: int(time.time() * 1000),
+                          new_id=new_id if new_id is not None else lambda: uuid.uuid4().bytes,
                           lookup_dedup=meta.lookup_dedup,
                           reload_keys=self.zap.reload if self.zap is not None else None,
                           ha_status=self._ha_status if self.election is not None else None)
-
-    # -- active brokers (--groups) --------------------------------------------------------------
-
-    def _lead_groups(self, now: float) -> None:
-        """Make a core for each group the election won at a new epoch; drop the core of each
-        group this broker may no longer act for (its lease deadline passed, or handed over)."""
-        assert self.group_election is not None and self.active is not None
-        seats = self.group_election.seats
-        self.active.map = GroupMap(self.cfg.core.slots, self.cfg.groups, dict(seats.leaders))
-        for group in list(self.active.cores):
-            if not seats.may_act(group, now):
-                self._drop_group(group, "handed over" if group not in seats.held else "lease deadline passed")
-        if not self.cluster_id and seats.held:
-            try:
-                self.cluster_id = self._cluster_id()
-            except EtcdUnavailable as e:
-                log.warning("cluster_record_unreadable", error=str(e)[:200])
-                return
-        for group, epoch in sorted(seats.held.items()):
-            if group in self.active.cores or not seats.may_act(group, now) or epoch <= self.group_served.get(group, 0):
-                continue
-            meta = EtcdMeta(self.etcd, f"{self.cfg.etcd_prefix}groups/{group:05d}/", epoch)
-            try:
-                restored = meta.load()
-            except EtcdUnavailable as e:
-                log.warning("metadata_unreadable", group=group, epoch=epoch, error=str(e)[:200])
-                continue  # tried again next turn, while the lease holds
-            self.group_served[group] = epoch
-            self.group_meta[group] = meta
-            self.active.cores[group] = self._make_core(meta, restored, epoch, group)
-            log.info("group_leading", group=group, epoch=epoch, workers=len(restored.workers),
-                     slots=len(restored.slots))
-        with self.groups_changed:
-            self.groups_changed.notify_all()
-
-    def _cluster_id(self) -> bytes:
-        """The cluster's id, the same for every group: created once, by the first broker to lead."""
-        key = self.cfg.etcd_prefix + "cluster"
-        record = {"id": uuid.uuid4().bytes, "slots": self.cfg.core.slots, "groups": self.cfg.groups}
-        self.etcd.create(key, pack(record), 0)
-        found = self.etcd.get(key)
-        if found is None:
-            raise EtcdUnavailable(f"{key} was created and is gone")
-        record = unpack(found[0])
-        if record.get("groups") != self.cfg.groups or record.get("slots") != self.cfg.core.slots:
-            # Another broker formed it with other settings meanwhile (checked at start, too): lead nothing.
-            log.error("cluster_settings_differ", groups=record.get("groups"), slots=record.get("slots"),
-                      ours_groups=self.cfg.groups, ours_slots=self.cfg.core.slots)
-            raise EtcdUnavailable(f"{key}: the cluster has {record.get('groups')} groups, "
-                                  f"this broker {self.cfg.groups}")
-        return bytes(record["id"])
-
-    def _drop_group(self, group: int, reason: str) -> None:
-        assert self.active is not None
-        core = self.active.cores.pop(group)
-        meta = self.group_meta.pop(group, None)
-        if meta is not None:
-            meta.close()
-        log.warning("group_given_up", group=group, epoch=core.state.epoch, reason=reason)
-
-    def _hand_over(self, group: int) -> None:
-        """Called by the election's thread: returns once the loop has dropped the group's core
-        (the seats without it are already published), so nothing more of it is sent."""
-        assert self.active is not None
-        with self.groups_changed:
-            self.groups_changed.wait_for(lambda: group not in self.active.cores or self.stopping, timeout=5.0)
-
-    def _active_status(self) -> dict[str, Any]:
-        """mmi.status of an active broker: the group cores' status merged, and the groups."""
-        assert self.active is not None and self.group_election is not None
-        cores = self.active.cores
-        each = [cores[g].status() for g in sorted(cores)]
-        # The workers as the lowest group's core sees them (every core sees the same processes);
-        # the slots' figures summed over every group led here.
-        st: dict[str, Any] = dict(each[0]) if each else {
-            "formed": False, "workers": [], "rf": self.cfg.core.rf, "w": self.cfg.core.w}
-        if each:
-            held: dict[str, int] = {}
-            for s in each:
-                for w in s["workers"]:
-                    held[w["id"]] = held.get(w["id"], 0) + w["slots"]
-            st["workers"] = [{**w, "slots": held.get(w["id"], 0)} for w in st["workers"]]
-            st.update(formed=all(s["formed"] for s in each),
-                      under_replicated_slots=sorted(x for s in each for x in s["under_replicated_slots"]),
-                      recovering_slots=sum(s["recovering_slots"] for s in each),
-                      stalled_slots=[x for s in each for x in s["stalled_slots"]],
-                      lost_writes=[x for s in each for x in s["lost_writes"]],
-                      committed_writes=sum(s["committed_writes"] for s in each),
-                      moves=[m for s in each for m in s["moves"]],
-                      misplaced_slots=sum(s["misplaced_slots"] for s in each))
-        st.update(role="active", name=self.group_election.me.name, groups=self.cfg.groups,
-                  leading={str(g): c.state.epoch for g, c in sorted(cores.items())},
-                  slot_map=self.active.map.record(), redirected=self.active.redirected,
-                  ha=self.group_election.describe(time.monotonic()),
-                  slots=sum(len(c.state.slots) for c in cores.values()),
-                  stats={k: sum(c.state.stats.get(k, 0) for c in cores.values())
-                         for k in (next(iter(cores.values())).state.stats if cores else {})})
-        return st
 
     # -- etcd mode --------------------------------------------------------------------------------
 
@@ -352,16 +245,16 @@ class BrokerServer:
                 "ha": ha, "workers": [], "slots": 0, "rf": self.cfg.core.rf, "w": self.cfg.core.w}
 
     def _on_client(self, identity: bytes, frames: list[bytes], **who: Any) -> None:
-        if self.active is not None:
-            self.active.on_client(identity, frames, **who)
+        if self.group_leading is not None:
+            self.group_leading.active.on_client(identity, frames, **who)
         elif self.core is not None:
             self.core.on_client(identity, frames, **who)
         elif self.standby is not None:
             self.standby.on_client(identity, frames, self.leadership.leader, self._standby_status)
 
     def _on_worker(self, identity: bytes, frames: list[bytes], **who: Any) -> None:
-        if self.active is not None:
-            self.active.on_worker(identity, frames, **who)
+        if self.group_leading is not None:
+            self.group_leading.active.on_worker(identity, frames, **who)
         elif self.core is not None:
             self.core.on_worker(identity, frames, **who)
         elif self.standby is not None:
@@ -409,10 +302,10 @@ class BrokerServer:
         if self.election is not None:
             log.info("standing_by", name=self.election.me.name, etcd=self.cfg.etcd, ttl=self.cfg.lease.ttl)
             self.election.start()
-        if self.group_election is not None:
-            log.info("active", name=self.group_election.me.name, etcd=self.cfg.etcd, groups=self.cfg.groups,
+        if self.group_leading is not None:
+            log.info("active", name=self.group_leading.election.me.name, etcd=self.cfg.etcd, groups=self.cfg.groups,
                      ttl=self.cfg.lease.ttl)
-            self.group_election.start()
+            self.group_leading.election.start()
         metrics = None
         if self.cfg.metrics:
             metrics = Snapshot(broker_metrics.families)
@@ -424,8 +317,8 @@ class BrokerServer:
             while not self.stopping:
                 if self.election is not None:
                     self._lead_or_stand_by(time.monotonic())
-                elif self.group_election is not None:
-                    self._lead_groups(time.monotonic())
+                elif self.group_leading is not None:
+                    self.group_leading.lead(time.monotonic())
                 try:
                     events = dict(self.poller.poll(int(TICK * 1000)))
                 except zmq.ZMQError as e:
@@ -451,7 +344,7 @@ class BrokerServer:
                 if metrics is not None and now - last_metrics >= METRICS_INTERVAL:
                     last_metrics = now
                     metrics.publish(self.core.metrics_state() if self.core is not None else
-                                    {"role": "active" if self.active is not None else "standby"})
+                                    {"role": "active" if self.group_leading is not None else "standby"})
                 self._execute()
                 metas = self._metas()
                 if now - last_sync >= SYNC_INTERVAL:
@@ -504,18 +397,20 @@ class BrokerServer:
 
     def _cores(self) -> dict[int, BrokerCore]:
         """Every core this process runs: its groups' (active brokers), or the one (a leader)."""
-        if self.active is not None:
-            return self.active.cores
+        if self.group_leading is not None:
+            return self.group_leading.cores
         return {0: self.core} if self.core is not None else {}
 
     def _metas(self) -> list[MetaStore | EtcdMeta]:
-        if self.active is not None:
-            return list(self.group_meta.values())
+        if self.group_leading is not None:
+            return list(self.group_leading.metas.values())
         return [self.meta] if self.meta is not None else []
 
     def _execute(self) -> None:
-        if self.active is not None:
-            self._execute_groups()
+        if self.group_leading is not None:
+            self.group_leading.execute(self._carry_out)
+            # The process's own answers (NOT_LEADER, mmi): no metadata, like a standby's.
+            self._carry_out(self.group_leading.active.take_ready(), _NO_METADATA)
             return
         if self.core is None or self.meta is None:
             if self.standby is not None:
@@ -532,22 +427,6 @@ class BrokerServer:
             # Nothing of this turn was sent (the metadata is written first); the core's state
             # assumed it was, so the core cannot go on: a successor recovers from etcd and workers.
             self._step_down(f"metadata write failed: {e}")
-
-    def _execute_groups(self) -> None:
-        assert self.active is not None and self.group_election is not None
-        for group, core in list(self.active.cores.items()):
-            ready = core.ready()
-            seats = self.group_election.seats
-            if not seats.may_act(group, time.monotonic()):
-                # Checked again just before sending: handed over meanwhile, or a pause.
-                self._drop_group(group, "handed over" if group not in seats.held else
-                                 "lease deadline passed during a turn")
-                continue
-            try:
-                self._carry_out(ready, self.group_meta[group])
-            except (Deposed, EtcdUnavailable) as e:
-                self._drop_group(group, f"metadata write failed: {e}")  # nothing of this turn was sent
-        self._carry_out(self.active.take_ready(), _NO_METADATA)
 
     def _carry_out(self, ready: Ready, meta: Any) -> None:
         execute(ready, meta, publish=lambda frames: send_frames(self.pub, frames),
@@ -593,11 +472,8 @@ class BrokerServer:
         finally:
             if self.meta is not None:
                 self.meta.close()
-            if self.active is not None and self.group_election is not None:
-                for group in list(self.active.cores):
-                    self._drop_group(group, "stopping")
-                self.group_election.stop()  # hands every group over, then revokes the lease
-                self.group_election.join(timeout=2 * self.cfg.lease.request_timeout + 1)
+            if self.group_leading is not None:
+                self.group_leading.stop()  # hands every group over, then revokes the lease
             if self.election is not None:
                 self.election.stop()  # a leader revokes its lease: a standby takes over at once
                 self.election.join(timeout=2 * self.cfg.lease.request_timeout + 1)
