@@ -101,6 +101,8 @@ class Watches:
             return
         events: list[WatchEventOut] = []
         for s, after in enumerate(since["s"]):
+            if s not in state.slots:
+                continue  # another group's slot (active brokers): its leader replays it
             upto = self.seq.get(s, 0)
             if after == upto:
                 continue

@@ -23,7 +23,7 @@ from client.client import broker_url, client_credentials, close_linked, linked_d
 from client.commands import Call, OnPartial, Reply, StreamInfo, needs_size_check, oversize
 from client.retry import DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_TIMEOUT, Attempts
 from client.routing import Router
-from client.watch import CursorMark, WatchEvent, WatchSession, follow_leader
+from client.watch import CursorMark, WatchEvent, WatchSession, follow_leader, merged_cursor, next_url
 from protocol.curve import Credentials
 from protocol.errors import ClientClosed
 from protocol.frames import C_FINAL, C_PARTIAL, C_REQUEST, MDPC, MMI_SLOTS, SERVICE, unpack
@@ -321,20 +321,73 @@ class _Conn:
         close_linked(self.sock, self.link)
 
 
+class _AsyncWatchLeg:
+    """As ``client.client._WatchLeg``: one watch session on a socket of its own."""
+
+    def __init__(self, session: WatchSession) -> None:
+        self.session = session
+        self.sock: zmq.asyncio.Socket | None = None
+        self.link: Link | None = None
+        self.url: str | None = None
+
+    async def send_due(self, client: AsyncClient) -> float | None:
+        """Send what the session says is due (None: something was sent), else how long to wait."""
+        now = time.monotonic()
+        if self.link is not None and self.session.open_at is None and self.link.dead(now):
+            self.session.lost(now)  # several brokers: this one is gone, resume at the next
+        act = self.session.due(now, lambda: next(client._ids))
+        if act is not None:
+            if act[0] == "open" or self.sock is None:
+                self.reopen(client)  # a fresh socket: nothing of an earlier subscription reaches it
+            assert self.sock is not None
+            try:
+                await self.sock.send_multipart([MDPC, C_REQUEST, SERVICE, *act[1]])
+            except zmq.Again:  # no connection to queue it on (SEND_TIMEOUT_MS): a silence, resumed at once
+                self.session.lost(time.monotonic())
+            return None
+        wait = self.session.wait(now)
+        return min(wait, LINK_CHECK) if self.link is not None else wait
+
+    async def read(self, client: AsyncClient, out: deque[tuple[WatchSession, WatchEvent | CursorMark]]) -> None:
+        assert self.sock is not None
+        frames = await self.sock.recv_multipart()
+        if len(frames) >= 4 and frames[0] == MDPC and frames[1] in (C_PARTIAL, C_FINAL) and frames[2] == SERVICE:
+            out.extend((self.session, item) for item in self.session.received(frames[1], frames[3:], time.monotonic()))
+            follow_leader(self.session, client.brokers, client.router)
+
+    def reopen(self, client: AsyncClient) -> None:
+        self.url = next_url(self.session, self.url, client.brokers, client.router)
+        close_linked(self.sock, self.link)
+        self.sock, self.link = linked_dealer(client._ctx, self.url, client.credentials, client.brokers.several)
+
+    async def close(self) -> None:
+        if self.sock is not None:
+            if not self.session.ended:
+                try:
+                    await self.sock.send_multipart([MDPC, C_REQUEST, SERVICE, *self.session.cancel()], zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
+            close_linked(self.sock, self.link, linger=100)
+            self.sock, self.link = None, None
+        self.session.ended = True
+
+
 class AsyncWatchStream:
-    """An open watch (see ``AsyncClient.watch``); ``async for`` it, ``await close()`` when done."""
+    """An open watch (see ``AsyncClient.watch``); ``async for`` it, ``await close()`` when done.
+    With active brokers it watches every slot group at its leader (as ``WatchStream``)."""
 
     def __init__(self, client: AsyncClient, session: WatchSession) -> None:
         self._client = client
-        self.session = session
-        self._sock: zmq.asyncio.Socket | None = None
-        self._link: Link | None = None
-        self._events: deque[WatchEvent | CursorMark] = deque()
+        self.session = session  # the whole watch; ``ended`` once it is closed
+        self._legs: list[_AsyncWatchLeg] = []
+        self._events: deque[tuple[WatchSession, WatchEvent | CursorMark]] = deque()
 
     @property
     def cursor(self) -> dict[str, Any] | None:
         """Where the events delivered so far end: pass it as ``since`` to resume later (events
         already received but not yet taken from the stream are not behind it)."""
+        if len(self._legs) > 1:
+            return merged_cursor([leg.session for leg in self._legs])
         return self.session.delivered
 
     def __aiter__(self) -> AsyncWatchStream:
@@ -343,11 +396,12 @@ class AsyncWatchStream:
     async def __anext__(self) -> WatchEvent:
         while True:
             while not self._events:
-                if self.session.ended:
+                if self._ended():
                     await self.close()
                     raise StopAsyncIteration
                 await self._pump()
-            event = self.session.deliver(self._events.popleft())
+            session, item = self._events.popleft()
+            event = session.deliver(item)
             if event is not None:
                 return event
 
@@ -355,53 +409,49 @@ class AsyncWatchStream:
         """Return once the broker holds the watch: its first cursor has come, so every change
         committed from now on is delivered (a watch opened without ``since`` starts where the
         broker is when it registers it, not when ``watch()`` was called). At once with ``since``:
-        everything after that cursor is replayed whenever the watch opens. Not while iterating."""
-        while self.session.cursor is None and not self.session.ended:
+        everything after that cursor is replayed whenever the watch opens. Not while iterating.
+        With active brokers: once every group's leader holds its share."""
+        while not self._held() and not self._ended():
             await self._pump()
 
-    async def _pump(self) -> None:
-        now = time.monotonic()
-        if self._link is not None and self.session.open_at is None and self._link.dead(now):
-            self.session.lost(now)  # several brokers: this one is gone, resume at the next
-        act = self.session.due(now, lambda: next(self._client._ids))
-        if act is not None:
-            if act[0] == "open" or self._sock is None:
-                self._reopen()  # a fresh socket: nothing of an earlier subscription reaches it
-            assert self._sock is not None
-            try:
-                await self._sock.send_multipart([MDPC, C_REQUEST, SERVICE, *act[1]])
-            except zmq.Again:  # no connection to queue it on (SEND_TIMEOUT_MS): a silence, resumed at once
-                self.session.lost(time.monotonic())
-            return
-        assert self._sock is not None
-        wait = self.session.wait(now)
-        if self._link is not None:
-            wait = min(wait, LINK_CHECK)
-        if await self._sock.poll(int(wait * 1000) + 1):
-            frames = await self._sock.recv_multipart()
-            if len(frames) >= 4 and frames[0] == MDPC and frames[1] in (C_PARTIAL, C_FINAL) and frames[2] == SERVICE:
-                self._events.extend(self.session.received(frames[1], frames[3:], time.monotonic()))
-                follow_leader(self.session, self._client.brokers)
+    def _held(self) -> bool:
+        """Every leg's broker holds its watch: a cursor of it has come."""
+        return bool(self._legs) and all(leg.session.cursor is not None for leg in self._legs)
 
-    def _reopen(self) -> None:
-        brokers = self._client.brokers
-        if self.session.silent:
-            brokers.silent()  # several brokers: a silence moves the watch to the next one
-        self.session.silent = False
-        close_linked(self._sock, self._link)
-        self._sock, self._link = linked_dealer(self._client._ctx, brokers.current, self._client.credentials,
-                                               brokers.several)
+    def _ended(self) -> bool:
+        return self.session.ended or any(leg.session.ended for leg in self._legs)
+
+    async def _start(self) -> None:
+        """The legs: one per slot group with active brokers (the map asked for first if not
+        known), else one."""
+        client = self._client
+        if client.router.map_unknown():
+            await client._fetch_map()
+        m = client.router.slot_map
+        shares = [self.session.share(g) for g in range(m.groups)] if m is not None and m.groups > 1 else [self.session]
+        self._legs = [_AsyncWatchLeg(s) for s in shares]
+
+    async def _pump(self) -> None:
+        if not self._legs:
+            await self._start()
+        waits = []
+        for leg in self._legs:
+            wait = await leg.send_due(self._client)
+            if wait is None:
+                return  # sent something: look again before waiting
+            waits.append(wait)
+        poller = zmq.asyncio.Poller()
+        for leg in self._legs:
+            poller.register(leg.sock, zmq.POLLIN)
+        ready = dict(await poller.poll(int(min(waits) * 1000) + 1))
+        for leg in self._legs:
+            if leg.sock in ready:
+                await leg.read(self._client, self._events)
 
     async def close(self) -> None:
         """Cancel the watch (best effort: the broker also drops it without keepalives)."""
-        if self._sock is not None:
-            if not self.session.ended:
-                try:
-                    await self._sock.send_multipart([MDPC, C_REQUEST, SERVICE, *self.session.cancel()], zmq.NOBLOCK)
-                except zmq.ZMQError:
-                    pass
-            close_linked(self._sock, self._link, linger=100)
-            self._sock, self._link = None, None
+        for leg in self._legs:
+            await leg.close()
         self.session.ended = True
 
     async def __aenter__(self) -> AsyncWatchStream:

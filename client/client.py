@@ -26,7 +26,7 @@ from client.commands import Call, OnPartial, Reply, StreamInfo, needs_size_check
 from client.retry import DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_TIMEOUT, Attempts
 from client.routing import Router
 from client.streams import ValueStream
-from client.watch import CursorMark, WatchEvent, WatchSession, follow_leader
+from client.watch import CursorMark, WatchEvent, WatchSession, follow_leader, merged_cursor, next_url
 from protocol.curve import CREDENTIALS_ENV, Credentials, load_credentials
 from protocol.errors import ClientClosed
 from protocol.frames import C_FINAL, C_PARTIAL, C_REQUEST, MDPC, MMI_SLOTS, SERVICE, unpack
@@ -403,23 +403,79 @@ class Client(Commands):
         return ValueStream(info, self._iterate(chunks))
 
     def _watch_stream(self, session: WatchSession) -> WatchStream:
+        if self.router.map_unknown():
+            self._fetch_map()  # here, not in the stream: it may be iterated on another thread
         return WatchStream(self, session)
 
 
+class _WatchLeg:
+    """One watch session on a socket of its own: the whole watch, or one slot group's share."""
+
+    def __init__(self, session: WatchSession) -> None:
+        self.session = session
+        self.sock: zmq.Socket | None = None
+        self.link: Link | None = None
+        self.url: str | None = None
+
+    def send_due(self, client: Client) -> float | None:
+        """Send what the session says is due (None: something was sent), else how long to wait."""
+        now = time.monotonic()
+        if self.link is not None and self.session.open_at is None and self.link.dead(now):
+            self.session.lost(now)  # several brokers: this one is gone, resume at the next
+        act = self.session.due(now, lambda: next(client._ids))
+        if act is not None:
+            if act[0] == "open" or self.sock is None:
+                self.reopen(client)  # a fresh socket: nothing of an earlier subscription reaches it
+            assert self.sock is not None
+            try:
+                self.sock.send_multipart([MDPC, C_REQUEST, SERVICE, *act[1]])
+            except zmq.Again:  # no connection to queue it on (SEND_TIMEOUT_MS): a silence, resumed at once
+                self.session.lost(time.monotonic())
+            return None
+        wait = self.session.wait(now)
+        return min(wait, LINK_CHECK) if self.link is not None else wait
+
+    def read(self, client: Client, out: deque[tuple[WatchSession, WatchEvent | CursorMark]]) -> None:
+        assert self.sock is not None
+        frames = self.sock.recv_multipart()
+        if len(frames) >= 4 and frames[0] == MDPC and frames[1] in (C_PARTIAL, C_FINAL) and frames[2] == SERVICE:
+            out.extend((self.session, item) for item in self.session.received(frames[1], frames[3:], time.monotonic()))
+            follow_leader(self.session, client.brokers, client.router)
+
+    def reopen(self, client: Client) -> None:
+        self.url = next_url(self.session, self.url, client.brokers, client.router)
+        close_linked(self.sock, self.link)
+        self.sock, self.link = linked_dealer(client._ctx, self.url, client.credentials, client.brokers.several)
+
+    def close(self) -> None:
+        if self.sock is not None:
+            if not self.session.ended:
+                try:
+                    self.sock.send_multipart([MDPC, C_REQUEST, SERVICE, *self.session.cancel()], zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
+            close_linked(self.sock, self.link, linger=100)
+            self.sock, self.link = None, None
+        self.session.ended = True
+
+
 class WatchStream:
-    """An open watch (see ``Client.watch``); iterate it, ``close()`` it when done."""
+    """An open watch (see ``Client.watch``); iterate it, ``close()`` it when done. With active
+    brokers it watches every slot group at its leader, one socket each, and merges the events
+    (in commit order per key, as one broker's) and the cursors."""
 
     def __init__(self, client: Client, session: WatchSession) -> None:
         self._client = client
-        self.session = session
-        self._sock: zmq.Socket | None = None
-        self._link: Link | None = None
-        self._events: deque[WatchEvent | CursorMark] = deque()
+        self.session = session  # the whole watch; ``ended`` once it is closed
+        self._legs: list[_WatchLeg] = []
+        self._events: deque[tuple[WatchSession, WatchEvent | CursorMark]] = deque()
 
     @property
     def cursor(self) -> dict[str, Any] | None:
         """Where the events delivered so far end: pass it as ``since`` to resume later (events
         already received but not yet taken from the stream are not behind it)."""
+        if len(self._legs) > 1:
+            return merged_cursor([leg.session for leg in self._legs])
         return self.session.delivered
 
     def __iter__(self) -> WatchStream:
@@ -428,62 +484,54 @@ class WatchStream:
     def __next__(self) -> WatchEvent:
         while True:
             while not self._events:
-                if self.session.ended:
+                if self._ended():
                     self.close()
                     raise StopIteration
                 self._pump()
-            event = self.session.deliver(self._events.popleft())
+            session, item = self._events.popleft()
+            event = session.deliver(item)
             if event is not None:
                 return event
 
     def opened(self) -> None:
         """Return once the broker holds the watch (as ``AsyncWatchStream.opened``)."""
-        while self.session.cursor is None and not self.session.ended:
+        while not self._held() and not self._ended():
             self._pump()
 
-    def _pump(self) -> None:
-        now = time.monotonic()
-        if self._link is not None and self.session.open_at is None and self._link.dead(now):
-            self.session.lost(now)  # several brokers: this one is gone, resume at the next
-        act = self.session.due(now, lambda: next(self._client._ids))
-        if act is not None:
-            if act[0] == "open" or self._sock is None:
-                self._reopen()  # a fresh socket: nothing of an earlier subscription reaches it
-            assert self._sock is not None
-            try:
-                self._sock.send_multipart([MDPC, C_REQUEST, SERVICE, *act[1]])
-            except zmq.Again:  # no connection to queue it on (SEND_TIMEOUT_MS): a silence, resumed at once
-                self.session.lost(time.monotonic())
-            return
-        assert self._sock is not None
-        wait = self.session.wait(now)
-        if self._link is not None:
-            wait = min(wait, LINK_CHECK)
-        if self._sock.poll(int(wait * 1000) + 1):
-            frames = self._sock.recv_multipart()
-            if len(frames) >= 4 and frames[0] == MDPC and frames[1] in (C_PARTIAL, C_FINAL) and frames[2] == SERVICE:
-                self._events.extend(self.session.received(frames[1], frames[3:], time.monotonic()))
-                follow_leader(self.session, self._client.brokers)
+    def _held(self) -> bool:
+        """Every leg's broker holds its watch: a cursor of it has come."""
+        return bool(self._legs) and all(leg.session.cursor is not None for leg in self._legs)
 
-    def _reopen(self) -> None:
-        brokers = self._client.brokers
-        if self.session.silent:
-            brokers.silent()  # several brokers: a silence moves the watch to the next one
-        self.session.silent = False
-        close_linked(self._sock, self._link)
-        self._sock, self._link = linked_dealer(self._client._ctx, brokers.current, self._client.credentials,
-                                               brokers.several)
+    def _ended(self) -> bool:
+        return self.session.ended or any(leg.session.ended for leg in self._legs)
+
+    def _start(self) -> None:
+        """The legs: one per slot group with active brokers, else one."""
+        m = self._client.router.slot_map
+        shares = [self.session.share(g) for g in range(m.groups)] if m is not None and m.groups > 1 else [self.session]
+        self._legs = [_WatchLeg(s) for s in shares]
+
+    def _pump(self) -> None:
+        if not self._legs:
+            self._start()
+        waits = []
+        for leg in self._legs:
+            wait = leg.send_due(self._client)
+            if wait is None:
+                return  # sent something: look again before waiting
+            waits.append(wait)
+        poller = zmq.Poller()
+        for leg in self._legs:
+            poller.register(leg.sock, zmq.POLLIN)
+        ready = dict(poller.poll(int(min(waits) * 1000) + 1))
+        for leg in self._legs:
+            if leg.sock in ready:
+                leg.read(self._client, self._events)
 
     def close(self) -> None:
         """Cancel the watch (best effort: the broker also drops it without keepalives)."""
-        if self._sock is not None:
-            if not self.session.ended:
-                try:
-                    self._sock.send_multipart([MDPC, C_REQUEST, SERVICE, *self.session.cancel()], zmq.NOBLOCK)
-                except zmq.ZMQError:
-                    pass
-            close_linked(self._sock, self._link, linger=100)
-            self._sock, self._link = None, None
+        for leg in self._legs:
+            leg.close()
         self.session.ended = True
 
     def __enter__(self) -> WatchStream:

@@ -62,6 +62,7 @@ class Router:
     def __init__(self) -> None:
         # Known once a broker's reply named a slot group; replaced, never mutated.
         self.slot_map: SlotMap | None = None
+        self.flat = False  # a broker answered mmi.slots with 501: no slot groups (until a redirect)
 
     def group_of(self, header: dict[str, Any]) -> int | None:
         m = self.slot_map
@@ -116,12 +117,19 @@ class Router:
 
     def install(self, reply: list[bytes] | None) -> None:
         """Take the map from an ``mmi.slots`` reply (none, 501 or malformed: keep what is known)."""
-        if reply is None or not reply or reply[0] == b"501":
+        if reply is None or not reply:
+            return
+        if reply[0] == b"501":
+            self.flat = self.slot_map is None
             return
         try:
             self.slot_map = SlotMap.from_record(unpack(reply[0]))
         except ValueError:
             pass
+
+    def map_unknown(self) -> bool:
+        """Whether a watch should ask for the map before it opens (it must know the groups)."""
+        return self.slot_map is None and not self.flat
 
     def split(self, op: str, header: dict[str, Any], values: list[bytes] | None) -> Split | None:
         """The parts of a request that spans slot groups: an MGET or MSET whose keys fall in

@@ -7,13 +7,14 @@ the broker's messages into ``WatchEvent``s; ``client.client.WatchStream`` and
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 from client.brokers import BrokerList
 from client.commands import Key, StreamInfo, error_for, key_bytes
 from client.retry import BACKOFF_FIRST, BACKOFF_MAX
-from protocol.errors import ZkvError
+from client.routing import Redirect, Router
+from protocol.errors import NotLeader, ZkvError
 from protocol.frames import C_PARTIAL, pack, unpack
 
 WATCH_KEEPALIVE = 2.0  # s between keepalives (the broker drops a watch after 10 s without one)
@@ -52,8 +53,11 @@ class WatchSession:
     alive, check the message counter, keep the cursor, and resume from the cursor after a lost
     message, a silence, a broker restart or a retryable error."""
 
-    def __init__(self, prefix: Key = b"", since: dict[str, Any] | None = None) -> None:
+    def __init__(self, prefix: Key = b"", since: dict[str, Any] | None = None, group: int | None = None) -> None:
         self.prefix = key_bytes(prefix)
+        # Active brokers: the slot group this session watches (one share of a fanned-out watch,
+        # opened at the group's leader); None: the whole key space at the one broker or leader.
+        self.group = group
         # {"c": cluster id, "s": [seq per slot]}: opaque, pass it back as since. ``cursor`` is past
         # everything received (what a resume asks for); ``delivered`` past what the stream handed
         # out (what its user may save: events received but not yet taken are not behind it).
@@ -85,11 +89,21 @@ class WatchSession:
             hdr: dict[str, Any] = {"op": "watch", "id": self.rid, "prefix": self.prefix}
             if self.cursor is not None:
                 hdr["since"] = self.cursor
-            return "open", [pack(hdr)]
+            return "open", [self._pack(hdr)]
         if now - self.last_keepalive >= WATCH_KEEPALIVE:
             self.last_keepalive = now
-            return "send", [pack({"op": "watch", "id": self.rid, "keepalive": True})]
+            return "send", [self._pack({"op": "watch", "id": self.rid, "keepalive": True})]
         return None
+
+    def _pack(self, hdr: dict[str, Any]) -> bytes:
+        if self.group is not None:
+            hdr["group"] = self.group  # every message of it: the broker routes each by its group
+        return pack(hdr)
+
+    def share(self, group: int) -> WatchSession:
+        """The session watching ``group``'s share of this watch, from the same cursor (a group's
+        leader reads only its own slots' seqs of it)."""
+        return WatchSession(self.prefix, self.delivered, group)
 
     def wait(self, now: float) -> float:
         """Seconds until ``due`` has something to do."""
@@ -99,7 +113,7 @@ class WatchSession:
 
     def cancel(self) -> list[bytes]:
         self.ended = True
-        return [pack({"op": "watch", "id": self.rid, "cancel": True})]
+        return [self._pack({"op": "watch", "id": self.rid, "cancel": True})]
 
     def lost(self, now: float) -> None:
         """The broker went silent (or its connection is gone): resume from the cursor now."""
@@ -165,9 +179,41 @@ class WatchSession:
 
 
 
-def follow_leader(session: WatchSession, brokers: BrokerList) -> None:
-    """After a message: if the watch was refused with NOT_LEADER, move ``brokers`` to the leader
-    it names (the watch then reopens there at once) or to the next broker (after the backoff)."""
+def merged_cursor(shares: Sequence[WatchSession]) -> dict[str, Any] | None:
+    """The delivered cursor of a watch fanned out over the slot groups (``shares[g]`` watching
+    group g): each slot's seq from its group's share, in the shape of one broker's cursor, so
+    that it resumes either kind of watch. None until every share has a cursor."""
+    parts = [s.delivered for s in shares]
+    if not parts or any(p is None for p in parts):
+        return None
+    groups = len(parts)
+    return {"c": parts[0]["c"], "s": [parts[s % groups]["s"][s] for s in range(len(parts[0]["s"]))]}  # type: ignore[index]
+
+
+def next_url(session: WatchSession, at: str | None, brokers: BrokerList, router: Router) -> str:
+    """Where ``session`` opens next, after it was at ``at``: after a silence, away from it (the
+    next broker; for a group's share, not the leader the map named, which is forgotten); then
+    its group's leader by the slot map, else the broker list's current one."""
+    if session.silent:
+        if session.group is not None:
+            router.forget({"group": session.group}, at or "")
+        if session.group is None or at == brokers.current:
+            brokers.silent()  # several brokers: a silence moves the watch to the next one
+    session.silent = False
+    target = router.target({"group": session.group}) if session.group is not None else None
+    return target or brokers.current
+
+
+def follow_leader(session: WatchSession, brokers: BrokerList, router: Router | None = None) -> None:
+    """After a message: if the watch was refused with NOT_LEADER, go to the leader it names (the
+    watch then reopens there at once; a group's share notes it in the slot map) or to the next
+    broker (after the backoff)."""
     err, session.error = session.error, None
-    if err is not None and session.open_at is not None and brokers.refused(err, 1.0) == 0.0:
+    if err is None or session.open_at is None:
+        return
+    if session.group is not None and router is not None and isinstance(err, NotLeader):
+        if router.follow(Redirect(session.group, err.leader, 0)):
+            session.open_at = min(session.open_at, session.last_heard)
+        return
+    if brokers.refused(err, 1.0) == 0.0:
         session.open_at = min(session.open_at, session.last_heard)

@@ -5,6 +5,9 @@ death moves its groups to the others and loses no acknowledged write."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
+import queue
 import signal
 import threading
 import time
@@ -13,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 
 from client import AsyncClient
 from protocol.errors import ZkvError
@@ -78,6 +82,50 @@ class Writer(threading.Thread):
         return self.acked
 
 
+class WatchThread(threading.Thread):
+    """A watch of ``prefix`` iterated on a thread of its own; its events in a queue."""
+
+    def __init__(self, cluster: HaCluster, prefix: bytes) -> None:
+        super().__init__(daemon=True)
+        self.client = cluster.client(timeout=30.0)
+        self.stream = self.client.watch(prefix)
+        self.stream.opened()  # every group's leader holds its share
+        self.events: queue.Queue[Any] = queue.Queue()
+        self.start()
+
+    def run(self) -> None:
+        try:
+            for ev in self.stream:
+                self.events.put(ev)
+        except BaseException as e:  # noqa: BLE001 - raised by take()
+            self.events.put(e)
+
+    def take(self, n: int, timeout: float = 30.0) -> tuple[list[tuple[bytes, bytes | None]], int]:
+        """The next ``n`` puts, and how many resyncs came among them."""
+        puts, resyncs = [], 0
+        deadline = time.monotonic() + timeout
+        while len(puts) < n:
+            try:
+                ev = self.events.get(timeout=max(deadline - time.monotonic(), 0.01))
+            except queue.Empty:
+                raise AssertionError(f"{len(puts)} of {n} puts in {timeout} s: {puts}") from None
+            if isinstance(ev, BaseException):
+                raise ev
+            if ev.kind == "resync":
+                resyncs += 1
+            else:
+                assert ev.kind == "put", ev
+                puts.append((ev.key, ev.value))
+        return puts, resyncs
+
+    def stop(self) -> dict[str, Any] | None:
+        self.stream.session.ended = True  # the thread closes the stream at its next turn
+        self.join(10)
+        assert not self.is_alive()
+        self.client.close()
+        return self.stream.cursor
+
+
 def lost(cluster: HaCluster, acked: dict[bytes, bytes]) -> list[bytes]:
     with cluster.client(timeout=20.0) as c:
         keys = sorted(acked)
@@ -108,6 +156,12 @@ def test_three_active_brokers_share_the_groups_and_survive_a_fault(active: HaClu
     assert all(st["stats"]["writes_committed"] > 0 for st in sts.values()), {
         n: st["stats"]["writes_committed"] for n, st in sts.items()}
 
+    # A watch of every group: one share at each group's leader, the events merged.
+    watch = WatchThread(cluster, b"wk")
+    with cluster.client(timeout=20.0) as c:
+        c.mset({b"wk1:%02d" % i: b"a%d" % i for i in range(12)})
+    puts, resyncs = watch.take(12)
+    assert sorted(puts) == [(b"wk1:%02d" % i, b"a%d" % i) for i in range(12)] and not resyncs
     writer = Writer(cluster, fault)
     writer.start()
     try:
@@ -132,6 +186,26 @@ def test_three_active_brokers_share_the_groups_and_survive_a_fault(active: HaClu
         time.sleep(1.0)
     finally:
         acked = writer.finish()
+    # The watch's shares of the dead broker's groups resumed at their new leaders, from their
+    # cursors: a new leader holds no changes from before it led, so each says resync at most once.
+    with cluster.client(timeout=20.0) as c:
+        c.mset({b"wk2:%02d" % i: b"b%d" % i for i in range(12)})
+        puts, resyncs = watch.take(12)
+        assert sorted(puts) == [(b"wk2:%02d" % i, b"b%d" % i) for i in range(12)]
+        assert resyncs <= len(its_groups), f"{resyncs} resyncs for {len(its_groups)} groups moved"
+        assert watch.events.empty(), "an event delivered twice"
+        cursor = watch.stop()
+        assert cursor is not None and len(cursor["s"]) == SLOTS
+        c.mset({b"wk3:%02d" % i: b"c%d" % i for i in range(12)})
+
+    async def resumed() -> list[tuple[bytes, bytes | None]]:
+        # From the merged cursor, an AsyncClient's watch replays exactly what came after it.
+        async with AsyncClient(cluster.frontend, timeout=20.0) as ac:
+            async with ac.watch(b"wk", since=cursor) as stream:
+                events = [await asyncio.wait_for(stream.__anext__(), 30) for _ in range(12)]
+                return [(ev.key, ev.value) for ev in events]
+
+    assert sorted(asyncio.run(resumed())) == [(b"wk3:%02d" % i, b"c%d" % i) for i in range(12)]
     assert len(acked) > 50, f"only {len(acked)} puts acknowledged ({writer.failed} failed)"
     missing = lost(cluster, {**acked, **{k: k + b"!" for k in keys}})
     assert not missing, f"{len(missing)} of {len(acked)} acknowledged writes lost: {missing[:5]}"
@@ -168,14 +242,15 @@ def test_group_leadership_moves_to_a_joining_broker_under_load(active: HaCluster
     assert all(r[1] == cluster.broker_endpoints[name][0] and r[4].isdigit() for name, r in rows.items()), out
 
     async def routed() -> None:
-        # AsyncClient routes as Client does: it learns the map from the first redirect, keeps a
+        # AsyncClient routes as Client does: it learns the map from a redirect or refusal, keeps a
         # socket to each group leader, and splits MSET/MGET and scans over the groups.
         keys = [b"async%03d" % i for i in range(60)]
         async with AsyncClient(cluster.frontend, timeout=20.0) as ac:
             await ac.put(b"async-first", b"1")
+            # Refused at first (its keys span the groups): the map fetched, the MSET split by it.
+            await ac.mset({k: b"v" + k for k in keys})
             assert ac.router.slot_map is not None and ac.router.slot_map.groups == GROUPS
             assert len(ac.router.slot_map.by_group(keys)) == GROUPS
-            await ac.mset({k: b"v" + k for k in keys})
             assert await ac.mget(keys) == [b"v" + k for k in keys]
             got = [it.key async for it in ac.scan(prefix=b"async0", limit=7)]
             assert got == keys, got[:5]
@@ -186,6 +261,28 @@ def test_group_leadership_moves_to_a_joining_broker_under_load(active: HaCluster
     assert len(acked) > 50, f"only {len(acked)} puts acknowledged ({writer.failed} failed)"
     missing = lost(cluster, acked)
     assert not missing, f"{len(missing)} of {len(acked)} acknowledged writes lost: {missing[:5]}"
+    gateway_over_the_groups(cluster)
+
+
+def gateway_over_the_groups(cluster: HaCluster) -> None:
+    """The HTTP gateway (on AsyncClient) routes too: puts of every group, a scan page merged
+    over the groups, and an SSE watch of them all."""
+    base = cluster.start_gateway()
+    with requests.get(base + "/v1/watch?prefix=gw", stream=True, timeout=30) as sse:
+        lines = iter(sse.raw.readline, b"")
+        assert next(lines).rstrip() == b": watching"
+        for i in range(12):
+            assert requests.put(f"{base}/v1/kv/gw{i:02d}", data=b"g%d" % i, timeout=20).status_code == 200
+        page = requests.get(base + "/v1/kv?prefix=gw&limit=5", timeout=20).json()
+        assert [base64.b64decode(it["key"]) for it in page["items"]] == [b"gw%02d" % i for i in range(5)]
+        assert page["next"]
+        puts = []
+        for line in lines:
+            if line.startswith(b"data: ") and b'"value"' in line:
+                puts.append(base64.b64decode(json.loads(line[6:])["key"]))
+                if len(puts) == 12:
+                    break
+        assert sorted(puts) == [b"gw%02d" % i for i in range(12)]
 
 
 def test_a_broker_of_another_shape_refuses_to_start(active: HaCluster) -> None:

@@ -102,3 +102,46 @@ def test_a_scan_without_a_group_asks_every_group_and_merges_in_key_order() -> No
              ({"keys": [], "versions": [], "more": False}, [])]
     hdr, values = split.merge(pages)
     assert hdr["keys"] == [b"pa", b"pb"] and values == [b"A", b"B"] and hdr["more"]
+
+
+def test_a_watch_share_names_its_group_in_every_message_and_starts_from_the_same_cursor() -> None:
+    from client.watch import WatchSession
+    from protocol.frames import unpack
+
+    whole = WatchSession(b"p", since={"c": b"cl", "s": [4, 5, 6, 7]})
+    share = whole.share(1)
+    assert share.cursor == whole.cursor and share.cursor is not whole.cursor
+    ids = iter(range(1, 10))
+    kind, body = share.due(0.0, lambda: next(ids))
+    opened = unpack(body[0])
+    assert kind == "open" and opened["group"] == 1 and opened["since"]["s"] == [4, 5, 6, 7]
+    assert unpack(share.due(2.5, lambda: 0)[1][0]) == {"op": "watch", "id": 1, "keepalive": True, "group": 1}
+    assert unpack(share.cancel()[0])["group"] == 1
+    assert "group" not in unpack(WatchSession(b"p").due(0.0, lambda: 1)[1][0])
+
+
+def test_the_cursor_of_a_fanned_out_watch_takes_each_slot_from_its_groups_share() -> None:
+    from client.watch import WatchSession, merged_cursor
+
+    shares = [WatchSession(b"", since={"c": b"cl", "s": [0] * 6}, group=g) for g in range(3)]
+    for g, s in enumerate(shares):
+        assert s.delivered is not None
+        s.delivered["s"] = [10 * g + slot if slot % 3 == g else 0 for slot in range(6)]
+    assert merged_cursor(shares) == {"c": b"cl", "s": [0, 11, 22, 3, 14, 25]}
+    assert merged_cursor([*shares, WatchSession(b"", group=3)]) is None  # one share not yet opened
+
+
+def test_a_silent_share_forgets_its_leader_and_a_not_leader_moves_it() -> None:
+    from client.brokers import BrokerList
+    from client.watch import WatchSession, follow_leader, next_url
+    from protocol.errors import NotLeader
+
+    r = routed()
+    brokers = BrokerList([A, B])
+    share = WatchSession(b"", group=1)
+    assert next_url(share, None, brokers, r) == B  # group 1's leader
+    share.silent = True
+    assert next_url(share, B, brokers, r) == brokers.current and r.target({"group": 1}) is None
+    share.open_at, share.last_heard, share.error = 5.0, 1.0, NotLeader("no", leader=B)
+    follow_leader(share, brokers, r)
+    assert share.open_at == 1.0 and r.target({"group": 1}) == B  # resent at once, to B
