@@ -23,6 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import structlog
+
 from broker.core import BrokerCore
 from broker.leadership import LeaderInfo
 from broker.messages import (
@@ -54,6 +56,8 @@ from protocol.frames import (
     unpack,
 )
 from protocol.replication import slot_for_key
+
+log = structlog.get_logger("zkv.broker")
 
 
 @dataclass(frozen=True)
@@ -150,11 +154,47 @@ class ActiveCores:
         elif msg.service == MMI_SLOTS:
             body = pack(self.map.record())
         elif msg.service == MMI_ADMIN:
-            body = pack({"ok": False, "code": ErrorCode.BAD_REQUEST.value,
-                         "message": "admin commands are not supported with slot groups yet (--groups)"})
+            body = pack(self._admin(msg.body))
         else:
             body = b"501"
         self.ready.reply(identity, [MDPC, C_FINAL, msg.service, body])
+
+    def _admin(self, body: bytes) -> dict[str, Any]:
+        """An operator command for the groups this broker leads: each group's core keeps its own
+        workers' roles and moves, so a drain, undrain, remove or rebalance is done by every one
+        (a client sends it to every group's leader, docs/protocol.md §1.14); a move, by the core
+        of its slot's group; reload_keys once for the process."""
+        try:
+            cmd = unpack(body)
+        except ValueError as e:
+            return {"ok": False, "message": f"bad admin request: {e}"}
+        if not isinstance(cmd, dict):
+            return {"ok": False, "message": "expected a map"}
+        if not self.cores:
+            return {"ok": False, "code": ErrorCode.NOT_LEADER.value, "message": "this broker leads no slot group now",
+                    "groups": {}}
+        cores = sorted(self.cores.items())
+        if cmd.get("cmd") == "reload_keys":
+            cores = cores[:1]
+        elif cmd.get("cmd") == "move" and isinstance(cmd.get("slot"), int):
+            group = cmd["slot"] % self.map.groups
+            if group not in self.cores:
+                leader = self.map.leaders.get(group)
+                return {"ok": False, "code": ErrorCode.NOT_LEADER.value, "group": group,
+                        "leader": leader.frontend if leader else None,
+                        "message": f"slot {cmd['slot']}'s group {group} is led by "
+                                   f"{leader.frontend if leader else 'no broker yet'}"}
+            cores = [(group, self.cores[group])]
+        answers: dict[int, dict[str, Any]] = {}
+        for group, core in cores:
+            try:
+                answers[group] = core.admin(cmd)
+            except Exception as e:  # a bug: an answer all the same, the other groups still done
+                log.exception("admin_failed", group=group)
+                answers[group] = {"ok": False, "message": f"internal error: {type(e).__name__}"}
+        return {"ok": all(a.get("ok") for a in answers.values()),
+                "message": "; ".join(f"group {g}: {a.get('message', '')}" for g, a in answers.items()),
+                "groups": {str(g): a for g, a in answers.items()}}
 
     def _error(self, identity: bytes, service: bytes, rid: Any, code: ErrorCode, message: str) -> None:
         self._reply(identity, service, {"id": rid, "ok": False, "code": code.value, "message": message})

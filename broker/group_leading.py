@@ -162,10 +162,13 @@ class GroupLeading:
             "formed": False, "workers": [], "rf": self.cfg.rf, "w": self.cfg.w}
         if each:
             held: dict[str, int] = {}
+            learning: dict[str, int] = {}
             for s in each:
                 for w in s["workers"]:
                     held[w["id"]] = held.get(w["id"], 0) + w["slots"]
-            st["workers"] = [{**w, "slots": held.get(w["id"], 0)} for w in st["workers"]]
+                    learning[w["id"]] = learning.get(w["id"], 0) + w["learning"]
+            st["workers"] = [{**w, "slots": held.get(w["id"], 0), "learning": learning.get(w["id"], 0)}
+                             for w in st["workers"]]
             st.update(formed=all(s["formed"] for s in each),
                       under_replicated_slots=sorted(x for s in each for x in s["under_replicated_slots"]),
                       recovering_slots=sum(s["recovering_slots"] for s in each),

@@ -22,11 +22,11 @@ from client.brokers import LINK_CHECK, BrokerList, Link
 from client.client import broker_url, client_credentials, close_linked, linked_dealer
 from client.commands import Call, OnPartial, Reply, StreamInfo, needs_size_check, oversize
 from client.retry import DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_TIMEOUT, Attempts
-from client.routing import Router
+from client.routing import Router, merge_admin
 from client.watch import CursorMark, WatchEvent, WatchSession, follow_leader, merged_cursor, next_url
 from protocol.curve import Credentials
 from protocol.errors import ClientClosed
-from protocol.frames import C_FINAL, C_PARTIAL, C_REQUEST, MDPC, MMI_SLOTS, SERVICE, unpack
+from protocol.frames import C_FINAL, C_PARTIAL, C_REQUEST, MDPC, MMI_ADMIN, MMI_SLOTS, SERVICE, unpack
 
 
 class AsyncClient(Commands):
@@ -198,6 +198,19 @@ class AsyncClient(Commands):
                 answer = self.brokers.refused(attempts.last_error, answer)
             await asyncio.sleep(answer)
 
+    async def _admin(self, step: programs.Mmi) -> list[bytes] | None:
+        """As ``Client._admin``: with active brokers, to every group's leader, answers merged."""
+        if self.router.map_unknown():
+            await self._fetch_map()
+        plan = self.router.admin_plan(step.body[0])
+        if plan is None:
+            return await self._mmi(step.service, step.body, step.wait)
+        replies = {}
+        for url in plan.urls:
+            self.brokers.route(url)
+            replies[url] = await self._mmi(step.service, step.body, step.wait)
+        return merge_admin(plan, replies)
+
     async def _fetch_map(self) -> None:
         self.router.install(await self._mmi(MMI_SLOTS, [b""], self.attempt_timeout))
 
@@ -259,6 +272,8 @@ class AsyncClient(Commands):
         if isinstance(step, programs.Window):
             return await self._run_window(step.calls, step.size)
         if isinstance(step, programs.Mmi):
+            if step.service == MMI_ADMIN:
+                return await self._admin(step)
             return await self._mmi(step.service, step.body, step.wait)
         if isinstance(step, programs.Reopen):
             return self._open()

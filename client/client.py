@@ -24,12 +24,12 @@ from client.api import Build, Commands
 from client.brokers import HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS, LINK_CHECK, SEND_TIMEOUT_MS, BrokerList, Link
 from client.commands import Call, OnPartial, Reply, StreamInfo, needs_size_check, oversize
 from client.retry import DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_TIMEOUT, Attempts
-from client.routing import Router
+from client.routing import Router, merge_admin
 from client.streams import ValueStream
 from client.watch import CursorMark, WatchEvent, WatchSession, follow_leader, merged_cursor, next_url
 from protocol.curve import CREDENTIALS_ENV, Credentials, load_credentials
 from protocol.errors import ClientClosed
-from protocol.frames import C_FINAL, C_PARTIAL, C_REQUEST, MDPC, MMI_SLOTS, SERVICE, unpack
+from protocol.frames import C_FINAL, C_PARTIAL, C_REQUEST, MDPC, MMI_ADMIN, MMI_SLOTS, SERVICE, unpack
 from protocol.limits import DEFAULT_FRONTEND, URL_ENV
 
 
@@ -247,6 +247,19 @@ class Client(Commands):
         if url:
             self.brokers.route(url)
 
+    def _admin(self, step: programs.Mmi) -> list[bytes] | None:
+        """An operator command: with active brokers, to every group's leader, answers merged."""
+        if self.router.map_unknown():
+            self._fetch_map()
+        plan = self.router.admin_plan(step.body[0])
+        if plan is None:
+            return self._mmi(step.service, step.body, step.wait)
+        replies = {}
+        for url in plan.urls:
+            self.brokers.route(url)
+            replies[url] = self._mmi(step.service, step.body, step.wait)
+        return merge_admin(plan, replies)
+
     def _fetch_map(self) -> None:
         self.router.install(self._mmi(MMI_SLOTS, [b""], self.attempt_timeout))
 
@@ -362,7 +375,7 @@ class Client(Commands):
         if isinstance(step, programs.Window):
             return self._run_window(step.calls, step.size)
         if isinstance(step, programs.Mmi):
-            return self._mmi(step.service, step.body, step.wait)
+            return self._admin(step) if step.service == MMI_ADMIN else self._mmi(step.service, step.body, step.wait)
         if isinstance(step, programs.Reopen):
             return self._open()
         raise TypeError(f"not a step: {step!r}")

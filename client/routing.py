@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 from client.commands import Reply
 from client.slotmap import SlotMap, merge_scans, merge_split
-from protocol.frames import unpack
+from protocol.frames import pack, unpack
 from protocol.limits import DEFAULT_SCAN_LIMIT
 
 SPLIT_OPS = {"mget": False, "mset": True}  # multi-key ops split by slot group: op -> carries values
@@ -34,6 +34,14 @@ class Part(NamedTuple):
 
     header: dict[str, Any]
     values: list[bytes] | None
+
+
+class AdminPlan(NamedTuple):
+    """Where an operator command goes with active brokers: every broker that leads a group (a
+    move: its slot's group's leader); ``leaderless``: groups no broker leads now."""
+
+    urls: list[str]
+    leaderless: list[int]
 
 
 class Split(NamedTuple):
@@ -154,3 +162,39 @@ class Router:
                       [values[i] for i in share] if SPLIT_OPS[op] and values else None) for share in indices]
         return Split(parts, lambda replies: merge_split(
             len(keys), [(share, hdr, frames) for share, (hdr, frames) in zip(indices, replies, strict=True)]))
+
+    def admin_plan(self, body: bytes) -> AdminPlan | None:
+        """The brokers an ``mmi.admin`` command is sent to; None without slot groups (the one
+        broker, or the leader, as ever). Each group's leader keeps its own workers' roles and
+        moves, so a drain, undrain, remove or rebalance goes to all of them."""
+        m = self.slot_map
+        if m is None or m.groups < 2:
+            return None
+        try:
+            cmd = unpack(body)
+        except ValueError:
+            return None  # the broker answers what is wrong with it
+        groups = list(range(m.groups))
+        if isinstance(cmd, dict) and cmd.get("cmd") == "move" and isinstance(cmd.get("slot"), int):
+            groups = [cmd["slot"] % m.groups]
+        urls = sorted({m.leaders[g] for g in groups if g in m.leaders})
+        return AdminPlan(urls, [g for g in groups if g not in m.leaders])
+
+
+def merge_admin(plan: AdminPlan, replies: dict[str, list[bytes] | None]) -> list[bytes]:
+    """One ``mmi.admin`` answer from every broker's (``{ok, message, groups: {G: answer}}``): ok
+    only if every group was done."""
+    groups: dict[str, Any] = {}
+    problems: list[str] = [f"group {g} has no leader now: try again" for g in plan.leaderless]
+    for url, reply in replies.items():
+        answer = _header(reply) if reply else None
+        if answer is None:
+            problems.append(f"no answer from {url}")
+            continue
+        groups.update(answer.get("groups") or {})
+        if not answer.get("groups"):
+            problems.append(f"{url}: {answer.get('message', 'refused')}")
+    ok = not problems and all(a.get("ok") for a in groups.values())
+    message = "; ".join([*problems, *(f"group {g}: {a.get('message', '')}" for g, a in sorted(
+        groups.items(), key=lambda ga: int(ga[0])))])
+    return [pack({"ok": ok, "message": message, "groups": groups})]

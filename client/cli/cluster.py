@@ -106,6 +106,30 @@ def _active_brokers(st: dict[str, Any], timeout: float) -> None:
         click.echo("  ".join(c.ljust(widths[i]) for i, c in enumerate(r)).rstrip())
 
 
+def _whole_status(st: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """``st``, or with active brokers what moves are left over every group: each group leader's
+    slots to move, moves and workers' slots summed (a broker that does not answer counts as
+    not done: its groups' slots to move are unknown)."""
+    if st.get("role") != "active":
+        return st
+    urls = sorted(set(((st.get("slot_map") or {}).get("leaders") or {}).values()))
+    misplaced, moves, held, learning = 0, [], {}, {}
+    for url in urls:
+        try:
+            with Client(url, timeout=min(timeout, 3.0), credentials=credentials()) as c:
+                other = c.status()
+        except ZkvError:
+            misplaced += 1
+            continue
+        misplaced += other.get("misplaced_slots", 0)
+        moves += other.get("moves", [])
+        for w in other.get("workers", []):
+            held[w["id"]] = held.get(w["id"], 0) + w["slots"]
+            learning[w["id"]] = learning.get(w["id"], 0) + w["learning"]
+    workers = [{**w, "slots": held.get(w["id"], 0), "learning": learning.get(w["id"], 0)} for w in st["workers"]]
+    return {**st, "misplaced_slots": misplaced, "moves": moves, "workers": workers}
+
+
 def _move_progress(m: dict[str, Any]) -> str:
     """What a move has copied: nothing before the donor's first part; keys and bytes against the
     snapshot's totals (with rate and ETA) while copying; the totals once copied."""
@@ -134,12 +158,12 @@ def _admin(url: str, timeout: float, cmd: str, worker: str | None = None) -> dic
 def _wait_for_moves(url: str, timeout: float, done: Any, label: str) -> None:
     """Show a progress bar of slots still to move until ``done(status)``."""
     with connect(url, timeout, need_cluster=False) as c:
-        st = c.status()
+        st = _whole_status(c.status(), timeout)
         total = max(st["misplaced_slots"], 1)
         with click.progressbar(length=total, label=label, show_eta=True, show_percent=True) as bar:
             shown = 0
             while True:
-                st = c.status()
+                st = _whole_status(c.status(), timeout)
                 remaining = st["misplaced_slots"]
                 if remaining > total:
                     total = bar.length = remaining

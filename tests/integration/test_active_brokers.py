@@ -262,6 +262,24 @@ def test_group_leadership_moves_to_a_joining_broker_under_load(active: HaCluster
     missing = lost(cluster, acked)
     assert not missing, f"{len(missing)} of {len(acked)} acknowledged writes lost: {missing[:5]}"
     gateway_over_the_groups(cluster)
+    admin_over_the_groups(cluster)
+
+
+def admin_over_the_groups(cluster: HaCluster) -> None:
+    """Operator commands go to every group's leader (each keeps its own workers' roles), and the
+    answer says what each group did."""
+    every = [f"group {g}:" for g in range(GROUPS)]
+    r = cluster.zkv("drain", "w1", "--url", cluster.frontend)
+    err = r.stderr.decode()
+    assert r.returncode != 0 and all(g in err for g in every) and "RF is 3" in err, err
+    r = cluster.zkv("rebalance", "--wait", "--url", cluster.broker_endpoints["b2"][0])
+    out = r.stdout.decode()
+    assert r.returncode == 0 and all(g in out for g in every) and "balanced" in out, (out, r.stderr.decode())
+    with cluster.client(timeout=20.0) as c:
+        answer = c.admin("undrain", "w2")
+        assert answer["ok"] and sorted(answer["groups"], key=int) == [str(g) for g in range(GROUPS)], answer
+        moved = c.admin("move", slot=1, from_="w9", to="w1")  # one group's leader answers: w9 holds nothing
+        assert not moved["ok"] and list(moved["groups"]) == [str(1 % GROUPS)] and "w9 does not hold" in moved["message"]
 
 
 def gateway_over_the_groups(cluster: HaCluster) -> None:

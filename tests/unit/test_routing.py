@@ -145,3 +145,27 @@ def test_a_silent_share_forgets_its_leader_and_a_not_leader_moves_it() -> None:
     share.open_at, share.last_heard, share.error = 5.0, 1.0, NotLeader("no", leader=B)
     follow_leader(share, brokers, r)
     assert share.open_at == 1.0 and r.target({"group": 1}) == B  # resent at once, to B
+
+
+def test_an_admin_command_goes_to_every_groups_leader_and_the_answers_merge() -> None:
+    from client.routing import merge_admin
+    from protocol.frames import unpack
+
+    assert Router().admin_plan(pack({"cmd": "drain", "worker": "w1"})) is None  # no groups: as ever
+    r = routed()
+    plan = r.admin_plan(pack({"cmd": "drain", "worker": "w1"}))
+    assert plan is not None and plan.urls == [A, B] and not plan.leaderless
+    move = r.admin_plan(pack({"cmd": "move", "slot": 7, "from": "w1", "to": "w2"}))
+    assert move is not None and move.urls == [B]  # slot 7: group 3, led by B
+    def done(*groups: tuple[str, str]) -> list[bytes]:
+        return [pack({"ok": True, "groups": {g: {"ok": True, "message": m} for g, m in groups}})]
+
+    answers = {A: done(("0", "a"), ("2", "c")), B: done(("1", "b"), ("3", "d"))}
+    merged = unpack(merge_admin(plan, answers)[0])
+    assert merged["ok"] and merged["message"] == "group 0: a; group 1: b; group 2: c; group 3: d"
+    merged = unpack(merge_admin(plan, {**answers, B: None})[0])
+    assert not merged["ok"] and merged["message"].startswith(f"no answer from {B}")
+    r.forget({"group": 1}, B)
+    gap = r.admin_plan(pack({"cmd": "rebalance"}))
+    assert gap is not None and gap.leaderless == [1]
+    assert not unpack(merge_admin(gap, answers)[0])["ok"]
