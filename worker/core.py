@@ -365,7 +365,8 @@ def flush_together(cores: list[WorkerCore]) -> int:
         return 0
     for core, _ in shares:
         core.batch = []
-    batch = [rep for _, b in shares for rep in b]
+    # One share (no groups, or one group's writes this turn): the hot path, nothing to sort out.
+    batch = shares[0][1] if len(shares) == 1 else [rep for _, b in shares for rep in b]
     store = shares[0][0].store
     try:
         results = store.apply_batch(batch)
@@ -379,6 +380,9 @@ def flush_together(cores: list[WorkerCore]) -> int:
                 core.pos[rep.slot] = store.position(rep.slot)
         log.error("apply_failed", error=str(e), batches=len(batch))
         return 0
+    if len(shares) == 1:
+        shares[0][0]._acknowledge(batch, results)
+        return len(batch)
     # Results exist only for batches whose answer depends on what was found; each starts with its
     # slot, and the cores' slots are disjoint (one group each), so the slot says whose it is.
     owner = {rep.slot: i for i, (_, b) in enumerate(shares) for rep in b}
