@@ -13,6 +13,7 @@ everything back.
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import subprocess
 import time
@@ -22,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from client.slotmap import SlotMap
+from client.slotmap import SlotMap, merge_scans
 from protocol.replication import slot_for_key
 from tests.integration.test_node_client import node_dir  # noqa: F401  (the npm-installed client: a fixture)
 from tests.support.active import broker_status, full_map, wait_served
@@ -34,7 +35,6 @@ GROUPS = 6
 SLOTS = 48
 BROKERS = ["b1", "b2", "b3"]
 KEYS = 24  # per round: enough to reach every group
-ROUND_TIMEOUT = 60  # s, for one round of the Node scenario
 
 
 @pytest.fixture
@@ -156,3 +156,40 @@ def test_node_client_routes_by_the_slot_map_of_active_brokers(node_dir: Path, ac
         for r in ("1", "2"):
             keys = [f"node-active/{r}/k{i:02d}/m".encode() for i in range(KEYS)]
             assert py.mget(keys) == [bytes([i, 0xFF, 0]) for i in range(KEYS)]
+
+
+def random_page(rng: random.Random, limit: int) -> dict[str, Any]:
+    """One group's scan page: sorted keys over a small alphabet (so groups interleave and share
+    prefixes), at most ``limit``; ``more`` also on a short page (one cut by its bytes) and, rarely,
+    on an empty one (which counts as complete)."""
+    alphabet = b"ab\x00\xff"
+    keys = sorted({bytes(rng.choice(alphabet) for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(0, 8))})
+    keys = keys[:rng.randint(0, limit)]
+    return {"keys": [k.hex() for k in keys], "versions": [rng.randint(1, 99) for _ in keys],
+            "more": rng.random() < 0.6, "values": [rng.randbytes(rng.randint(0, 3)).hex() for _ in keys]}
+
+
+@pytest.mark.timeout(60)
+def test_node_slots_and_scan_merges_are_pythons(node_dir: Path) -> None:  # noqa: F811
+    """The Node client's CRC-32 slots and merged scan pages are those of protocol/replication.py and
+    client/slotmap.py, on random keys and pages: short pages with ``more`` too, which no cluster
+    test makes (a page is cut short only past 8 MiB), where the bound of merge_pages matters."""
+    rng = random.Random(15)
+    keys = [rng.randbytes(rng.randint(1, 40)) for _ in range(300)] + [b"a", b"\xff" * 64, "ключ".encode()]
+    slot_cases = [[k.hex(), rng.choice([1, 7, 48, 1024, 16384])] for k in keys]
+    scans = []
+    for _ in range(300):
+        limit = rng.randint(1, 6)
+        scans.append({"limit": limit, "parts": [random_page(rng, limit) for _ in range(rng.randint(1, 4))]})
+    run = subprocess.run([shutil.which("node") or "node", "client.mjs", "--routing"], cwd=node_dir, text=True,
+                         input=json.dumps({"slots": slot_cases, "scans": scans}), capture_output=True, timeout=30)
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    assert out["slots"] == [slot_for_key(bytes.fromhex(k), n) for k, n in slot_cases]
+    for case, got in zip(scans, out["scans"], strict=True):
+        parts = [({"keys": [bytes.fromhex(k) for k in p["keys"]], "versions": p["versions"], "more": p["more"]},
+                  [bytes.fromhex(v) for v in p["values"]]) for p in case["parts"]]
+        header, values = merge_scans(parts, case["limit"])
+        want = {"keys": [k.hex() for k in header["keys"]], "versions": header["versions"], "more": header["more"],
+                "values": [v.hex() for v in values]}
+        assert got == want, case

@@ -7,7 +7,8 @@
 // `node client.mjs --several <url,url,...> <key-prefix>` puts and gets one key through a list of brokers
 // (docs/protocol.md "Several brokers": a standby answers NOT_LEADER naming the leader).
 // `node client.mjs --active <url,url,...> <key-prefix>` runs puts, gets, mset, mget and scan against active
-// brokers (docs/protocol.md §1.14: each slot group led by one of them), routed by the slot map.
+// brokers (docs/protocol.md §1.14: each slot group led by one of them), routed by the slot map;
+// `node client.mjs --routing < cases.json` computes slots and merged scan pages for the test to compare.
 // With ZKV_CREDENTIALS set to a credentials file (`zkv keys add-client`), both connect over CURVE.
 
 import { createHash, randomBytes } from "node:crypto";
@@ -812,6 +813,23 @@ async function rolesScenario(url, prefix) {
   return out;
 }
 
+// The pure parts of routing, on cases the test makes up (JSON on stdin, byte strings in hex): each key's
+// slot, and each merged scan page, for the test to compare with Python's slot_for_key and merge_scans.
+async function routingCheck() {
+  const chunks = [];
+  for await (const chunk of process.stdin) chunks.push(chunk);
+  const input = JSON.parse(Buffer.concat(chunks).toString());
+  const buf = (h) => Buffer.from(h, "hex");
+  const slots = input.slots.map(([key, n]) => slotForKey(buf(key), n));
+  const scans = input.scans.map(({ limit, parts }) => {
+    const { header, values } = mergeScans(parts.map((p) => ({
+      header: { ok: true, keys: p.keys.map(buf), versions: p.versions, more: p.more },
+      values: p.values.map(buf) })), limit);
+    return { keys: header.keys.map(hex), versions: header.versions, more: header.more, values: values.map(hex) };
+  });
+  return { slots, scans };
+}
+
 // The scenario the command line names, as a function to run; null if the arguments do not name one.
 function chosen(args) {
   const [mode, url, prefix, ...rest] = args;
@@ -825,6 +843,7 @@ function chosen(args) {
     const readKeys = rest.filter((a) => a !== "--pause").map((h) => Buffer.from(h, "hex"));
     return () => activeScenario(url, prefix, readKeys, pause);
   }
+  if (mode === "--routing") return routingCheck;
   const [frontend, keyPrefix, pythonKeyHex] = args;
   if (!frontend || !keyPrefix || pythonKeyHex === undefined) return null;
   return () => scenario(frontend, keyPrefix, pythonKeyHex);
@@ -836,7 +855,8 @@ if (process.argv[1] && import.meta.url === pathToFileURL(process.argv[1]).href) 
     console.error("usage: node client.mjs <frontend-url> <key-prefix> <python-key-hex>\n" +
       "       node client.mjs --roles <frontend-url> <key-prefix>\n" +
       "       node client.mjs --several <url,url,...> <key-prefix>\n" +
-      "       node client.mjs --active <url,url,...> <key-prefix> [python-key-hex...] [--pause]");
+      "       node client.mjs --active <url,url,...> <key-prefix> [python-key-hex...] [--pause]\n" +
+      "       node client.mjs --routing < cases.json");
     process.exit(2);
   }
   run().then(
