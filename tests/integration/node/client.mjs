@@ -6,11 +6,15 @@
 // `node client.mjs --roles <frontend-url> <key-prefix>` checks what the credentials' role may do (§1.12).
 // `node client.mjs --several <url,url,...> <key-prefix>` puts and gets one key through a list of brokers
 // (docs/protocol.md "Several brokers": a standby answers NOT_LEADER naming the leader).
+// `node client.mjs --active <url,url,...> <key-prefix>` runs puts, gets, mset, mget and scan against active
+// brokers (docs/protocol.md §1.14: each slot group led by one of them), routed by the slot map;
+// `node client.mjs --routing < cases.json` computes slots and merged scan pages for the test to compare.
 // With ZKV_CREDENTIALS set to a credentials file (`zkv keys add-client`), both connect over CURVE.
 
 import { createHash, randomBytes } from "node:crypto";
 import { readFileSync } from "node:fs";
 import { pathToFileURL } from "node:url";
+import { crc32 } from "node:zlib"; // node >= 20.15 / 22.2: the IEEE (zlib) CRC-32 of §1.9
 
 import { decode, encode } from "@msgpack/msgpack";
 import { Dealer } from "zeromq";
@@ -27,7 +31,9 @@ const RETRYABLE = new Set(["TIMEOUT", "UNAVAILABLE", "NOT_ENOUGH_REPLICAS", "NOT
 // and how often a wait for a reply looks at it.
 const FAILOVER_WAIT = 1000;
 const LINK_CHECK = 100;
-const sameUrl = (a, b) => a.trim().replace(/\/+$/, "").toLowerCase() === b.trim().replace(/\/+$/, "").toLowerCase();
+const DEFAULT_SCAN_LIMIT = 1000; // §1.10
+const normUrl = (u) => u.trim().replace(/\/+$/, "").toLowerCase();
+const sameUrl = (a, b) => normUrl(a) === normUrl(b);
 
 export class ZkvError extends Error {
   constructor(code, message, id = null) {
@@ -56,6 +62,120 @@ export function loadCredentials(path) {
 const toBuf = (b) => (Buffer.isBuffer(b) ? b : typeof b === "string" ? Buffer.from(b, "utf8") : Buffer.from(b));
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
+// -- active brokers: the slot map (docs/protocol.md §1.14; client/slotmap.py is the Python one) -----
+
+// §1.9: slot = crc32(key) mod slots (zlib.crc32 is unsigned, as Python's with & 0xFFFFFFFF).
+export const slotForKey = (key, slots) => crc32(toBuf(key)) % slots;
+
+// Which broker leads each slot group (group = slot mod groups), as mmi.slots answers it. Immutable: a
+// NOT_LEADER's hint makes a new map (learn), a newer revision a fetched one.
+export class SlotMap {
+  constructor(slots, groups, leaders, revision) {
+    this.slots = slots;
+    this.groups = groups;
+    this.leaders = leaders; // Map: group -> the leader's frontend; a group without a leader is absent
+    this.revision = revision;
+  }
+
+  // From the map a broker answers ({slots, groups, revision, leaders: {"G": url}}); throws if it is not one.
+  static fromRecord(record) {
+    const { slots, groups, revision } = record ?? {};
+    const leaders = new Map(Object.entries(record?.leaders ?? {}).map(([g, url]) => [Number(g), String(url)]));
+    const ints = [slots, groups, revision].every(Number.isInteger);
+    if (!ints || slots < 1 || groups < 1 || groups > slots || [...leaders.keys()].some((g) => !(g >= 0 && g < groups))) {
+      throw new Error(`not a slot map: ${JSON.stringify(record)}`);
+    }
+    return new SlotMap(slots, groups, leaders, revision);
+  }
+
+  groupOf(key) {
+    return slotForKey(key, this.slots) % this.groups;
+  }
+
+  // The indices of `keys` by group, each list in the keys' order: what one request may carry.
+  byGroup(keys) {
+    const out = new Map();
+    keys.forEach((k, i) => {
+      const g = this.groupOf(k);
+      if (!out.has(g)) out.set(g, []);
+      out.get(g).push(i);
+    });
+    return out;
+  }
+
+  // This map with `group`'s leader as a NOT_LEADER named it (null: none known).
+  learn(group, leader) {
+    const leaders = new Map(this.leaders);
+    if (leader) leaders.set(group, leader);
+    else leaders.delete(group);
+    return new SlotMap(this.slots, this.groups, leaders, this.revision);
+  }
+
+  record() {
+    return { slots: this.slots, groups: this.groups, revision: this.revision,
+      leaders: Object.fromEntries([...this.leaders].sort(([a], [b]) => a - b).map(([g, u]) => [String(g), u])) };
+  }
+}
+
+// One reply of an MGET or MSET from the replies of its shares (one per group): a header list as long as
+// its share's keys is per key and goes back by index, so do value frames and the `streams` manifests
+// (keyed by index); `count` (mset) is the sum; any other field is the first share's (merge_split).
+export function mergeSplit(n, parts) {
+  const header = { ...parts[0].header };
+  const values = new Array(n).fill(null);
+  const perKey = {};
+  const streams = {};
+  for (const { indices, header: hdr, values: frames } of parts) {
+    for (const [name, field] of Object.entries(hdr)) {
+      if (!Array.isArray(field) || field.length !== indices.length) continue;
+      perKey[name] ??= new Array(n).fill(null);
+      field.forEach((x, j) => { perKey[name][indices[j]] = x; });
+    }
+    frames.forEach((x, j) => { values[indices[j]] = x; });
+    for (const [j, manifest] of Object.entries(hdr.streams ?? {})) streams[indices[Number(j)]] = manifest;
+  }
+  Object.assign(header, perKey);
+  delete header.streams;
+  if (Object.keys(streams).length) header.streams = streams;
+  if (parts.every((p) => Number.isInteger(p.header.count))) header.count = parts.reduce((s, p) => s + p.header.count, 0);
+  return { header, values: parts.some((p) => p.values.length) ? values : [] };
+}
+
+// One scan page from several groups' pages (each sorted by key, each with its `more`), all asked with the
+// same prefix, start_after and limit. Beyond the smallest last key of a page that has more, that group may
+// hold keys not seen yet: so only keys up to it, in key order, at most `limit`; `more` if anything was
+// left out or any group has more (client/slotmap.py merge_pages).
+export function mergePages(pages, limit) {
+  if (pages.some((p) => p.more && p.items.length === 0)) throw new Error("a page that has more must hold at least one key");
+  const bounds = pages.filter((p) => p.more).map((p) => p.items[p.items.length - 1].key);
+  const bound = bounds.length ? bounds.reduce((a, b) => (Buffer.compare(a, b) <= 0 ? a : b)) : null;
+  const merged = pages.flatMap((p) => p.items)
+    .filter((it) => bound === null || Buffer.compare(it.key, bound) <= 0)
+    .sort((a, b) => Buffer.compare(a.key, b.key));
+  return { items: merged.slice(0, limit), more: merged.length > limit || pages.some((p) => p.more) };
+}
+
+// One scan reply from every group's reply to the same page request (merge_scans). A page with `more`
+// but no keys counts as complete, as it does for one broker.
+export function mergeScans(parts, limit) {
+  const withValues = parts.some((p) => p.values.length);
+  const pages = parts.map(({ header, values }) => {
+    const streams = header.streams ?? {};
+    const items = header.keys.map((k, i) => ({ key: Buffer.from(k), version: header.versions[i],
+      value: withValues ? values[i] : null, stream: streams[i] ?? null }));
+    return { items, more: Boolean(header.more) && items.length > 0 };
+  });
+  const { items, more } = mergePages(pages, limit);
+  const header = { ...parts[0].header, keys: items.map((e) => e.key), versions: items.map((e) => e.version), more };
+  delete header.streams;
+  const streams = Object.fromEntries(items.flatMap((e, i) => (e.stream === null ? [] : [[i, e.stream]])));
+  if (Object.keys(streams).length) header.streams = streams;
+  return { header, values: withValues ? items.map((e) => e.value) : [] };
+}
+
+// send()'s answer when a request that spans groups was refused before the map was known: split it now.
+const RESPLIT = Symbol("resplit");
+
 export class ZkvClient {
   // url: a broker's frontend, or several brokers' comma-separated (one at a time; the leader is followed);
   // timeout: the most one call may take, retries included; attemptTimeout: how long one attempt waits;
@@ -72,8 +192,14 @@ export class ZkvClient {
     this.attemptTimeout = attemptTimeout;
     this.cid = randomBytes(16); // §1.6: one random client id per client instance
     this.nextId = 1;
-    this.sock = null;
-    this.open();
+    // One DEALER per broker URL, kept: with active brokers (§1.14) requests go back and forth between
+    // the group leaders, and a new connection for each would cost a handshake per request.
+    this.socks = new Map(); // normUrl(url) -> { sock, link }
+    this.slotMap = null; // active brokers: learned at the first NOT_LEADER naming a group (mmi.slots)
+    this.redirects = 0; // NOT_LEADER answers received: a client that routes by the map gets few
+    this.servedBy = null; // the broker whose answer the last request returned
+    this.served = new Map(); // URL -> answers it gave (how the requests spread over the brokers)
+    this.entry();
   }
 
   // -- several brokers (docs/protocol.md "Several brokers") ----------------------------------------
@@ -92,6 +218,14 @@ export class ZkvClient {
     this.leader = null;
   }
 
+  // Make `url` the current broker: the list's entry if it is one, else the URL itself.
+  goTo(url) {
+    if (sameUrl(url, this.current())) return;
+    const i = this.urls.findIndex((u) => sameUrl(u, url));
+    if (i >= 0) [this.at, this.leader] = [i, null];
+    else this.leader = url.trim();
+  }
+
   // NOT_LEADER: go to the leader it names and return true (resend at once), or move on and return false
   // (back off first): no leader named, the standby named itself, or more leaders followed in a row than
   // there are URLs (standbys that disagree during an election).
@@ -102,56 +236,145 @@ export class ZkvClient {
       return false;
     }
     this.hops += 1;
-    const i = this.urls.findIndex((u) => sameUrl(u, leader));
-    if (i >= 0) [this.at, this.leader] = [i, null];
-    else this.leader = leader.trim();
+    this.goTo(leader);
     return true;
   }
 
   // With several brokers: the connection has been down, or never up, for FAILOVER_WAIT. A dead broker's
   // connection is refused or dropped by its host at once, while a live one's stays up however slow its
   // answer: so a dead broker costs about a second, a slow leader is still waited for.
-  linkDead() {
-    return this.link !== null && !this.link.up && Date.now() - this.link.downSince >= FAILOVER_WAIT;
+  linkDead(link) {
+    return link !== null && !link.up && Date.now() - link.downSince >= FAILOVER_WAIT;
   }
 
-  open() {
-    if (this.sock) this.sock.close();
+  // The kept socket of the current broker, connected first if there is none.
+  entry() {
+    const key = normUrl(this.current());
+    if (!this.socks.has(key)) this.socks.set(key, this.connect(this.current()));
+    return this.socks.get(key);
+  }
+
+  connect(url) {
     const options = { linger: 0 };
     if (this.curve) {
       const { curveServerKey, curvePublicKey, curveSecretKey } = this.curve;
       Object.assign(options, { curveServerKey, curvePublicKey, curveSecretKey });
     }
-    this.sock = new Dealer(options);
-    this.link = null;
+    const sock = new Dealer(options);
+    let link = null;
     if (this.several || this.leader !== null) {
-      const link = { up: false, downSince: Date.now() };
+      link = { up: false, downSince: Date.now() };
       const up = () => { link.up = true; };
-      this.sock.events.on("connect", up); // TCP up (and the ZMTP handshake, where libzmq reports it)
-      this.sock.events.on("handshake", up);
-      this.sock.events.on("disconnect", () => { if (link.up) [link.up, link.downSince] = [false, Date.now()]; });
-      this.link = link;
+      sock.events.on("connect", up); // TCP up (and the ZMTP handshake, where libzmq reports it)
+      sock.events.on("handshake", up);
+      sock.events.on("disconnect", () => { if (link.up) [link.up, link.downSince] = [false, Date.now()]; });
     }
-    this.opened = this.current();
-    this.sock.connect(this.opened);
+    sock.connect(url);
+    return { sock, link };
+  }
+
+  // Close the socket of `url`: whatever it still queues for a dead connection, requests and replies, is
+  // dropped; the next request there gets a fresh one.
+  drop(url) {
+    const key = normUrl(url);
+    const kept = this.socks.get(key);
+    if (kept) kept.sock.close();
+    this.socks.delete(key);
   }
 
   close() {
-    if (this.sock) this.sock.close();
-    this.sock = null;
+    for (const { sock } of this.socks.values()) sock.close();
+    this.socks.clear();
   }
+
+  // -- active brokers (docs/protocol.md §1.14) -----------------------------------------------------
+
+  // The group a request's keys (or its `group` field: scan, watch) fall in by the map; null without one.
+  groupOf(fields) {
+    const m = this.slotMap;
+    if (m === null || !fields) return null;
+    if (Number.isInteger(fields.group)) return fields.group;
+    const key = fields.key ?? fields.keys?.[0];
+    return key === undefined ? null : m.groupOf(key);
+  }
+
+  // Send to the leader of the request's group, when the map knows it.
+  route(fields) {
+    const g = this.groupOf(fields);
+    const url = g === null ? undefined : this.slotMap.leaders.get(g);
+    if (url) this.goTo(url);
+  }
+
+  // No reply from the leader the map named for this request's group: forget it, so the next attempt goes
+  // where the failover rules say (the next URL), whose NOT_LEADER names the group's new leader once there
+  // is one.
+  unroute(fields) {
+    const g = this.groupOf(fields);
+    const url = g === null ? undefined : this.slotMap.leaders.get(g);
+    if (url && sameUrl(url, this.current())) this.slotMap = this.slotMap.learn(g, null);
+  }
+
+  // A NOT_LEADER of an active broker names the group and its leader: note it (fetching the whole map
+  // first when it is newer than ours). True if the request is to be resent to that leader at once.
+  async learn(header) {
+    const g = header.group;
+    if (header.code !== "NOT_LEADER" || !Number.isInteger(g)) return false; // a standby's (§1.13)
+    if (this.slotMap === null || Number(header.revision ?? 0) > this.slotMap.revision) await this.fetchMap();
+    if (this.slotMap === null) return false;
+    const leader = typeof header.leader === "string" && header.leader ? header.leader : null;
+    // No leader now (a handover): forget the old one.
+    if ((this.slotMap.leaders.get(g) ?? null) !== leader) this.slotMap = this.slotMap.learn(g, leader);
+    return this.slotMap.leaders.has(g);
+  }
+
+  // The map from the current broker (mmi.slots); unchanged if it answers none (501: no groups) or nothing.
+  async fetchMap() {
+    const svc = Buffer.from("mmi.slots");
+    const body = await this.roundtrip([MDPC, REQUEST, svc, Buffer.alloc(0)], svc, null, this.attemptTimeout);
+    if (body === null || body[0].toString() === "501") return;
+    try {
+      this.slotMap = SlotMap.fromRecord(decode(body[0]));
+    } catch {
+      // not a map: route as without one
+    }
+  }
+
+  // An MGET or MSET over several groups: one request per group, the answers put back in the keys' order;
+  // a scan without a `group`: one page from every group, merged in key order. Null when not split (no map,
+  // one group, or all keys in one).
+  async split(op, fields, values) {
+    const m = this.slotMap;
+    if (m === null || m.groups < 2) return null;
+    if (op === "scan" && fields.group === undefined) {
+      const parts = [];
+      for (let g = 0; g < m.groups; g++) parts.push(await this.request(op, { ...fields, group: g }));
+      return mergeScans(parts, fields.limit ?? DEFAULT_SCAN_LIMIT);
+    }
+    if (op !== "mget" && op !== "mset") return null;
+    const shares = m.byGroup(fields.keys);
+    if (shares.size < 2) return null;
+    const parts = [];
+    for (const indices of shares.values()) {
+      const share = { ...fields, keys: indices.map((i) => fields.keys[i]) };
+      const answer = await this.request(op, share, op === "mset" ? indices.map((i) => values[i]) : []);
+      parts.push({ indices, ...answer });
+    }
+    return mergeSplit(fields.keys.length, parts);
+  }
+
+  // -- requests -------------------------------------------------------------------------------------
 
   // Send frames once; wait up to waitMs for the FINAL of `service` whose header id is `matchId`
   // (or an error with id nil). Returns the frames after the service frame, or null on timeout.
   // PARTIALs for `matchId` (§1.8, get_chunks) go to onPartial(header, valueFrames).
   async roundtrip(frames, service, matchId, waitMs, onPartial = null) {
-    if (this.opened !== this.current()) this.open(); // moved to another broker
+    const { sock, link } = this.entry();
     const deadline = Date.now() + waitMs;
     // A DEALER whose connection was refused at the handshake (a key the broker did not know yet,
     // §1.12) has nowhere to queue a message: send would wait for ever. Bound it like the reply.
-    this.sock.sendTimeout = waitMs;
+    sock.sendTimeout = waitMs;
     try {
-      await this.sock.send(frames);
+      await sock.send(frames);
     } catch (e) {
       if (e.code === "EAGAIN") return null;
       throw e;
@@ -159,13 +382,13 @@ export class ZkvClient {
     for (;;) {
       const left = deadline - Date.now();
       if (left <= 0) return null;
-      this.sock.receiveTimeout = this.link ? Math.min(left, LINK_CHECK) : left;
+      sock.receiveTimeout = link ? Math.min(left, LINK_CHECK) : left;
       let reply;
       try {
-        reply = await this.sock.receive();
+        reply = await sock.receive();
       } catch (e) {
         if (e.code !== "EAGAIN") throw e;
-        if (!this.link || Date.now() >= deadline || this.linkDead()) return null;
+        if (!link || Date.now() >= deadline || this.linkDead(link)) return null;
         continue;
       }
       if (reply.length >= 4 && reply[0].equals(MDPC) && reply[1].length === 1 && reply[1][0] === PARTIAL) {
@@ -191,41 +414,73 @@ export class ZkvClient {
     }
   }
 
-  // One kv request with the retry rules of §1.6. Returns { header, values } or throws ZkvError.
+  // One kv request with the retry rules of §1.6, routed by the slot map with active brokers (§1.14).
+  // Returns { header, values } or throws ZkvError.
   async request(op, fields = {}, values = [], onPartial = null) {
+    const split = await this.split(op, fields, values);
+    if (split !== null) return split;
     const id = this.nextId++;
     const frames = [MDPC, REQUEST, KV, Buffer.from(encode({ op, id, cid: this.cid, ...fields })), ...values];
-    return this.send(frames, id, onPartial);
+    const answer = await this.send(frames, id, onPartial, fields);
+    return answer === RESPLIT ? this.request(op, fields, values, onPartial) : answer;
   }
 
   // Send prepared frames (the same frames on every attempt) until a final answer or the deadline.
-  async send(frames, id, onPartial = null) {
+  // `fields` (the header's fields, when known) route each attempt to its group's leader.
+  async send(frames, id, onPartial = null, fields = null) {
     const deadline = Date.now() + this.timeout;
     let backoff = 50;
     let last = null;
     for (;;) {
       const left = deadline - Date.now();
       if (left <= 0) throw last || new ZkvError("TIMEOUT", `no reply from ${this.url}`, id);
+      this.route(fields);
       const body = await this.roundtrip(frames, KV, id, Math.min(left, this.attemptTimeout), onPartial);
       if (body === null) {
+        this.unroute(fields);
+        const silent = this.current();
         if (this.several || this.leader !== null) this.next(); // several brokers: try the next one
-        this.open(); // drop replies queued for a dead connection, then resend the same frames
+        this.drop(silent); // drop replies queued for a dead connection, then resend the same frames
         last = new ZkvError("TIMEOUT", `no reply from ${this.url}`, id);
         continue;
       }
       const header = decode(body[0]);
-      if (header.code !== "NOT_LEADER") this.hops = 0;
+      if (header.code !== "NOT_LEADER") this.answered();
+      // Keys of several groups, sent before the map was known (the refusal names the cluster's groups).
+      if (fields && this.slotMap === null && header.code === "BAD_REQUEST" && Number.isInteger(header.groups)) {
+        await this.fetchMap();
+        if (this.slotMap !== null) return RESPLIT;
+      }
       if (header.ok) return { header, values: body.slice(1) };
       const err = new ZkvError(String(header.code), String(header.message ?? ""), header.id ?? null);
       err.version = header.version ?? null; // CONDITION_FAILED carries the key's current version
       if (!err.retryable) throw err;
       last = err;
-      // A standby: nothing was done; the same frames go to the leader it names at once (the next
-      // roundtrip reopens the socket there), or to the next broker after the backoff.
-      if (err.code === "NOT_LEADER" && this.follow(header.leader ?? null)) continue;
+      if (err.code === "NOT_LEADER" && await this.redirected(header)) continue;
       await sleep(Math.min(backoff, Math.max(0, deadline - Date.now())));
       backoff = Math.min(backoff * 2, 1000);
     }
+  }
+
+  // An answer that was not NOT_LEADER: the current broker serves.
+  answered() {
+    this.hops = 0;
+    this.servedBy = this.current();
+    this.served.set(this.servedBy, (this.served.get(this.servedBy) ?? 0) + 1);
+  }
+
+  // NOT_LEADER: nothing was done. True if the same frames go again at once: to the group's leader it
+  // names (active brokers; the next attempt is routed there), or to the leader a standby names; false to
+  // back off first (no leader named: the next broker; or brokers that keep naming each other while a
+  // handover runs).
+  async redirected(header) {
+    this.redirects += 1;
+    if (await this.learn(header)) {
+      if (++this.hops <= this.urls.length) return true;
+      this.hops = 0;
+      return false;
+    }
+    return this.follow(header.leader ?? null);
   }
 
   // Send raw frames once and return the reply header (no retries): for protocol tests.
@@ -492,6 +747,47 @@ async function severalScenario(urls, prefix) {
   }
 }
 
+// Active brokers (§1.14): puts and gets one key at a time, an MSET and an MGET across the groups, a scan in
+// pages of 5; where the requests were answered, how often a broker said NOT_LEADER, and the map learned.
+// `readKeys`: more keys to MGET (written by Python).
+async function activeRound(c, prefix, n, readKeys) {
+  const redirects = c.redirects; // (counted for this round alone, as where the answers came from)
+  c.served = new Map();
+  const key = (i) => `${prefix}/k${String(i).padStart(2, "0")}`;
+  const puts = [];
+  for (let i = 0; i < n; i++) puts.push({ key: key(i), version: await c.put(key(i), `v${i}`), served_by: c.servedBy });
+  const gets = [];
+  for (let i = 0; i < n; i++) {
+    const value = await c.get(key(i));
+    gets.push({ key: key(i), value: value && value.toString(), served_by: c.servedBy,
+      group: c.slotMap === null ? null : c.slotMap.groupOf(key(i)) });
+  }
+  const pairs = Array.from({ length: n }, (_, i) => [`${key(i)}/m`, Buffer.from([i, 0xff, 0])]);
+  const msetCount = await c.mset(pairs);
+  const mget = (await c.mget([...pairs.map(([k]) => k), `${prefix}/missing`, ...readKeys])).map(hex);
+  const scan = (await c.scan(`${prefix}/`, 5)).map((e) => [e.key.toString(), hex(e.value)]);
+  return { puts, gets, mset_count: msetCount, mget, scan, redirects: c.redirects - redirects,
+    map: c.slotMap && c.slotMap.record(), served: Object.fromEntries(c.served) };
+}
+
+// One round; with `pause`, it prints its result, waits for a line on stdin (the test changes the cluster
+// meanwhile: a broker killed), then runs a second round on the same client, with the map it had.
+async function activeScenario(urls, prefix, readKeys, pause) {
+  const c = new ZkvClient(urls, { credentials: credentials(), timeout: 30000 });
+  try {
+    const first = await activeRound(c, `${prefix}/1`, 24, readKeys);
+    if (!pause) return first;
+    process.stdout.write(JSON.stringify(first) + "\n");
+    await new Promise((resolve) => process.stdin.once("data", resolve));
+    process.stdin.pause();
+    const t0 = Date.now();
+    const second = await activeRound(c, `${prefix}/2`, 24, readKeys);
+    return { ...second, ms: Date.now() - t0 };
+  } finally {
+    c.close();
+  }
+}
+
 // §1.12 roles: what the credentials may read and write, and the FORBIDDEN refusals. A client with no
 // credentials (or keys the broker does not know) gets no connection at all: every attempt times out.
 async function rolesScenario(url, prefix) {
@@ -517,19 +813,53 @@ async function rolesScenario(url, prefix) {
   return out;
 }
 
+// The pure parts of routing, on cases the test makes up (JSON on stdin, byte strings in hex): each key's
+// slot, and each merged scan page, for the test to compare with Python's slot_for_key and merge_scans.
+async function routingCheck() {
+  const chunks = [];
+  for await (const chunk of process.stdin) chunks.push(chunk);
+  const input = JSON.parse(Buffer.concat(chunks).toString());
+  const buf = (h) => Buffer.from(h, "hex");
+  const slots = input.slots.map(([key, n]) => slotForKey(buf(key), n));
+  const scans = input.scans.map(({ limit, parts }) => {
+    const { header, values } = mergeScans(parts.map((p) => ({
+      header: { ok: true, keys: p.keys.map(buf), versions: p.versions, more: p.more },
+      values: p.values.map(buf) })), limit);
+    return { keys: header.keys.map(hex), versions: header.versions, more: header.more, values: values.map(hex) };
+  });
+  return { slots, scans };
+}
+
+// The scenario the command line names, as a function to run; null if the arguments do not name one.
+function chosen(args) {
+  const [mode, url, prefix, ...rest] = args;
+  if (mode === "--roles" || mode === "--several") {
+    if (!url || !prefix) return null;
+    return () => (mode === "--roles" ? rolesScenario(url, prefix) : severalScenario(url, prefix));
+  }
+  if (mode === "--active") {
+    if (!url || !prefix) return null;
+    const pause = rest.includes("--pause");
+    const readKeys = rest.filter((a) => a !== "--pause").map((h) => Buffer.from(h, "hex"));
+    return () => activeScenario(url, prefix, readKeys, pause);
+  }
+  if (mode === "--routing") return routingCheck;
+  const [frontend, keyPrefix, pythonKeyHex] = args;
+  if (!frontend || !keyPrefix || pythonKeyHex === undefined) return null;
+  return () => scenario(frontend, keyPrefix, pythonKeyHex);
+}
+
 if (process.argv[1] && import.meta.url === pathToFileURL(process.argv[1]).href) {
-  const args = process.argv.slice(2);
-  const roles = args[0] === "--roles";
-  const several = args[0] === "--several";
-  const [url, prefix, pythonKeyHex] = roles || several ? args.slice(1) : args;
-  if (!url || !prefix || (!roles && !several && pythonKeyHex === undefined)) {
+  const run = chosen(process.argv.slice(2));
+  if (run === null) {
     console.error("usage: node client.mjs <frontend-url> <key-prefix> <python-key-hex>\n" +
       "       node client.mjs --roles <frontend-url> <key-prefix>\n" +
-      "       node client.mjs --several <url,url,...> <key-prefix>");
+      "       node client.mjs --several <url,url,...> <key-prefix>\n" +
+      "       node client.mjs --active <url,url,...> <key-prefix> [python-key-hex...] [--pause]\n" +
+      "       node client.mjs --routing < cases.json");
     process.exit(2);
   }
-  (roles ? rolesScenario(url, prefix) : several ? severalScenario(url, prefix)
-    : scenario(url, prefix, pythonKeyHex)).then(
+  run().then(
     (out) => {
       process.stdout.write(JSON.stringify(out) + "\n");
       process.exit(0);
