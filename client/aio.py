@@ -191,10 +191,12 @@ class AsyncClient(Commands):
             answer = attempts.answer(reply)
             if isinstance(answer, tuple):
                 self.brokers.settled()
+                self.router.settled()
                 return answer
-            if await self._followed(reply):
+            followed = await self._followed(reply)
+            if followed:
                 continue  # a group's leader named: resent there at once
-            if url == self.brokers.current:  # (a NOT_LEADER from a broker the client has left changes nothing)
+            if followed is None and url == self.brokers.current:  # (from a broker left: nothing changes)
                 answer = self.brokers.refused(attempts.last_error, answer)
             await asyncio.sleep(answer)
 
@@ -214,14 +216,16 @@ class AsyncClient(Commands):
     async def _fetch_map(self) -> None:
         self.router.install(await self._mmi(MMI_SLOTS, [b""], self.attempt_timeout))
 
-    async def _followed(self, reply: list[bytes]) -> bool:
-        """As ``Client._followed``: a NOT_LEADER naming a slot group followed; True to resend at once."""
+    async def _followed(self, reply: list[bytes]) -> bool | None:
+        """As ``Client._followed``: True resend at once, False back off, None the broker list's rules."""
         redirect = self.router.redirect(reply)
         if redirect is None:
-            return False
+            return None
         if self.router.needs_map(redirect):
             await self._fetch_map()
-        return self.router.follow(redirect)
+        if self.router.follow(redirect):
+            return True
+        return False if redirect.leader else None
 
     async def _mmi(self, service: bytes, body: list[bytes], wait: float) -> list[bytes] | None:
         """As ``Client._mmi``: a management call within ``wait``, attempts as ``BrokerList.mmi_again`` says."""

@@ -234,10 +234,14 @@ class Client(Commands):
             answer = attempts.answer(reply)
             if isinstance(answer, tuple):
                 self.brokers.settled()
+                self.router.settled()
                 return answer
-            if self._followed(reply):
+            followed = self._followed(reply)
+            if followed:
                 continue  # a group's leader named: resent there at once
-            time.sleep(self.brokers.refused(attempts.last_error, answer))  # NOT_LEADER: go to the leader
+            if followed is None:  # (a group's leader named, but too many hops in a row: back off)
+                answer = self.brokers.refused(attempts.last_error, answer)  # NOT_LEADER: go to the leader
+            time.sleep(answer)
 
     # -- active brokers: routing by slot group (client/routing.py) -------------------------------
 
@@ -263,15 +267,19 @@ class Client(Commands):
     def _fetch_map(self) -> None:
         self.router.install(self._mmi(MMI_SLOTS, [b""], self.attempt_timeout))
 
-    def _followed(self, reply: list[bytes]) -> bool:
+    def _followed(self, reply: list[bytes]) -> bool | None:
         """A NOT_LEADER naming a slot group: follow it (the whole map first when it is newer than
-        ours); True if the request is to be resent at once, to the leader it names."""
+        ours). True: resend at once, to the leader it names; False: back off (it names a leader,
+        but leaders have named each other too often in a row); None: the broker list's rules
+        apply (not a group's redirect, or no leader named)."""
         redirect = self.router.redirect(reply)
         if redirect is None:
-            return False
+            return None
         if self.router.needs_map(redirect):
             self._fetch_map()
-        return self.router.follow(redirect)
+        if self.router.follow(redirect):
+            return True
+        return False if redirect.leader else None
 
     def _run_window(self, calls: Iterator[Call], window: int) -> None:
         """Run ``calls`` with up to ``window`` requests in flight (each with the retry rules of

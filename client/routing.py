@@ -71,6 +71,7 @@ class Router:
         # Known once a broker's reply named a slot group; replaced, never mutated.
         self.slot_map: SlotMap | None = None
         self.flat = False  # a broker answered mmi.slots with 501: no slot groups (until a redirect)
+        self.hops = 0  # group leaders followed since the last answer that was not NOT_LEADER
 
     def group_of(self, header: dict[str, Any]) -> int | None:
         m = self.slot_map
@@ -114,7 +115,17 @@ class Router:
             return False
         if m.leaders.get(redirect.group) != redirect.leader:
             self.slot_map = m = m.learn(redirect.group, redirect.leader)
+        # Brokers whose maps lag a handover may name each other: after more hops in a row than
+        # there are brokers leading, back off once (docs/protocol.md §1.14 item 2).
+        self.hops += 1
+        if self.hops > len(set(m.leaders.values())) + 1:
+            self.hops = 0
+            return False
         return bool(m.leaders.get(redirect.group))
+
+    def settled(self) -> None:
+        """An answer that was not NOT_LEADER came."""
+        self.hops = 0
 
     def spans_groups(self, reply: list[bytes]) -> bool:
         """A BAD_REQUEST refusing a request over several slot groups (it names the cluster's

@@ -81,20 +81,28 @@ Share = tuple[Sequence[int], dict[str, Any], Sequence[Any]]
 def merge_split(n: int, parts: Sequence[Share]) -> tuple[dict[str, Any], list[Any]]:
     """One reply of a multi-key request from the replies of its shares (one per group): each
     share's indices into the ``n`` keys, its header and its value frames (one per key, or none).
-    A header list as long as its share's keys is per key and goes back by index; any other
-    field is the first share's."""
+    A header list as long as its share's keys is per key and goes back by index, as do the
+    indices of ``streams``; ``count`` is summed; any other field is the first share's."""
     header: dict[str, Any] = dict(parts[0][1]) if parts else {}
     values: list[Any] = [None] * n
     per_key: dict[str, list[Any]] = {}
+    streams: dict[int, Any] = {}  # an MGET's streamed values, by index into the whole request
     for indices, hdr, frames in parts:
         for name, field in hdr.items():
             if isinstance(field, list) and len(field) == len(indices):
                 merged = per_key.setdefault(name, [None] * n)
                 for i, x in zip(indices, field, strict=True):
                     merged[i] = x
+        for i, manifest in (hdr.get("streams") or {}).items():
+            streams[indices[int(i)]] = manifest
         for i, x in zip(indices, frames, strict=False):
             values[i] = x
     header.update(per_key)
+    header.pop("streams", None)
+    if streams:
+        header["streams"] = streams
+    if any("count" in hdr for _, hdr, _ in parts):  # an MSET's keys written: every share's
+        header["count"] = sum(int(hdr.get("count") or 0) for _, hdr, _ in parts)
     return header, values if any(len(frames) for _, _, frames in parts) else []
 
 

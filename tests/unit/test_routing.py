@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from client.routing import Router
+from client.routing import Redirect, Router
 from protocol.frames import pack
 
 pytestmark = pytest.mark.timeout(10)
@@ -169,3 +169,14 @@ def test_an_admin_command_goes_to_every_groups_leader_and_the_answers_merge() ->
     gap = r.admin_plan(pack({"cmd": "rebalance"}))
     assert gap is not None and gap.leaderless == [1]
     assert not unpack(merge_admin(gap, answers)[0])["ok"]
+
+
+def test_leaders_naming_each_other_make_the_client_back_off_once_in_a_while() -> None:
+    r = routed()  # two brokers lead the groups
+    to_a = Redirect(1, A, 5)
+    to_b = Redirect(1, B, 5)
+    followed = [r.follow(to_a if i % 2 else to_b) for i in range(8)]
+    assert followed == [True, True, True, False, True, True, True, False]
+    r.follow(to_a)
+    r.settled()  # an answer: the count starts again
+    assert [r.follow(to_b) for _ in range(3)] == [True, True, True]

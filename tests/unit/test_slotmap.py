@@ -120,3 +120,16 @@ def test_scan_replies_of_every_group_merge_into_one_page() -> None:
     header, values = merge_scans([({"keys": [b"x"], "versions": [7], "more": False}, []),
                                   ({"keys": [], "versions": [], "more": True}, [])], limit=5)
     assert header["keys"] == [b"x"] and values == [] and header["more"] is False
+
+
+def test_a_split_mget_carries_streamed_values_back_by_index_and_an_mset_sums_its_count() -> None:
+    hdr, values = merge_split(4, [([1, 3], {"ok": True, "found": [True, True], "streams": {1: {"size": 9}}},
+                                   [b"", b""]),
+                                  ([0, 2], {"ok": True, "found": [True, True], "streams": {0: {"size": 5}}},
+                                   [b"", b"x"])])
+    assert hdr["streams"] == {3: {"size": 9}, 0: {"size": 5}} and values == [b"", b"", b"x", b""]
+    hdr, _ = merge_split(3, [([0, 2], {"ok": True, "count": 2}, []), ([1], {"ok": True, "count": 1}, [])])
+    assert hdr["count"] == 3
+    miss = {"ok": True, "found": [False]}
+    hdr, _ = merge_split(2, [([0], miss, [b""]), ([1], miss, [b""])])
+    assert "streams" not in hdr and "count" not in hdr
