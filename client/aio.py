@@ -64,6 +64,7 @@ class AsyncClient(Commands):
         self._waiting: dict[Any, asyncio.Future[list[bytes]]] = {}
         self._partials: dict[Any, OnPartial] = {}
         self._closed = False
+        self._map_fetch: asyncio.Future[list[bytes] | None] | None = None
         self._open()
 
     def _open(self) -> None:
@@ -81,9 +82,13 @@ class AsyncClient(Commands):
                 self._drop(other, wake=True)
         conn = self._conns.get(url)
         if conn is None:
-            sock, link = linked_dealer(self._ctx, url, self.credentials, self.brokers.several)
+            # Watched with several brokers, or routing to group leaders: a dead one is left in a second.
+            sock, link = linked_dealer(self._ctx, url, self.credentials, self._watched())
             conn = self._conns[url] = _Conn(url, sock, link)
         return conn
+
+    def _watched(self) -> bool:
+        return self.brokers.several or self.router.slot_map is not None
 
     def _drop(self, url: str, wake: bool) -> None:
         """Close the socket to ``url``; with ``wake``, the requests waiting on it resend at once
@@ -93,8 +98,8 @@ class AsyncClient(Commands):
             return
         conn.close()
         if wake:
-            for key in conn.sent:
-                fut = self._waiting.get(key)
+            waiting = [self._waiting.get(key) for key in conn.sent] + list(conn.mmi)
+            for fut in waiting:
                 if fut is not None and not fut.done():
                     fut.set_result([])
 
@@ -111,14 +116,22 @@ class AsyncClient(Commands):
 
     # -- transport ------------------------------------------------------------------------------
 
-    async def _read_replies(self, sock: zmq.asyncio.Socket) -> None:
-        """Route each reply to the request waiting for its (service, id)."""
+    async def _read_replies(self, conn: _Conn) -> None:
+        """Route each reply to the request waiting for its (service, id); a management answer
+        (it has no id) to the oldest management call on this connection: a broker answers them
+        in order."""
         while True:
-            frames = await sock.recv_multipart()
+            frames = await conn.sock.recv_multipart()
             if len(frames) < 4 or frames[0] != MDPC or frames[1] not in (C_FINAL, C_PARTIAL):
                 continue
             service = frames[2]
-            hdr = unpack(frames[3]) if service == SERVICE else {}
+            if service != SERVICE:
+                if conn.mmi:
+                    waiter = conn.mmi.popleft()  # (done: its caller gave up; the answer is its own)
+                    if not waiter.done():
+                        waiter.set_result(frames[3:])
+                continue
+            hdr = unpack(frames[3])
             rid = hdr.get("id")
             if frames[1] == C_PARTIAL:
                 on_partial = self._partials.get((service, rid))
@@ -134,13 +147,16 @@ class AsyncClient(Commands):
         """Send once on ``conn``, wait up to ``wait`` s for the reply (None: none, or the client
         left that broker meanwhile)."""
         if conn.reader is None or conn.reader.done():  # started here: a running loop is needed
-            conn.reader = asyncio.ensure_future(self._read_replies(conn.sock))
+            conn.reader = asyncio.ensure_future(self._read_replies(conn))
         key = (service, rid)
         fut: asyncio.Future[list[bytes]] = asyncio.get_running_loop().create_future()
-        self._waiting[key] = fut
-        if on_partial is not None:
-            self._partials[key] = on_partial
-        conn.sent.add(key)
+        if service == SERVICE:
+            self._waiting[key] = fut
+            if on_partial is not None:
+                self._partials[key] = on_partial
+            conn.sent.add(key)
+        else:
+            conn.mmi.append(fut)
         try:
             await conn.sock.send_multipart([MDPC, C_REQUEST, service, *body], copy=len(body) < 2)
             if conn.link is None:
@@ -171,6 +187,7 @@ class AsyncClient(Commands):
                                                       for part in split.parts)))
         attempts = Attempts(self.url, op, next(self._ids), self.client_id, header, values or [],
                             self.timeout, self.attempt_timeout)
+        hops = 0  # group leaders followed in a row
         while True:
             body, wait = attempts.next()
             url = self.router.target(header) or self.brokers.current
@@ -191,19 +208,19 @@ class AsyncClient(Commands):
             answer = attempts.answer(reply)
             if isinstance(answer, tuple):
                 self.brokers.settled()
-                self.router.settled()
                 return answer
-            followed = await self._followed(reply)
+            hops += 1
+            followed = await self._followed(reply, hops)
             if followed:
                 continue  # a group's leader named: resent there at once
+            hops = 0
             if followed is None and url == self.brokers.current:  # (from a broker left: nothing changes)
                 answer = self.brokers.refused(attempts.last_error, answer)
             await asyncio.sleep(answer)
 
     async def _admin(self, step: programs.Mmi) -> list[bytes] | None:
         """As ``Client._admin``: with active brokers, to every group's leader, answers merged."""
-        if self.router.map_unknown():
-            await self._fetch_map()
+        await self._fetch_map()
         plan = self.router.admin_plan(step.body[0])
         if plan is None:
             return await self._mmi(step.service, step.body, step.wait)
@@ -214,16 +231,20 @@ class AsyncClient(Commands):
         return merge_admin(plan, replies)
 
     async def _fetch_map(self) -> None:
-        self.router.install(await self._mmi(MMI_SLOTS, [b""], self.attempt_timeout))
+        """One fetch at a time: the requests that learn at once that they need the map (a burst
+        of redirects) all wait for the same answer."""
+        if self._map_fetch is None or self._map_fetch.done():
+            self._map_fetch = asyncio.ensure_future(self._mmi(MMI_SLOTS, [b""], self.attempt_timeout))
+        self.router.install(await asyncio.shield(self._map_fetch))
 
-    async def _followed(self, reply: list[bytes]) -> bool | None:
+    async def _followed(self, reply: list[bytes], hops: int) -> bool | None:
         """As ``Client._followed``: True resend at once, False back off, None the broker list's rules."""
         redirect = self.router.redirect(reply)
         if redirect is None:
             return None
         if self.router.needs_map(redirect):
             await self._fetch_map()
-        if self.router.follow(redirect):
+        if self.router.follow(redirect, hops):
             return True
         return False if redirect.leader else None
 
@@ -236,10 +257,12 @@ class AsyncClient(Commands):
             left = max(deadline - time.monotonic(), 0.0)
             reply = await self._roundtrip(conn, service, body, None, min(left, self.attempt_timeout))
             moved = self.brokers.current != url or self._conns.get(url) is not conn
+            if reply is None and self._conns.get(url) is conn:
+                # A fresh connection, as a kv request's next attempt gets; and a late answer
+                # must not be taken for the next management call's (they are matched in order).
+                self._drop(url, wake=True)
             if not self.brokers.mmi_again(reply, service, moved, time.monotonic() >= deadline):
                 return reply
-            if reply is None and not moved:
-                self._open()  # a fresh connection, as a kv request's next attempt gets
 
     async def _run_window(self, calls: Iterator[Call], window: int) -> None:
         """Run ``calls`` with up to ``window`` in flight: ``window`` lanes, each one call at a time.
@@ -332,6 +355,7 @@ class _Conn:
         self.link = link
         self.reader: asyncio.Task[None] | None = None
         self.sent: set[Any] = set()
+        self.mmi: deque[asyncio.Future[list[bytes]]] = deque()  # management calls, in the order sent
 
     def close(self) -> None:
         if self.reader is not None:
@@ -377,7 +401,12 @@ class _AsyncWatchLeg:
     def reopen(self, client: AsyncClient) -> None:
         self.url = next_url(self.session, self.url, client.brokers, client.router)
         close_linked(self.sock, self.link)
-        self.sock, self.link = linked_dealer(client._ctx, self.url, client.credentials, client.brokers.several)
+        self.sock, self.link = linked_dealer(client._ctx, self.url, client.credentials, client._watched())
+
+    def drop(self) -> None:
+        """Close the socket, the session left as it is (its watch is refused: nothing to cancel)."""
+        close_linked(self.sock, self.link)
+        self.sock, self.link = None, None
 
     async def close(self) -> None:
         if self.sock is not None:
@@ -440,32 +469,45 @@ class AsyncWatchStream:
     def _ended(self) -> bool:
         return self.session.ended or any(leg.session.ended for leg in self._legs)
 
-    async def _start(self) -> None:
-        """The legs: one per slot group with active brokers (the map asked for first if not
-        known), else one."""
-        client = self._client
-        if client.router.map_unknown():
-            await client._fetch_map()
-        m = client.router.slot_map
+    def _start(self) -> None:
+        """The legs: one per slot group with active brokers (the map known), else one: if a
+        broker refuses it for naming no group, ``_fan_out`` splits it."""
+        m = self._client.router.slot_map
         shares = [self.session.share(g) for g in range(m.groups)] if m is not None and m.groups > 1 else [self.session]
         self._legs = [_AsyncWatchLeg(s) for s in shares]
 
+    async def _fan_out(self) -> None:
+        leg = self._legs[0]
+        leg.session.spans_groups = False
+        router = self._client.router
+        if router.slot_map is None:
+            await self._client._fetch_map()
+        if router.slot_map is not None and router.slot_map.groups > 1:
+            leg.drop()
+            self._start()  # else the refused session opens again after its backoff
+
     async def _pump(self) -> None:
         if not self._legs:
-            await self._start()
-        waits = []
+            self._start()
+        waits, sent = [], False
         for leg in self._legs:
             wait = await leg.send_due(self._client)
             if wait is None:
-                return  # sent something: look again before waiting
-            waits.append(wait)
+                sent = True  # sent something: look again before waiting (every leg's turn first)
+            else:
+                waits.append(wait)
+        if sent:
+            return
         poller = zmq.asyncio.Poller()
         for leg in self._legs:
-            poller.register(leg.sock, zmq.POLLIN)
+            if leg.sock is not None:
+                poller.register(leg.sock, zmq.POLLIN)
         ready = dict(await poller.poll(int(min(waits) * 1000) + 1))
         for leg in self._legs:
-            if leg.sock in ready:
+            if leg.sock is not None and leg.sock in ready:
                 await leg.read(self._client, self._events)
+        if len(self._legs) == 1 and self._legs[0].session.spans_groups:
+            await self._fan_out()
 
     async def close(self) -> None:
         """Cancel the watch (best effort: the broker also drops it without keepalives)."""

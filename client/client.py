@@ -117,7 +117,12 @@ class Client(Commands):
         """A fresh socket to the current broker (the old one's queued replies are dropped)."""
         close_linked(self._sock, self._link)
         self._at = self.brokers.current
-        self._sock, self._link = linked_dealer(self._ctx, self._at, self.credentials, self.brokers.several)
+        self._sock, self._link = linked_dealer(self._ctx, self._at, self.credentials, self._watched())
+
+    def _watched(self) -> bool:
+        """Whether a socket watches its connection (several brokers, or routing to group leaders:
+        a dead one is left within about a second, client/brokers.py)."""
+        return self.brokers.several or self.router.slot_map is not None
 
     def _ensure(self) -> zmq.Socket:
         """The socket, reopened first if the client has moved to another broker (with a slot
@@ -215,6 +220,7 @@ class Client(Commands):
             return split.merge([self.request(op, part.header, part.values) for part in split.parts])
         attempts = Attempts(self.url, op, next(self._ids), self.client_id, header, values or [],
                             self.timeout, self.attempt_timeout)
+        hops = 0  # group leaders followed in a row
         while True:
             body, wait = attempts.next()
             self._route(header)
@@ -234,12 +240,13 @@ class Client(Commands):
             answer = attempts.answer(reply)
             if isinstance(answer, tuple):
                 self.brokers.settled()
-                self.router.settled()
                 return answer
-            followed = self._followed(reply)
+            hops += 1
+            followed = self._followed(reply, hops)
             if followed:
                 continue  # a group's leader named: resent there at once
-            if followed is None:  # (a group's leader named, but too many hops in a row: back off)
+            hops = 0
+            if followed is None:  # (False: a group's leader named, but too many hops in a row: back off)
                 answer = self.brokers.refused(attempts.last_error, answer)  # NOT_LEADER: go to the leader
             time.sleep(answer)
 
@@ -252,9 +259,9 @@ class Client(Commands):
             self.brokers.route(url)
 
     def _admin(self, step: programs.Mmi) -> list[bytes] | None:
-        """An operator command: with active brokers, to every group's leader, answers merged."""
-        if self.router.map_unknown():
-            self._fetch_map()
+        """An operator command: with active brokers, to every group's leader (by a map fetched
+        now: a command is rare, a stale map would miss a group), answers merged."""
+        self._fetch_map()
         plan = self.router.admin_plan(step.body[0])
         if plan is None:
             return self._mmi(step.service, step.body, step.wait)
@@ -267,7 +274,7 @@ class Client(Commands):
     def _fetch_map(self) -> None:
         self.router.install(self._mmi(MMI_SLOTS, [b""], self.attempt_timeout))
 
-    def _followed(self, reply: list[bytes]) -> bool | None:
+    def _followed(self, reply: list[bytes], hops: int) -> bool | None:
         """A NOT_LEADER naming a slot group: follow it (the whole map first when it is newer than
         ours). True: resend at once, to the leader it names; False: back off (it names a leader,
         but leaders have named each other too often in a row); None: the broker list's rules
@@ -277,7 +284,7 @@ class Client(Commands):
             return None
         if self.router.needs_map(redirect):
             self._fetch_map()
-        if self.router.follow(redirect):
+        if self.router.follow(redirect, hops):
             return True
         return False if redirect.leader else None
 
@@ -424,8 +431,6 @@ class Client(Commands):
         return ValueStream(info, self._iterate(chunks))
 
     def _watch_stream(self, session: WatchSession) -> WatchStream:
-        if self.router.map_unknown():
-            self._fetch_map()  # here, not in the stream: it may be iterated on another thread
         return WatchStream(self, session)
 
 
@@ -466,7 +471,28 @@ class _WatchLeg:
     def reopen(self, client: Client) -> None:
         self.url = next_url(self.session, self.url, client.brokers, client.router)
         close_linked(self.sock, self.link)
-        self.sock, self.link = linked_dealer(client._ctx, self.url, client.credentials, client.brokers.several)
+        self.sock, self.link = linked_dealer(client._ctx, self.url, client.credentials, client._watched())
+
+    def ask_map(self, client: Client) -> list[bytes] | None:
+        """``mmi.slots`` on this leg's own socket (the stream may run on another thread than
+        the client's requests); None without an answer within the attempt timeout."""
+        if self.sock is None:
+            return None
+        try:
+            self.sock.send_multipart([MDPC, C_REQUEST, MMI_SLOTS, b""])
+        except zmq.Again:
+            return None
+        deadline = time.monotonic() + client.attempt_timeout
+        while (left := deadline - time.monotonic()) > 0 and self.sock.poll(int(left * 1000) + 1):
+            frames = self.sock.recv_multipart()
+            if len(frames) >= 4 and frames[0] == MDPC and frames[1] == C_FINAL and frames[2] == MMI_SLOTS:
+                return frames[3:]
+        return None
+
+    def drop(self) -> None:
+        """Close the socket, the session left as it is (its watch is refused: nothing to cancel)."""
+        close_linked(self.sock, self.link)
+        self.sock, self.link = None, None
 
     def close(self) -> None:
         if self.sock is not None:
@@ -527,27 +553,44 @@ class WatchStream:
         return self.session.ended or any(leg.session.ended for leg in self._legs)
 
     def _start(self) -> None:
-        """The legs: one per slot group with active brokers, else one."""
+        """The legs: one per slot group with active brokers (the map known), else one: if a
+        broker refuses it for naming no group, ``_fan_out`` splits it."""
         m = self._client.router.slot_map
         shares = [self.session.share(g) for g in range(m.groups)] if m is not None and m.groups > 1 else [self.session]
         self._legs = [_WatchLeg(s) for s in shares]
 
+    def _fan_out(self) -> None:
+        leg = self._legs[0]
+        leg.session.spans_groups = False
+        router = self._client.router
+        if router.slot_map is None:
+            router.install(leg.ask_map(self._client))
+        if router.slot_map is not None and router.slot_map.groups > 1:
+            leg.drop()
+            self._start()  # else the refused session opens again after its backoff
+
     def _pump(self) -> None:
         if not self._legs:
             self._start()
-        waits = []
+        waits, sent = [], False
         for leg in self._legs:
             wait = leg.send_due(self._client)
             if wait is None:
-                return  # sent something: look again before waiting
-            waits.append(wait)
+                sent = True  # sent something: look again before waiting (every leg's turn first)
+            else:
+                waits.append(wait)
+        if sent:
+            return
         poller = zmq.Poller()
         for leg in self._legs:
-            poller.register(leg.sock, zmq.POLLIN)
+            if leg.sock is not None:
+                poller.register(leg.sock, zmq.POLLIN)
         ready = dict(poller.poll(int(min(waits) * 1000) + 1))
         for leg in self._legs:
-            if leg.sock in ready:
+            if leg.sock is not None and leg.sock in ready:
                 leg.read(self._client, self._events)
+        if len(self._legs) == 1 and self._legs[0].session.spans_groups:
+            self._fan_out()
 
     def close(self) -> None:
         """Cancel the watch (best effort: the broker also drops it without keepalives)."""

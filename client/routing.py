@@ -38,9 +38,11 @@ class Part(NamedTuple):
 
 class AdminPlan(NamedTuple):
     """Where an operator command goes with active brokers: every broker that leads a group (a
-    move: its slot's group's leader); ``leaderless``: groups no broker leads now."""
+    move: its slot's group's leader); ``groups``: those it must be done for; ``leaderless``:
+    those no broker leads now."""
 
     urls: list[str]
+    groups: list[int]
     leaderless: list[int]
 
 
@@ -70,8 +72,6 @@ class Router:
     def __init__(self) -> None:
         # Known once a broker's reply named a slot group; replaced, never mutated.
         self.slot_map: SlotMap | None = None
-        self.flat = False  # a broker answered mmi.slots with 501: no slot groups (until a redirect)
-        self.hops = 0  # group leaders followed since the last answer that was not NOT_LEADER
 
     def group_of(self, header: dict[str, Any]) -> int | None:
         m = self.slot_map
@@ -107,25 +107,19 @@ class Router:
         """Fetch the whole map before following ``redirect``: none yet, or the broker's is newer."""
         return self.slot_map is None or redirect.revision > self.slot_map.revision
 
-    def follow(self, redirect: Redirect) -> bool:
+    def follow(self, redirect: Redirect, hops: int = 1) -> bool:
         """Note the leader ``redirect`` names; True if the request is to be resent at once (to
-        that leader), False to back off (no leader now: a handover, or no map to be had)."""
+        that leader), False to back off: no leader now (a handover), no map to be had, or
+        ``hops`` (the leaders this request has followed in a row, this one included) more than
+        the brokers leading groups: brokers whose maps lag a handover may name each other."""
         m = self.slot_map
         if m is None:
             return False
         if m.leaders.get(redirect.group) != redirect.leader:
             self.slot_map = m = m.learn(redirect.group, redirect.leader)
-        # Brokers whose maps lag a handover may name each other: after more hops in a row than
-        # there are brokers leading, back off once (docs/protocol.md §1.14 item 2).
-        self.hops += 1
-        if self.hops > len(set(m.leaders.values())) + 1:
-            self.hops = 0
+        if hops > max(len(set(m.leaders.values())), 1):
             return False
         return bool(m.leaders.get(redirect.group))
-
-    def settled(self) -> None:
-        """An answer that was not NOT_LEADER came."""
-        self.hops = 0
 
     def spans_groups(self, reply: list[bytes]) -> bool:
         """A BAD_REQUEST refusing a request over several slot groups (it names the cluster's
@@ -135,20 +129,16 @@ class Router:
                 and isinstance(hdr.get("groups"), int))
 
     def install(self, reply: list[bytes] | None) -> None:
-        """Take the map from an ``mmi.slots`` reply (none, 501 or malformed: keep what is known)."""
-        if reply is None or not reply:
-            return
-        if reply[0] == b"501":
-            self.flat = self.slot_map is None
+        """Take the map from an ``mmi.slots`` reply (none, 501 or malformed: keep what is known;
+        an older map than ours, from a fetch that finished late: ours)."""
+        if reply is None or not reply or reply[0] == b"501":
             return
         try:
-            self.slot_map = SlotMap.from_record(unpack(reply[0]))
+            m = SlotMap.from_record(unpack(reply[0]))
         except ValueError:
-            pass
-
-    def map_unknown(self) -> bool:
-        """Whether a watch should ask for the map before it opens (it must know the groups)."""
-        return self.slot_map is None and not self.flat
+            return
+        if self.slot_map is None or m.revision >= self.slot_map.revision:
+            self.slot_map = m
 
     def split(self, op: str, header: dict[str, Any], values: list[bytes] | None) -> Split | None:
         """The parts of a request that spans slot groups: an MGET or MSET whose keys fall in
@@ -189,7 +179,7 @@ class Router:
         if isinstance(cmd, dict) and cmd.get("cmd") == "move" and isinstance(cmd.get("slot"), int):
             groups = [cmd["slot"] % m.groups]
         urls = sorted({m.leaders[g] for g in groups if g in m.leaders})
-        return AdminPlan(urls, [g for g in groups if g not in m.leaders])
+        return AdminPlan(urls, groups, [g for g in groups if g not in m.leaders])
 
 
 def merge_admin(plan: AdminPlan, replies: dict[str, list[bytes] | None]) -> list[bytes]:
@@ -205,6 +195,10 @@ def merge_admin(plan: AdminPlan, replies: dict[str, list[bytes] | None]) -> list
         groups.update(answer.get("groups") or {})
         if not answer.get("groups"):
             problems.append(f"{url}: {answer.get('message', 'refused')}")
+    # A broker answers for the groups it leads when the command comes, which may be fewer than
+    # the map said (a handover since): a group nobody answered for was not done.
+    problems += [f"group {g}: no answer from its leader (a handover?): try again" for g in plan.groups
+                 if str(g) not in groups and g not in plan.leaderless]
     ok = not problems and all(a.get("ok") for a in groups.values())
     message = "; ".join([*problems, *(f"group {g}: {a.get('message', '')}" for g, a in sorted(
         groups.items(), key=lambda ga: int(ga[0])))])

@@ -74,6 +74,8 @@ class WatchSession:
         # retried error reply, NOT_LEADER: follow its leader). The stream reads and clears them.
         self.silent = False
         self.error: ZkvError | None = None
+        self.spans_groups = False  # refused for naming no group: the stream fans it out
+        self.hops = 0  # group leaders followed in a row (follow_leader)
 
     def due(self, now: float, next_id: Callable[[], int]) -> tuple[str, list[bytes]] | None:
         """What to send now: ("open", body) on a fresh socket, ("send", body), or None."""
@@ -145,6 +147,7 @@ class WatchSession:
                 self._resume(now, 0.0)  # a message was lost (a full queue): resume from the cursor
                 return []
             self.n += 1
+            self.hops = 0
             self.backoff = BACKOFF_FIRST
             events: list[WatchEvent | CursorMark] = []
             streams = rh.get("streams") or {}
@@ -169,6 +172,13 @@ class WatchSession:
             self.ended = True  # cancelled
             return []
         err = error_for(rh)
+        if self.group is None and rh.get("code") == "BAD_REQUEST" and isinstance(rh.get("groups"), int):
+            # Active brokers: a watch names its group. The stream fans it out over the groups
+            # (from this session's cursor) once it has the map; until then, it waits.
+            self.spans_groups = True
+            self._resume(now, self.backoff)
+            self.backoff = min(self.backoff * 2, BACKOFF_MAX)
+            return []
         if not err.retried:
             self.ended = True
             raise err
@@ -186,8 +196,11 @@ def merged_cursor(shares: Sequence[WatchSession]) -> dict[str, Any] | None:
     parts = [s.delivered for s in shares]
     if not parts or any(p is None for p in parts):
         return None
+    cluster, slots = parts[0]["c"], len(parts[0]["s"])  # type: ignore[index]
+    if any(p["c"] != cluster or len(p["s"]) != slots for p in parts):  # type: ignore[index]
+        return None  # a share resynced against another cluster's cursor: no whole cursor yet
     groups = len(parts)
-    return {"c": parts[0]["c"], "s": [parts[s % groups]["s"][s] for s in range(len(parts[0]["s"]))]}  # type: ignore[index]
+    return {"c": cluster, "s": [parts[s % groups]["s"][s] for s in range(slots)]}  # type: ignore[index]
 
 
 def next_url(session: WatchSession, at: str | None, brokers: BrokerList, router: Router) -> str:
@@ -212,8 +225,11 @@ def follow_leader(session: WatchSession, brokers: BrokerList, router: Router | N
     if err is None or session.open_at is None:
         return
     if session.group is not None and router is not None and isinstance(err, NotLeader):
-        if router.follow(Redirect(session.group, err.leader, 0)):
+        session.hops += 1
+        if router.follow(Redirect(session.group, err.leader, 0), session.hops):
             session.open_at = min(session.open_at, session.last_heard)
+        else:
+            session.hops = 0
         return
     if brokers.refused(err, 1.0) == 0.0:
         session.open_at = min(session.open_at, session.last_heard)
