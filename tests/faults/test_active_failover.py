@@ -226,12 +226,15 @@ def test_active_broker_partitioned_under_load(cut: str, active_partitioned: tupl
     result = check_history(history, time_limit=15.0)
     lost = lost_writes(history, final)
     counts = summarize(history)
+    # Write batches the replicas found were retries (worker/dedup.py), as each broker's lowest
+    # group sees the workers: late first attempts delivered after the heal are among them.
+    absorbed = {n: [w.get("retries_absorbed") for w in broker_status(cluster, n)["workers"]] for n in everyone}
     with capsys.disabled():
         print(f"\n[active partition {cut}] seed={seed} victim={victim} groups={its_groups} "
               f"groups_led_again_s={taken:.2f} rejoined_and_leading_s={rejoined:.2f} "
               f"ops={len(history)} ok={counts.get('ok', 0)} unknown={counts.get('unknown', 0)} "
               f"fail={counts.get('fail', 0)} lost={len(lost)} linearizable={result.ok} "
-              f"errors={dict(workload.errors)}")
+              f"errors={dict(workload.errors)} retries_absorbed_by_replicas={absorbed}")
     assert len(final) == len(workload.keys), "final reads failed"
     assert lost == [], f"{len(lost)} acknowledged writes lost: {lost[:10]}"
     assert counts.get("ok", 0) >= 1000, counts
