@@ -72,7 +72,7 @@ class Writes:
         by_slot: dict[int, list[int]] = {}
         for i, k in enumerate(req.keys):
             by_slot.setdefault(slot_for_key(k, state.cfg.slots), []).append(i)
-        if req.cid and req.maybe_retry:  # a first attempt cannot have been sequenced before
+        if req.cid and req.maybe_retry:  # (a late first attempt is caught by the replicas' look-up)
             found = self.lookup_dedup(req.cid, req.id)
             if found is not None:
                 parts, results = found
@@ -92,7 +92,11 @@ class Writes:
                                   f"slot {s} has {slot.tail_bytes >> 20} MiB of writes not yet committed; retry")
         now_ms = state.wall_ms()
         expire_at = now_ms + msg.ttl if msg.ttl else 0
-        origin = Origin(req.cid, req.id, req.maybe_retry) if req.cid else None
+        # The replicas always look the origin up, even for a request the client marked as its
+        # first attempt: a first attempt can arrive after its own retry was applied (it sat in a
+        # connection to a broker that was cut off, and TCP delivered it once the partition healed,
+        # to that broker leading again); applied again, it would undo the writes made since.
+        origin = Origin(req.cid, req.id, True) if req.cid else None
         for s, idx in by_slot.items():
             slot = state.slots[s]
             ops, vals = write_ops(req, idx, msg.values, expire_at)
