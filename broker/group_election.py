@@ -69,6 +69,31 @@ class GroupElection(threading.Thread):
         # Groups handed over whose key is not deleted yet (the delete failed): group -> epoch.
         # They are never ours again; the delete is retried each turn.
         self.released: dict[int, int] = {}
+        self.brokers: frozenset[str] = frozenset()  # the live brokers, as of the last turn
+        self.give_way_for = 0.0  # set by the loop (``give_way``), acted on at the next turn
+        self.held_off_until = 0.0  # monotonic: not registered, so leading nothing, until then
+
+    def give_way(self, hold_off: float) -> None:
+        """Leave every group to the other brokers, and stay out for ``hold_off`` seconds (a
+        broker that can reach no workers; broker/group_leading.py). Called by the loop."""
+        self.give_way_for = hold_off
+
+    def _leave(self, hold_off: float) -> None:
+        """Hand every group over in order, then revoke the lease: its registration and every
+        group key go at once, and the others take the groups at their next turn."""
+        seats = self.seats
+        self.seats = GroupSeats({}, 0.0, seats.leaders)
+        for group in sorted(seats.held):
+            self.hand_over(group)
+        if self.lease:
+            try:
+                self.etcd.revoke(self.lease)
+            except EtcdUnavailable:
+                pass  # it runs out by itself
+        self.lease = 0
+        self.released.clear()
+        self.held_off_until = time.monotonic() + hold_off
+        log.warning("groups_left", groups=sorted(seats.held), hold_off_s=round(hold_off, 1))
 
     def stop(self, revoke: bool = True) -> None:
         """Stop; with ``revoke`` (a clean stop) give every group up at once. Without it the lease
@@ -103,6 +128,11 @@ class GroupElection(threading.Thread):
                 pass
 
     def _turn(self) -> None:
+        if self.give_way_for:
+            hold_off, self.give_way_for = self.give_way_for, 0.0
+            self._leave(hold_off)
+        if time.monotonic() < self.held_off_until:
+            return
         sent = time.monotonic()
         if self.lease and self.etcd.keepalive(self.lease) <= 0:
             if self.seats.held:
@@ -120,6 +150,7 @@ class GroupElection(threading.Thread):
             del self.released[group]
         valid_until = sent + self.rules.ttl - self.rules.margin
         brokers = {k.rsplit("/", 1)[-1] for k in self.etcd.get_prefix(self.prefix + "brokers/")}
+        self.brokers = frozenset(brokers)
         held: dict[int, int] = {}
         holders: dict[int, str] = {}
         leaders: dict[int, LeaderInfo] = {}

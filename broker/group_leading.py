@@ -31,13 +31,15 @@ from broker.active import ActiveCores, GroupMap
 from broker.core import BrokerCore
 from broker.etcd import Deposed, Etcd, EtcdMeta, EtcdUnavailable
 from broker.group_election import GroupElection
-from broker.leadership import LeaderInfo, LeaseRules
+from broker.leadership import GIVE_WAY_AFTER, LeaderInfo, LeaseRules, WorkerReach
 from broker.messages import Limits
 from broker.ready import Ready
 from broker.state import BrokerConfig
 from protocol.frames import pack, unpack
 
 log = structlog.get_logger("zkv.broker")
+
+MAX_HOLD_OFF = 60.0  # s: the longest a broker that reaches no workers stays out of the groups
 
 # Makes a core on the process's clock and keys: (metadata, restored, epoch, config, new_id).
 MakeCore = Callable[[EtcdMeta, Any, int, BrokerConfig, Callable[[], bytes]], BrokerCore]
@@ -58,6 +60,12 @@ class GroupLeading:
         self.served: dict[int, int] = {}
         self.cluster_id = b""  # the cluster's one id, the same for every group's core
         self.changed = threading.Condition()  # the loop changed the cores: a handover may be done
+        # Whether this broker, cut off from its workers but not from etcd, should leave its groups
+        # to the others (as a single leader gives way to a standby); the hold-off doubles each
+        # time it leaves without having reached W workers since, so that a broker still cut off
+        # does not keep taking groups back by handovers only to leave them dark.
+        self.reach = WorkerReach(cfg.w, GIVE_WAY_AFTER * rules.ttl)
+        self.hold_off = GIVE_WAY_AFTER * rules.ttl
 
     @property
     def cores(self) -> dict[int, BrokerCore]:
@@ -89,10 +97,31 @@ class GroupLeading:
             self.served[group] = epoch
             self.metas[group] = meta
             self.cores[group] = self._make_core(meta, restored, epoch, group)
+            # A group of a formed cluster: its workers exist, so not reaching them is being cut off.
+            self.reach.had_quorum |= len(restored.workers) >= self.cfg.w
             log.info("group_leading", group=group, epoch=epoch, workers=len(restored.workers),
                      slots=len(restored.slots))
+        self._give_way_if_cut_off(now)
         with self.changed:
             self.changed.notify_all()
+
+    def _give_way_if_cut_off(self, now: float) -> None:
+        """Fewer than W workers live for every group led here, for GIVE_WAY_AFTER leases, while
+        another broker is registered: leave every group (the broker's workers are the same
+        processes for all its groups; one that reaches none of them can commit nothing)."""
+        if not self.cores:
+            self.reach.short_since = None
+            return
+        live = max(sum(1 for w in core.state.workers.values() if w.alive) for core in self.cores.values())
+        if live >= self.cfg.w:
+            self.hold_off = GIVE_WAY_AFTER * self.rules.ttl
+        others = any(b != self.election.me.name for b in self.election.brokers)
+        if self.reach.observe(now, live) and others and not self.election.give_way_for:
+            log.warning("giving_way", groups=sorted(self.cores), live_workers=live, w=self.cfg.w,
+                        hold_off_s=round(self.hold_off, 1))
+            self.election.give_way(self.hold_off)
+            self.hold_off = min(self.hold_off * 2, MAX_HOLD_OFF)
+            self.reach = WorkerReach(self.cfg.w, GIVE_WAY_AFTER * self.rules.ttl)
 
     def _make_core(self, meta: EtcdMeta, restored: Any, epoch: int, group: int) -> BrokerCore:
         """A group's core: its slots only, and the cluster's one id."""

@@ -100,6 +100,12 @@ class Leadership:
         return max(0.0, self.valid_until - now) if self.epoch else 0.0
 
 
+# etcd mode: a leader that had W live workers and then fewer for this many lease TTLs gives its
+# lease up, and stays out of the election as long, so that a standby that may reach them leads
+# (with slot groups: every group it leads, so that the other brokers lead them).
+GIVE_WAY_AFTER = 2
+
+
 @dataclass
 class WorkerReach:
     """Should a leader that lost its workers give way? A leader cut off from its workers but not

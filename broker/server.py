@@ -38,7 +38,7 @@ from broker.budget import ReplyBudget, Verdict
 from broker.core import BrokerCore
 from broker.etcd import Deposed, Election, Etcd, EtcdMeta, EtcdUnavailable
 from broker.group_leading import GroupLeading
-from broker.leadership import LeaderInfo, Leadership, LeaseRules, WorkerReach
+from broker.leadership import GIVE_WAY_AFTER, LeaderInfo, Leadership, LeaseRules, WorkerReach
 from broker.messages import Limits
 from broker.meta import MetaStore
 from broker.ready import Ready, execute
@@ -58,9 +58,6 @@ TICK = TICK_SECONDS  # s between calls of BrokerCore.tick
 SYNC_INTERVAL = 1.0  # s between fsyncs of the metadata written without one
 DEDUP_PRUNE_INTERVAL = 300.0
 METRICS_INTERVAL = 1.0  # s between the status snapshots a metrics scrape reads
-# etcd mode: a leader that had W live workers and then fewer for this many lease TTLs gives its
-# lease up, and stays out of the election as long, so that a standby that may reach them leads.
-GIVE_WAY_AFTER = 2
 
 
 @dataclass
