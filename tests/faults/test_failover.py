@@ -200,7 +200,8 @@ def test_failover_under_load(fault: str, ha_cluster: HaCluster, capsys: pytest.C
                     time.sleep(1.0)
                     raise AssertionError(f"{name} did not stand by after SIGCONT: {e!r}\n{proc.log_tail(120)}") from e
                 assert st["leader"] == new["value"]["frontend"], st  # the successor, never itself
-            time.sleep(4.0)
+            time.sleep(2.5)
+        workload.stop()  # the faults are over and the cluster has settled: no need to run out the clock
         ops = workload.join()
     found = check_run(fault, cluster, workload, ops, deaths, seed, failovers, capsys)
     assert len({t.epoch for t in found}) == rounds + 1, found  # each failover made one new term
@@ -243,7 +244,8 @@ def test_a_standby_killed_while_it_takes_over(three_brokers: HaCluster, capsys: 
             failovers.append(first_acked_write(cluster, t0))
             time.sleep(1.5)
             cluster.start_broker()  # the two killed ones come back as standbys
-            time.sleep(4.0)
+            time.sleep(2.5)
+        workload.stop()  # the faults are over and the cluster has settled: no need to run out the clock
         ops = workload.join()
     check_run("standby killed in takeover", cluster, workload, ops, deaths, seed, failovers, capsys)
 
@@ -289,6 +291,7 @@ def test_etcd_members_killed_under_load(three_brokers: HaCluster, capsys: pytest
             victim.start(etcd.initial)  # its data directory: it rejoins as the member it was
             wait_for(etcd.healthy, 20, 0.1, "etcd healthy again")
             time.sleep(3.0)
+        workload.stop()  # the faults are over and the cluster has settled: no need to run out the clock
         ops = workload.join()
     found = check_run("etcd member killed", cluster, workload, ops, {}, seed, served_after, capsys)
     assert len(found) <= 1 + 2, found
@@ -323,7 +326,7 @@ def port_of(url: str) -> int:
 @pytest.mark.timeout(300)
 def test_leader_cut_off(cut: str, partitioned: tuple[HaCluster, NetLab], capsys: pytest.CaptureFixture[str]) -> None:
     """The leader is cut off (packets dropped, connections stall) from etcd only, from its workers
-    only, or from everything; 12 s later the cut heals. A leader without etcd stops at its lease
+    only, or from everything; 8 s later the cut heals. A leader without etcd stops at its lease
     deadline; one without W workers gives its lease up; either way a standby takes over, and the
     old leader, healed, stands by. Twice, then the usual checks."""
     cluster, lab = partitioned
@@ -350,7 +353,7 @@ def test_leader_cut_off(cut: str, partitioned: tuple[HaCluster, NetLab], capsys:
             new = cluster.wait_new_leader(old["create_revision"], timeout=30)
             assert new["value"]["name"] != name
             failovers.append(first_acked_write(cluster, t0))
-            time.sleep(max(0.0, 12.0 - (time.time() - t0)))
+            time.sleep(max(0.0, 8.0 - (time.time() - t0)))  # under load, cut off past two leases
             if cut == "both":
                 lab.link_up(name)
             else:
@@ -360,7 +363,8 @@ def test_leader_cut_off(cut: str, partitioned: tuple[HaCluster, NetLab], capsys:
                 st = wait_for(lambda c=c: (s := c.status()).get("role") == "standby" and s.get("leader") and s,
                               20, 0.2, f"{name} standing by after the cut healed")
             assert st["leader"] == new["value"]["frontend"], st
-            time.sleep(4.0)
+            time.sleep(2.5)
+        workload.stop()  # the faults are over and the cluster has settled: no need to run out the clock
         ops = workload.join()
     found = check_run(f"leader cut from {cut}", cluster, workload, ops, {}, seed, failovers, capsys)
     assert len({t.epoch for t in found}) == 3, found
