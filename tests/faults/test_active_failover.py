@@ -164,7 +164,7 @@ def test_active_broker_partitioned_under_load(cut: str, active_partitioned: tupl
     assert its_groups, sts[victim]
     workload = Workload(cluster.frontend, PARTITION_WORKLOAD, seed)
     with workload:
-        time.sleep(3.0)
+        time.sleep(2.0)
         t_cut = time.time()
         t0 = time.monotonic()
         if cut == "etcd":
@@ -189,7 +189,7 @@ def test_active_broker_partitioned_under_load(cut: str, active_partitioned: tupl
         for n in others:  # every group's leader, as the survivors' maps name them: one of them
             full_map(cluster, n, leaders=fronts)
         assert set(its_groups) <= {int(g) for st in served.values() for g in st["leading"]}
-        time.sleep(2.0)  # the survivors serve the victim's groups under load for a while
+        time.sleep(1.5)  # the survivors serve the victim's groups under load for a while
         if cut != "everything":
             lab.heal_tcp(victim)
         else:
@@ -198,7 +198,7 @@ def test_active_broker_partitioned_under_load(cut: str, active_partitioned: tupl
         back = wait_served(cluster, everyone, GROUPS)
         rejoined = time.monotonic() - t1
         assert back[victim]["leading"], back[victim]
-        time.sleep(3.0)  # and the victim its new share
+        time.sleep(2.0)  # and the victim its new share
         workload.stop()
         ops = workload.join()
     # From the logs: the victim gave each of its groups up (it noticed its lease deadline pass)

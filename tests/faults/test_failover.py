@@ -166,7 +166,7 @@ def test_failover_under_load(fault: str, ha_cluster: HaCluster, capsys: pytest.C
     failovers: list[float] = []
     rounds = 3 if fault == "kill" else 2
     with workload:
-        time.sleep(4.0)
+        time.sleep(2.5)  # the workload under way before the first fault
         for _ in range(rounds):
             old = cluster.leader()
             assert old is not None
@@ -228,7 +228,7 @@ def test_a_standby_killed_while_it_takes_over(three_brokers: HaCluster, capsys: 
     deaths: dict[str, list[float]] = {}
     failovers: list[float] = []
     with workload:
-        time.sleep(4.0)
+        time.sleep(2.5)  # the workload under way before the first fault
         for _ in range(2):
             old = cluster.leader()
             assert old is not None
@@ -282,7 +282,7 @@ def test_etcd_members_killed_under_load(three_brokers: HaCluster, capsys: pytest
     workload = Workload(cluster.frontend, WORKLOAD, seed)
     served_after: list[float] = []
     with workload:
-        time.sleep(4.0)
+        time.sleep(2.5)  # the workload under way before the first fault
         for victim in (etcd.members[0], etcd_leader(etcd)):
             t0 = time.time()
             victim.kill()
@@ -337,7 +337,7 @@ def test_leader_cut_off(cut: str, partitioned: tuple[HaCluster, NetLab], capsys:
     workload = Workload(cluster.frontend, WORKLOAD, seed)
     failovers: list[float] = []
     with workload:
-        time.sleep(4.0)
+        time.sleep(2.5)  # the workload under way before the first fault
         for _ in range(2):
             old = cluster.leader()
             assert old is not None

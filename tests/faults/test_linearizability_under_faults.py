@@ -17,7 +17,7 @@ the history), then check:
 Scenarios (``SCENARIOS``): ``crash_pause_drop`` (worker SIGKILL/restart and SIGSTOP/SIGCONT, up to
 two at once, w3 dropping every 9th replication message), ``broker_restarts`` (broker SIGKILL/restart),
 ``partitions`` (every worker in its own network namespace, links cut, up to two at once; root only),
-``mixed`` (all of the above together; root only). About 2.5 minutes in all.
+``mixed`` (all of the above together; root only). About 2.3 minutes in all.
 
 The seed is printed (``fault seed=...``); ``ZKV_FAULT_SEED=<n>`` replays the same fault schedule and
 operation choices (not the same timing), ``ZKV_FAULT_SCALE=<x>`` multiplies durations and op budgets
@@ -79,7 +79,7 @@ SCENARIOS = [
     Scenario("crash_pause_drop", ("kill_worker", "pause_worker"), 35.0, drop_worker="w3", max_active=2),
     Scenario("broker_restarts", ("kill_broker",), 30.0),
     Scenario("partitions", ("partition",), 30.0, netns=True, max_active=2),
-    Scenario("mixed", FAULT_KINDS, 55.0, netns=True, drop_worker="w3", max_active=2),
+    Scenario("mixed", FAULT_KINDS, 45.0, netns=True, drop_worker="w3", max_active=2),
 ]
 
 
