@@ -102,7 +102,18 @@ def test_a_slot_whose_write_cannot_commit_keeps_answering(cluster_factory) -> No
     text = cluster.zkv("status", "--url", cluster.frontend).stdout.decode()
     assert f"stalled slot {slot}" in text, text
 
-    for wid in replicas[:2]:  # the replicas come back: the write commits, the slot is whole again
+    # The replicas come back: the write commits, the slot is whole again. "Unstalled" alone is not
+    # the sync point: a replica counts as live once its READY is taken, before it has applied the
+    # replay of the stuck write, and a read sent to it then is rightly answered from the committed
+    # state (the write is not committed yet): None (tests/sim/test_stalled_slots.py). So wait for
+    # the commit itself; nothing else writes now, so the committed seqs rise by that one write.
+    before = st["committed_writes"]
+    for wid in replicas[:2]:
         cluster.start_worker(wid)
-    wait_for(lambda: not cluster.status()["stalled_slots"], 30, 0.2, "the slot unstalled")
+
+    def committed() -> bool:
+        now = cluster.status()
+        return not now["stalled_slots"] and now["committed_writes"] > before
+
+    wait_for(committed, 30, 0.2, "the slot unstalled and the stuck write committed")
     assert c.get(stuck) == b"never"

@@ -135,3 +135,27 @@ def test_a_slot_that_lost_committed_writes_serves_again_and_status_says_what_was
         assert sim.get(keys[2]) == b"new"
     finally:
         sim.close()
+
+
+def test_a_slot_unstalled_is_not_its_write_committed(tmp_path: Path) -> None:
+    """What tests/integration/test_stalled_slot.py once met (a get of the stuck key -> None after
+    "the slot unstalled"): a replica that comes back counts as live as soon as its READY is taken,
+    so the slot is no longer stalled, but it has not applied the stuck write yet (its replay is on
+    the way). A read routed to it in that window is answered from the committed state, which is
+    right (the write is not committed, nor acknowledged): the write commits a moment later, and
+    only then must every read show it."""
+    sim, slot, (_, pending, _, _), rid = _stall_one_slot(tmp_path)
+    try:
+        replicas = sim.broker.slots[slot].replicas
+        back = replicas[0]
+        sim.start_worker(back)  # READY taken; its ASSIGN and the replay are not delivered yet
+        assert sim.broker.status()["stalled_slots"] == []  # two live replicas: "unstalled"
+        assert sim.broker.slots[slot].pending  # ... with the write still pending
+        sim.broker.state.rr = itertools.repeat(replicas.index(back))  # the read goes to the returning replica
+        got = sim.get(pending)  # the REQUEST reaches it with the replay, and is answered before that commits
+        assert got == b"before"
+        assert not sim.broker.slots[slot].pending  # the replay has committed the write meanwhile
+        assert sim.get(pending) == b"never"
+        assert sim.reply(b"w", rid) is not None
+    finally:
+        sim.close()
