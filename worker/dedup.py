@@ -24,22 +24,41 @@ from worker.tables import Tables
 FORGET_PER_BATCH = 64  # entries forgotten per applied batch at most (deterministic: same on every replica)
 
 
+NO_ENTRIES = 1 << 64  # the floor of a slot with an empty table: above every broker clock
+
+
 def forget_old(txn: lmdb.Transaction, t: Tables, slot: int, now: int) -> None:
     """Drop the slot's entries recorded before ``now - DEDUP_RETENTION_MS`` (broker clock), oldest
-    first, at most FORGET_PER_BATCH: a slot's table then shrinks as fast as writes can fill it."""
+    first, at most FORGET_PER_BATCH: a slot's table then shrinks as fast as writes can fill it.
+
+    ``t.dedup_floor`` (no entry of the slot is older) lets most calls return without a cursor walk:
+    what this deletes depends only on the table and ``now``, so skipping a walk that would delete
+    nothing keeps every replica's table the same."""
+    horizon = now - DEDUP_RETENTION_MS
+    floor = t.dedup_floor.get(slot)
+    if floor is not None and floor >= horizon:
+        return
     prefix = SLOT_PREFIX.pack(slot)
     cur = txn.cursor(db=t.dedup_age)
-    if not cur.set_range(prefix):
-        return
-    horizon = now - DEDUP_RETENTION_MS
     start = SLOT_PREFIX.size + AGE.size
+    t.dedup_floor.pop(slot, None)
+    if not cur.set_range(prefix):
+        t.dedup_floor[slot] = NO_ENTRIES
+        return
     for _ in range(FORGET_PER_BATCH):
         key = cur.key()
-        if not key.startswith(prefix) or AGE.unpack_from(key, SLOT_PREFIX.size)[0] >= horizon:
+        if not key.startswith(prefix):
+            t.dedup_floor[slot] = NO_ENTRIES
+            return
+        age = AGE.unpack_from(key, SLOT_PREFIX.size)[0]
+        if age >= horizon:
+            t.dedup_floor[slot] = age  # the table is in age order: this is its oldest entry
             return
         txn.delete(prefix + key[start:], db=t.dedup)
         if not cur.delete():
+            t.dedup_floor[slot] = NO_ENTRIES
             return
+    # FORGET_PER_BATCH reached: older entries may remain, and the floor stays unknown
 
 
 def earlier(txn: lmdb.Transaction, t: Tables, slot: int, origin: Origin) -> tuple[int, int, list[Any] | None] | None:
@@ -59,10 +78,14 @@ def remember(txn: lmdb.Transaction, t: Tables, rep: Replicate, results: list[Any
     value = DEDUP_ENTRY.pack(rep.epoch, rep.seq, rep.now) + (pack(results) if results is not None else b"")
     txn.put(SLOT_PREFIX.pack(rep.slot) + suffix, value, db=t.dedup)
     txn.put(dedup_age_key(rep.slot, rep.now, suffix), b"", db=t.dedup_age)
+    floor = t.dedup_floor.get(rep.slot)
+    if floor is not None and rep.now < floor:
+        t.dedup_floor[rep.slot] = rep.now
 
 
 def restore(txn: lmdb.Transaction, t: Tables, slot: int, suffix: bytes, value: bytes) -> None:
     """Snapshot install: one entry of the donor's table, and its age index entry."""
+    t.dedup_floor.pop(slot, None)
     txn.put(SLOT_PREFIX.pack(slot) + suffix, value, db=t.dedup)
     _epoch, _seq, now = DEDUP_ENTRY.unpack_from(value)
     txn.put(dedup_age_key(slot, now, suffix), b"", db=t.dedup_age)

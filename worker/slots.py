@@ -48,6 +48,7 @@ def forget_slot(txn: lmdb.Transaction, t: Tables, slot: int) -> None:
 
 def delete_slot_data(txn: lmdb.Transaction, t: Tables, slot: int) -> None:
     prefix = SLOT_PREFIX.pack(slot)
+    t.dedup_floor.pop(slot, None)
     for db in (t.blobs, t.staged, t.dedup, t.dedup_age):
         cur = txn.cursor(db=db)
         if cur.set_range(prefix):

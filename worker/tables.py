@@ -4,7 +4,7 @@ read and write them (their keys and values: worker/records.py)."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import lmdb
 
@@ -19,6 +19,10 @@ class Tables:
     staged: lmdb._Database  # streams not yet committed
     dedup: lmdb._Database  # the client requests each slot's writes came from (exactly-once)
     dedup_age: lmdb._Database  # that table by age, for forgetting
+    # Per slot, no entry of ``dedup_age`` is older than this (broker clock, ms): lets the forgetting
+    # skip a cursor walk that would find nothing (worker/dedup.py). Missing: not known. True of the
+    # open write transaction's view, so cleared whole when a write transaction is aborted.
+    dedup_floor: dict[int, int] = field(default_factory=dict)
 
     @classmethod
     def open(cls, path: str, map_size: int, sync: bool) -> Tables:

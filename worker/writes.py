@@ -19,6 +19,7 @@ from protocol.replication import (
     OP_CHUNK,
     OP_DELETE,
     OP_EXPIRE,
+    OP_PUT,
     OP_PUT_STREAM,
     OP_REAP,
     Manifest,
@@ -62,11 +63,12 @@ def apply_batch(t: Tables, batch: list[Replicate]) -> tuple[BatchResults, dict[i
     txn = t.env.begin(write=True)
     try:
         results, positions = _write_batch(txn, t, batch)
+        began = time.perf_counter()
+        txn.commit()
     except BaseException:
         txn.abort()
+        t.dedup_floor.clear()  # it described the aborted transaction's view
         raise
-    began = time.perf_counter()
-    txn.commit()
     return results, positions, time.perf_counter() - began
 
 
@@ -86,9 +88,11 @@ def _write_batch(txn: lmdb.Transaction, t: Tables, batch: list[Replicate]) -> tu
                 results.append([rep.slot, rep.seq, found])
             if rep.origin is not None:
                 dedup.remember(txn, t, rep, found if needs else None)
-        pos = Position(rep.epoch, rep.seq)
-        positions[rep.slot] = pos
-        txn.put(meta_key(META_POSITION, rep.slot), encode_position(pos), db=t.meta)
+        positions[rep.slot] = Position(rep.epoch, rep.seq)
+    # Each slot's last position only (a turn's batches often touch a slot more than once), in
+    # one call: in slot order, as LMDB stores them.
+    txn.cursor(db=t.meta).putmulti(
+        [(meta_key(META_POSITION, slot), encode_position(pos)) for slot, pos in sorted(positions.items())])
     return results, positions
 
 
@@ -101,6 +105,8 @@ def _apply_op(txn: lmdb.Transaction, t: Tables, rep: Replicate, op: WriteOp, val
         return apply_reap(txn, t, rep, op)
     suffix = key_suffix(op.key)
     sk = SLOT_PREFIX.pack(rep.slot) + suffix
+    if op.op == OP_PUT and op.cond == COND_NONE:
+        return _put(txn, t, rep, op, value, sk, suffix)
     old = txn.get(sk, db=t.data)
     old_version, old_exp = decode_record_header(old) if old is not None else (0, 0)
     live = old is not None and (old_exp == 0 or old_exp > rep.now)
@@ -139,3 +145,20 @@ def _apply_op(txn: lmdb.Transaction, t: Tables, rep: Replicate, op: WriteOp, val
     if op.expire_at:
         txn.put(expiry_key(op.expire_at, rep.slot, suffix), b"", db=t.expiry)
     return answer
+
+
+def _put(txn: lmdb.Transaction, t: Tables, rep: Replicate, op: WriteOp, value: bytes, sk: bytes,
+         suffix: bytes) -> list[Any]:
+    """An unconditional PUT, the common write: the record is replaced in one look-up, and what it
+    replaced is cleaned up after (its TTL index entry, the chunks of a streamed value)."""
+    old = txn.replace(sk, encode_record(rep.seq, op.expire_at, op.key, value), db=t.data)
+    if op.expire_at:
+        txn.put(expiry_key(op.expire_at, rep.slot, suffix), b"", db=t.expiry)
+    if old is None:
+        return [False, 0]
+    old_version, old_exp = decode_record_header(old)
+    if old_exp and old_exp != op.expire_at:  # (the same expiry's entry was just written again)
+        txn.delete(expiry_key(old_exp, rep.slot, suffix), db=t.expiry)
+    chunks.drop_record_chunks(txn, t, rep.slot, old)
+    live = old_exp == 0 or old_exp > rep.now
+    return [live, old_version if live else 0]
