@@ -4,11 +4,12 @@ Importing it loads no broker, worker or command-line code; the ``zkv`` command l
 ``client.cli`` (tests/test_client_imports.py holds that).
 """
 
-from client.aio import AsyncClient, AsyncValueStream, AsyncWatchStream
-from client.client import Client, WatchStream
+from client.aio import AsyncClient, AsyncValueStream
+from client.client import Client
 from client.commands import ScanItem, ScanPage, StreamInfo
 from client.streams import ValueStream
 from client.watch import WatchEvent
+from client.watch_streams import AsyncWatchStream, WatchStream
 from protocol.errors import (
     RETRIED,
     RETRYABLE,

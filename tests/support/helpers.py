@@ -14,7 +14,7 @@ import lmdb
 import zmq
 
 from client import Client
-from client.client import client_credentials
+from client.dealers import client_credentials
 from protocol.errors import ZkvError
 from protocol.frames import C_FINAL, C_REQUEST, MDPC, SERVICE, pack, unpack
 from protocol.replication import slot_for_key
