@@ -84,7 +84,9 @@ def broker(data: str, frontend: str, backend: str, replication: str, keys: str, 
            lease_ttl: int, advertise: str, metrics: str, groups: int) -> None:
     """Run the broker (the master). With --etcd, any number of brokers share one cluster: one
     leads, the others stand by and take over when its lease lapses."""
-    from broker.server import BindError, BrokerEndpoints, BrokerServerConfig, ClusterShapeError, run_broker
+    from broker.endpoints import BindError, BrokerEndpoints
+    from broker.etcd import ClusterShapeError
+    from broker.server import BrokerServerConfig, run_broker
     from protocol.curve import KeysError
 
     if not 1 <= w <= rf:

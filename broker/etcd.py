@@ -357,3 +357,26 @@ class EtcdMeta:
     def close(self) -> None:
         pass
 
+
+class ClusterShapeError(Exception):
+    """The etcd prefix holds a cluster of another shape (one leader vs slot groups, or another
+    number of groups or slots): leading it would split or corrupt it."""
+
+
+def check_cluster_shape(etcd: Etcd, prefix: str, groups: int, slots: int) -> None:
+    """Raise ClusterShapeError when the prefix's cluster does not match ``groups`` and ``slots``;
+    nothing when it matches, is new, or etcd cannot be read now (checked again by the leaders)."""
+    try:
+        single = etcd.get(prefix + "meta/cluster")
+        grouped = etcd.get(prefix + "cluster")
+    except EtcdUnavailable:
+        return
+    if groups > 1 and single is not None:
+        raise ClusterShapeError(f"etcd prefix {prefix} holds a cluster with one leader: --groups {groups} cannot "
+                                "lead it (give --groups 1, or another --etcd-prefix for a new cluster)")
+    if grouped is not None:
+        record = unpack(grouped[0])
+        if groups == 1 or record.get("groups") != groups or record.get("slots") != slots:
+            raise ClusterShapeError(f"etcd prefix {prefix} holds a cluster of {record.get('groups')} slot groups "
+                                    f"and {record.get('slots')} slots: give --groups {record.get('groups')} "
+                                    f"--slots {record.get('slots')}, or another --etcd-prefix for a new cluster")

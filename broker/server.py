@@ -36,7 +36,8 @@ import zmq
 from broker import metrics as broker_metrics
 from broker.budget import ReplyBudget, Verdict
 from broker.core import BrokerCore
-from broker.etcd import Deposed, Election, Etcd, EtcdMeta, EtcdUnavailable
+from broker.endpoints import BrokerEndpoints, advertised, bind_endpoint, recv_with_user_id
+from broker.etcd import ClusterShapeError, Deposed, Election, Etcd, EtcdMeta, EtcdUnavailable, check_cluster_shape
 from broker.group_leading import GroupLeading
 from broker.leadership import GIVE_WAY_AFTER, LeaderInfo, Leadership, LeaseRules, WorkerReach
 from broker.messages import Limits
@@ -45,8 +46,7 @@ from broker.ready import Ready, execute
 from broker.standby import Standby
 from broker.state import TICK_SECONDS, BrokerConfig
 from broker.zap import BACKEND, FRONTEND, REPLICATION, Zap
-from protocol.frames import unpack
-from protocol.limits import DEFAULT_BACKEND, DEFAULT_FRONTEND, DEFAULT_REPLICATION, MAX_CHUNK_BYTES
+from protocol.limits import MAX_CHUNK_BYTES
 from protocol.metrics import Snapshot, serve
 from protocol.process import dump_stacks_on_sigusr1, tune_gc
 from protocol.sockets import send_frames
@@ -58,13 +58,6 @@ TICK = TICK_SECONDS  # s between calls of BrokerCore.tick
 SYNC_INTERVAL = 1.0  # s between fsyncs of the metadata written without one
 DEDUP_PRUNE_INTERVAL = 300.0
 METRICS_INTERVAL = 1.0  # s between the status snapshots a metrics scrape reads
-
-
-@dataclass
-class BrokerEndpoints:
-    frontend: str = DEFAULT_FRONTEND
-    backend: str = DEFAULT_BACKEND
-    replication: str = DEFAULT_REPLICATION
 
 
 @dataclass
@@ -87,38 +80,6 @@ class BrokerServerConfig:
     groups: int = 1
 
 
-class BindError(Exception):
-    """A broker endpoint could not be bound (its port is in use, say); nothing was changed on disk."""
-
-    def __init__(self, role: str, endpoint: str, reason: str) -> None:
-        super().__init__(f"cannot listen on {endpoint} ({role}): {reason}")
-        self.role, self.endpoint, self.reason = role, endpoint, reason
-
-
-class ClusterShapeError(Exception):
-    """The etcd prefix holds a cluster of another shape (one leader vs slot groups, or another
-    number of groups or slots): leading it would split or corrupt it."""
-
-
-def check_cluster_shape(etcd: Etcd, prefix: str, groups: int, slots: int) -> None:
-    """Raise ClusterShapeError when the prefix's cluster does not match ``groups`` and ``slots``;
-    nothing when it matches, is new, or etcd cannot be read now (checked again by the leaders)."""
-    try:
-        single = etcd.get(prefix + "meta/cluster")
-        grouped = etcd.get(prefix + "cluster")
-    except EtcdUnavailable:
-        return
-    if groups > 1 and single is not None:
-        raise ClusterShapeError(f"etcd prefix {prefix} holds a cluster with one leader: --groups {groups} cannot "
-                                "lead it (give --groups 1, or another --etcd-prefix for a new cluster)")
-    if grouped is not None:
-        record = unpack(grouped[0])
-        if groups == 1 or record.get("groups") != groups or record.get("slots") != slots:
-            raise ClusterShapeError(f"etcd prefix {prefix} holds a cluster of {record.get('groups')} slot groups "
-                                    f"and {record.get('slots')} slots: give --groups {record.get('groups')} "
-                                    f"--slots {record.get('slots')}, or another --etcd-prefix for a new cluster")
-
-
 class BrokerServer:
     def __init__(self, cfg: BrokerServerConfig) -> None:
         self.cfg = cfg
@@ -139,7 +100,7 @@ class BrokerServer:
             self.pub.setsockopt(zmq.LINGER, 0)
             if self.zap is not None:
                 self.zap.secure(self.pub, REPLICATION)  # only registered workers may subscribe
-            _bind(self.pub, "replication", cfg.endpoints.replication)
+            bind_endpoint(self.pub, "replication", cfg.endpoints.replication)
         except BaseException:
             self._close_sockets()
             raise
@@ -266,7 +227,7 @@ class BrokerServer:
         if self.zap is not None:
             self.zap.secure(s, domain)
         try:
-            _bind(s, role, endpoint)
+            bind_endpoint(s, role, endpoint)
         except BaseException:
             s.close(linger=0)
             raise
@@ -382,13 +343,13 @@ class BrokerServer:
 
     def _client_sender(self, sock: zmq.Socket) -> tuple[list[bytes], dict[str, str]]:
         """A client's message and its role now ("": its key was revoked since it connected)."""
-        frames, user = _recv_with_user_id(sock)
+        frames, user = recv_with_user_id(sock)
         peer = self.zap.client(user) if self.zap is not None else None
         return frames, {"role": peer.role if peer is not None else ""}
 
     def _worker_sender(self, sock: zmq.Socket) -> tuple[list[bytes], dict[str, str]]:
         """A worker's message and the worker id its key is registered for ("": revoked)."""
-        frames, user = _recv_with_user_id(sock)
+        frames, user = recv_with_user_id(sock)
         peer = self.zap.worker(user) if self.zap is not None else None
         return frames, {"key_name": peer.name if peer is not None else ""}
 
@@ -486,31 +447,6 @@ class _NoMetadata:
 
 
 _NO_METADATA = _NoMetadata()
-
-
-def advertised(endpoints: BrokerEndpoints) -> BrokerEndpoints:
-    """The endpoints with a wildcard host (``*``, ``0.0.0.0``) replaced by this machine's name."""
-    def fix(url: str) -> str:
-        for wildcard in ("://*:", "://0.0.0.0:"):
-            url = url.replace(wildcard, f"://{socket.gethostname()}:")
-        return url
-    return BrokerEndpoints(fix(endpoints.frontend), fix(endpoints.backend), fix(endpoints.replication))
-
-
-def _recv_with_user_id(sock: zmq.Socket) -> tuple[list[bytes], bytes]:
-    """One message and the User-Id ZAP gave its connection (the peer's public key). Only the
-    first frame is taken as a zmq.Frame, to read the property; the rest as bytes."""
-    first = sock.recv(zmq.NOBLOCK, copy=False)
-    user = first.get("User-Id").encode()
-    rest = sock.recv_multipart() if first.more else []
-    return [first.bytes, *rest], user
-
-
-def _bind(sock: zmq.Socket, role: str, endpoint: str) -> None:
-    try:
-        sock.bind(endpoint)
-    except zmq.ZMQError as e:
-        raise BindError(role, endpoint, os.strerror(e.errno)) from None
 
 
 def run_broker(cfg: BrokerServerConfig) -> None:

@@ -18,7 +18,7 @@ PARTS = {"writes", "reads", "streams", "replicas", "recovery", "membership", "mo
 # The entry: a core; with active brokers, the cores of the groups this broker leads (active).
 ENTRY = {"core", "active"}
 # Sockets, disk, etcd, the command line: they may use the entry.
-EDGE = {"server", "meta", "cli", "zap", "etcd", "group_election", "group_leading"}
+EDGE = {"server", "endpoints", "meta", "cli", "zap", "etcd", "group_election", "group_leading"}
 
 
 @pytest.mark.parametrize(("applied", "w", "last", "expected"), [
