@@ -39,6 +39,23 @@ def full_map(cluster: HaCluster, name: str, leaders: set[str] | None = None) -> 
     return wait_for(full, 10.0, 0.1, f"{name}'s slot map naming every group's leader")
 
 
+def agreed_map(cluster: HaCluster, names: list[str], leaders: set[str] | None = None) -> SlotMap:
+    """The slot map once every one of ``names`` answers the same full one (see ``full_map``): what a
+    test needs that counts NOT_LEADER answers, since a client learns its map from whichever broker
+    refuses it first, and a broker whose map still lags a handover sends it to a wrong leader."""
+
+    def agreed() -> SlotMap | None:
+        maps = []
+        for n in names:
+            m = slot_map(cluster, n)
+            if len(m.leaders) != m.groups or (leaders is not None and not set(m.leaders.values()) <= leaders):
+                return None
+            maps.append(m)
+        return maps[0] if all(m == maps[0] for m in maps) else None
+
+    return wait_for(agreed, 10.0, 0.1, f"{names} answering the same slot map, naming every group's leader")
+
+
 def wait_served(cluster: HaCluster, names: list[str], groups: int, timeout: float = 60.0) -> dict[str, dict[str, Any]]:
     """Until every group is led by one of ``names``, as evenly as can be (handovers are paced:
     one a second per broker), and each of them has every slot of its groups formed, recovered and
