@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import struct
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from protocol.frames import pack, unpack
+import msgspec
+
+from protocol.frames import pack
 
 OP_PUT = 1
 OP_DELETE = 2
@@ -47,8 +49,13 @@ def worker_topic(worker_id: str, group: int | None = None) -> bytes:
 # Replication messages
 
 
-@dataclass(slots=True)
-class WriteOp:
+class WriteOp(msgspec.Struct, array_like=True):
+    """One op of a write batch, on the wire ``[op, key, expire_at, cond, expected]``.
+
+    The batch headers are typed msgspec structs: msgspec builds them in C while it decodes, where
+    building dataclasses in Python cost a worker about 3x as much per batch (docs/benchmarks.md,
+    "typed replication headers")."""
+
     op: int  # OP_PUT, OP_DELETE, OP_EXPIRE or OP_REAP
     key: bytes
     expire_at: int = 0  # broker wall clock, ms since the epoch; 0 = no TTL (OP_EXPIRE: 0 removes it)
@@ -62,8 +69,7 @@ class WriteOp:
         return self.op not in (OP_PUT, OP_CHUNK, OP_ABORT_STREAM) or self.cond != COND_NONE
 
 
-@dataclass(slots=True, frozen=True)
-class Origin:
+class Origin(msgspec.Struct, array_like=True, frozen=True):
     """The client request a write batch is a share of: its client id and request number, and
     whether the client said it may be a retry (``check``: a first attempt cannot have been
     applied before, so replicas skip the look-up). Replicas record it with the write and apply a
@@ -74,9 +80,10 @@ class Origin:
     check: bool
 
 
-@dataclass(slots=True)
-class Replicate:
-    """One sequenced write batch of one slot.
+class Replicate(msgspec.Struct, array_like=True, omit_defaults=True):
+    """One sequenced write batch of one slot: on the wire (its header) ``[slot, epoch, seq,
+    prev_epoch, committed, now, ops]``, then ``origin`` if there is one; its values travel as
+    frames of their own, one per op.
 
     ``prev_epoch`` is the epoch of the write at ``seq - 1`` in the broker's history: a replica
     applies the batch only if its own last position is exactly ``(prev_epoch, seq - 1)``, which
@@ -90,22 +97,13 @@ class Replicate:
     committed: int  # the slot's committed seq when sent (lets replicas reclaim safely)
     now: int  # broker wall clock, ms; decides expiry of conditional deletes
     ops: list[WriteOp]
-    values: list[bytes] = field(default_factory=list)  # one per op (b"" for deletes)
+    # One per op (b"" for deletes). Not part of the header: ``header`` leaves it out.
+    values: list[bytes] = msgspec.field(default_factory=list)
     origin: Origin | None = None  # the client request (None: a write the broker decided)
 
     def header(self) -> bytes:
-        fields = [
-            self.slot,
-            self.epoch,
-            self.seq,
-            self.prev_epoch,
-            self.committed,
-            self.now,
-            [[o.op, o.key, o.expire_at, o.cond, o.expected] for o in self.ops],
-        ]
-        if self.origin is not None:
-            fields.append([self.origin.cid, self.origin.rid, self.origin.check])
-        return pack(fields)
+        return _encode_header(_Header(self.slot, self.epoch, self.seq, self.prev_epoch, self.committed,
+                                      self.now, self.ops, self.origin))
 
     def frames(self) -> list[bytes]:
         """The batch as ``[header, *values]`` (as kept in the broker's tail and sent by REPLAY)."""
@@ -113,19 +111,32 @@ class Replicate:
 
     @classmethod
     def decode(cls, header: bytes, values: list[Any]) -> Replicate:
-        return cls.from_fields(unpack(header), values)
-
-    @classmethod
-    def from_fields(cls, fields: list[Any], values: list[Any]) -> Replicate:
-        slot, epoch, seq, prev_epoch, committed, now, ops = fields[:7]
-        wops = [WriteOp(int(o[0]), bytes(o[1]), int(o[2]), int(o[3]), int(o[4])) for o in ops]
-        if len(values) != len(wops):
+        """A batch from its header and value frames; ValueError if they are not one."""
+        try:
+            h = _decode_header(header)
+        except msgspec.DecodeError as e:  # (ValidationError is one)
+            raise ValueError(f"replication message: {e}") from None
+        if len(values) != len(h.ops):
             raise ValueError("replication message: value frame count does not match ops")
-        origin = None
-        if len(fields) > 7:
-            cid, rid, check = fields[7]
-            origin = Origin(bytes(cid), int(rid), bool(check))
-        return cls(slot, epoch, seq, prev_epoch, committed, now, wops, list(values), origin)
+        return cls(h.slot, h.epoch, h.seq, h.prev_epoch, h.committed, h.now, h.ops, list(values), h.origin)
+
+
+class _Header(msgspec.Struct, array_like=True, omit_defaults=True):
+    """What ``Replicate.header`` encodes: the batch without its values."""
+
+    slot: int
+    epoch: int
+    seq: int
+    prev_epoch: int
+    committed: int
+    now: int
+    ops: list[WriteOp]
+    origin: Origin | None = None
+
+
+_encode_header = msgspec.msgpack.Encoder().encode
+_decode_header = msgspec.msgpack.Decoder(_Header).decode
+_decode_headers = msgspec.msgpack.Decoder(list[bytes]).decode
 
 
 def encode_replication(worker_id: str, batches: list[list[bytes]], group: int | None = None) -> list[bytes]:
@@ -137,15 +148,23 @@ def encode_replication(worker_id: str, batches: list[list[bytes]], group: int | 
 
 
 def decode_replication(frames: list[Any]) -> list[Replicate]:
-    """The write batches of one replication message, in the order the broker sequenced them."""
-    headers = unpack(frames[1])
-    if not isinstance(headers, list):
-        raise ValueError("replication message: header frame is not a list")
+    """The write batches of one replication message, in the order the broker sequenced them;
+    ValueError if it is not one."""
+    try:
+        headers = _decode_headers(frames[1])
+    except msgspec.DecodeError as e:
+        raise ValueError(f"replication message: {e}") from None
     out, at = [], 2
     for header in headers:
-        fields = unpack(header)
-        n = len(fields[6])
-        out.append(Replicate.from_fields(fields, frames[at:at + n]))
+        try:
+            h = _decode_header(header)
+        except msgspec.DecodeError as e:
+            raise ValueError(f"replication message: {e}") from None
+        n = len(h.ops)
+        values = frames[at:at + n]
+        if len(values) != n:
+            raise ValueError("replication message: value frame count does not match ops")
+        out.append(Replicate(h.slot, h.epoch, h.seq, h.prev_epoch, h.committed, h.now, h.ops, values, h.origin))
         at += n
     if at != len(frames):
         raise ValueError("replication message: more value frames than ops")
