@@ -35,6 +35,7 @@ from protocol.replication import Replicate
 from worker import serve
 from worker.donor import Donations, Dumps
 from worker.held import HeldMessages
+from worker.records import NOTHING_APPLIED
 from worker.store import Position, SlotStore
 
 log = structlog.get_logger("zkv.worker")
@@ -154,7 +155,7 @@ class WorkerCore:
         return len(keys)
 
     def position(self, slot: int) -> Position:
-        return self.pos.get(slot, Position())
+        return self.pos.get(slot, NOTHING_APPLIED)
 
     # -- replication ----------------------------------------------------------------------------
 
@@ -214,8 +215,9 @@ class WorkerCore:
         self.applied_total += len(batch)
         self.commits += 1
         self.retries_absorbed += sum(len(r) == 4 for r in results)
+        position = self.store.position
         ack = {
-            "pos": [[s, self.store.position(s).epoch, self.store.position(s).seq] for s in touched],
+            "pos": [[s, p.epoch, p.seq] for s in touched for p in (position(s),)],
             "res": results,
         }
         self.outbox.append([W_ACK, pack(ack)])

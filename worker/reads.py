@@ -12,6 +12,7 @@ import lmdb
 from worker.records import (
     KEY_INLINE_MAX,
     META_POSITION,
+    NOTHING_APPLIED,
     SLOT_PREFIX,
     Position,
     decode_position,
@@ -59,7 +60,7 @@ def read(txn: lmdb.Transaction, t: Tables, slots_keys: list[tuple[int, bytes]], 
                 value = r.value if with_values or r.streamed else b""
                 out.append(ReadResult(True, r.version, r.expire_at, value, r.streamed))
                 continue
-        out.append(ReadResult(False, positions.get(slot, Position()).seq, 0, b""))
+        out.append(ReadResult(False, positions.get(slot, NOTHING_APPLIED).seq, 0, b""))
     return out
 
 

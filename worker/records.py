@@ -58,6 +58,11 @@ class Position:
     seq: int = 0
 
 
+# A slot with nothing applied. Shared (positions are immutable): the look-ups of the write and
+# read paths return it for a slot they do not know without building a Position each time.
+NOTHING_APPLIED = Position()
+
+
 @dataclass(slots=True)
 class Record:
     version: int
@@ -104,7 +109,7 @@ def encode_position(pos: Position) -> bytes:
 
 
 def decode_position(raw: bytes | None) -> Position:
-    return Position(*POSITION.unpack(raw)) if raw else Position()
+    return Position(*POSITION.unpack(raw)) if raw else NOTHING_APPLIED
 
 
 def encode_record(version: int, expire_at: int, key: bytes, value: bytes, streamed: bool = False) -> bytes:

@@ -17,7 +17,7 @@ from protocol.replication import Replicate
 from worker import chunks, expiry, reads, snapshots, writes
 from worker.expiry import ExpiredKey
 from worker.reads import ReadResult, ScanResult
-from worker.records import EPOCH, META_CLUSTER, META_DATA_ID, META_EPOCH, Position
+from worker.records import EPOCH, META_CLUSTER, META_DATA_ID, META_EPOCH, NOTHING_APPLIED, Position
 from worker.slots import forget_slot, half_installed, load_positions
 from worker.snapshots import SnapshotEntries
 from worker.tables import Tables
@@ -52,7 +52,7 @@ class SlotStore:
         self.env.close()
 
     def position(self, slot: int) -> Position:
-        return self.positions.get(slot, Position())
+        return self.positions.get(slot, NOTHING_APPLIED)
 
     @property
     def cluster_id(self) -> bytes:
