@@ -146,7 +146,14 @@ class _Header(msgspec.Struct, array_like=True, omit_defaults=True):
 
 _encode_header = msgspec.msgpack.Encoder().encode
 _decode_header = msgspec.msgpack.Decoder(_Header).decode
-_decode_headers = msgspec.msgpack.Decoder(list[bytes]).decode
+_decode_headers = msgspec.msgpack.Decoder(list[_Header]).decode
+_ARRAY32 = struct.Struct(">BI")  # a msgpack array32's marker (0xdd) and element count
+
+
+def _array_of(packed: list[bytes]) -> bytes:
+    """The msgpack array of already packed objects: its marker and count, then them, as they are
+    (the broker packs each header once, for its tail; the message needs no second encoding)."""
+    return _ARRAY32.pack(0xDD, len(packed)) + b"".join(packed)
 
 
 def encode_replication(worker_id: str, batches: list[list[bytes]], group: int | None = None) -> list[bytes]:
@@ -162,7 +169,7 @@ def encode_replication(worker_id: str, batches: list[list[bytes]], group: int | 
     large = [v for v in values if v is not None and len(v) >= ZERO_COPY_BYTES]
     if large:
         values = [None if v is not None and len(v) >= ZERO_COPY_BYTES else v for v in values]
-    return [worker_topic(worker_id, group), pack([b[0] for b in batches]), pack(values), *large]
+    return [worker_topic(worker_id, group), _array_of([b[0] for b in batches]), pack(values), *large]
 
 
 _decode_values = msgspec.msgpack.Decoder(list[bytes | None]).decode
@@ -185,11 +192,7 @@ def decode_replication(frames: list[Any]) -> list[Replicate]:
         it = iter(large)
         values = [next(it) if v is None else v for v in values]
     out, at = [], 0
-    for header in headers:
-        try:
-            h = _decode_header(header)
-        except msgspec.DecodeError as e:
-            raise ValueError(f"replication message: {e}") from None
+    for h in headers:
         n = len(h.ops)
         if at + n > len(values):
             raise ValueError("replication message: fewer values than ops")

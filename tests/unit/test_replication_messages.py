@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from protocol.frames import pack
+from protocol.frames import pack, unpack
 from protocol.replication import (
     OP_DELETE,
     OP_PUT,
@@ -46,6 +46,7 @@ def test_batches_round_trip_with_small_values_packed_and_large_ones_apart(values
     n_large = sum(v == LARGE for vs in values for v in vs)
     assert frames[0] == worker_topic("w1") and len(frames) == 3 + n_large
     assert all(f == LARGE for f in frames[3:])
+    assert unpack(frames[1]) == [unpack(b.header()) for b in batches]  # an array of the headers themselves
     decoded = decode_replication(frames)
     assert len(decoded) == len(batches) and all(same(a, b) for a, b in zip(decoded, batches, strict=True))
 
