@@ -21,7 +21,7 @@ from broker.sequencer import cannot_commit, uncommitted_change
 from broker.state import BrokerState
 from broker.worker_messages import Answer
 from protocol.errors import ErrorCode
-from protocol.frames import W_REQUEST, pack, unpack
+from protocol.frames import W_REQUEST, pack, unpack, unpack_values
 from protocol.replication import slot_for_key
 
 log = structlog.get_logger("zkv.broker")
@@ -109,6 +109,12 @@ class Reads:
             return  # (an answer from another worker must not cancel the outstanding read)
         del self.worker_reads[msg.token]
         hdr = unpack(msg.body[0])
+        values = msg.body[1:]
+        if hdr.get("ok") and hdr.get("packed"):
+            try:
+                values = unpack_values(values)
+            except ValueError as e:
+                hdr = {"ok": False, "code": "INTERNAL", "message": f"malformed answer: {e}"}
         if not hdr.get("ok"):
             log.error("worker_read_failed", worker=wid, code=hdr.get("code"), message=hdr.get("message"))
             if len(wr.parts) > 1:
@@ -119,7 +125,6 @@ class Reads:
                 return
             self.requests.fail(wr.parts[0].request, ErrorCode.INTERNAL, f"worker {wid}: {hdr.get('message')}")
             return
-        values = msg.body[1:]
         streamed = hdr.get("streamed") or [False] * len(wr.keys)
         applied = {int(s): int(q) for s, q in hdr.get("applied", [])}
         # A replica that holds less of a slot than was committed when it was asked has lost the

@@ -15,8 +15,7 @@ from typing import Any
 
 import msgspec
 
-from protocol.frames import pack
-from protocol.sockets import ZERO_COPY_BYTES
+from protocol.frames import pack_values, unpack_values
 
 OP_PUT = 1
 OP_DELETE = 2
@@ -161,18 +160,9 @@ def encode_replication(worker_id: str, batches: list[list[bytes]], group: int | 
     Batching per worker and per turn, instead of one PUB message per batch, is what lets the
     broker and the workers pay their per-message costs once for many writes.
 
-    The values go packed in one frame (a 1,000-key MSET is then 3 frames, not 1,002: every frame
-    costs a Python-level send and receive of about 1 us), except those of ``ZERO_COPY_BYTES`` or
-    more, which packing would copy: each stands as nil in the packed array and follows as a frame
-    of its own, in order."""
-    values: list[bytes | None] = [v for b in batches for v in b[1:]]
-    large = [v for v in values if v is not None and len(v) >= ZERO_COPY_BYTES]
-    if large:
-        values = [None if v is not None and len(v) >= ZERO_COPY_BYTES else v for v in values]
-    return [worker_topic(worker_id, group), _array_of([b[0] for b in batches]), pack(values), *large]
-
-
-_decode_values = msgspec.msgpack.Decoder(list[bytes | None]).decode
+    The values go packed (``pack_values``): a 1,000-key MSET is then 3 frames, not 1,002."""
+    values = [v for b in batches for v in b[1:]]
+    return [worker_topic(worker_id, group), _array_of([b[0] for b in batches]), *pack_values(values)]
 
 
 def decode_replication(frames: list[Any]) -> list[Replicate]:
@@ -182,15 +172,9 @@ def decode_replication(frames: list[Any]) -> list[Replicate]:
         raise ValueError("replication message: fewer than 3 frames")
     try:
         headers = _decode_headers(frames[1])
-        values: list[Any] = _decode_values(frames[2])
-    except msgspec.DecodeError as e:
+        values = unpack_values(frames[2:])
+    except ValueError as e:  # (msgspec.DecodeError is one)
         raise ValueError(f"replication message: {e}") from None
-    large = frames[3:]
-    if large or None in values:
-        if values.count(None) != len(large):
-            raise ValueError("replication message: large value frames do not match the packed values")
-        it = iter(large)
-        values = [next(it) if v is None else v for v in values]
     out, at = [], 0
     for h in headers:
         n = len(h.ops)

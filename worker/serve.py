@@ -4,7 +4,7 @@ broker can hold it back until that position is committed."""
 
 from __future__ import annotations
 
-from protocol.frames import W_FINAL, W_PARTIAL, pack, unpack
+from protocol.frames import W_FINAL, W_PARTIAL, pack, pack_values, unpack
 from protocol.limits import MAX_CHUNKS_PER_READ, SCAN_MAX_BYTES
 from worker.donor import Dumps
 from worker.store import SlotStore
@@ -46,7 +46,10 @@ def serve_read(store: SlotStore, req: dict) -> list[bytes]:
     }
     if any(r.streamed for r in results):
         hdr["streamed"] = [r.streamed for r in results]  # their value frame is the manifest
-    return [pack(hdr), *[r.value for r in results]]
+    if len(results) == 1:
+        return [pack(hdr), results[0].value]
+    hdr["packed"] = True  # an MGET's values in one frame: one send here, one receive in the broker
+    return [pack(hdr), *pack_values([r.value for r in results])]
 
 
 def serve_chunks(store: SlotStore, token: bytes, req: dict) -> tuple[list[list[bytes]], list[bytes]]:

@@ -138,6 +138,11 @@ def test_mget_mset(cluster: Cluster) -> None:
     big = {b"big1": ALL_BYTES * 2048, b"big2": b"\x00" * 300_000}
     c.mset(big)
     assert c.mget([b"big1", b"big2"]) == [big[b"big1"], big[b"big2"]]
+    # Inside the cluster small values travel packed, large ones (64 KiB and more) apart: mixed.
+    mixed = {b"mix-small": b"s", b"mix-big": b"\x01" * 70_000, b"mix-empty": b"", b"mix-edge": b"e" * 65_535}
+    c.mset(mixed)
+    ask = [b"mix-big", b"p1", b"missing", b"mix-small", b"big2", b"mix-empty", b"mix-edge"]
+    assert c.mget(ask) == [mixed[b"mix-big"], b"A", None, b"s", big[b"big2"], b"", mixed[b"mix-edge"]]
 
 
 TTL_MS = 1500
