@@ -47,9 +47,10 @@ LOADS = {
     "put": ["-t", "put", "-c", "200", "-d", "1024", "--key-size", "256", "-n", "400000"],
     "get": ["-t", "get", "-c", "200", "-d", "100", "--key-size", "256", "-n", "150000", "-r", "20000"],
     "mset": ["-t", "mset", "-b", "1000", "-c", "4", "-d", "100", "--key-size", "256", "-n", "2000"],
+    "mget": ["-t", "mget", "-b", "1000", "-c", "4", "-d", "100", "--key-size", "256", "-n", "4000", "-r", "20000"],
 }
 # the two run lengths whose difference gives the CPU per request (start-up and prefill cancel)
-CPU_RUNS = {"put": (5_000, 35_000), "get": (5_000, 35_000), "mset": (10, 60)}
+CPU_RUNS = {"put": (5_000, 35_000), "get": (5_000, 35_000), "mset": (10, 60), "mget": (30, 180)}
 
 
 def frame_name(frame: str) -> str:
