@@ -101,7 +101,7 @@ class Reads:
             self.worker_reads[token] = WorkerRead(wid, wparts, keys)
             op = "exists" if all(p.request.op in ("exists", "ttl") for p in wparts) else "get"
             state.to_worker(state.workers[wid], [W_REQUEST, token, b"",
-                                                 pack({"op": op, "keys": wire_keys, "now": now_ms})])
+                                                 pack({"op": op, "keys": wire_keys, "now": now_ms, "packed": True})])
 
     def on_answer(self, wid: str, msg: Answer) -> None:
         wr = self.worker_reads.get(msg.token)
@@ -115,6 +115,9 @@ class Reads:
                 values = unpack_values(values)
             except ValueError as e:
                 hdr = {"ok": False, "code": "INTERNAL", "message": f"malformed answer: {e}"}
+        if hdr.get("ok") and len(values) != len(wr.keys):
+            hdr = {"ok": False, "code": "INTERNAL",
+                   "message": f"malformed answer: {len(values)} values for {len(wr.keys)} keys"}
         if not hdr.get("ok"):
             log.error("worker_read_failed", worker=wid, code=hdr.get("code"), message=hdr.get("message"))
             if len(wr.parts) > 1:

@@ -38,7 +38,7 @@ def slot_for_key(key: bytes, slots: int) -> int:
 
 
 def worker_topic(worker_id: str, group: int | None = None) -> bytes:
-    """PUB/SUB topic of a worker's replication messages: ``b"w"``, its id, ``b"\\0"`` (so that no
+    """PUB/SUB topic of a worker's replication messages: ``TOPIC_PREFIX``, its id, ``b"\\0"`` (so that no
     id's topic is a prefix of another's: SUB filters match prefixes). With slot groups (active
     brokers) the group follows as two bytes: a worker subscribes once per group it serves, and
     gets each message once, on the subscription of the group that sent it; without a group the
@@ -89,10 +89,10 @@ class Origin(msgspec.Struct, array_like=True, frozen=True):
     check: bool
 
 
-class Replicate(msgspec.Struct, array_like=True, omit_defaults=True):
+class Replicate(msgspec.Struct, array_like=True):
     """One sequenced write batch of one slot: on the wire (its header) ``[slot, epoch, seq,
-    prev_epoch, committed, now, ops]``, then ``origin`` if there is one; its values travel as
-    frames of their own, one per op.
+    prev_epoch, committed, now, ops]``, then ``origin`` if there is one; its values travel apart
+    from it (packed in a replication message; one frame per op in the tail and in REPLAY).
 
     ``prev_epoch`` is the epoch of the write at ``seq - 1`` in the broker's history: a replica
     applies the batch only if its own last position is exactly ``(prev_epoch, seq - 1)``, which
@@ -111,8 +111,13 @@ class Replicate(msgspec.Struct, array_like=True, omit_defaults=True):
     origin: Origin | None = None  # the client request (None: a write the broker decided)
 
     def header(self) -> bytes:
-        return _encode_header(_Header(self.slot, self.epoch, self.seq, self.prev_epoch, self.committed,
-                                      self.now, self.ops, self.origin))
+        # A tuple: 7 elements without an origin, as ever (array-like structs always encode every
+        # field, so a struct would end in nil, which workers before msgspec cannot read).
+        if self.origin is None:
+            return _encode_header((self.slot, self.epoch, self.seq, self.prev_epoch, self.committed,
+                                   self.now, self.ops))
+        return _encode_header((self.slot, self.epoch, self.seq, self.prev_epoch, self.committed,
+                               self.now, self.ops, self.origin))
 
     def frames(self) -> list[bytes]:
         """The batch as ``[header, *values]`` (as kept in the broker's tail and sent by REPLAY)."""
@@ -130,8 +135,8 @@ class Replicate(msgspec.Struct, array_like=True, omit_defaults=True):
         return cls(h.slot, h.epoch, h.seq, h.prev_epoch, h.committed, h.now, h.ops, list(values), h.origin)
 
 
-class _Header(msgspec.Struct, array_like=True, omit_defaults=True):
-    """What ``Replicate.header`` encodes: the batch without its values."""
+class _Header(msgspec.Struct, array_like=True):
+    """What ``Replicate.header`` encodes, as it is decoded: the batch without its values."""
 
     slot: int
     epoch: int

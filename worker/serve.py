@@ -46,10 +46,12 @@ def serve_read(store: SlotStore, req: dict) -> list[bytes]:
     }
     if any(r.streamed for r in results):
         hdr["streamed"] = [r.streamed for r in results]  # their value frame is the manifest
-    if len(results) == 1:
-        return [pack(hdr), results[0].value]
-    hdr["packed"] = True  # an MGET's values in one frame: one send here, one receive in the broker
-    return [pack(hdr), *pack_values([r.value for r in results])]
+    if len(results) > 1 and req.get("packed") is True:
+        # An MGET's values in one frame: one send here, one receive in the broker. Only when the
+        # broker asks: a broker that does not know the packed form reads one frame per key.
+        hdr["packed"] = True
+        return [pack(hdr), *pack_values([r.value for r in results])]
+    return [pack(hdr), *[r.value for r in results]]
 
 
 def serve_chunks(store: SlotStore, token: bytes, req: dict) -> tuple[list[list[bytes]], list[bytes]]:
