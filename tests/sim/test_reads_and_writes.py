@@ -8,7 +8,9 @@ import itertools
 
 import pytest
 
+from protocol.frames import W_FINAL, unpack
 from protocol.replication import slot_for_key
+from tests.support.helpers import keys_in_slot
 from tests.support.sim import SimCluster
 
 pytestmark = pytest.mark.timeout(120)
@@ -176,3 +178,25 @@ def test_one_failing_key_does_not_fail_unrelated_reads_batched_in_the_same_turn(
     failed = sim.reply(b"c2", r2)  # the read that fails fails alone, with its cause
     assert failed is not None and failed[0]["ok"] is False and failed[0]["code"] == "INTERNAL", failed
     assert "corrupt record" in failed[0]["message"]
+
+
+def test_an_mget_of_one_slot_is_answered_packed_with_large_values_apart(sim: SimCluster) -> None:
+    # One slot, so one replica answers every key: the broker asks for packed values, the worker
+    # packs them (the 70,000-byte one as a frame of its own) and the broker unpacks them in order.
+    small, large, empty, missing = keys_in_slot(2, sim.slots, 4, prefix="pk")
+    values = {small: b"s", large: b"L" * 70_000, empty: b""}
+    for k, v in values.items():
+        assert sim.put(k, v)["ok"]
+    answers: list[list[bytes]] = []
+
+    def record(_wid: str, frames: list[bytes]) -> bool:
+        if frames[0] == W_FINAL:
+            answers.append(frames)
+        return False  # (delivered as usual)
+
+    sim.intercept = record
+    hdr, vals = sim.call("mget", keys=[large, missing, small, empty, large])
+    assert hdr["ok"] and hdr["found"] == [True, False, True, True, True]
+    assert vals == [values[large], b"", b"s", b"", values[large]]
+    assert len(answers) == 1 and unpack(answers[0][3])["packed"] is True
+    assert answers[0][5:] == [values[large], values[large]]  # [final, token, b"", header, packed array, *large]
