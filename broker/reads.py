@@ -100,8 +100,10 @@ class Reads:
             token = state.token()
             self.worker_reads[token] = WorkerRead(wid, wparts, keys)
             op = "exists" if all(p.request.op in ("exists", "ttl") for p in wparts) else "get"
-            state.to_worker(state.workers[wid], [W_REQUEST, token, b"",
-                                                 pack({"op": op, "keys": wire_keys, "now": now_ms, "packed": True})])
+            req = {"op": op, "keys": wire_keys, "now": now_ms}
+            if len(wire_keys) > 1:
+                req["packed"] = True  # (a worker packs only the values of several keys)
+            state.to_worker(state.workers[wid], [W_REQUEST, token, b"", pack(req)])
 
     def on_answer(self, wid: str, msg: Answer) -> None:
         wr = self.worker_reads.get(msg.token)

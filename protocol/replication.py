@@ -132,7 +132,7 @@ class Replicate(msgspec.Struct, array_like=True):
             raise ValueError(f"replication message: {e}") from None
         if len(values) != len(h.ops):
             raise ValueError("replication message: value frame count does not match ops")
-        return cls(h.slot, h.epoch, h.seq, h.prev_epoch, h.committed, h.now, h.ops, list(values), h.origin)
+        return h.with_values(list(values))
 
 
 class _Header(msgspec.Struct, array_like=True):
@@ -146,6 +146,10 @@ class _Header(msgspec.Struct, array_like=True):
     now: int
     ops: list[WriteOp]
     origin: Origin | None = None
+
+    def with_values(self, values: list[Any]) -> Replicate:
+        return Replicate(self.slot, self.epoch, self.seq, self.prev_epoch, self.committed, self.now, self.ops,
+                         values, self.origin)
 
 
 _encode_header = msgspec.msgpack.Encoder().encode
@@ -180,16 +184,14 @@ def decode_replication(frames: list[Any]) -> list[Replicate]:
         values = unpack_values(frames[2:])
     except ValueError as e:  # (msgspec.DecodeError is one)
         raise ValueError(f"replication message: {e}") from None
+    ops = sum(len(h.ops) for h in headers)
+    if ops != len(values):
+        raise ValueError(f"replication message: {len(values)} values for {ops} ops")
     out, at = [], 0
     for h in headers:
         n = len(h.ops)
-        if at + n > len(values):
-            raise ValueError("replication message: fewer values than ops")
-        out.append(Replicate(h.slot, h.epoch, h.seq, h.prev_epoch, h.committed, h.now, h.ops,
-                             values[at:at + n], h.origin))
+        out.append(h.with_values(values[at:at + n]))
         at += n
-    if at != len(values):
-        raise ValueError("replication message: more values than ops")
     return out
 
 
