@@ -1,6 +1,7 @@
 """CPU per request of two source trees, side by side in one run: this tree and an earlier commit.
 
     python bench/before_after.py --before REV [--rounds 3] [--loads put,get,mset] [--scale 1]
+                                 [--before-args "--read-cache 0"] [--after-args ...]
 
 Checks REV out into a temporary git worktree, then, round after round (the order of the two trees
 alternates), starts a fresh cluster from each tree (bench/core.py's ``bench_cluster`` with
@@ -9,11 +10,15 @@ bench/hotspots.py, the CPU time per request of the broker, each worker and the c
 difference of two runs of different lengths, from /proc), the client being the tree's own
 ``zkv bench``. Prints the median of the rounds per tree and the ratio after/before. On a shared
 machine CPU per request is far steadier than requests/s; still, compare within one run.
+
+``--before-args`` / ``--after-args`` add broker options to one side: with ``--before HEAD`` they
+compare two settings of the same code (``--before-args "--read-cache 0"``: the read cache off).
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -33,10 +38,11 @@ import hotspots  # noqa: E402  (bench/hotspots.py)
 PROCESSES = ("broker", "worker", "client", "all")
 
 
-def measure(tree: Path, loads: list[str], scale: int = 1) -> dict[str, dict[str, float]]:
+def measure(tree: Path, loads: list[str], scale: int = 1,
+            broker_args: list[str] | None = None) -> dict[str, dict[str, float]]:
     """CPU us per request of each process (workers: their mean) and the rate, per load."""
     root = Path(tempfile.mkdtemp(prefix="zkv-before-after-"))
-    cluster = core.bench_cluster(root, cwd=tree)
+    cluster = core.bench_cluster(root, cwd=tree, broker_args=broker_args or [])
     try:
         cluster.start(timeout=60.0)
         out: dict[str, dict[str, float]] = {}
@@ -59,7 +65,10 @@ def main() -> int:
     parser.add_argument("--loads", default="put,get,mset")
     parser.add_argument("--scale", type=int, default=1,
                         help="multiply both run lengths (MSET's default 10/60 requests is coarse for the client)")
+    parser.add_argument("--before-args", default="", help="broker options of the before side, e.g. \"--read-cache 0\"")
+    parser.add_argument("--after-args", default="", help="broker options of the after side")
     opts = parser.parse_args()
+    args = {"before": shlex.split(opts.before_args), "after": shlex.split(opts.after_args)}
     loads = opts.loads.split(",")
     before = Path(tempfile.mkdtemp(prefix="zkv-before-tree-")) / "tree"
     subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(before), opts.before], check=True,
@@ -69,7 +78,7 @@ def main() -> int:
     try:
         for r in range(opts.rounds):
             for name in (("before", "after") if r % 2 == 0 else ("after", "before")):
-                res = measure(trees[name], loads, opts.scale)
+                res = measure(trees[name], loads, opts.scale, args[name])
                 results[name].append(res)
                 print(f"round {r + 1} {name:<6} " + "  ".join(
                     f"{load} {res[load]['rate']:,.0f}/s broker {res[load]['broker']:.1f} worker "
@@ -81,7 +90,10 @@ def main() -> int:
     def med(name: str, load: str, key: str) -> float:
         return statistics.median(x[load][key] for x in results[name])
 
-    print(f"CPU us per request, median of {opts.rounds} rounds (before = {opts.before}); workers: each\n")
+    sides = f"before = {opts.before} {opts.before_args}".rstrip()
+    if opts.after_args:
+        sides += f", after: {opts.after_args}"
+    print(f"CPU us per request, median of {opts.rounds} rounds ({sides}); workers: each\n")
     print("| load | process | before | after | after / before |")
     print("|---|---|---:|---:|---:|")
     for load in loads:

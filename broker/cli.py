@@ -62,6 +62,9 @@ D = BrokerConfig()
 @click.option("--move-concurrency", default=D.move_concurrency, show_default=True, help="Slot moves in flight at once.")
 @click.option("--copy-rate", default=D.copy_rate // MIB, show_default=True,
               help="MiB/s of snapshot data relayed for moves and repairs (the throttle).")
+@click.option("--read-cache", default=D.read_cache // MIB, show_default=True,
+              help="MiB of recently read values the leader keeps to answer reads without a replica "
+                   "(linearizable: every write drops what it changes); 0: none.")
 @click.option("--etcd", default="",
               help="etcd client URLs, comma-separated: etcd mode (standby brokers, leader by lease, "
                    "metadata in etcd). Empty: the embedded default (one broker, metadata in --data).")
@@ -80,7 +83,8 @@ def broker(data: str, frontend: str, backend: str, replication: str, keys: str, 
            rf: int, w: int,
            heartbeat: float, request_timeout: float, max_value: int, max_stream: int, stream_idle: float,
            max_streams: int, max_client_streams: int, max_client_bytes: int, grace: float, initial_workers: int,
-           auto_rebalance: bool, move_concurrency: int, copy_rate: int, etcd: str, etcd_prefix: str, name: str,
+           auto_rebalance: bool, move_concurrency: int, copy_rate: int, read_cache: int, etcd: str, etcd_prefix: str,
+           name: str,
            lease_ttl: int, advertise: str, metrics: str, groups: int) -> None:
     """Run the broker (the master). With --etcd, any number of brokers share one cluster: one
     leads, the others stand by and take over when its lease lapses."""
@@ -126,7 +130,7 @@ def broker(data: str, frontend: str, backend: str, replication: str, keys: str, 
                           max_client_bytes=max_client_bytes * MIB,
                           grace=grace, initial_workers=initial_workers,
                           auto_rebalance=auto_rebalance, move_concurrency=move_concurrency,
-                          copy_rate=copy_rate * MIB),
+                          copy_rate=copy_rate * MIB, read_cache=read_cache * MIB),
     )
     try:
         run_broker(cfg)

@@ -131,7 +131,7 @@ class BrokerCore:
             WorkerLost: [self.streams.on_worker_lost, self.replicas.on_worker_lost, self.moves.on_worker_lost,
                          self.reads.on_worker_lost, self.scans.on_worker_lost, self.dumps.on_worker_lost],
             MoveAbandoned: [self.replicas.on_move_abandoned],
-            HistoryRewritten: [self.watches.on_history_rewritten],
+            HistoryRewritten: [self.watches.on_history_rewritten, self.reads.on_history_rewritten],
         }
         state.emit = self._emit
         # Who handles each data op, in this order (a stream's chunk is checked, sequenced as a

@@ -204,6 +204,7 @@ class GroupLeading:
                       stalled_slots=[x for s in each for x in s["stalled_slots"]],
                       lost_writes=[x for s in each for x in s["lost_writes"]],
                       committed_writes=sum(s["committed_writes"] for s in each),
+                      read_cache_bytes=sum(s.get("read_cache_bytes", 0) for s in each),
                       moves=[m for s in each for m in s["moves"]],
                       misplaced_slots=sum(s["misplaced_slots"] for s in each))
         st.update(role="active", name=self.election.me.name, groups=self.groups,

@@ -1,4 +1,5 @@
-"""Which broker incarnation wrote which part of a slot's history: pure questions about positions.
+"""Which broker incarnation wrote which part of a slot's history: questions about positions, and
+what follows when a replica is found off the history (``distrust``).
 
 Replicas apply a write only on top of the position it names (Raft's log matching rule), so an
 equal (epoch, seq) means an equal history up to there.
@@ -6,7 +7,12 @@ equal (epoch, seq) means an equal history up to there.
 
 from __future__ import annotations
 
-from broker.state import Pos, Slot
+import structlog
+
+from broker.events import RepairNeeded
+from broker.state import BrokerState, Pos, Slot
+
+log = structlog.get_logger("zkv.broker")
 
 
 def epoch_of(slot: Slot, seq: int) -> int | None:
@@ -28,3 +34,34 @@ def in_history(slot: Slot, pos: Pos, last_known: bool = True) -> bool:
     if last_known and pos.seq > slot.last.seq:
         return False
     return epoch_of(slot, pos.seq) == pos.epoch
+
+
+def void_answer(slot: Slot, floor: int, applied: list[int] | None) -> str | None:
+    """Why a replica's answer about ``slot`` is void, or None if it is not. ``applied``: the
+    [seq, epoch] it said it had applied when it read (epoch absent from older workers; None: not
+    said). "lost": it held less than ``floor`` (committed when it was asked), so it lost the slot
+    meanwhile (a move finished). "off_history": it held writes of an earlier leader that were
+    never committed and that this term's recovery did not adopt, and has not been rolled back
+    from them yet (an ACK of an older position can make the broker count it as caught up)."""
+    if applied is None:
+        return None
+    if applied[0] < floor:
+        return "lost"
+    if len(applied) > 1 and not in_history(slot, Pos(applied[0], applied[1])):
+        return "off_history"
+    return None
+
+
+def applied_of(entries: list[list[int]]) -> dict[int, list[int]]:
+    """A read or scan answer's ``applied`` field: slot -> [seq, epoch] (epoch from newer workers)."""
+    return {int(e[0]): [int(x) for x in e[1:3]] for e in entries}
+
+
+def distrust(state: BrokerState, slot: Slot, wid: str) -> None:
+    """A replica's answer showed it off the slot's history (broker/history.py ``void_answer``):
+    it counts as holding nothing of the slot until a repair replaces its copy."""
+    counted = slot.applied.get(wid)
+    if counted is not None:
+        log.warning("replica_off_history", slot=slot.id, worker=wid, counted=[counted.epoch, counted.seq])
+        slot.applied[wid] = None
+        state.emit(RepairNeeded(slot, wid, force=True))

@@ -19,6 +19,8 @@ COUNTERS = {  # status field -> (metric, help)
     "writes_deduplicated": ("zkv_broker_writes_deduplicated_total",
                             "retried writes the replicas had applied before (answered from the first)"),
     "reads_served": ("zkv_broker_reads_served_total", "reads answered"),
+    "reads_cached": ("zkv_broker_reads_cached_total",
+                     "reads answered from the leader's cache of committed values, without a replica"),
     "bad_requests": ("zkv_broker_bad_requests_total", "malformed requests answered with an error"),
     "rejected_requests": ("zkv_broker_rejected_requests_total", "requests refused (unavailable, not enough replicas)"),
     "snapshots_sent": ("zkv_broker_snapshots_total", "slot snapshots started to repair or fill a replica"),
@@ -67,6 +69,8 @@ def families(st: dict[str, Any]) -> Iterator[Metric]:
     yield gauge("zkv_broker_move_bytes_left", "bytes the moves in flight still have to copy",
                 sum(max(0, int(m.get("bytes_total") or 0) - int(m.get("bytes_copied") or 0)) for m in moves))
     yield gauge("zkv_broker_open_streams", "streamed puts open", st.get("open_streams", 0))
+    yield gauge("zkv_broker_read_cache_bytes", "bytes of committed values cached to answer reads without a replica",
+                st.get("read_cache_bytes", 0))
     yield gauge("zkv_broker_watches", "watches open", st.get("watches", 0))
     yield gauge("zkv_broker_connected_clients", "client connections with a request or watch in flight",
                 st.get("clients", 0))

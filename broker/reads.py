@@ -5,6 +5,10 @@ A read goes to a live replica whose applied position is at or past the slot's co
 replica answers with the version it read, and an answer newer than the committed seq is held until
 that version commits. So a read never misses an acknowledged write and never shows one that could
 still be lost. All reads of one turn of the loop to one worker travel in one request.
+
+A slot's share of a read whose keys are all in the leader's cache of committed values
+(broker/read_cache.py) is answered from it, without a replica; a replica's answer to a read sent
+while its slot had no write pending fills the cache.
 """
 
 from __future__ import annotations
@@ -14,8 +18,10 @@ from dataclasses import dataclass
 import structlog
 
 from broker.answers import answer
-from broker.events import Committed, ReplicaAdvanced, WorkerLost
+from broker.events import Committed, HistoryRewritten, ReplicaAdvanced, WorkerLost
+from broker.history import applied_of, distrust, void_answer
 from broker.messages import KvRequest, Unavailable
+from broker.read_cache import NOT_FILLABLE
 from broker.requests import Request, RequestTable
 from broker.sequencer import cannot_commit, uncommitted_change
 from broker.state import BrokerState
@@ -34,6 +40,7 @@ class ReadPart:
     indices: list[int]
     need: int = 0  # highest version in the answer; released once committed >= need
     floor: int = 0  # the slot's committed seq when the part was sent: a replica below it lost the slot
+    generation: int = NOT_FILLABLE  # what the read cache gave when it was sent (its answer may fill it)
 
 
 @dataclass
@@ -61,12 +68,33 @@ class Reads:
         for s in by_slot:
             if state.slots[s].recovering:
                 raise Unavailable(ErrorCode.UNAVAILABLE, f"slot {s} is recovering after a broker restart")
-        parts = [ReadPart(req, s, idx) for s, idx in by_slot.items()]
+        if state.read_cache.entries:
+            parts = self._from_cache(req, by_slot)
+            if not parts:
+                state.stats["reads_cached"] += 1
+                self._answer(req)
+                return
+        else:
+            parts = [ReadPart(req, s, idx) for s, idx in by_slot.items()]
         req.outstanding = len(parts)
         self.requests.add(req)
         # Dispatched at the end of the loop's turn (end_turn), together with every other read of
         # the turn: one REQUEST per worker carries them all, one LMDB transaction answers them.
         self.queue.extend(parts)
+
+    def _from_cache(self, req: Request, by_slot: dict[int, list[int]]) -> list[ReadPart]:
+        """Fill the results of every slot whose keys are all cached; the parts left to ask a
+        replica for. (A slot's keys come from one place, so that they show one moment.)"""
+        cache, now_ms = self.state.read_cache, self.state.wall_ms()
+        parts = []
+        for s, idx in by_slot.items():
+            hits = [cache.lookup(req.keys[i], now_ms) for i in idx]
+            if None in hits:
+                parts.append(ReadPart(req, s, idx))
+                continue
+            for i, (version, value, expire_at) in zip(idx, hits, strict=True):  # type: ignore[misc]
+                req.results[i] = (True, version, value, expire_at, False)
+        return parts
 
     def end_turn(self) -> None:
         if self.queue:
@@ -100,6 +128,10 @@ class Reads:
             token = state.token()
             self.worker_reads[token] = WorkerRead(wid, wparts, keys)
             op = "exists" if all(p.request.op in ("exists", "ttl") for p in wparts) else "get"
+            if op == "get":  # (an answer without values cannot fill the cache)
+                for part in wparts:
+                    slot = state.slots[part.slot]
+                    part.generation = state.read_cache.generation(pending=slot.last.seq > slot.committed)
             req = {"op": op, "keys": wire_keys, "now": now_ms}
             if len(wire_keys) > 1:
                 req["packed"] = True  # (a worker packs only the values of several keys)
@@ -131,12 +163,15 @@ class Reads:
             self.requests.fail(wr.parts[0].request, ErrorCode.INTERNAL, f"worker {wid}: {hdr.get('message')}")
             return
         streamed = hdr.get("streamed") or [False] * len(wr.keys)
-        applied = {int(s): int(q) for s, q in hdr.get("applied", [])}
-        # A replica that holds less of a slot than was committed when it was asked has lost the
-        # slot meanwhile (a move finished and it dropped it): its answer is void, ask another.
-        lost = [p for p in wr.parts if p.slot in applied and applied[p.slot] < p.floor]
-        void = {id(p) for p in lost}
+        applied = applied_of(hdr.get("applied", []))
         slots = self.state.slots
+        # A replica that lost a slot since it was asked, or holds writes off its history: its
+        # answer about it is void, ask another (broker/history.py).
+        why = {id(p): void_answer(slots[p.slot], p.floor, applied.get(p.slot)) for p in wr.parts}
+        lost = [p for p in wr.parts if why[id(p)]]
+        void = {id(p) for p in lost}
+        for s in {p.slot for p in lost if why[id(p)] == "off_history"}:
+            distrust(self.state, slots[s], wid)
         for n, (pi, i) in enumerate(wr.keys):
             part = wr.parts[pi]
             if id(part) in void:
@@ -159,7 +194,16 @@ class Reads:
             if part.need > self.state.slots[part.slot].committed:
                 self._hold(part)  # seen on this replica, not yet committed
             else:
+                if part.generation != NOT_FILLABLE:
+                    self._fill(part)
                 self._part_done(part)
+
+    def _fill(self, part: ReadPart) -> None:
+        cache, results = self.state.read_cache, part.request.results
+        for i in part.indices:
+            found, version, value, expire_at, streamed = results[i]
+            if found and not streamed:
+                cache.fill(part.slot, part.generation, part.request.keys[i], version, value, expire_at)
 
     def _hold(self, part: ReadPart) -> None:
         """Wait for the write the answer shows to commit, unless it cannot commit now: then the
@@ -176,10 +220,13 @@ class Reads:
             return
         req.outstanding -= 1
         if req.outstanding == 0:
-            req.done = True
-            self.state.stats["reads_served"] += 1
             self.requests.remove(req)
-            answer(self.state, req, req.identity)
+            self._answer(req)
+
+    def _answer(self, req: Request) -> None:
+        req.done = True
+        self.state.stats["reads_served"] += 1
+        answer(self.state, req, req.identity)
 
     # -- events ----------------------------------------------------------------------------------
 
@@ -210,6 +257,9 @@ class Reads:
                 redo.extend(wr.parts)
         if redo:
             self.dispatch(redo)
+
+    def on_history_rewritten(self, ev: HistoryRewritten) -> None:
+        self.state.read_cache.clear()  # (rare: more replicas lost than the fault model allows)
 
     def tick(self) -> None:
         """Forget parts of requests that were answered meanwhile (timed out, failed)."""

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from broker.events import Committed, WorkerLost
+from broker.history import applied_of, distrust, void_answer
 from broker.messages import ScanRequest
 from broker.replies import error, manifest_field, reply
 from broker.sequencer import cannot_commit, uncommitted_change
@@ -109,10 +110,15 @@ class Scans:
             log.error("worker_scan_failed", worker=wid, code=hdr.get("code"), message=hdr.get("message"))
             self._fail(scan, ErrorCode.INTERNAL, f"worker {wid}: {hdr.get('message', 'bad scan answer')}")
             return
-        applied = {int(s): int(q) for s, q in hdr["applied"]}
-        # A replica that applied less than was committed when it was asked has lost the slot in
-        # between (a move finished, a snapshot is replacing it): its part of the answer is void.
-        lost = {s for s in asked[1] if applied.get(s, 0) < scan.floor.get(s, 0)}
+        positions = applied_of(hdr["applied"])
+        applied = {s: p[0] for s, p in positions.items()}
+        # A replica that lost a slot since it was asked (a move finished, a snapshot is replacing
+        # it) or holds writes off its history: its part of the answer is void (broker/history.py).
+        why = {s: void_answer(self.state.slots[s], scan.floor.get(s, 0), positions.get(s, [0])) for s in asked[1]}
+        lost = {s for s, reason in why.items() if reason}
+        for s in lost:
+            if why[s] == "off_history":
+                distrust(self.state, self.state.slots[s], wid)
         entries = zip(keys, hdr["versions"], values if scan.values else [b""] * len(keys),
                       hdr.get("streamed") or [False] * len(keys), strict=True)
         slots = self.state.cfg.slots

@@ -22,6 +22,7 @@ def sequence(state: BrokerState, slot: Slot, ops: list[WriteOp], values: list[by
     record with the write so that a retry sequenced again later changes nothing (worker/dedup.py)."""
     seq = slot.last.seq + 1
     epoch = state.epoch
+    state.read_cache.written(slot.id, ops)
     if not slot.epochs or slot.epochs[-1][0] != epoch:
         slot.epochs.append((epoch, seq))
     rep = Replicate(slot.id, epoch, seq, slot.last.epoch, slot.committed, now_ms, ops, values, origin)

@@ -17,6 +17,7 @@ import structlog
 
 from broker.latency import RequestTimes
 from broker.messages import Unavailable
+from broker.read_cache import ReadCache
 from broker.ready import Ready
 from protocol.errors import ErrorCode
 from protocol.frames import W_ASSIGN, pack
@@ -57,6 +58,9 @@ class BrokerConfig:
     # and knows no other; groups 1 is the whole cluster, as with one leader.
     groups: int = 1
     group: int = 0
+    # Bytes of committed values the leader keeps of recently read keys, to answer reads of them
+    # without a replica (broker/read_cache.py); 0: every read asks a replica.
+    read_cache: int = 64 * 1024 * 1024
 
     def owns(self, slot: int) -> bool:
         return slot % self.groups == self.group
@@ -213,8 +217,9 @@ class BrokerState:
         # Set by the entry (broker/core.py): hands an event to every part that handles it.
         self.emit: Callable[[Any], None] = lambda event: None
         self.latency = RequestTimes(clock)  # request durations by op and outcome (metrics)
+        self.read_cache = ReadCache(cfg.read_cache)
         self.stats: dict[str, int] = {
-            "writes_committed": 0, "writes_deduplicated": 0, "reads_served": 0, "bad_requests": 0,
+            "writes_committed": 0, "writes_deduplicated": 0, "reads_served": 0, "reads_cached": 0, "bad_requests": 0,
             "rejected_requests": 0,
             "snapshots_sent": 0, "replays_sent": 0, "slots_rereplicated": 0, "slots_moved": 0,
             "moves_abandoned": 0, "streams_aborted": 0}

@@ -77,5 +77,6 @@ def report(state: BrokerState, moves: list[dict[str, Any]], misplaced: int, open
         "moves": moves,
         "misplaced_slots": misplaced,
         "open_streams": open_streams,
+        "read_cache_bytes": state.read_cache.size,
         **state.stats,
     }

@@ -45,7 +45,7 @@ class ScanEntry:
 class ScanResult:
     entries: list[ScanEntry]  # in key order, merged over the slots asked for
     complete: bool  # every matching entry of those slots is in ``entries``
-    applied: dict[int, int]  # slot -> applied seq of the state that was read
+    applied: dict[int, Position]  # slot -> applied position of the state that was read
 
 
 def read(txn: lmdb.Transaction, t: Tables, slots_keys: list[tuple[int, bytes]], now: int, with_values: bool,
@@ -72,7 +72,7 @@ def scan(txn: lmdb.Transaction, t: Tables, slots: list[int], prefix: bytes, star
     and the applied positions describe the same state."""
     entries: list[ScanEntry] = []
     complete = True
-    applied = {s: decode_position(txn.get(meta_key(META_POSITION, s), db=t.meta)).seq for s in slots}
+    applied = {s: decode_position(txn.get(meta_key(META_POSITION, s), db=t.meta)) for s in slots}
     merged = heapq.merge(*(_scan_slot(txn, t, s, prefix, start_after, now, with_values) for s in slots),
                          key=lambda e: e.key)
     size = 0

@@ -168,6 +168,8 @@ def test_faults(scenario: Scenario, fault_cluster: Callable[..., FaultCluster], 
     nemesis.sample()
     final_ops, final = workload.final_reads()
     history = ops + final_ops
+    # Reads the broker answered from its read cache (broker/read_cache.py), since its last start.
+    reads_cached = (cluster.quick_status(5.0) or {}).get("reads_cached")
 
     check_started = time.monotonic()
     result = check_history(history, time_limit=CHECK_TIME_LIMIT)
@@ -181,6 +183,7 @@ def test_faults(scenario: Scenario, fault_cluster: Callable[..., FaultCluster], 
                f"ops={len(history)} checked={result.ops_checked} keys={result.keys_checked} "
                f"ok={counts.get('ok', 0)} fail={counts.get('fail', 0)} unknown={counts.get('unknown', 0)} "
                f"lost_writes={len(lost)} lost_by_reads={len(result.lost_writes)} linearizable={result.ok} "
+               f"reads_cached={reads_cached} "
                f"run={run_s:.1f}s heal={healed_in:.1f}s check={check_s:.1f}s")
     with capsys.disabled():
         print(summary)

@@ -72,6 +72,7 @@ class SimCluster:
     # etcd mode: a broker restart is a failover. The successor knows what etcd keeps (membership,
     # slot map, epoch histories) and no positions; broker/recovery.py learns those from the workers.
     etcd_mode: bool = False
+    read_cache: int = BrokerConfig.read_cache
 
     def __post_init__(self) -> None:
         self._inc = itertools.count(1)
@@ -87,7 +88,7 @@ class SimCluster:
         self.meta = MetaStore(str(self.root / "broker"))
         cfg = BrokerConfig(slots=self.slots, rf=self.rf, w=self.w, heartbeat=1.0, request_timeout=5.0,
                            grace=self.grace, initial_workers=self.initial_workers,
-                           auto_rebalance=self.auto_rebalance)
+                           auto_rebalance=self.auto_rebalance, read_cache=self.read_cache)
         restored = self.meta.load()
         if self.etcd_mode:
             restored = what_etcd_keeps(restored)
