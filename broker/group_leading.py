@@ -124,10 +124,12 @@ class GroupLeading:
             self.reach = WorkerReach(self.cfg.w, GIVE_WAY_AFTER * self.rules.ttl)
 
     def _make_core(self, meta: EtcdMeta, restored: Any, epoch: int, group: int) -> BrokerCore:
-        """A group's core: its slots only, and the cluster's one id."""
+        """A group's core: its slots only, and the cluster's one id. The read cache's budget is
+        the broker's, shared: each group's core gets its share, however many this broker leads."""
         cluster_id = self.cluster_id
-        return self.make_core(meta, restored, epoch, dataclasses.replace(self.cfg, groups=self.groups, group=group),
-                              lambda: cluster_id)
+        cfg = dataclasses.replace(self.cfg, groups=self.groups, group=group,
+                                  read_cache=self.cfg.read_cache // self.groups)
+        return self.make_core(meta, restored, epoch, cfg, lambda: cluster_id)
 
     def _cluster_id(self) -> bytes:
         """The cluster's id, the same for every group: created once, by the first broker to lead."""
