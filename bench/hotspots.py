@@ -50,10 +50,12 @@ LOADS = {
     "gethot": ["-t", "get", "-c", "200", "-d", "100", "--key-size", "256", "-n", "150000", "-r", "1000"],
     "mset": ["-t", "mset", "-b", "1000", "-c", "4", "-d", "100", "--key-size", "256", "-n", "2000"],
     "mget": ["-t", "mget", "-b", "1000", "-c", "4", "-d", "100", "--key-size", "256", "-n", "4000", "-r", "20000"],
+    # every key read once (the prefill writes them): what the read cache costs when it never hits
+    "mgetcold": ["-t", "mget", "-b", "1000", "-c", "4", "-d", "100", "--key-size", "256", "-n", "4000"],
 }
 # the two run lengths whose difference gives the CPU per request (start-up and prefill cancel)
 CPU_RUNS = {"put": (5_000, 35_000), "get": (5_000, 35_000), "gethot": (5_000, 35_000), "mset": (10, 60),
-            "mget": (30, 180)}
+            "mget": (30, 180), "mgetcold": (30, 180)}
 
 
 def frame_name(frame: str) -> str:

@@ -71,17 +71,28 @@ class ReadCache:
         its slot are pending: the replica may show them or not)."""
         return NOT_FILLABLE if pending or not self.budget else self.count
 
-    def fill(self, slot: int, generation: int, key: bytes, version: int, value: bytes, expire_at: int) -> None:
-        if (generation == NOT_FILLABLE or generation < self.cleared or len(value) > MAX_CACHED_VALUE
+    def fill(self, slot: int, generation: int, found: Iterable[tuple[bytes, int, bytes, int]]) -> None:
+        """Keep what a replica answered for keys of ``slot`` (key, version, value, expire_at), if
+        the read took ``generation`` and no write of the slot, nor a clear, came after it."""
+        if (generation == NOT_FILLABLE or generation < self.cleared
                 or self.last_written.get(slot, 0) > generation):
             return
-        if key in self.entries:
-            self._drop(key)
-        self.entries[key] = (version, value, expire_at)
-        self.size += len(key) + len(value) + ENTRY_OVERHEAD
-        while self.size > self.budget and self.entries:
-            old, (_, v, _) = self.entries.popitem(last=False)
-            self.size -= len(old) + len(v) + ENTRY_OVERHEAD
+        entries, size = self.entries, self.size
+        for key, version, value, expire_at in found:
+            if len(value) > MAX_CACHED_VALUE:
+                continue
+            old = entries.get(key)
+            if old is not None:
+                size -= len(old[1])
+                entries.move_to_end(key)
+            else:
+                size += len(key) + ENTRY_OVERHEAD
+            entries[key] = (version, value, expire_at)
+            size += len(value)
+        while size > self.budget and entries:
+            k, (_, v, _) = entries.popitem(last=False)
+            size -= len(k) + len(v) + ENTRY_OVERHEAD
+        self.size = size
 
     def clear(self) -> None:
         """Forget everything (committed writes were lost: no entry is known to be right any more)."""

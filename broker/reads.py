@@ -199,11 +199,9 @@ class Reads:
                 self._part_done(part)
 
     def _fill(self, part: ReadPart) -> None:
-        cache, results = self.state.read_cache, part.request.results
-        for i in part.indices:
-            found, version, value, expire_at, streamed = results[i]
-            if found and not streamed:
-                cache.fill(part.slot, part.generation, part.request.keys[i], version, value, expire_at)
+        results, keys = part.request.results, part.request.keys
+        self.state.read_cache.fill(part.slot, part.generation, (
+            (keys[i], r[1], r[2], r[3]) for i in part.indices for r in (results[i],) if r[0] and not r[4]))
 
     def _hold(self, part: ReadPart) -> None:
         """Wait for the write the answer shows to commit, unless it cannot commit now: then the
