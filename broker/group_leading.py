@@ -18,7 +18,6 @@ the group's core, so nothing more of it is sent.
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
 import uuid
@@ -124,12 +123,10 @@ class GroupLeading:
             self.reach = WorkerReach(self.cfg.w, GIVE_WAY_AFTER * self.rules.ttl)
 
     def _make_core(self, meta: EtcdMeta, restored: Any, epoch: int, group: int) -> BrokerCore:
-        """A group's core: its slots only, and the cluster's one id. The read cache's budget is
-        the broker's, shared: each group's core gets its share, however many this broker leads."""
+        """A group's core: its slots only (and its share of the broker's read cache), and the
+        cluster's one id."""
         cluster_id = self.cluster_id
-        cfg = dataclasses.replace(self.cfg, groups=self.groups, group=group,
-                                  read_cache=self.cfg.read_cache // self.groups)
-        return self.make_core(meta, restored, epoch, cfg, lambda: cluster_id)
+        return self.make_core(meta, restored, epoch, self.cfg.for_group(self.groups, group), lambda: cluster_id)
 
     def _cluster_id(self) -> bytes:
         """The cluster's id, the same for every group: created once, by the first broker to lead."""

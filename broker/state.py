@@ -7,6 +7,7 @@ and the Ready being built (broker/ready.py) are what the parts share; they never
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections import deque
 from collections.abc import Callable
@@ -64,6 +65,11 @@ class BrokerConfig:
 
     def owns(self, slot: int) -> bool:
         return slot % self.groups == self.group
+
+    def for_group(self, groups: int, group: int) -> BrokerConfig:
+        """The settings of one group's core (active brokers): the broker's read cache budget is
+        shared, each group's core getting its share, however many groups this broker leads."""
+        return dataclasses.replace(self, groups=groups, group=group, read_cache=self.read_cache // groups)
 
     def owned_slots(self) -> range:
         return range(self.group, self.slots, self.groups)

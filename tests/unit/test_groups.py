@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker.groups import FREE_GRACE, GroupBalance, group_of, quotas, weight
+from broker.state import BrokerConfig
 
 TURN = 0.5  # s between a broker's turns (its lease renewal)
 
@@ -132,3 +133,12 @@ def test_a_free_group_is_taken_past_quota_when_nobody_under_quota_takes_it() -> 
     assert b1.plan(FREE_GRACE - 0.1, brokers, holders).campaign == ()
     assert b1.plan(FREE_GRACE, brokers, holders).campaign == (3,)
     assert GroupBalance("b9", 4).plan(0.0, brokers, {}).campaign == ()  # not a live broker
+
+
+def test_a_group_core_gets_its_share_of_the_read_cache() -> None:
+    """However many groups a broker leads, their caches together stay within its --read-cache."""
+    cfg = BrokerConfig(slots=64, read_cache=64 << 20)
+    cores = [cfg.for_group(16, g) for g in range(16)]
+    assert sum(c.read_cache for c in cores) <= cfg.read_cache and cores[3].read_cache == 4 << 20
+    assert cores[3].group == 3 and cores[3].groups == 16 and cores[3].owns(19) and not cores[3].owns(18)
+    assert cfg.groups == 1 and cfg.read_cache == 64 << 20  # (the broker's own settings unchanged)
