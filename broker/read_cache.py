@@ -25,7 +25,9 @@ from collections.abc import Iterable
 
 from protocol.replication import WriteOp
 
-ENTRY_OVERHEAD = 120  # bytes an entry costs beyond its key and value (tuple, dict slot, ints)
+# Bytes an entry costs beyond its key's and value's bytes: the OrderedDict's node and slot, the
+# tuple, its ints and the two bytes objects' headers (about 270 with tracemalloc, small entries).
+ENTRY_OVERHEAD = 270
 MAX_CACHED_VALUE = 16 * 1024  # larger values are read from a replica every time
 NOT_FILLABLE = -1
 

@@ -128,10 +128,10 @@ class Reads:
             token = state.token()
             self.worker_reads[token] = WorkerRead(wid, wparts, keys)
             op = "exists" if all(p.request.op in ("exists", "ttl") for p in wparts) else "get"
-            if op == "get":  # (an answer without values cannot fill the cache)
-                for part in wparts:
-                    slot = state.slots[part.slot]
-                    part.generation = state.read_cache.generation(pending=slot.last.seq > slot.committed)
+            for part in wparts:  # taken anew at every dispatch: an answer without values cannot fill
+                slot = state.slots[part.slot]
+                part.generation = (state.read_cache.generation(pending=slot.last.seq > slot.committed)
+                                   if op == "get" else NOT_FILLABLE)
             req = {"op": op, "keys": wire_keys, "now": now_ms}
             if len(wire_keys) > 1:
                 req["packed"] = True  # (a worker packs only the values of several keys)
@@ -194,8 +194,8 @@ class Reads:
             if part.need > self.state.slots[part.slot].committed:
                 self._hold(part)  # seen on this replica, not yet committed
             else:
-                if part.generation != NOT_FILLABLE:
-                    self._fill(part)
+                if part.generation != NOT_FILLABLE and len(applied.get(part.slot, ())) > 1:
+                    self._fill(part)  # (only a worker that names its epoch is known to be on the history)
                 self._part_done(part)
 
     def _fill(self, part: ReadPart) -> None:

@@ -14,7 +14,7 @@ import pytest
 from broker.read_cache import MAX_CACHED_VALUE
 from client.cli.history import Op
 from client.cli.linearizability import check_history
-from protocol.frames import W_FINAL
+from protocol.frames import MDPW, W_FINAL, pack, unpack
 from tests.support.helpers import keys_in_slot
 from tests.support.sim import RandomFaults, SimCluster
 
@@ -96,6 +96,58 @@ def test_a_read_sent_while_a_write_of_its_slot_is_pending_fills_nothing(sim: Sim
     sim.settle()
     assert sim.reply(b"c", put)[0]["ok"] and sim.reply(b"c", get)[1] == [b"b1"]  # type: ignore[index]
     assert sim.get(b) == b"b1" and replica.count == 2 and cached(sim) == 0
+
+
+def test_an_exists_asked_again_on_its_own_fills_nothing(sim: SimCluster) -> None:
+    """Reads of several requests share a REQUEST ("get", with values); the worker fails it, and
+    each part is asked again on its own: an EXISTS alone is asked as "exists", whose answer has no
+    values, and must not fill the cache with one (found at a version, value b"")."""
+    keys = keys_in_slot(1, sim.slots, 6, prefix="e")
+    for k in keys:
+        assert sim.put(k, b"value-" + k)["ok"]
+    failed: list[tuple[str, bytes]] = []
+
+    def fail_shared_answers(wid: str, frames: list[bytes]) -> bool:
+        if frames[0] == W_FINAL and len(unpack(frames[3]).get("found", [])) > 1:
+            failed.append((wid, frames[1]))
+            return True  # held: an error goes in its place
+        return False
+
+    sim.intercept = fail_shared_answers
+    rids = [sim.send(b"c", "exists", key=keys[0])] + [sim.send(b"c", "get", key=k) for k in keys[1:]]
+    sim.settle()
+    assert len(failed) == 3, "each of the three replicas should have had a REQUEST of two reads"
+    sim.intercept = None
+    for wid, token in failed:
+        sim.broker.on_worker(sim.workers[wid].identity,
+                             [MDPW, W_FINAL, token, b"", pack({"ok": False, "code": "INTERNAL", "message": "test"})])
+    sim.settle()
+    for rid in rids:
+        got = sim.reply(b"c", rid)
+        assert got is not None and got[0]["ok"], got
+    for k in keys:
+        assert sim.get(k) == b"value-" + k
+
+
+def test_an_answer_that_names_no_epoch_fills_nothing(sim: SimCluster) -> None:
+    """A worker from before 2026-12-04 says [slot, seq]: the broker cannot tell whether what it read
+    is on the slot's history, so its answer is used once and not kept."""
+    assert sim.put(b"k", b"v")["ok"]
+    old_worker: list[bool] = []
+
+    def drop_epochs(wid: str, frames: list[bytes]) -> bool:
+        if frames[0] == W_FINAL and not old_worker:
+            hdr = unpack(frames[3])
+            hdr["applied"] = [a[:2] for a in hdr["applied"]]
+            old_worker.append(True)
+            sim.broker.on_worker(sim.workers[wid].identity, [MDPW, *frames[:3], pack(hdr), *frames[4:]])
+            return True  # (delivered above, rewritten)
+        return False
+
+    sim.intercept = drop_epochs
+    assert sim.get(b"k") == b"v" and old_worker
+    assert sim.get(b"k") == b"v" and cached(sim) == 0  # the second asked a replica too
+    assert sim.get(b"k") == b"v" and cached(sim) == 1  # (which named its epoch: now it is kept)
 
 
 def test_an_entry_past_its_ttl_is_not_served(sim: SimCluster) -> None:
