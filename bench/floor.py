@@ -34,7 +34,8 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import lmdb
@@ -128,21 +129,39 @@ def _sink(endpoint: str, kind: int, ready: mp.Event) -> None:  # type: ignore[va
     ctx.term()
 
 
-def zmq_push_rate(seconds: float, frames: int, frame_bytes: int = 0) -> float:
-    """Messages of ``frames`` frames per second, PUSH here to PULL there; each frame
-    ``frame_bytes`` long (0: 100 bytes in all)."""
+@contextmanager
+def peer(here: int, there: int) -> Iterator[zmq.Socket]:
+    """A socket of kind ``here`` bound on loopback, and a process with a socket of kind ``there``
+    connected to it (``_sink``). On leaving, "stop" is sent and the process must end cleanly: it
+    has taken every message before it."""
     ctx = zmq.Context()
-    s = ctx.socket(zmq.PUSH)
+    s = ctx.socket(here)
     s.linger = 0
     port = s.bind_to_random_port("tcp://127.0.0.1")
     ready = mp.Event()
-    p = mp.Process(target=_sink, args=(f"tcp://127.0.0.1:{port}", zmq.PULL, ready), daemon=True)
+    p = mp.Process(target=_sink, args=(f"tcp://127.0.0.1:{port}", there, ready), daemon=True)
     p.start()
     ready.wait(10)
+    try:
+        yield s
+        s.send_multipart([b"stop"])
+        p.join(30)
+        if p.exitcode != 0:
+            raise RuntimeError(f"the other process did not finish cleanly ({p.exitcode})")
+    finally:
+        s.close()
+        ctx.term()
+        if p.is_alive():
+            p.kill()
+
+
+def zmq_push_rate(seconds: float, frames: int, frame_bytes: int = 0) -> float:
+    """Messages of ``frames`` frames per second, PUSH here to PULL there; each frame
+    ``frame_bytes`` long (0: 100 bytes in all). Timed until the receiver has taken them all."""
     msg = [b"x" * (frame_bytes or 100 // frames)] * frames
     per_loop = 1000 if frames < 100 else 10
     n = 0
-    try:
+    with peer(zmq.PUSH, zmq.PULL) as s:
         send = s.send_multipart if frames > 1 else None
         t0 = time.perf_counter()
         deadline = t0 + seconds
@@ -153,31 +172,14 @@ def zmq_push_rate(seconds: float, frames: int, frame_bytes: int = 0) -> float:
                 else:
                     send(msg)
             n += per_loop
-        s.send_multipart([b"stop"])
-        p.join(30)  # the receiver has taken every message: the rate is the slower side's
-        if p.exitcode != 0:
-            raise RuntimeError(f"the receiving process did not finish cleanly ({p.exitcode})")
-        return n / (time.perf_counter() - t0)
-    finally:
-        s.close()
-        ctx.term()
-        if p.is_alive():
-            p.kill()
+    return n / (time.perf_counter() - t0)
 
 
 def zmq_roundtrip_rate(seconds: float, window: int = 200) -> float:
     """Request/reply round trips per second, ``window`` in flight, to an echo in another process
     (DEALER to DEALER: no envelope, so only the sockets' and Python's cost per message)."""
-    ctx = zmq.Context()
-    s = ctx.socket(zmq.DEALER)
-    s.linger = 0
-    port = s.bind_to_random_port("tcp://127.0.0.1")
-    ready = mp.Event()
-    p = mp.Process(target=_sink, args=(f"tcp://127.0.0.1:{port}", zmq.DEALER, ready), daemon=True)
-    p.start()
-    ready.wait(10)
     msg = [b"x" * 100]
-    try:
+    with peer(zmq.DEALER, zmq.DEALER) as s:
         for _ in range(window):
             s.send_multipart(msg)
         n = 0
@@ -189,16 +191,7 @@ def zmq_roundtrip_rate(seconds: float, window: int = 200) -> float:
                 s.send_multipart(msg)
             n += 1000
         rate = n / (time.perf_counter() - t0)
-        s.send_multipart([b"stop"])
-        p.join(30)
-        if p.exitcode != 0:
-            raise RuntimeError(f"the echoing process did not finish cleanly ({p.exitcode})")
-        return rate
-    finally:
-        s.close()
-        ctx.term()
-        if p.is_alive():
-            p.kill()
+    return rate
 
 
 def measure(seconds: float, root: Path) -> dict[str, float]:
