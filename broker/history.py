@@ -52,14 +52,23 @@ def void_answer(slot: Slot, floor: int, applied: list[int] | None) -> str | None
     return None
 
 
+def answer_is_void(state: BrokerState, wid: str, slot: Slot, floor: int, applied: list[int] | None) -> bool:
+    """``void_answer``, and a replica found off the history is distrusted: asked nothing of the
+    slot again until repaired."""
+    why = void_answer(slot, floor, applied)
+    if why == "off_history":
+        distrust(state, slot, wid)
+    return why is not None
+
+
 def applied_of(entries: list[list[int]]) -> dict[int, list[int]]:
     """A read or scan answer's ``applied`` field: slot -> [seq, epoch] (epoch from newer workers)."""
     return {int(e[0]): [int(x) for x in e[1:3]] for e in entries}
 
 
 def distrust(state: BrokerState, slot: Slot, wid: str) -> None:
-    """A replica's answer showed it off the slot's history (broker/history.py ``void_answer``):
-    it counts as holding nothing of the slot until a repair replaces its copy."""
+    """A replica's answer showed it off the slot's history (``void_answer``): it counts as
+    holding nothing of the slot until a repair replaces its copy. (Once: it is then not counted.)"""
     counted = slot.applied.get(wid)
     if counted is not None:
         log.warning("replica_off_history", slot=slot.id, worker=wid, counted=[counted.epoch, counted.seq])

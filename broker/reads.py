@@ -19,7 +19,7 @@ import structlog
 
 from broker.answers import answer
 from broker.events import Committed, HistoryRewritten, ReplicaAdvanced, WorkerLost
-from broker.history import applied_of, distrust, void_answer
+from broker.history import answer_is_void, applied_of
 from broker.messages import KvRequest, Unavailable
 from broker.read_cache import NOT_FILLABLE
 from broker.requests import Request, RequestTable
@@ -167,11 +167,8 @@ class Reads:
         slots = self.state.slots
         # A replica that lost a slot since it was asked, or holds writes off its history: its
         # answer about it is void, ask another (broker/history.py).
-        why = {id(p): void_answer(slots[p.slot], p.floor, applied.get(p.slot)) for p in wr.parts}
-        lost = [p for p in wr.parts if why[id(p)]]
+        lost = [p for p in wr.parts if answer_is_void(self.state, wid, slots[p.slot], p.floor, applied.get(p.slot))]
         void = {id(p) for p in lost}
-        for s in {p.slot for p in lost if why[id(p)] == "off_history"}:
-            distrust(self.state, slots[s], wid)
         for n, (pi, i) in enumerate(wr.keys):
             part = wr.parts[pi]
             if id(part) in void:

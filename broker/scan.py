@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from broker.events import Committed, WorkerLost
-from broker.history import applied_of, distrust, void_answer
+from broker.history import answer_is_void, applied_of
 from broker.messages import ScanRequest
 from broker.replies import error, manifest_field, reply
 from broker.sequencer import cannot_commit, uncommitted_change
@@ -114,11 +114,8 @@ class Scans:
         applied = {s: p[0] for s, p in positions.items()}
         # A replica that lost a slot since it was asked (a move finished, a snapshot is replacing
         # it) or holds writes off its history: its part of the answer is void (broker/history.py).
-        why = {s: void_answer(self.state.slots[s], scan.floor.get(s, 0), positions.get(s, [0])) for s in asked[1]}
-        lost = {s for s, reason in why.items() if reason}
-        for s in lost:
-            if why[s] == "off_history":
-                distrust(self.state, self.state.slots[s], wid)
+        lost = {s for s in asked[1]
+                if answer_is_void(self.state, wid, self.state.slots[s], scan.floor.get(s, 0), positions.get(s, [0]))}
         entries = zip(keys, hdr["versions"], values if scan.values else [b""] * len(keys),
                       hdr.get("streamed") or [False] * len(keys), strict=True)
         slots = self.state.cfg.slots

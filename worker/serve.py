@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from protocol.frames import W_FINAL, W_PARTIAL, pack, pack_values, unpack
 from protocol.limits import MAX_CHUNKS_PER_READ, SCAN_MAX_BYTES
 from worker.donor import Dumps
+from worker.records import Position
 from worker.store import SlotStore
 
 
@@ -31,9 +32,9 @@ def answer(store: SlotStore, body: list[bytes], dumps: Dumps, now: float) -> lis
     return [*partials, [W_FINAL, token, b"", *reply]]
 
 
-def positions(store: SlotStore, slots: Iterable[int]) -> list[list[int]]:
-    """[slot, seq, epoch] of each slot: what a read answer says it read from."""
-    return [[s, p.seq, p.epoch] for s in slots for p in (store.position(s),)]
+def applied_field(positions: Iterable[tuple[int, Position]]) -> list[list[int]]:
+    """A read or scan answer's ``applied``: [slot, seq, epoch] of each slot, the state it read."""
+    return [[s, p.seq, p.epoch] for s, p in positions]
 
 
 def serve_read(store: SlotStore, req: dict) -> list[bytes]:
@@ -50,7 +51,7 @@ def serve_read(store: SlotStore, req: dict) -> list[bytes]:
         # What this replica holds of each slot asked about: a slot it lost since the broker
         # chose it (dropped after a move) shows a position below what the broker counted, one
         # holding an old leader's writes that recovery did not adopt a position off its history.
-        "applied": positions(store, {s for s, _ in slots_keys}),
+        "applied": applied_field((s, store.position(s)) for s in {s for s, _ in slots_keys}),
     }
     if any(r.streamed for r in results):
         hdr["streamed"] = [r.streamed for r in results]  # their value frame is the manifest
@@ -83,7 +84,7 @@ def serve_scan(store: SlotStore, req: dict) -> list[bytes]:
                      None if start_after is None else bytes(start_after), int(req["limit"]),
                      int(req["now"]), with_values, int(req.get("max_bytes", SCAN_MAX_BYTES)))
     hdr = {"ok": True, "keys": [e.key for e in res.entries], "versions": [e.version for e in res.entries],
-           "complete": res.complete, "applied": [[s, p.seq, p.epoch] for s, p in res.applied.items()]}
+           "complete": res.complete, "applied": applied_field(res.applied.items())}
     if with_values and any(e.streamed for e in res.entries):
         hdr["streamed"] = [e.streamed for e in res.entries]  # their value frame is the manifest
     return [pack(hdr), *([e.value for e in res.entries] if with_values else [])]
