@@ -164,6 +164,14 @@ def test_large_and_streamed_values_are_always_read_from_a_replica(sim: SimCluste
     assert sim.put(b"big", big)["ok"]
     assert sim.get(b"big") == big and sim.get(b"big") == big
     assert replica.count == 2 and cached(sim) == 0
+    stream = b"S" * 16  # a streamed value: a read answers its manifest, which is not cached either
+    for i, chunk in enumerate((b"a" * 10, b"b" * 10)):
+        assert sim.call("put_chunk", [chunk], key=b"streamed", stream=stream, index=i)[0]["ok"]
+    assert sim.call("put_commit", key=b"streamed", stream=stream, chunks=2, size=20)[0]["ok"]
+    for _ in range(2):
+        hdr, _ = sim.call("get", key=b"streamed")
+        assert hdr["found"] and hdr["stream"]["stream"] == stream
+    assert replica.count == 4 and cached(sim) == 0
 
 
 def test_an_mget_takes_whole_slots_from_the_cache_and_asks_for_the_rest(sim: SimCluster) -> None:
