@@ -14,6 +14,7 @@ from broker.replies import manifest_field, reply
 from broker.requests import Request
 from broker.state import BrokerState
 from protocol.errors import ErrorCode
+from protocol.frames import pack_values
 from protocol.limits import STREAM_INCOMPLETE
 from protocol.replication import COND_NONE
 
@@ -23,6 +24,9 @@ Header = dict[str, Any]
 def answer(state: BrokerState, req: Request, identity: bytes) -> None:
     """Send the request's answer to ``identity`` (the waiter: a retry may have taken it over)."""
     header, values = ANSWERS[req.op](state, req)
+    if req.packed_reply:
+        header["packed"] = True
+        values = pack_values(values)
     reply(state, identity, header, values)
 
 

@@ -20,6 +20,7 @@ from protocol.frames import (
     MDPC,
     SERVICE,
     unpack,
+    unpack_values,
 )
 from protocol.limits import (
     DEFAULT_SCAN_LIMIT,
@@ -97,6 +98,7 @@ class KvRequest:
     index: int = 0  # put_chunk: the chunk's index; get_chunks: the first chunk asked for
     manifest: bytes = b""  # put_commit: the encoded Manifest
     count: Any = None  # get_chunks: how many chunks (checked by the stream part, with its message)
+    packed: bool = False  # mget: the client asked for the reply's values packed (docs/protocol.md §1.2)
 
 
 @dataclass(slots=True)
@@ -192,9 +194,17 @@ def _decode_header(rid: int, header: dict[str, Any], values: list[bytes], limits
         keys = _keys(header, limits)
     else:
         raise Invalid(ErrorCode.UNKNOWN_COMMAND, f"unknown op {op!r}")
+    packed = header.get("packed", False)
+    if packed is not True and packed is not False:
+        raise Invalid(ErrorCode.BAD_REQUEST, "packed must be a boolean")
+    if packed and op == "mset":
+        try:
+            values = unpack_values(values)
+        except ValueError as e:
+            raise Invalid(ErrorCode.BAD_REQUEST, f"mset with packed: true: {e}") from None
     if op in ("put", "mset"):
         _check_values(op, keys, values, limits)
-    req = KvRequest(rid, op, keys, values)
+    req = KvRequest(rid, op, keys, values, packed=packed and op == "mget")
     if op in STREAM_OPS:
         _stream_fields(req, header, limits)
     ttl = header.get("ttl")

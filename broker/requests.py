@@ -37,12 +37,13 @@ class Request:
     stream: bytes = b""  # put_chunk / put_commit / put_abort / get_chunks: the stream id
     index: int = 0  # put_chunk: the chunk's index; get_chunks: the first chunk asked for
     manifest: bytes = b""  # put_commit: the encoded Manifest
+    packed_reply: bool = False  # mget: answer with the values packed (docs/protocol.md §1.2)
 
     @classmethod
     def of(cls, identity: bytes, msg: KvRequest, deadline: float) -> Request:
         return cls(msg.rid, identity, msg.cid, msg.op, deadline, msg.keys, [None] * len(msg.keys),
                    maybe_retry=msg.maybe_retry, cond=msg.cond, expected=msg.expected, stream=msg.stream,
-                   index=msg.index, manifest=msg.manifest)
+                   index=msg.index, manifest=msg.manifest, packed_reply=msg.packed)
 
 
 @dataclass

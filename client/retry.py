@@ -11,8 +11,8 @@ import time
 from typing import Any
 
 from client.commands import Reply, error_for
-from protocol.errors import NoReply, ZkvError
-from protocol.frames import pack, unpack
+from protocol.errors import ErrorCode, InternalError, NoReply, ZkvError
+from protocol.frames import pack, pack_request_values, unpack, unpack_values
 from protocol.limits import DEDUP_RETENTION_MS, READ_OPS, split_urls
 
 BACKOFF_FIRST, BACKOFF_MAX = 0.05, 1.0  # s before resending after a retried error, doubling
@@ -22,6 +22,12 @@ DEFAULT_ATTEMPT_TIMEOUT = 6.0  # s one attempt waits for its reply before the re
 # write came from for DEDUP_RETENTION_MS by the broker's clock; half of it leaves room for the
 # clocks of two brokers (before and after a failover) to differ by up to a minute.
 RESEND_WRITES_FOR = DEDUP_RETENTION_MS / 1000 / 2
+
+
+# The brokers (by a client's url) that refused an MSET's packed values: older than ``packed``
+# (docs/protocol.md §1.2), they count one value frame per key. MSETs to them go as frames.
+UNPACKED_URLS: set[str] = set()
+OLD_BROKER_REFUSAL = "one value frame per key"  # what such a broker's BAD_REQUEST says
 
 
 def no_reply(url: str, timeout: float) -> NoReply:
@@ -44,7 +50,13 @@ class Attempts:
         self.url, self.rid, self.timeout, self.attempt_timeout = url, rid, timeout, attempt_timeout
         # "retry": false on the first attempt spares the broker a look-up of earlier attempts.
         self.header = {"op": op, "id": rid, "cid": cid, "retry": False, **header}
-        self.body = [pack(self.header), *values]
+        # Many values go packed in one frame (and an MGET's come back so): a frame costs a
+        # Python-level send and receive at both ends (docs/protocol.md §1.2).
+        self.values = values
+        frames = pack_request_values(values) if op == "mset" and url not in UNPACKED_URLS else None
+        if frames is not None or op == "mget":
+            self.header["packed"] = True
+        self.body = [pack(self.header), *(values if frames is None else frames)]
         self.deadline = time.monotonic() + timeout
         self.resend_until = time.monotonic() + (float("inf") if op in READ_OPS else RESEND_WRITES_FOR)
         self.backoff = BACKOFF_FIRST
@@ -76,7 +88,19 @@ class Attempts:
         """The reply if it is final; raises a final error; else seconds to wait before resending."""
         rh = unpack(reply[0])
         if rh.get("ok"):
-            return rh, reply[1:]
+            if not rh.get("packed"):
+                return rh, reply[1:]
+            try:
+                return rh, unpack_values(reply[1:])
+            except ValueError as e:
+                raise InternalError(f"the broker's packed values: {e}") from None
+        if (self.header["op"] == "mset" and self.header.get("packed") and rh.get("code") == ErrorCode.BAD_REQUEST
+                and OLD_BROKER_REFUSAL in str(rh.get("message", ""))):
+            # A broker from before ``packed`` (nothing was written): again at once, as frames.
+            UNPACKED_URLS.add(self.url)
+            del self.header["packed"]
+            self.body = [pack(self.header), *self.values]
+            return 0.0
         err = error_for(rh)
         if not err.retried:
             raise err

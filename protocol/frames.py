@@ -6,7 +6,8 @@
 2. Worker <-> broker: MDP/0.2 worker framing plus zkv extension commands (>= 0x10).
 
 Headers are msgpack maps. Between clients and the broker values travel as frames of their own,
-so that the broker never decodes or copies them. Where many small values go together inside the
+so that the broker never decodes or copies them, except an MSET's or an MGET's when the client
+asks for them packed (docs/protocol.md §1.2). Where many small values go together inside the
 cluster (a worker's answer to an MGET, a replication message: protocol/replication.py) they go
 packed (``pack_values``): a frame costs a Python-level send and receive, about 1 us each.
 """
@@ -80,6 +81,17 @@ def pack_values(values: Sequence[bytes]) -> list[bytes]:
     if not large:
         return [_encoder.encode(values)]
     return [_encoder.encode([None if len(v) >= ZERO_COPY_BYTES else v for v in values]), *large]
+
+
+def pack_request_values(values: Sequence[bytes]) -> list[bytes] | None:
+    """An MSET's values as the frames of a ``packed: true`` request (docs/protocol.md §1.2), or
+    None when packing would not save frames. Packed only when the frames are then fewer than the
+    keys: a broker older than ``packed`` ignores the field and counts one value frame per key, so
+    it refuses such a request (BAD_REQUEST, nothing written) and never reads the array as a value."""
+    if len(values) < 2:
+        return None
+    frames = pack_values(values)
+    return frames if len(frames) < len(values) else None
 
 
 def unpack_values(frames: Sequence[bytes]) -> list[bytes]:

@@ -68,15 +68,19 @@ PREFILL_WINDOW = 16  # MSET requests in flight per process while prefilling
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--prefix", default=None, help="Key prefix (default: a new one per run, such as b3k9x:).")
 @click.option("--keep", is_flag=True, help="Leave the run's keys behind (they are deleted otherwise).")
+@click.option("--unpacked", is_flag=True,
+              help="MSET and MGET values one frame each, as clients before packed (protocol.md 1.2).")
 def bench(url: str, clients: int, requests: int, data_size: int, key_size: int, keyspace: int, tests: str,
-          batch: int, procs: int, timeout: float, as_json: bool, prefix: str | None, keep: bool) -> None:
+          batch: int, procs: int, timeout: float, as_json: bool, prefix: str | None, keep: bool,
+          unpacked: bool) -> None:
     """Benchmark a cluster in the manner of redis-benchmark. Its keys start with a prefix of
     its own and are deleted when it ends, unless --keep."""
     creds = credentials()
     run_cli(BenchConfig(url=url, credentials=creds,
                         clients=clients, requests=requests, data_size=data_size, key_size=key_size,
                         keyspace=keyspace, tests=tuple(t.strip() for t in tests.split(",") if t.strip()),
-                        procs=procs, batch=batch, timeout=timeout, prefix=prefix or new_prefix(), keep=keep),
+                        procs=procs, batch=batch, timeout=timeout, prefix=prefix or new_prefix(), keep=keep,
+                        packed=not unpacked),
             as_json)
 
 

@@ -19,7 +19,7 @@ import zmq
 
 from client.cli.bench_plan import BATCH_OPS, BenchConfig, BenchError, make_key
 from protocol.curve import Credentials
-from protocol.frames import C_FINAL, C_REQUEST, MDPC, MMI_SERVICE, SERVICE, pack, unpack
+from protocol.frames import C_FINAL, C_REQUEST, MDPC, MMI_SERVICE, SERVICE, pack, pack_request_values, unpack
 
 PREFILL_BATCH = 100  # keys per MSET request while prefilling
 CHECK_INTERVAL = 0.05  # s between scans for requests that have timed out
@@ -157,16 +157,23 @@ class Workload:
             elif op in ("get", "exists", "delete"):
                 yield Request({"op": op, "key": keys[0]}, [])
             elif op == "mget":
-                yield Request({"op": op, "keys": keys}, [])
+                yield Request({"op": op, "keys": keys, "packed": True} if cfg.packed else {"op": op, "keys": keys}, [])
             else:  # mset
-                yield Request({"op": op, "keys": keys}, [self.value] * len(keys))
+                yield self._mset(keys)
+
+    def _mset(self, keys: list[bytes]) -> Request:
+        values = [self.value] * len(keys)
+        frames = pack_request_values(values) if self.cfg.packed else None
+        if frames is None:
+            return Request({"op": "mset", "keys": keys}, values)
+        return Request({"op": "mset", "keys": keys, "packed": True}, frames)
 
     def prefill_requests(self, lo: int, hi: int) -> Iterator[Request]:
         """MSETs writing this process's share of key indices ``[lo, hi)``."""
         step = PREFILL_BATCH * self.cfg.procs
         for start in range(lo + self.proc * PREFILL_BATCH, hi, step):
             keys = [make_key(i, self.cfg) for i in range(start, min(start + PREFILL_BATCH, hi))]
-            yield Request({"op": "mset", "keys": keys}, [self.value] * len(keys))
+            yield self._mset(keys)
 
     def cleanup_requests(self) -> Iterator[Request]:
         """Deletes of this process's share of every key index the run may have written."""

@@ -50,6 +50,7 @@ class BenchConfig:
     prefix: str = KEY_PREFIX  # every key of the run starts with it
     keep: bool = False  # leave the run's keys behind (else they are deleted when it ends)
     credentials: Credentials | None = None  # CURVE keys, for a broker with --keys
+    packed: bool = True  # MSET values and MGET answers packed in one frame (docs/protocol.md §1.2)
 
     def validate(self) -> None:
         if self.clients < 1 or self.requests < 1 or self.procs < 1 or self.batch < 1:

@@ -93,6 +93,19 @@ def test_bad_input_gets_clear_errors_and_touches_nothing(cluster_factory) -> Non
         ("ttl a string", [MDPC, C_REQUEST, SERVICE, _hdr("put", 73, key=b"bad-t", ttl="100"), b"v"], BAD, 73),
         ("ttl a float", [MDPC, C_REQUEST, SERVICE, _hdr("put", 74, key=b"bad-t", ttl=1.5), b"v"], BAD, 74),
         ("cid not bytes", [MDPC, C_REQUEST, SERVICE, _hdr("put", 75, key=b"bad-c", cid=12), b"v"], BAD, 75),
+        ("packed not a bool", [MDPC, C_REQUEST, SERVICE, _hdr("mset", 81, keys=[b"bad-p1", b"bad-p2"], packed=1),
+                               pack([b"1", b"2"])], BAD, 81),
+        ("packed values not msgpack", [MDPC, C_REQUEST, SERVICE,
+                                       _hdr("mset", 82, keys=[b"bad-p1", b"bad-p2"], packed=True), b"\xc1"], BAD, 82),
+        ("packed values one short", [MDPC, C_REQUEST, SERVICE,
+                                     _hdr("mset", 83, keys=[b"bad-p1", b"bad-p2"], packed=True), pack([b"1"])],
+         BAD, 83),
+        ("packed large value's frame missing", [MDPC, C_REQUEST, SERVICE,
+                                                _hdr("mset", 84, keys=[b"bad-p1", b"bad-p2"], packed=True),
+                                                pack([b"1", None])], BAD, 84),
+        ("packed value over the limit", [MDPC, C_REQUEST, SERVICE,
+                                         _hdr("mset", 85, keys=[b"bad-p1", b"bad-p2"], packed=True),
+                                         pack([b"1", b"x" * 2000])], ErrorCode.VALUE_TOO_LARGE.value, 85),
     ]
     with RawPeer(cluster.frontend) as raw:
         for name, frames, code, rid in cases:
@@ -121,10 +134,33 @@ def test_bad_input_gets_clear_errors_and_touches_nothing(cluster_factory) -> Non
     assert st["committed_writes"] == committed + 1, "a refused request changed data"
     assert st["bad_requests"] >= bad_count + len(cases) + 1
     bad_keys = [b"k", b"bad-a", b"bad-v", b"bad-m1", b"bad-m2", b"bad-n", b"bad-o1", b"bad-o2", b"bad-o3",
-                b"bad-t", b"bad-c", b"bad-client"]
+                b"bad-t", b"bad-c", b"bad-client", b"bad-p1", b"bad-p2"]
     assert good.mget(bad_keys) == [None] * len(bad_keys)
     assert good.get(b"at-limit") == b"y" * 1024
     assert all(p.running for p in cluster.procs.values())
+
+
+def test_packed_mset_and_mget_hold_the_same_values_as_frames(cluster: Cluster) -> None:
+    """docs/protocol.md §1.2 ``packed``: an MSET written packed reads back the same unpacked and
+    packed, a value of 64 KiB or more travelling as a frame of its own either way, and so does
+    one written a frame per value; a packed MGET's answer says it is packed."""
+    small, empty, large = b"s" * 100, b"", b"L" * (70 * 1024)
+    with RawPeer(cluster.frontend) as raw:
+        keys = [b"pk-small", b"pk-empty", b"pk-large"]
+        rh, _ = raw.kv({"op": "mset", "id": 1, "keys": keys, "packed": True},
+                       [pack([small, empty, None]), large])
+        assert rh == {"id": 1, "ok": True, "count": 3}
+        rh, values = raw.kv({"op": "mget", "id": 2, "keys": [*keys, b"pk-missing"], "packed": True})
+        assert rh["packed"] is True and rh["found"] == [True, True, True, False]
+        assert len(values) == 2 and unpack(values[0]) == [small, empty, None, b""] and values[1] == large
+        rh, values = raw.kv({"op": "mget", "id": 3, "keys": keys})
+        assert "packed" not in rh and values == [small, empty, large]
+        rh, _ = raw.kv({"op": "mset", "id": 4, "keys": [b"pk-a", b"pk-b"]}, [b"A", b"B"])
+        assert rh["ok"] is True
+        rh, values = raw.kv({"op": "mget", "id": 5, "keys": [b"pk-a", b"pk-b"], "packed": True})
+        assert rh["packed"] is True and values == [pack([b"A", b"B"])]
+    client = cluster.client()
+    assert client.mget([*keys, b"pk-a", b"pk-missing"]) == [small, empty, large, b"A", None]
 
 
 def test_ttl_out_of_range_is_refused(cluster: Cluster) -> None:
