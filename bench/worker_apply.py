@@ -13,6 +13,14 @@ Each round times ``--requests`` such transactions twice, interleaved: once as th
 them (every batch carries its client request's ``Origin``, which the replica looks up and records
 in the slot's de-duplication table, worker/dedup.py) and once with no origin (what the apply costs
 without exactly-once). Prints the best of the rounds per MSET and the share the origins take.
+
+On a noisy machine, count instructions instead (valgrind's counts repeat whatever else runs):
+``--apply N`` applies N MSETs with origins and times nothing; the difference of the counts of two
+such runs is the cost of the extra MSETs::
+
+    PY=$(python -c 'import sys; print(sys.executable)')   # the interpreter itself, not a shim
+    for n in 2 12; do valgrind --tool=callgrind --callgrind-out-file=/dev/null \
+        $PY bench/worker_apply.py --apply $n; done
 """
 
 from __future__ import annotations
@@ -72,7 +80,16 @@ def main() -> None:
     ap.add_argument("--keys", type=int, default=1000, help="keys per MSET")
     ap.add_argument("--slots", type=int, default=1024)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--apply", type=int, metavar="N", help="only apply N MSETs with origins (for valgrind)")
     args = ap.parse_args()
+    if args.apply is not None:
+        with tempfile.TemporaryDirectory(prefix="zkv-apply-") as d:
+            t = Tables.open(d, 1 << 33, sync=False)
+            maker = MsetMaker(args.keys, args.slots)
+            for batch in [maker.mset(with_origin=True) for _ in range(args.apply)]:
+                writes.apply_batch(t, batch)
+            t.env.close()
+        return
     with tempfile.TemporaryDirectory(prefix="zkv-apply-") as d:
         t = Tables.open(d, 1 << 33, sync=False)
         maker = MsetMaker(args.keys, args.slots)

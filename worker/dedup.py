@@ -64,11 +64,7 @@ def forget_old(txn: lmdb.Transaction, t: Tables, slot: int, now: int) -> None:
 def earlier(txn: lmdb.Transaction, t: Tables, slot: int, origin: Origin) -> tuple[int, int, list[Any] | None] | None:
     """The (epoch, seq, results) of the write this origin already made in the slot, or None."""
     raw = txn.get(SLOT_PREFIX.pack(slot) + dedup_suffix(origin.cid, origin.rid), db=t.dedup)
-    if raw is None:
-        return None
-    epoch, seq, _now = DEDUP_ENTRY.unpack_from(raw)
-    rest = raw[DEDUP_ENTRY.size:]
-    return epoch, seq, unpack(rest) if rest else None
+    return None if raw is None else _decode_entry(raw)
 
 
 def remember(txn: lmdb.Transaction, t: Tables, rep: Replicate, results: list[Any] | None) -> None:
@@ -77,6 +73,33 @@ def remember(txn: lmdb.Transaction, t: Tables, rep: Replicate, results: list[Any
     suffix = dedup_suffix(rep.origin.cid, rep.origin.rid)
     value = DEDUP_ENTRY.pack(rep.epoch, rep.seq, rep.now) + (pack(results) if results is not None else b"")
     txn.put(SLOT_PREFIX.pack(rep.slot) + suffix, value, db=t.dedup)
+    _index_by_age(t, txn, rep, suffix)
+
+
+def claim(txn: lmdb.Transaction, t: Tables, rep: Replicate) -> tuple[int, int, list[Any] | None] | None:
+    """``earlier`` and ``remember`` in one LMDB call, for a batch whose record carries no results
+    (its answer does not depend on what the replica finds, so the record is complete before its
+    ops are applied): records ``rep``'s origin unless the slot already has it, and then returns
+    what ``earlier`` would have. Half the look-ups of the common write (a plain PUT or MSET share)."""
+    assert rep.origin is not None
+    suffix = dedup_suffix(rep.origin.cid, rep.origin.rid)
+    key = SLOT_PREFIX.pack(rep.slot) + suffix
+    if txn.put(key, DEDUP_ENTRY.pack(rep.epoch, rep.seq, rep.now), overwrite=False, db=t.dedup):
+        _index_by_age(t, txn, rep, suffix)
+        return None
+    raw = txn.get(key, db=t.dedup)
+    assert raw is not None  # (put refused to overwrite it, in this transaction)
+    return _decode_entry(raw)
+
+
+def _decode_entry(raw: bytes) -> tuple[int, int, list[Any] | None]:
+    epoch, seq, _now = DEDUP_ENTRY.unpack_from(raw)
+    rest = raw[DEDUP_ENTRY.size:]
+    return epoch, seq, unpack(rest) if rest else None
+
+
+def _index_by_age(t: Tables, txn: lmdb.Transaction, rep: Replicate, suffix: bytes) -> None:
+    """The age index entry of a record just written, and the slot's floor (``forget_old``)."""
     txn.put(dedup_age_key(rep.slot, rep.now, suffix), b"", db=t.dedup_age)
     floor = t.dedup_floor.get(rep.slot)
     if floor is not None and rep.now < floor:

@@ -77,16 +77,24 @@ def _write_batch(txn: lmdb.Transaction, t: Tables, batch: list[Replicate]) -> tu
     positions: dict[int, Position] = {}
     for rep in batch:
         dedup.forget_old(txn, t, rep.slot, rep.now)
-        before = dedup.earlier(txn, t, rep.slot, rep.origin) if rep.origin and rep.origin.check else None
+        origin = rep.origin
+        needs = any(op.needs_result for op in rep.ops)
+        # The record is written after the ops when it must carry what they found, else with the
+        # look-up, in one call (``claim``).
+        claimed = origin is not None and origin.check and not needs
+        if claimed:
+            before = dedup.claim(txn, t, rep)
+        else:
+            before = dedup.earlier(txn, t, rep.slot, origin) if origin is not None and origin.check else None
         if before is not None:
             epoch, seq, found_then = before
             results.append([rep.slot, rep.seq, found_then or [], [epoch, seq]])
         else:
-            found = [_apply_op(txn, t, rep, op, value) for op, value in zip(rep.ops, rep.values, strict=True)]
-            needs = any(op.needs_result for op in rep.ops)
+            prefix = SLOT_PREFIX.pack(rep.slot)
+            found = [_apply_op(txn, t, rep, prefix, op, value) for op, value in zip(rep.ops, rep.values, strict=True)]
             if needs:
                 results.append([rep.slot, rep.seq, found])
-            if rep.origin is not None:
+            if origin is not None and not claimed:
                 dedup.remember(txn, t, rep, found if needs else None)
         positions[rep.slot] = Position(rep.epoch, rep.seq)
     # Each slot's last position only (a turn's batches often touch a slot more than once), in
@@ -96,7 +104,11 @@ def _write_batch(txn: lmdb.Transaction, t: Tables, batch: list[Replicate]) -> tu
     return results, positions
 
 
-def _apply_op(txn: lmdb.Transaction, t: Tables, rep: Replicate, op: WriteOp, value: bytes) -> list[Any]:
+def _apply_op(txn: lmdb.Transaction, t: Tables, rep: Replicate, prefix: bytes, op: WriteOp,
+              value: bytes) -> list[Any]:
+    """One op; ``prefix`` is the slot's storage key prefix (``SLOT_PREFIX.pack(rep.slot)``)."""
+    if op.op == OP_PUT and op.cond == COND_NONE:  # the common write, first
+        return _put(txn, t, rep, op, value, prefix)
     if op.op == OP_CHUNK:
         return chunks.stage_chunk(txn, t, rep.slot, op.key, value)
     if op.op == OP_ABORT_STREAM:
@@ -104,9 +116,7 @@ def _apply_op(txn: lmdb.Transaction, t: Tables, rep: Replicate, op: WriteOp, val
     if op.op == OP_REAP:
         return apply_reap(txn, t, rep, op)
     suffix = key_suffix(op.key)
-    sk = SLOT_PREFIX.pack(rep.slot) + suffix
-    if op.op == OP_PUT and op.cond == COND_NONE:
-        return _put(txn, t, rep, op, value, sk, suffix)
+    sk = prefix + suffix
     old = txn.get(sk, db=t.data)
     old_version, old_exp = decode_record_header(old) if old is not None else (0, 0)
     live = old is not None and (old_exp == 0 or old_exp > rep.now)
@@ -147,11 +157,11 @@ def _apply_op(txn: lmdb.Transaction, t: Tables, rep: Replicate, op: WriteOp, val
     return answer
 
 
-def _put(txn: lmdb.Transaction, t: Tables, rep: Replicate, op: WriteOp, value: bytes, sk: bytes,
-         suffix: bytes) -> list[Any]:
+def _put(txn: lmdb.Transaction, t: Tables, rep: Replicate, op: WriteOp, value: bytes, prefix: bytes) -> list[Any]:
     """An unconditional PUT, the common write: the record is replaced in one look-up, and what it
     replaced is cleaned up after (its TTL index entry, the chunks of a streamed value)."""
-    old = txn.replace(sk, encode_record(rep.seq, op.expire_at, op.key, value), db=t.data)
+    suffix = key_suffix(op.key)
+    old = txn.replace(prefix + suffix, encode_record(rep.seq, op.expire_at, op.key, value), db=t.data)
     if op.expire_at:
         txn.put(expiry_key(op.expire_at, rep.slot, suffix), b"", db=t.expiry)
     if old is None:

@@ -174,3 +174,50 @@ def test_a_request_remembered_after_the_clock_went_back_lowers_the_floor() -> No
         apply_both(fast, full, [request(2, 100_000, 2)])  # behind it
         apply_both(fast, full, [request(3, 230_000, 3)])  # horizon 110,000: request 2 is forgotten
         assert len(entries(fast, fast.tables.dedup)) == 2
+
+
+def claim_in_two_calls(txn: lmdb.Transaction, t, rep: Replicate):  # noqa: ANN001, ANN201
+    """What ``dedup.claim`` stands for: the look-up, then (if the origin is new) the record."""
+    before = dedup.earlier(txn, t, rep.slot, rep.origin)
+    if before is None:
+        dedup.remember(txn, t, rep, None)
+    return before
+
+
+# (slot, op, whether the request is a retry of an earlier one, broker clock step)
+claim_steps = st.tuples(
+    st.sampled_from([1, 2]),
+    st.sampled_from([OP_PUT, OP_PUT, OP_DELETE]),
+    st.booleans(),
+    st.integers(0, 40_000),
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(claim_steps, min_size=1, max_size=30), st.randoms(use_true_random=False))
+def test_claiming_an_origin_in_one_call_is_the_look_up_then_the_record(steps: list, rng) -> None:
+    """A batch whose answer needs nothing the replica finds (an unconditional PUT) looks its
+    origin up and records it in one LMDB call; a store that does both in two calls (as batches of
+    deletes still do) ends with the same records, exactly-once tables and answers, retries (in the
+    same transaction and in later ones) and deletes mixed in."""
+    with pytest.MonkeyPatch.context() as mp, fresh_store() as one_call, fresh_store() as two_calls:
+        seqs: dict[int, int] = {}
+        now, rid = 100_000, 0
+        for slot, op, retry, step in steps:
+            now += step
+            batch = []
+            for _ in range(rng.randrange(1, 4)):
+                rid += 1
+                seqs[slot] = seqs.get(slot, 0) + 1
+                again = retry and rid > 1 and rng.random() < 0.7
+                origin = Origin(b"client", rng.randrange(1, rid) if again else rid, True)
+                batch.append(Replicate(slot, 1, seqs[slot], 1, 0, now, [WriteOp(op, b"k%d" % rng.randrange(3))],
+                                       [b"v%d" % rid if op == OP_PUT else b""], origin))
+            answers = [one_call.apply_batch(batch)]
+            mp.setattr(dedup, "claim", claim_in_two_calls)
+            answers.append(two_calls.apply_batch(batch))
+            mp.undo()
+            assert answers[0] == answers[1]
+        for db in ("data", "dedup", "dedup_age"):
+            assert entries(one_call, getattr(one_call.tables, db)) == entries(two_calls, getattr(two_calls.tables, db))
+        assert entries(one_call, one_call.tables.dedup), "no origin was recorded"
