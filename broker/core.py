@@ -124,7 +124,7 @@ class BrokerCore:
             Committed: [self.watches.on_committed, self.expiry.on_committed, self.scans.on_committed,
                         self.writes.on_committed, self.reads.on_committed, self.dumps.on_committed],
             ChunkCommitted: [self.streams.on_chunk_committed],
-            ReplicaAdvanced: [lambda ev: self.streams.release(ev.slot), self.moves.on_replica_advanced,
+            ReplicaAdvanced: [self.streams.on_replica_advanced, self.moves.on_replica_advanced,
                               self.reads.on_replica_advanced],
             PositionReported: [self.replicas.on_position, self.recovery.on_position],
             RepairNeeded: [self.replicas.on_repair_needed],

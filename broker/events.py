@@ -30,9 +30,10 @@ class ChunkCommitted:
 
 @dataclass(frozen=True, slots=True)
 class ReplicaAdvanced:
-    """An ACK from ``worker`` about ``slot`` was taken (its position may have risen)."""
+    """An ACK from ``worker`` about these slots was taken (its positions may have risen). One
+    event per ACK, not per slot: an MSET's ACK names hundreds of slots."""
 
-    slot: Slot
+    slots: list[Slot]
     worker: Worker
 
 

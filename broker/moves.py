@@ -160,9 +160,12 @@ class Moves:
                 self.maybe_finish(move)
 
     def on_replica_advanced(self, ev: ReplicaAdvanced) -> None:
-        move = self.moves.get(ev.slot.id)
-        if move is not None and move.add == ev.worker.id:
-            self.maybe_finish(move)
+        if not self.moves:
+            return
+        for slot in ev.slots:
+            move = self.moves.get(slot.id)
+            if move is not None and move.add == ev.worker.id:
+                self.maybe_finish(move)
 
     def on_worker_lost(self, ev: WorkerLost) -> None:
         for move in list(self.moves.values()):

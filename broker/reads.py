@@ -234,9 +234,12 @@ class Reads:
                 self._part_done(p)
 
     def on_replica_advanced(self, ev: ReplicaAdvanced) -> None:
-        waiting = self.waiting.pop(ev.slot.id, None)
-        if waiting:
-            self.dispatch(waiting)
+        if not self.waiting:
+            return
+        for slot in ev.slots:
+            waiting = self.waiting.pop(slot.id, None)
+            if waiting:
+                self.dispatch(waiting)
 
     def on_worker_lost(self, ev: WorkerLost) -> None:
         for s, held in list(self.held.items()):  # writes that could commit may no longer

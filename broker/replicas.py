@@ -59,11 +59,12 @@ class Replicas:
                 if batch is not None and batch.found is None and batch.duplicate_of is None:
                     batch.found = [list(f) for f in found] if found else None
                     batch.duplicate_of = earlier
-        for s, _e, _q in ack.positions:
-            slot = state.slots.get(s)
-            if slot is not None and not slot.recovering:
+        taken = [slot for s, _e, _q in ack.positions
+                 if (slot := state.slots.get(s)) is not None and not slot.recovering]
+        for slot in taken:
+            if slot.committed < slot.last.seq:  # (else nothing is left to commit)
                 advance(state, slot)
-                state.emit(ReplicaAdvanced(slot, w))
+        state.emit(ReplicaAdvanced(taken, w))
 
     def on_nack(self, w: Worker, nack: Nack) -> None:
         slot = self.state.slots.get(nack.slot)
@@ -91,7 +92,7 @@ class Replicas:
         # the committed seq stays below them until the next write to the slot: every read of a
         # key they changed is held until it times out, for as long as the slot gets no writes.
         advance(self.state, slot)
-        self.state.emit(ReplicaAdvanced(slot, self.state.workers[wid]))
+        self.state.emit(ReplicaAdvanced([slot], self.state.workers[wid]))
 
     # -- repair ----------------------------------------------------------------------------------
 

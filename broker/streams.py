@@ -14,7 +14,7 @@ from typing import Any
 
 import structlog
 
-from broker.events import ChunkCommitted, WorkerLost
+from broker.events import ChunkCommitted, ReplicaAdvanced, WorkerLost
 from broker.messages import Invalid, KvRequest, Unavailable
 from broker.replies import partial, reply
 from broker.requests import Request, RequestTable
@@ -157,6 +157,12 @@ class Streams:
 
     def on_chunk_committed(self, ev: ChunkCommitted) -> None:
         self.chunk_replies.setdefault(ev.slot.id, []).append((ev.seq, ev.request))
+
+    def on_replica_advanced(self, ev: ReplicaAdvanced) -> None:
+        if not self.chunk_replies:
+            return
+        for slot in ev.slots:
+            self.release(slot)
 
     def release(self, slot: Slot) -> None:
         """Answer committed chunk writes once every live, in-sync replica has applied them too.

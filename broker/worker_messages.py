@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
+
+import msgspec
 
 from broker.messages import is_int
 from protocol.frames import (
@@ -123,6 +125,21 @@ def _earlier(v: Any) -> list[int]:
     return [_int(v[0], "res"), _int(v[1], "res")]
 
 
+Position = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]  # a slot, epoch or seq, as ``_int`` checks them
+
+
+class _AckBody(msgspec.Struct):
+    """An ACK's map as it is decoded, its positions checked in C (an MSET's ACK carries one per
+    slot it touched: hundreds)."""
+
+    pos: list[tuple[Position, Position, Position]] = []
+    res: list[Any] = []
+    snap: bytes | None = None
+
+
+_decode_ack = msgspec.msgpack.Decoder(_AckBody).decode
+
+
 def _triples(v: Any, name: str) -> list[tuple[int, int, int]]:
     if not isinstance(v, list):
         raise ValueError(f"{name} must be a list")
@@ -151,15 +168,14 @@ def decode_worker(cmd: bytes, body: list[bytes]) -> WorkerMessage:
     """One message of a registered worker (READY: ``decode_ready``). Raises ValueError (or
     another exception) when the message is malformed."""
     if cmd == W_ACK:
-        ack = _map(body[0])
-        results = ack.get("res", [])
-        if not isinstance(results, list) or not all(
-                isinstance(r, list) and len(r) in (3, 4) and isinstance(r[2], list) for r in results):
+        ack = _decode_ack(body[0])  # (msgspec.ValidationError is a ValueError)
+        results = ack.res
+        if not all(isinstance(r, list) and len(r) in (3, 4) and isinstance(r[2], list) for r in results):
             raise ValueError("res entries must be [slot, seq, [found, ...]] or [slot, seq, [found, ...], [epoch, seq]]")
-        return Ack(_triples(ack.get("pos", []), "pos"),
+        return Ack(ack.pos,
                    [(_int(r[0], "res"), _int(r[1], "res"), r[2], _earlier(r[3]) if len(r) == 4 else None)
                     for r in results],
-                   _bytes(ack.get("snap") or b"", "snap"))
+                   _bytes(ack.snap or b"", "snap"))
     if cmd == W_FINAL or cmd == W_PARTIAL:
         if len(body) < 3:
             raise ValueError("an answer needs [token, empty, header, *values]")
