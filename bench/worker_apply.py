@@ -29,6 +29,8 @@ import argparse
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -67,6 +69,17 @@ class MsetMaker:
         return batch
 
 
+@contextmanager
+def scratch_tables() -> Iterator[Tables]:
+    """A worker's tables in a temporary directory, opened as a worker opens them but without fsync."""
+    with tempfile.TemporaryDirectory(prefix="zkv-apply-") as d:
+        t = Tables.open(d, 1 << 33, sync=False)
+        try:
+            yield t
+        finally:
+            t.env.close()
+
+
 def timed(t: Tables, batches: list[list[Replicate]]) -> float:
     began = time.perf_counter()
     for batch in batches:
@@ -82,17 +95,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--apply", type=int, metavar="N", help="only apply N MSETs with origins (for valgrind)")
     args = ap.parse_args()
+    maker = MsetMaker(args.keys, args.slots)
     if args.apply is not None:
-        with tempfile.TemporaryDirectory(prefix="zkv-apply-") as d:
-            t = Tables.open(d, 1 << 33, sync=False)
-            maker = MsetMaker(args.keys, args.slots)
+        with scratch_tables() as t:
             for batch in [maker.mset(with_origin=True) for _ in range(args.apply)]:
                 writes.apply_batch(t, batch)
-            t.env.close()
         return
-    with tempfile.TemporaryDirectory(prefix="zkv-apply-") as d:
-        t = Tables.open(d, 1 << 33, sync=False)
-        maker = MsetMaker(args.keys, args.slots)
+    with scratch_tables() as t:
         for _ in range(20):  # a table that is not empty, pages allocated
             writes.apply_batch(t, maker.mset(with_origin=True))
         best = {True: float("inf"), False: float("inf")}
@@ -100,7 +109,6 @@ def main() -> None:
             for with_origin in (True, False):
                 batches = [maker.mset(with_origin) for _ in range(args.requests)]
                 best[with_origin] = min(best[with_origin], timed(t, batches))
-        t.env.close()
     batches_per = len(maker.mset(True))
     print(f"MSET of {args.keys} keys = about {batches_per} slot batches ({args.slots} slots); best of {args.rounds} "
           f"rounds of {args.requests}")

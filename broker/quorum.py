@@ -24,6 +24,8 @@ def committed_seq(applied: Iterable[int], w: int, last: int) -> int | None:
 
 def advance(state: BrokerState, slot: Slot) -> None:
     """Apply the commit rule to the slot's replicas; emit ``Committed`` if its committed seq rose."""
+    if slot.committed >= slot.last.seq:
+        return  # nothing is left to commit (committed_seq is capped by the last seq)
     new = committed_seq((p.seq for w, p in slot.applied.items() if p is not None and w in slot.replicas),
                         state.cfg.w, slot.last.seq)
     if new is None or new <= slot.committed:

@@ -32,9 +32,13 @@ class Replicas:
 
     def on_ack(self, w: Worker, ack: Ack) -> None:
         state = self.state
+        taken: list[Slot] = []  # every slot of the ACK that is serving: the commit rule runs for each
         for s, e, q in ack.positions:
             slot = state.slots.get(s)
-            if slot is None or slot.recovering or (w.id not in slot.replicas and w.id not in slot.learners):
+            if slot is None or slot.recovering:
+                continue
+            taken.append(slot)
+            if w.id not in slot.replicas and w.id not in slot.learners:
                 continue
             pos = Pos(q, e)
             pending = slot.snapshot_pending.get(w.id)
@@ -59,11 +63,8 @@ class Replicas:
                 if batch is not None and batch.found is None and batch.duplicate_of is None:
                     batch.found = [list(f) for f in found] if found else None
                     batch.duplicate_of = earlier
-        taken = [slot for s, _e, _q in ack.positions
-                 if (slot := state.slots.get(s)) is not None and not slot.recovering]
         for slot in taken:
-            if slot.committed < slot.last.seq:  # (else nothing is left to commit)
-                advance(state, slot)
+            advance(state, slot)
         state.emit(ReplicaAdvanced(taken, w))
 
     def on_nack(self, w: Worker, nack: Nack) -> None:

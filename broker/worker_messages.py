@@ -125,14 +125,15 @@ def _earlier(v: Any) -> list[int]:
     return [_int(v[0], "res"), _int(v[1], "res")]
 
 
-Position = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]  # a slot, epoch or seq, as ``_int`` checks them
+_NonNegative = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]  # as ``_int`` checks an integer
+# [(slot, epoch, seq), ...], checked in C: an MSET's ACK carries one per slot it touched (hundreds).
+_Triples = list[tuple[_NonNegative, _NonNegative, _NonNegative]]
 
 
 class _AckBody(msgspec.Struct):
-    """An ACK's map as it is decoded, its positions checked in C (an MSET's ACK carries one per
-    slot it touched: hundreds)."""
+    """An ACK's map as it is decoded."""
 
-    pos: list[tuple[Position, Position, Position]] = []
+    pos: _Triples = []
     res: list[Any] = []
     snap: bytes | None = None
 
@@ -141,14 +142,10 @@ _decode_ack = msgspec.msgpack.Decoder(_AckBody).decode
 
 
 def _triples(v: Any, name: str) -> list[tuple[int, int, int]]:
-    if not isinstance(v, list):
-        raise ValueError(f"{name} must be a list")
-    out = []
-    for item in v:
-        if not isinstance(item, list) or len(item) != 3:
-            raise ValueError(f"{name} entries must be [int, int, int]")
-        out.append((_int(item[0], name), _int(item[1], name), _int(item[2], name)))
-    return out
+    try:
+        return msgspec.convert(v, _Triples)
+    except msgspec.ValidationError as e:
+        raise ValueError(f"{name}: {e}") from None
 
 
 def decode_ready(body: list[bytes]) -> Register:

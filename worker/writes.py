@@ -84,8 +84,10 @@ def _write_batch(txn: lmdb.Transaction, t: Tables, batch: list[Replicate]) -> tu
         claimed = origin is not None and origin.check and not needs
         if claimed:
             before = dedup.claim(txn, t, rep)
+        elif origin is not None and origin.check:
+            before = dedup.earlier(txn, t, rep.slot, origin)
         else:
-            before = dedup.earlier(txn, t, rep.slot, origin) if origin is not None and origin.check else None
+            before = None
         if before is not None:
             epoch, seq, found_then = before
             results.append([rep.slot, rep.seq, found_then or [], [epoch, seq]])

@@ -73,6 +73,7 @@ class SimCluster:
     # slot map, epoch histories) and no positions; broker/recovery.py learns those from the workers.
     etcd_mode: bool = False
     read_cache: int = BrokerConfig.read_cache
+    checks: bool = True  # check_invariants after every step (off: bench/sim_mset.py counts the write path alone)
 
     def __post_init__(self) -> None:
         self._inc = itertools.count(1)
@@ -165,7 +166,8 @@ class SimCluster:
     def settle(self, max_steps: int = 1000) -> None:
         for _ in range(max_steps):
             moved = self.step()
-            self.check_invariants()
+            if self.checks:
+                self.check_invariants()
             if not moved:
                 return
         raise AssertionError("network did not settle")
