@@ -31,6 +31,8 @@ GOOD = {"id": "w9", "data_id": b"d" * 16, "process": b"p" * 16, "positions": []}
     {**GOOD, "process": 2**31},
     {**GOOD, "positions": [[0, "1", 2]]},
     {**GOOD, "positions": [[0, 1]]},
+    {**GOOD, "positions": [[0, 1, -1]]},
+    {**GOOD, "positions": [[0, True, 2]]},
     {**GOOD, "keys": "many"},
     {"data_id": b"d" * 16},  # no id
 ])
@@ -46,6 +48,12 @@ def test_a_malformed_ready_is_refused_and_registers_nothing(sim: SimCluster, inf
 @pytest.mark.parametrize(("cmd", "body"), [
     (W_ACK, [pack({"pos": [], "snap": 2**31})]),  # bytes(2**31): 2 GiB
     (W_ACK, [pack({"pos": [["1", "2", "3"]]})]),
+    (W_ACK, [pack({"pos": [[0, 1, -1]]})]),
+    (W_ACK, [pack({"pos": [[0, 1]]})]),
+    # Each of these, if taken, would make the broker count w1 as holding nothing in slot 0.
+    (W_ACK, [pack({"pos": [[0, True, 5]]})]),
+    (W_ACK, [pack({"pos": [[0, 1, 2**63]]})]),
+    (W_ACK, [pack({"pos": [[0, 1, 5.0]]})]),
     (W_ACK, [pack({"pos": [], "res": [[0, 1, 5]]})]),
     (W_ACK, [b"\xc1"]),
     (W_SNAPSHOT_PART, [pack({"token": 2**31, "part": 0})]),  # stalled the broker ~1 s per message
@@ -59,8 +67,10 @@ def test_a_malformed_ready_is_refused_and_registers_nothing(sim: SimCluster, inf
 def test_a_malformed_worker_message_changes_nothing(sim: SimCluster, cmd: bytes, body: list[bytes]) -> None:
     w = sim.workers["w1"]
     keys_before = sim.broker.workers["w1"].keys
+    applied_before = {s: dict(slot.applied) for s, slot in sim.broker.slots.items()}
     sim.broker.on_worker(w.identity, [MDPW, cmd, *body])
     assert sim.broker.workers["w1"].alive and sim.broker.workers["w1"].keys == keys_before
+    assert {s: dict(slot.applied) for s, slot in sim.broker.slots.items()} == applied_before
     assert not sim.broker.replicas.transfers
     assert sim.put(b"k", b"v")["ok"] and sim.get(b"k") == b"v"
 
