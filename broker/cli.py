@@ -9,7 +9,6 @@ administers everything, so the broker listens on loopback only unless told ``--i
 
 from __future__ import annotations
 
-import ipaddress
 from urllib.parse import urlsplit
 
 import click
@@ -18,6 +17,7 @@ from broker.leadership import LeaseRules
 from broker.state import BrokerConfig
 from protocol.limits import DEFAULT_BACKEND, DEFAULT_FRONTEND, DEFAULT_REPLICATION, split_urls
 from protocol.metrics import host_port
+from protocol.sockets import loopback
 
 MIB = 1024 * 1024
 D = BrokerConfig()
@@ -65,6 +65,10 @@ D = BrokerConfig()
 @click.option("--read-cache", default=D.read_cache // MIB, show_default=True,
               help="MiB of recently read values the leader keeps to answer reads without a replica "
                    "(linearizable: every write drops what it changes); 0: none.")
+@click.option("--read-lease", default=D.read_lease, show_default=True,
+              help="Seconds of a read lease: one replica of each slot (a worker started with --reads) "
+                   "answers its reads without the broker, and writes of the slot wait for it; 0: off. "
+                   "Not with --keys or --groups.")
 @click.option("--etcd", default="",
               help="etcd client URLs, comma-separated: etcd mode (standby brokers, leader by lease, "
                    "metadata in etcd). Empty: the embedded default (one broker, metadata in --data).")
@@ -83,7 +87,8 @@ def broker(data: str, frontend: str, backend: str, replication: str, keys: str, 
            rf: int, w: int,
            heartbeat: float, request_timeout: float, max_value: int, max_stream: int, stream_idle: float,
            max_streams: int, max_client_streams: int, max_client_bytes: int, grace: float, initial_workers: int,
-           auto_rebalance: bool, move_concurrency: int, copy_rate: int, read_cache: int, etcd: str, etcd_prefix: str,
+           auto_rebalance: bool, move_concurrency: int, copy_rate: int, read_cache: int, read_lease: float, etcd: str,
+           etcd_prefix: str,
            name: str,
            lease_ttl: int, advertise: str, metrics: str, groups: int) -> None:
     """Run the broker (the master). With --etcd, any number of brokers share one cluster: one
@@ -117,6 +122,12 @@ def broker(data: str, frontend: str, backend: str, replication: str, keys: str, 
         raise click.BadParameter("slot groups need etcd mode (--etcd)", param_hint="--groups")
     if not 1 <= groups <= slots:
         raise click.BadParameter(f"need 1 <= groups <= slots ({slots})", param_hint="--groups")
+    if read_lease < 0:
+        raise click.BadParameter("must be >= 0", param_hint="--read-lease")
+    if read_lease and (keys or groups != 1):
+        # Reads endpoints have no CURVE, and each group's leader would need its own lease map.
+        raise click.BadParameter("read leases work with one leader and without --keys (for now)",
+                                 param_hint="--read-lease")
     adv = None
     if advertise:
         adv = BrokerEndpoints(*(with_host(u, advertise) for u in (frontend, backend, replication)))
@@ -130,7 +141,8 @@ def broker(data: str, frontend: str, backend: str, replication: str, keys: str, 
                           max_client_bytes=max_client_bytes * MIB,
                           grace=grace, initial_workers=initial_workers,
                           auto_rebalance=auto_rebalance, move_concurrency=move_concurrency,
-                          copy_rate=copy_rate * MIB, read_cache=read_cache * MIB),
+                          copy_rate=copy_rate * MIB, read_cache=read_cache * MIB,
+                          read_lease=read_lease),
     )
     try:
         run_broker(cfg)
@@ -147,22 +159,3 @@ def with_host(endpoint: str, host: str) -> str:
     """``endpoint`` with its host replaced: tcp://*:5555 and host h -> tcp://h:5555."""
     parts = urlsplit(endpoint)
     return f"{parts.scheme}://{host}:{parts.port}" if parts.port else endpoint
-
-
-def loopback(endpoint: str) -> bool:
-    """Is ``endpoint`` reachable from this machine only? ipc:// and inproc:// are; tcp:// is when
-    its host is an address in 127.0.0.0/8, ::1 or ``localhost`` (``*``, 0.0.0.0, a hostname or an
-    interface name may be reachable from elsewhere)."""
-    parts = urlsplit(endpoint)
-    if parts.scheme in ("ipc", "inproc"):
-        return True
-    host = parts.hostname or ""
-    if parts.scheme != "tcp" or not host:
-        return False
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-

@@ -32,6 +32,7 @@ from broker.events import (
     WorkerLost,
 )
 from broker.expiry import Expiry
+from broker.leases import Leases
 from broker.membership import Membership
 from broker.messages import (
     ClientMessage,
@@ -65,6 +66,7 @@ from broker.worker_messages import (
     Disconnect,
     Expired,
     Heartbeat,
+    LeaseRequest,
     Nack,
     SnapshotPart,
     UnknownCommand,
@@ -78,6 +80,7 @@ from protocol.frames import (
     MDPC,
     MDPW,
     MMI_ADMIN,
+    MMI_LEASES,
     MMI_SERVICE,
     MMI_STATUS,
     SERVICE,
@@ -117,12 +120,14 @@ class BrokerCore:
         self.watches = Watches(state)
         self.expiry = Expiry(state)
         self.dumps = Dumps(state)
+        self.leases = Leases(state)
         self.last_second = 0.0
         # Who handles each event, in this order. Committed: watches keep what the replicas found
         # and deliver before the writes are answered; held reads are released last.
         self.events: dict[type, list[Callable[[Any], None]]] = {
             Committed: [self.watches.on_committed, self.expiry.on_committed, self.scans.on_committed,
-                        self.writes.on_committed, self.reads.on_committed, self.dumps.on_committed],
+                        self.writes.on_committed, self.reads.on_committed, self.dumps.on_committed,
+                        self.leases.on_committed],
             ChunkCommitted: [self.streams.on_chunk_committed],
             ReplicaAdvanced: [self.streams.on_replica_advanced, self.moves.on_replica_advanced,
                               self.reads.on_replica_advanced],
@@ -152,6 +157,7 @@ class BrokerCore:
             Nack: self.replicas.on_nack,
             SnapshotPart: self.replicas.on_snapshot_part,
             Expired: self.expiry.on_report,
+            LeaseRequest: self.leases.on_request,
             Disconnect: lambda w, msg: self.membership.lose(w, "disconnected", clean=True),
             UnknownCommand: self._on_unknown_command,
         }
@@ -263,6 +269,8 @@ class BrokerCore:
             body = b"200" if msg.body == SERVICE and self.serving() else b"404"
         elif msg.service == MMI_STATUS:
             body = pack(self.status())
+        elif msg.service == MMI_LEASES:
+            body = pack(self.leases.lease_map())
         elif msg.service == MMI_ADMIN:
             try:
                 cmd = unpack(msg.body)
@@ -339,12 +347,14 @@ class BrokerCore:
         self.watches.tick(now)
         self.expiry.tick(now)
         self.dumps.tick(now)
+        self.leases.tick(now)
 
     # -- a Ready out -----------------------------------------------------------------------------
 
     def ready(self) -> Ready:
         """End the step: send the reads gathered during it, and return everything it produced."""
         self.reads.end_turn()
+        self.leases.end_turn()
         ready, self.state.ready = self.state.ready, Ready()
         ready.group = self.cfg.group if self.cfg.groups > 1 else None
         md = ready.metadata

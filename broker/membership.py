@@ -64,7 +64,7 @@ class Membership:
                         detail="same id, different data directory: its slots are re-filled")
         w.data_id, w.process, w.identity, w.alive = data_id, process, identity, True
         w.last_seen, w.last_seen_wall = state.clock(), state.wall_ms() / 1000
-        w.keys, w.disk_bytes = reg.keys, reg.disk_bytes
+        w.keys, w.disk_bytes, w.reads = reg.keys, reg.disk_bytes, reg.reads
         state.by_identity[identity] = wid
         state.worker_changed(w)
         reported = {s: Pos(q, e) for s, (e, q) in reg.positions.items()}

@@ -22,6 +22,21 @@ def committed_seq(applied: Iterable[int], w: int, last: int) -> int | None:
     return min(seqs[w - 1], last)
 
 
+def leased_seq(state: BrokerState, slot: Slot, now: float) -> int | None:
+    """The highest seq every live read lease holder of the slot has applied (None: no lease
+    holds): a write above it must not commit, or a holder could answer a read without it.
+    Leases that have run out are dropped here."""
+    cap = None
+    for wid, until in list(slot.leases.items()):
+        if until <= now:
+            del slot.leases[wid]
+            continue
+        p = slot.applied.get(wid)
+        seq = p.seq if p is not None and wid not in slot.snapshot_pending else 0
+        cap = seq if cap is None else min(cap, seq)
+    return cap
+
+
 def advance(state: BrokerState, slot: Slot) -> None:
     """Apply the commit rule to the slot's replicas; emit ``Committed`` if its committed seq rose."""
     if slot.committed >= slot.last.seq:
@@ -30,6 +45,15 @@ def advance(state: BrokerState, slot: Slot) -> None:
                         state.cfg.w, slot.last.seq)
     if new is None or new <= slot.committed:
         return
+    if slot.leases or state.commit_hold_until:
+        now = state.clock()
+        if now < state.commit_hold_until:
+            return  # a predecessor's leases may still hold (broker/leases.py runs this again)
+        cap = leased_seq(state, slot, now)
+        if cap is not None:
+            new = min(new, cap)
+            if new <= slot.committed:
+                return
     prev, slot.committed = slot.committed, new
     state.slot_changed(slot)
     state.emit(Committed(slot, prev, new))

@@ -62,6 +62,10 @@ class BrokerConfig:
     # Bytes of committed values the leader keeps of recently read keys, to answer reads of them
     # without a replica (broker/read_cache.py); 0: every read asks a replica.
     read_cache: int = 64 * 1024 * 1024
+    # Seconds of a read lease (broker/leases.py): one replica of each slot answers its reads
+    # without the broker, and no write of the slot commits without that replica while it holds
+    # one. 0: no leases (every read crosses the broker).
+    read_lease: float = 0.0
 
     def owns(self, slot: int) -> bool:
         return slot % self.groups == self.group
@@ -108,6 +112,7 @@ class Worker:
     slots: set[int] = field(default_factory=set)  # slots it is a replica of
     learning: set[int] = field(default_factory=set)  # slots being moved to it (not replicas yet)
     draining: bool = False  # every slot is to move away from it
+    reads: str = ""  # its reads endpoint, where clients read the slots it holds leases on ("": none)
 
     def record(self) -> dict[str, Any]:
         return {"data_id": self.data_id, "state": "alive" if self.alive else "dead",
@@ -150,6 +155,9 @@ class Slot:
     snapshot_pending: dict[str, bytes] = field(default_factory=dict)
     last_write: float = 0.0
     repairs: dict[str, float] = field(default_factory=dict)  # worker -> when started
+    # Read leases: worker -> when its lease ends by this broker's clock (broker/leases.py). Until
+    # then no write of the slot counts as committed without that worker (broker/quorum.py).
+    leases: dict[str, float] = field(default_factory=dict)
 
     def record(self) -> dict[str, Any]:
         """What the broker's metadata keeps of the slot."""
@@ -220,6 +228,9 @@ class BrokerState:
         self.lost: dict[int, dict[str, Any]] = {}
         self.positions_known = True  # False in etcd mode (Restored.positions_known)
         self.started = clock()  # when this incarnation started (status: workers not heard from since)
+        # A predecessor may have granted read leases this one does not know: nothing commits
+        # until every lease it could have granted has run out (broker/leases.py).
+        self.commit_hold_until = self.started + cfg.read_lease if cfg.read_lease > 0 else 0.0
         # Set by the entry (broker/core.py): hands an event to every part that handles it.
         self.emit: Callable[[Any], None] = lambda event: None
         self.latency = RequestTimes(clock)  # request durations by op and outcome (metrics)

@@ -20,6 +20,7 @@ from protocol.frames import (
     W_EXPIRED,
     W_FINAL,
     W_HEARTBEAT,
+    W_LEASE_REQUEST,
     W_NACK,
     W_PARTIAL,
     W_SNAPSHOT_PART,
@@ -77,11 +78,19 @@ class Disconnect:
 
 
 @dataclass(slots=True)
+class LeaseRequest:
+    """A worker with a reads endpoint asks for read leases; ``id`` names the request in the grant
+    (the worker measures its lease from when it sent this request)."""
+
+    id: int
+
+
+@dataclass(slots=True)
 class UnknownCommand:
     command: bytes
 
 
-WorkerMessage = Ack | Nack | Heartbeat | Answer | SnapshotPart | Expired | Disconnect | UnknownCommand
+WorkerMessage = Ack | Nack | Heartbeat | Answer | SnapshotPart | Expired | LeaseRequest | Disconnect | UnknownCommand
 
 
 WORKER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # printable, no NUL, fits the metadata key
@@ -98,6 +107,10 @@ class Register:
     positions: dict[int, tuple[int, int]]  # slot -> (epoch, seq)
     keys: int = 0
     disk_bytes: int = 0
+    reads: str = ""  # the worker's reads endpoint (lease reads), "" without one
+
+
+MAX_URL = 256
 
 
 def _map(frame: bytes) -> dict[str, Any]:
@@ -158,7 +171,14 @@ def decode_ready(body: list[bytes]) -> Register:
     positions = {s: (e, q) for s, e, q in _triples(info.get("positions", []), "positions")}
     return Register(wid, _bytes(info.get("data_id"), "data_id", allow_empty=False),
                     _bytes(info.get("process", b""), "process"), positions,
-                    _int(info.get("keys", 0), "keys"), _int(info.get("disk_bytes", 0), "disk_bytes"))
+                    _int(info.get("keys", 0), "keys"), _int(info.get("disk_bytes", 0), "disk_bytes"),
+                    _reads_url(info.get("reads", "")))
+
+
+def _reads_url(v: Any) -> str:
+    if not isinstance(v, str) or len(v) > MAX_URL or (v and not v.startswith(("tcp://", "ipc://"))):
+        raise ValueError(f"reads must be a tcp:// or ipc:// endpoint of at most {MAX_URL} characters")
+    return v
 
 
 def decode_worker(cmd: bytes, body: list[bytes]) -> WorkerMessage:
@@ -200,6 +220,8 @@ def decode_worker(cmd: bytes, body: list[bytes]) -> WorkerMessage:
                 and is_int(k[3]) for k in keys):
             raise ValueError("keys entries must be [slot, key (bin), version, expire_at]")
         return Expired(keys)
+    if cmd == W_LEASE_REQUEST:
+        return LeaseRequest(_int(_map(body[0]).get("id"), "id"))
     if cmd == W_DISCONNECT:
         return Disconnect()
     return UnknownCommand(cmd)

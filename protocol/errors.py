@@ -42,6 +42,9 @@ class ErrorCode(StrEnum):
     # A standby broker (etcd mode): it does not serve; the reply's ``leader`` names the leader's
     # frontend when it knows one. Nothing was done: send the same request there.
     NOT_LEADER = "NOT_LEADER"
+    # A worker's reads endpoint cannot answer this read linearizably now (no read lease on the
+    # slot, a TTL or streamed value, held too long): send the same read to the broker.
+    NOT_LEASED = "NOT_LEASED"
     INTERNAL = "INTERNAL"
 
 

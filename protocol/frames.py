@@ -41,17 +41,21 @@ W_ACK = b"\x10"  # cumulative applied positions (and results of conditional ops)
 W_NACK = b"\x11"  # "I am at (epoch, seq) in this slot and need what follows"
 W_SNAPSHOT_PART = b"\x12"  # a part of a slot snapshot, sent by the donor
 W_EXPIRED = b"\x13"  # keys whose TTL ran out by the broker's clock: the broker sequences their reaping
+W_LEASE_REQUEST = b"\x14"  # "grant me read leases on the slots I may serve" (docs/architecture.md, lease reads)
 # zkv extensions, broker -> worker.
 W_ASSIGN = b"\x20"  # the slots this worker holds
 W_REPLAY = b"\x21"  # a replication message resent point-to-point (gap repair)
 W_SNAPSHOT_REQUEST = b"\x22"  # donor: send a snapshot of this slot
 W_SNAPSHOT_DELIVER = b"\x23"  # receiver: a snapshot part (forwarded from the donor)
+W_LEASE_GRANT = b"\x24"  # the read leases granted for one W_LEASE_REQUEST
+W_COMMITTED = b"\x25"  # a lease holder's slots whose committed seq rose this turn
 
 SERVICE = b"kv"
 MMI_SERVICE = b"mmi.service"
 MMI_STATUS = b"mmi.status"
 MMI_ADMIN = b"mmi.admin"
 MMI_SLOTS = b"mmi.slots"  # active brokers: which broker leads each slot group (docs/protocol.md §1.14)
+MMI_LEASES = b"mmi.leases"  # which worker answers reads of each slot directly (docs/protocol.md §1.15)
 
 
 # msgspec's msgpack codec: the same bytes as msgpack-python's packb(use_bin_type=True) and the same

@@ -9,7 +9,9 @@ is the one place they all send through.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Sequence
+from urllib.parse import urlsplit
 
 import zmq
 
@@ -37,3 +39,21 @@ def send_frames(sock: zmq.Socket, frames: Sequence[bytes], nonblock: bool = Fals
             return send(f, flags, copy=False, track=True)  # type: ignore[no-any-return]
         send(f, more if i < last else flags, copy=len(f) < ZERO_COPY_BYTES)
     return None
+
+
+def loopback(endpoint: str) -> bool:
+    """Is ``endpoint`` reachable from this machine only? ipc:// and inproc:// are; tcp:// is when
+    its host is an address in 127.0.0.0/8, ::1 or ``localhost`` (``*``, 0.0.0.0, a hostname or an
+    interface name may be reachable from elsewhere)."""
+    parts = urlsplit(endpoint)
+    if parts.scheme in ("ipc", "inproc"):
+        return True
+    host = parts.hostname or ""
+    if parts.scheme != "tcp" or not host:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

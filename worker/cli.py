@@ -14,6 +14,7 @@ import click
 from protocol.curve import WORKER, KeysError, load_credentials
 from protocol.limits import DEFAULT_BACKEND, DEFAULT_REPLICATION
 from protocol.metrics import host_port
+from protocol.sockets import loopback
 from worker.brokers import BrokerList
 from worker.lock import DataDirInUse, DataLock
 from worker.server import WorkerConfig, run_worker
@@ -32,13 +33,17 @@ from worker.server import WorkerConfig, run_worker
 @click.option("--map-size", default=WorkerConfig.map_size, show_default=True, help="LMDB map size, bytes.")
 @click.option("--metrics", default="", metavar="HOST:PORT",
               help="Serve Prometheus metrics at http://HOST:PORT/metrics (default: none).")
+@click.option("--reads", default="", metavar="ENDPOINT",
+              help="Answer reads of the slots this worker holds read leases on at this endpoint (tcp://HOST:PORT, "
+                   "bound and told to clients as given; a broker with --read-lease grants them). Default: none.")
 @click.option("--supervise", is_flag=True,
               help="Restart the serving process when it crashes; exit only on SIGTERM/SIGINT (for honcho).")
 @click.option("--test-drop-replication", default="", hidden=True,
               help="Test hook: drop replication messages (every=N or prob=P).")
 @click.option("--test-clock-skew-ms", default=0, hidden=True, help="Test hook: offset this worker's clock.")
 def worker(worker_id: str, data: str, broker: str, replication: str, credentials: str, heartbeat: float,
-           map_size: int, metrics: str, supervise: bool, test_drop_replication: str, test_clock_skew_ms: int) -> None:
+           map_size: int, metrics: str, reads: str, supervise: bool, test_drop_replication: str,
+           test_clock_skew_ms: int) -> None:
     """Run a storage worker. Its data directory is locked: a second worker on it is refused."""
     try:
         BrokerList.parse(broker, replication)  # refused here, in one line, rather than in the loop
@@ -46,13 +51,19 @@ def worker(worker_id: str, data: str, broker: str, replication: str, credentials
         raise click.ClickException(str(e)) from None
     if credentials:
         _check_credentials(credentials, worker_id)
+    if reads and credentials:
+        raise click.BadParameter("the reads endpoint has no CURVE yet: not with --credentials", param_hint="--reads")
+    if reads and not (reads.startswith("tcp://") and loopback(reads)) and not reads.startswith("ipc://"):
+        # It answers without authentication, as a broker without --keys does: loopback only.
+        raise click.BadParameter("give a tcp:// loopback address (or ipc://): it answers anyone who reaches it",
+                                 param_hint="--reads")
     if metrics:
         try:
             host_port(metrics)
         except ValueError as e:
             raise click.BadParameter(str(e), param_hint="--metrics") from None
     cfg = WorkerConfig(worker_id=worker_id, data_dir=data, broker=broker, replication=replication,
-                       heartbeat=heartbeat, map_size=map_size, credentials=credentials, metrics=metrics,
+                       heartbeat=heartbeat, map_size=map_size, credentials=credentials, metrics=metrics, reads=reads,
                        drop_replication=test_drop_replication, clock_skew_ms=test_clock_skew_ms)
     try:
         lock = DataLock(data)

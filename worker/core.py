@@ -19,9 +19,11 @@ from protocol.frames import (
     SERVICE,
     W_ACK,
     W_ASSIGN,
+    W_COMMITTED,
     W_DISCONNECT,
     W_EXPIRED,
     W_HEARTBEAT,
+    W_LEASE_GRANT,
     W_NACK,
     W_READY,
     W_REPLAY,
@@ -35,6 +37,7 @@ from protocol.replication import Replicate
 from worker import serve
 from worker.donor import Donations, Dumps
 from worker.held import HeldMessages
+from worker.leases import ReadLeases
 from worker.records import NOTHING_APPLIED
 from worker.store import Position, SlotStore
 
@@ -57,10 +60,13 @@ class SnapshotInProgress:
 
 class WorkerCore:
     def __init__(self, worker_id: str, store: SlotStore, process_id: bytes | None = None,
-                 group: int | None = None) -> None:
+                 group: int | None = None, reads: str = "") -> None:
         """``group``: the slot group this core registers for (active brokers: one core per group,
-        all on one store, each with its group's leader); None: every slot, one broker at a time."""
+        all on one store, each with its group's leader); None: every slot, one broker at a time.
+        ``reads``: the endpoint where this worker answers reads under read leases ("": none)."""
         self.worker_id = worker_id
+        self.reads = reads
+        self.leases = ReadLeases(store)
         self.group = group
         self.groups = 0  # with a group: how many the cluster has (ASSIGN, DISCONNECT say it)
         self.store = store
@@ -123,6 +129,10 @@ class WorkerCore:
         elif cmd == W_HEARTBEAT:
             if body:
                 self.broker_now = max(self.broker_now, int(unpack(body[0]).get("now", 0)))
+        elif cmd == W_COMMITTED:
+            self.leases.on_committed(unpack(body[0]))
+        elif cmd == W_LEASE_GRANT:
+            self.leases.on_grant(unpack(body[0]), self.broker_epoch)
         elif cmd == W_ASSIGN:
             self.on_assign_message(unpack(body[0]))
         elif cmd == W_SNAPSHOT_REQUEST:
@@ -154,6 +164,11 @@ class WorkerCore:
             self.outbox.append([W_EXPIRED, pack({"keys": [[k.slot, k.key, k.version, k.expire_at] for k in keys]})])
         return len(keys)
 
+    def request_leases(self, now: float) -> None:
+        """Ask for (or renew) read leases: only with a reads endpoint, only while registered."""
+        if self.reads and self.broker_epoch is not None:
+            self.outbox.append(self.leases.request(now))
+
     def position(self, slot: int) -> Position:
         return self.pos.get(slot, NOTHING_APPLIED)
 
@@ -170,6 +185,8 @@ class WorkerCore:
             self.broker_now = rep.now
         if rep.slot not in self.assigned:
             return
+        if self.reads:
+            self.leases.learn(rep.slot, rep.committed)
         cur = self.position(rep.slot)
         if rep.seq <= cur.seq:
             return  # already have it (a replay crossing the live stream)
@@ -273,6 +290,7 @@ class WorkerCore:
         self.assigned = new
         for s in removed:
             self.held.discard(s)
+            self.leases.drop(s)
             self._abandon_snapshot(s)
         return added, removed
 
@@ -289,6 +307,7 @@ class WorkerCore:
             # Writes accepted into the current batch for this slot are older than or part of the
             # snapshot's history; commit everything first so the snapshot replaces a settled state.
             self.flush()
+            self.leases.drop(slot)  # its data is replaced from here on: no read of it until a new lease
             snap = SnapshotInProgress(token, Position(int(hdr["epoch"]), int(hdr["seq"])))
             self.snapshots[slot] = snap
             self.store.begin_snapshot_install(slot)
@@ -340,6 +359,7 @@ class WorkerCore:
     def on_reconnect(self) -> None:
         """A new registration (READY) is under way: until its ASSIGN arrives, apply nothing."""
         self.broker_epoch = None
+        self.leases.reset("the worker is registering with the broker again")
         for slot in list(self.snapshots):
             self._abandon_snapshot(slot)
 
@@ -354,6 +374,7 @@ class WorkerCore:
             "positions": [[s, p.epoch, p.seq] for s, p in st.positions.items() if self.owns(s)],
             **st.stats(),
             **({} if self.group is None else {"group": self.group}),
+            **({"reads": self.reads} if self.reads else {}),
         }
         return [W_READY, SERVICE, pack(info)]
 

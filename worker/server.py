@@ -55,6 +55,7 @@ class WorkerConfig:
     map_size: int = 1 << 36
     credentials: str = ""  # a worker credentials file (zkv keys add-worker); empty: no CURVE
     metrics: str = ""  # HOST:PORT of the Prometheus metrics (worker/metrics.py); empty: none
+    reads: str = ""  # the reads endpoint (lease reads, worker/leases.py); empty: none
     # Test options, set only by tests; worker/faults.py turns them into hooks for the loop.
     drop_replication: str = ""
     clock_skew_ms: int = 0
@@ -287,8 +288,17 @@ class WorkerServer:
         BrokerList.parse(cfg.broker, cfg.replication)  # checked before anything is connected
         self.poller = zmq.Poller()
         self.process_id = uuid.uuid4().bytes  # one for every session: the same process
-        self.sessions = [Session(self, WorkerCore(cfg.worker_id, self.store, self.process_id),
+        self.sessions = [Session(self, WorkerCore(cfg.worker_id, self.store, self.process_id, reads=cfg.reads),
                                  BrokerList.parse(cfg.broker, cfg.replication))]
+        # Clients' direct reads of the slots this worker holds read leases on (one leader only:
+        # with slot groups no broker grants leases, so the socket answers NOT_LEASED).
+        self.reads_sock: zmq.Socket | None = None
+        if cfg.reads:
+            self.reads_sock = self.ctx.socket(zmq.ROUTER)
+            self.reads_sock.setsockopt(zmq.LINGER, 0)
+            self.reads_sock.bind(cfg.reads)
+            self.poller.register(self.reads_sock, zmq.POLLIN)
+        self.last_lease_request = 0.0
         self.last_heartbeat = 0.0
         self.stopping = False
         # The signal that asked for the stop, named in the last log line. On a shared CI machine
@@ -352,10 +362,14 @@ class WorkerServer:
                 if self.sessions[0].groups_announced:
                     self.split_into_groups(self.sessions[0].groups_announced)
                     continue
+                if self.reads_sock is not None and self.reads_sock in events:
+                    self._drain_reads(now)  # after the broker's messages: the commit notices are in
                 cores = [s.core for s in self.sessions]
                 began = time.perf_counter()
                 if (applied := flush_together(cores)) and metrics is not None:
                     metrics.committed(time.perf_counter() - began, applied, self.store.last_commit_seconds)
+                if self.reads_sock is not None:
+                    self._lease_turn(now)
                 for session in self.sessions:
                     session.flush_outbox()
                 if metrics is not None and now - self.last_heartbeat >= self.cfg.heartbeat:
@@ -380,6 +394,37 @@ class WorkerServer:
                     self._reclaim(now)
         finally:
             self.shutdown()
+
+    def _drain_reads(self, now: float) -> None:
+        assert self.reads_sock is not None
+        leases = self.core.leases
+        for _ in range(DRAIN_LIMIT):
+            try:
+                frames = self.reads_sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) < 2:
+                continue
+            leases.on_read(frames[0], frames[1:], now, time.monotonic)
+
+    def _lease_turn(self, now: float) -> None:
+        """Answer the direct reads that can be answered, and renew the leases at a quarter of their time."""
+        assert self.reads_sock is not None
+        core = self.core
+        leases = core.leases
+        if leases.held:
+            leases.expire_held(now)
+        if leases.replies:
+            out, leases.replies = leases.replies, []
+            for identity, frames in out:
+                try:
+                    send_frames(self.reads_sock, [identity, *frames])
+                except zmq.ZMQError:
+                    pass  # the client went away
+        interval = leases.lease / 4 if leases.lease else self.cfg.heartbeat / 2
+        if now - self.last_lease_request >= interval:
+            self.last_lease_request = now
+            core.request_leases(now)
 
     def _reclaim(self, now: float) -> None:
         broker_now = 0
@@ -409,6 +454,9 @@ class WorkerServer:
             pass
         for session in self.sessions:
             session.close(goodbye=True)
+        if self.reads_sock is not None:
+            self.poller.unregister(self.reads_sock)
+            self.reads_sock.close(linger=0)
         self.store.close()
         self.ctx.term()
         log.info("worker_stopped", id=self.cfg.worker_id, signal=self.stop_signal)

@@ -31,10 +31,15 @@ class SimWorker:
     core: WorkerCore | None = None
     identity: bytes = b""
     up: bool = False
+    reads: str = ""  # a reads endpoint (read leases): the worker asks for leases and answers direct reads
+    rate: float = 1.0  # how fast its monotonic clock runs beside the simulation's (clock drift)
+
+    def clock(self, t: float) -> float:
+        return t * self.rate
 
     def start(self, incarnation: int) -> None:
         store = SlotStore(str(self.path), map_size=1 << 28, sync=False)
-        self.core = WorkerCore(self.wid, store)
+        self.core = WorkerCore(self.wid, store, reads=self.reads)
         self.identity = f"{self.wid}#{incarnation}".encode()
         self.up = True
 
@@ -73,6 +78,11 @@ class SimCluster:
     # slot map, epoch histories) and no positions; broker/recovery.py learns those from the workers.
     etcd_mode: bool = False
     read_cache: int = BrokerConfig.read_cache
+    read_lease: float = 0.0  # > 0: the broker grants read leases and every worker has a reads endpoint
+    # Workers cut off from the broker (both ways), and workers paused: a paused worker takes
+    # nothing in and sends nothing until it resumes, when what was sent to it is delivered.
+    partitioned: set[str] = field(default_factory=set)
+    paused: dict[str, list[Callable[[], None]]] = field(default_factory=dict)
     checks: bool = True  # check_invariants after every step (off: bench/sim_mset.py counts the write path alone)
 
     def __post_init__(self) -> None:
@@ -80,7 +90,9 @@ class SimCluster:
         self._rid = itertools.count(1)
         self._ids = itertools.count(1)
         self.broker = self._new_broker()
-        self.workers = {f"w{i}": SimWorker(f"w{i}", self.root / f"w{i}") for i in range(1, self.n_workers + 1)}
+        self.workers = {f"w{i}": SimWorker(f"w{i}", self.root / f"w{i}", reads=self._reads(f"w{i}"))
+                        for i in range(1, self.n_workers + 1)}
+        self.last_lease_request = -1e9
         for w in self.workers.values():
             self.start_worker(w.wid)
         self.settle()
@@ -89,7 +101,8 @@ class SimCluster:
         self.meta = MetaStore(str(self.root / "broker"))
         cfg = BrokerConfig(slots=self.slots, rf=self.rf, w=self.w, heartbeat=1.0, request_timeout=5.0,
                            grace=self.grace, initial_workers=self.initial_workers,
-                           auto_rebalance=self.auto_rebalance, read_cache=self.read_cache)
+                           auto_rebalance=self.auto_rebalance, read_cache=self.read_cache,
+                           read_lease=self.read_lease)
         restored = self.meta.load()
         if self.etcd_mode:
             restored = what_etcd_keeps(restored)
@@ -105,20 +118,35 @@ class SimCluster:
         assert w.core is not None
         self.broker.on_worker(w.identity, [MDPW, *w.core.reconnect()])
 
+    def _reads(self, wid: str) -> str:
+        return f"tcp://sim-{wid}:1" if self.read_lease else ""
+
     def add_worker(self, wid: str) -> None:
         """A new worker joins the running cluster."""
-        self.workers[wid] = SimWorker(wid, self.root / wid)
+        self.workers[wid] = SimWorker(wid, self.root / wid, reads=self._reads(wid))
         self.start_worker(wid)
 
     def kill_worker(self, wid: str) -> None:
+        self.paused.pop(wid, None)
         self.workers[wid].stop()
+
+    def pause_worker(self, wid: str) -> None:
+        self.paused.setdefault(wid, [])
+
+    def resume_worker(self, wid: str) -> None:
+        """Deliver what reached the paused worker, in order, by its clock of now."""
+        for deliver in self.paused.pop(wid, []):
+            deliver()
+
+    def _reachable(self, wid: str) -> bool:
+        return wid not in self.partitioned and wid not in self.paused
 
     def restart_broker(self) -> None:
         """The broker process dies (its outboxes with it) and starts again on the same metadata."""
         self.meta.close()
         self.broker = self._new_broker()
-        for w in self.workers.values():  # workers notice and re-register
-            if w.up:
+        for w in self.workers.values():  # workers notice and re-register (a paused or cut off one later)
+            if w.up and self._reachable(w.wid):
                 ready = w.reconnect(next(self._inc))
                 self.broker.on_worker(w.identity, ready)
 
@@ -137,9 +165,15 @@ class SimCluster:
         moved = bool(ready.replication or ready.workers or ready.client)
         execute(ready, self.meta, publish=self._publish, send_worker=self._to_worker, send_client=self._to_client)
         for w in self.workers.values():
-            if w.up and w.core is not None:
+            if w.up and w.core is not None and w.wid not in self.paused:
                 w.core.flush()
+                for identity, frames in w.core.leases.replies:
+                    self._to_client(identity, frames)
+                    moved = True
+                w.core.leases.replies = []
                 outbox, w.core.outbox = w.core.outbox, []
+                if w.wid in self.partitioned:
+                    continue
                 for frames in outbox:
                     if self.intercept is not None and self.intercept(w.wid, frames):
                         self.held_messages.append((w.wid, frames))
@@ -150,14 +184,39 @@ class SimCluster:
 
     def _publish(self, frames: list[bytes]) -> None:
         w = next(w for w in self.workers.values() if worker_topic(w.wid) == frames[0])
+        if w.wid in self.partitioned:
+            return
         for rep in decode_replication(frames):
             if w.up and w.core is not None and not (self.drop and self.drop(w.wid, rep)):
-                w.core.on_replicate(rep, self.t)
+                self._at_worker(w, lambda core, rep=rep: core.on_replicate(rep, w.clock(self.t)))
 
     def _to_worker(self, identity: bytes, frames: list[bytes]) -> None:
         w = self._by_identity(identity)
-        if w is not None and w.core is not None:
-            w.core.on_broker(frames[1], frames[2:], self.t)
+        if w is not None and w.core is not None and w.wid not in self.partitioned:
+            self._at_worker(w, lambda core: core.on_broker(frames[1], frames[2:], w.clock(self.t)), identity)
+
+    def _at_worker(self, w: SimWorker, deliver: Callable[[WorkerCore], None], identity: bytes | None = None) -> None:
+        """Deliver now, or when the worker resumes if it is paused: to the same process, and for a
+        message on the broker connection (``identity``) only if that connection is still its own
+        (a worker that registered again meanwhile has closed the old one)."""
+        core = w.core
+        assert core is not None
+        if w.wid in self.paused:
+            self.paused[w.wid].append(
+                lambda: deliver(core) if w.core is core and identity in (None, w.identity) else None)
+        else:
+            deliver(core)
+
+    def direct_get(self, client: bytes, wid: str, key: bytes, rid: int | None = None) -> int:
+        """A GET sent to a worker's reads endpoint (read leases); its answer reaches
+        ``sim.replies[client]`` as the broker's do."""
+        rid = next(self._rid) if rid is None else rid
+        w = self.workers[wid]
+        frames = [MDPC, C_REQUEST, SERVICE, pack({"op": "get", "id": rid, "cid": client, "key": key})]
+        if w.up and w.core is not None:
+            self._at_worker(w, lambda core: core.leases.on_read(client, frames, w.clock(self.t),
+                                                                lambda: w.clock(self.t)))
+        return rid
 
     def _to_client(self, identity: bytes, frames: list[bytes]) -> None:
         self.replies.setdefault(identity, []).append(unpack(frames[3]))
@@ -177,7 +236,7 @@ class SimCluster:
         held, self.held_messages = self.held_messages, []
         for wid, frames in held:
             w = self.workers[wid]
-            if w.up:
+            if w.up and wid not in self.partitioned:
                 self.broker.on_worker(w.identity, [MDPW, *frames])
         self.settle()
 
@@ -194,6 +253,16 @@ class SimCluster:
                     continue  # this process is not registered (yet): the broker knows another one
                 disk = w.core.store.position(s)
                 assert pos.seq <= disk.seq, f"slot {s}: broker counts {wid} at {pos}, its disk is at {disk}"
+        # Read leases: a worker that believes it holds one has every write the broker has committed.
+        for w in self.workers.values():
+            if not (w.up and w.core is not None and w.core.leases.until):
+                continue
+            now = w.clock(self.t)
+            for s, slot in self.broker.slots.items():
+                if w.core.leases.holds(s, now):
+                    disk = w.core.store.position(s)
+                    assert disk.seq >= slot.committed, \
+                        f"slot {s}: {w.wid} holds a read lease at {disk}, the broker committed {slot.committed}"
 
     def advance(self, seconds: float, tick: float = 0.1) -> None:
         """Let time pass: ticks, heartbeats from the live workers, deliveries."""
@@ -201,12 +270,20 @@ class SimCluster:
         for _ in range(steps):
             self.t += tick
             self.wall += int(tick * 1000)
+            renew = self.read_lease and self.t - self.last_lease_request >= self.read_lease / 4
+            if renew:
+                self.last_lease_request = self.t
             for w in self.workers.values():
-                if w.up and w.core is not None and w.core.reconnect_requested:
+                if not w.up or w.core is None or w.wid in self.paused:
+                    continue
+                if w.core.reconnect_requested and w.wid not in self.partitioned:
                     ready = w.reconnect(next(self._inc))
                     self.broker.on_worker(w.identity, ready)
-                if w.up and w.core is not None:
-                    w.core.retry_stalled_repairs(self.t)
+                w.core.retry_stalled_repairs(self.t)
+                w.core.leases.expire_held(w.clock(self.t))
+                if renew:
+                    w.core.request_leases(w.clock(self.t))
+                if w.wid not in self.partitioned:
                     self.broker.on_worker(w.identity, [MDPW, W_HEARTBEAT])
             self.broker.tick()
             self.settle()

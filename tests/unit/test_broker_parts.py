@@ -14,7 +14,7 @@ from broker.ready import Metadata, Ready, execute
 BROKER = Path(__file__).resolve().parents[2] / "broker"
 # The parts: each owns one responsibility and its state, and talks to the others through events.
 PARTS = {"writes", "reads", "streams", "replicas", "recovery", "membership", "moves", "scan", "watch", "expiry",
-         "dumps"}
+         "dumps", "leases"}
 # The entry: a core; with active brokers, the cores of the groups this broker leads (active).
 ENTRY = {"core", "active"}
 # Sockets, disk, etcd, the command line: they may use the entry.

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import zmq.auth
 
-from broker.cli import loopback
 from protocol import curve
+from protocol.sockets import loopback
 
 
 def _mode(p: Path) -> int:
