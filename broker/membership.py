@@ -110,6 +110,7 @@ class Membership:
             w.keys, w.disk_bytes = int(st.get("keys", 0)), int(st.get("disk_bytes", 0))
             w.applied, w.commits = int(st.get("applied", 0)), int(st.get("commits", 0))
             w.retries_absorbed = int(st.get("retries_absorbed", 0))
+            w.direct_reads = int(st.get("direct_reads", 0))
             if "clock_ms" in st:
                 w.clock_offset_ms = int(st["clock_ms"]) - self.state.wall_ms()
 

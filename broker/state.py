@@ -107,6 +107,7 @@ class Worker:
     applied: int = 0  # write batches applied since the worker started
     commits: int = 0  # LMDB commits (fsyncs) since the worker started
     retries_absorbed: int = 0  # write batches it found were retries of earlier writes (worker/dedup.py)
+    direct_reads: int = 0  # reads it answered at its reads endpoint under a read lease (worker/leases.py)
     keys: int = 0
     disk_bytes: int = 0
     slots: set[int] = field(default_factory=set)  # slots it is a replica of

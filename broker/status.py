@@ -65,6 +65,7 @@ def report(state: BrokerState, moves: list[dict[str, Any]], misplaced: int, open
              "slots": len(w.slots), "keys": w.keys, "disk_bytes": w.disk_bytes,
              "behind_slots": behind(state, w), "clock_offset_ms": w.clock_offset_ms,
              "applied": w.applied, "commits": w.commits, "retries_absorbed": w.retries_absorbed,
+             "direct_reads": w.direct_reads,
              "draining": w.draining,
              "learning": len(w.learning)}
             for w in sorted(state.workers.values(), key=lambda w: w.id)

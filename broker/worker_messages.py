@@ -200,7 +200,8 @@ def decode_worker(cmd: bytes, body: list[bytes]) -> WorkerMessage:
     if cmd == W_HEARTBEAT:
         stats = _map(body[0]) if body else None
         if stats is not None:
-            for name in ("keys", "disk_bytes", "applied", "commits", "retries_absorbed", "clock_ms"):
+            for name in ("keys", "disk_bytes", "applied", "commits", "retries_absorbed", "direct_reads",
+                         "clock_ms"):
                 if name in stats:
                     _int(stats[name], name)
         return Heartbeat(stats)

@@ -36,13 +36,15 @@ from worker.server import WorkerConfig, run_worker
 @click.option("--reads", default="", metavar="ENDPOINT",
               help="Answer reads of the slots this worker holds read leases on at this endpoint (tcp://HOST:PORT, "
                    "bound and told to clients as given; a broker with --read-lease grants them). Default: none.")
+@click.option("--insecure", is_flag=True,
+              help="Serve --reads beyond loopback anyway (anyone who reaches it reads the keys it holds leases on).")
 @click.option("--supervise", is_flag=True,
               help="Restart the serving process when it crashes; exit only on SIGTERM/SIGINT (for honcho).")
 @click.option("--test-drop-replication", default="", hidden=True,
               help="Test hook: drop replication messages (every=N or prob=P).")
 @click.option("--test-clock-skew-ms", default=0, hidden=True, help="Test hook: offset this worker's clock.")
 def worker(worker_id: str, data: str, broker: str, replication: str, credentials: str, heartbeat: float,
-           map_size: int, metrics: str, reads: str, supervise: bool, test_drop_replication: str,
+           map_size: int, metrics: str, reads: str, insecure: bool, supervise: bool, test_drop_replication: str,
            test_clock_skew_ms: int) -> None:
     """Run a storage worker. Its data directory is locked: a second worker on it is refused."""
     try:
@@ -53,9 +55,12 @@ def worker(worker_id: str, data: str, broker: str, replication: str, credentials
         _check_credentials(credentials, worker_id)
     if reads and credentials:
         raise click.BadParameter("the reads endpoint has no CURVE yet: not with --credentials", param_hint="--reads")
-    if reads and not (reads.startswith("tcp://") and loopback(reads)) and not reads.startswith("ipc://"):
+    if reads and not reads.startswith(("tcp://", "ipc://")):
+        raise click.BadParameter("give a tcp:// or ipc:// endpoint", param_hint="--reads")
+    if reads and not loopback(reads) and not insecure:
         # It answers without authentication, as a broker without --keys does: loopback only.
-        raise click.BadParameter("give a tcp:// loopback address (or ipc://): it answers anyone who reaches it",
+        raise click.BadParameter("refusing to serve reads beyond loopback: anyone who reaches it could read "
+                                 "the keys it holds leases on; give a loopback address or --insecure",
                                  param_hint="--reads")
     if metrics:
         try:

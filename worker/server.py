@@ -382,6 +382,7 @@ class WorkerServer:
                     # Every interval, busy or idle: it carries the stats `zkv status` shows.
                     self.last_heartbeat = now
                     beat = pack({**self.store.stats(), "clock_ms": self.wall_ms(),
+                                 "direct_reads": self.core.leases.served,
                                  "applied": sum(c.applied_total for c in cores),
                                  "commits": sum(c.commits for c in cores),
                                  "retries_absorbed": sum(c.retries_absorbed for c in cores)})

@@ -18,7 +18,9 @@ the history), then check:
 Scenarios (``SCENARIOS``): ``crash_pause_drop`` (worker SIGKILL/restart and SIGSTOP/SIGCONT, up to
 two at once, w3 dropping every 9th replication message), ``broker_restarts`` (broker SIGKILL/restart),
 ``partitions`` (every worker in its own network namespace, links cut, up to two at once; root only),
-``mixed`` (all of the above together; root only). About 2.3 minutes in all.
+``mixed`` (all of the above together; root only), ``lease_reads`` (as ``mixed``, with read leases of
+1 s that the pauses outlast and a worker whose wall clock is 1.5 s ahead; the clients read from the
+lease holders, and some reads must have been answered there). About 3.3 minutes in all.
 
 The seed is printed (``fault seed=...``); ``ZKV_FAULT_SEED=<n>`` replays the same fault schedule and
 operation choices (not the same timing), ``ZKV_FAULT_SCALE=<x>`` multiplies durations and op budgets
@@ -55,6 +57,7 @@ BASE_SEED = int(os.environ.get("ZKV_FAULT_SEED") or random.SystemRandom().randra
 DROP_EVERY = 9  # the drop worker loses every 9th replication message it receives
 CHECK_TIME_LIMIT = 15.0  # s per key for the linearizability search (inconclusive = failure)
 KEYS = 8
+CLOCK_SKEW_MS = 1500
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,8 @@ class Scenario:
     mix: tuple[tuple[str, float], ...] = (("put", 0.4), ("get", 0.35), ("delete", 0.25))
     max_ops: int = 20000
     min_ok: int = 1000  # ok operations a run must have, or it proves nothing
+    read_lease: float = 0.0  # > 0: read leases on (the broker's --read-lease), clients read from holders
+    skew_worker: str | None = None  # its wall clock is CLOCK_SKEW_MS ahead (--test-clock-skew-ms)
 
     @property
     def timeout(self) -> int:
@@ -81,6 +86,10 @@ SCENARIOS = [
     Scenario("broker_restarts", ("kill_broker",), 30.0),
     Scenario("partitions", ("partition",), 30.0, netns=True, max_active=2),
     Scenario("mixed", FAULT_KINDS, 45.0, netns=True, drop_worker="w3", max_active=2),
+    # Read leases of 1 s: pauses (1.35-3.15 s) outlast them, holders are cut off and killed, the
+    # broker restarts and must wait out the leases it cannot know, one worker's clock is skewed.
+    Scenario("lease_reads", FAULT_KINDS, 45.0, netns=True, drop_worker="w3", max_active=2, read_lease=1.0,
+             skew_worker="w2"),
 ]
 
 
@@ -128,7 +137,10 @@ def test_faults(scenario: Scenario, fault_cluster: Callable[..., FaultCluster], 
     extra = {}
     if scenario.drop_worker:
         extra[scenario.drop_worker] = ["--test-drop-replication", f"every={DROP_EVERY}"]
-    cluster = fault_cluster(netns=scenario.netns, worker_extra=extra)
+    if scenario.skew_worker:
+        extra[scenario.skew_worker] = [*extra.get(scenario.skew_worker, []), "--test-clock-skew-ms", str(CLOCK_SKEW_MS)]
+    lease_kw = {"read_lease": scenario.read_lease, "keys": False} if scenario.read_lease else {}
+    cluster = fault_cluster(netns=scenario.netns, worker_extra=extra, **lease_kw)
     cluster.start()
 
     duration = scenario.duration * SCALE
@@ -170,7 +182,10 @@ def test_faults(scenario: Scenario, fault_cluster: Callable[..., FaultCluster], 
     final_ops, final = workload.final_reads()
     history = ops + final_ops
     # Reads the broker answered from its read cache (broker/read_cache.py), since its last start.
-    reads_cached = (cluster.quick_status(5.0) or {}).get("reads_cached")
+    end_status = cluster.quick_status(5.0) or {}
+    reads_cached = end_status.get("reads_cached")
+    # Reads the workers answered at their reads endpoints (lease reads), since each one's last start.
+    direct_reads = sum(w.get("direct_reads", 0) for w in end_status.get("workers", []))
 
     check_started = time.monotonic()
     result = check_history(history, time_limit=CHECK_TIME_LIMIT)
@@ -184,7 +199,7 @@ def test_faults(scenario: Scenario, fault_cluster: Callable[..., FaultCluster], 
                f"ops={len(history)} checked={result.ops_checked} keys={result.keys_checked} "
                f"ok={counts.get('ok', 0)} fail={counts.get('fail', 0)} unknown={counts.get('unknown', 0)} "
                f"lost_writes={len(lost)} lost_by_reads={len(result.lost_writes)} linearizable={result.ok} "
-               f"reads_cached={reads_cached} "
+               f"reads_cached={reads_cached} direct_reads={direct_reads} "
                f"run={run_s:.1f}s heal={healed_in:.1f}s check={check_s:.1f}s")
     with capsys.disabled():
         print(summary)
@@ -207,7 +222,9 @@ def test_faults(scenario: Scenario, fault_cluster: Callable[..., FaultCluster], 
     assert not missing, f"faults never injected: {missing}"
     if scenario.drop_worker:
         assert faults["drop_replication"] > 0, "the drop hook dropped nothing"
-    if "kill_broker" not in scenario.kinds:
+    if scenario.read_lease:
+        assert direct_reads > 0, f"no read was answered by a lease holder: {end_status.get('workers')}"
+    elif "kill_broker" not in scenario.kinds:
         # The same broker served the whole run: the read cache answered some of its reads under the
         # faults (a restarted broker starts with an empty cache and counts from 0).
         assert reads_cached, f"no read was answered from the read cache: {reads_cached}"

@@ -165,6 +165,9 @@ class Cluster:
     command: list[str] = field(default_factory=lambda: list(ZKV))  # how each process is started
     cwd: Path | None = None  # of every process started; None: this process's
     keys: bool = False  # CURVE on every socket (see the module's docstring)
+    # > 0: the broker grants read leases (--read-lease) and every worker has a reads endpoint
+    # (--reads, a free port of its own, kept across restarts): clients read from lease holders.
+    read_lease: float = 0.0
 
     def __post_init__(self) -> None:
         self.frontend = f"tcp://{self.host}:{free_port(self.host)}"
@@ -172,6 +175,7 @@ class Cluster:
         self.replication = f"tcp://{self.host}:{free_port(self.host)}"
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.procs: dict[str, Proc] = {}
+        self.reads: dict[str, str] = {}  # worker id -> its reads endpoint (read_lease)
         self.clients: list[Client] = []
         (self.root / "logs").mkdir(parents=True, exist_ok=True)
         self.key_dir = self.root / "keys"
@@ -197,7 +201,8 @@ class Cluster:
                 "--backend", self.backend, "--replication", self.replication, "--slots", str(self.slots),
                 "--rf", str(self.rf), "-w", str(self.w),
                 *self._flag("--heartbeat", self.heartbeat), *self._flag("--request-timeout", self.request_timeout),
-                *(["--keys", str(self.key_dir)] if self.keys else []), *self.broker_args]
+                *(["--keys", str(self.key_dir)] if self.keys else []),
+                *(["--read-lease", str(self.read_lease)] if self.read_lease else []), *self.broker_args]
         p = self.procs.get("broker") or Proc("broker", args, self.root / "logs" / "broker.log", self.env,
                                              command=self.command, cwd=self.cwd)
         p.args = args
@@ -235,7 +240,7 @@ class Cluster:
         """Start ``zkv worker --id wid``; ``name`` (default: the id) names the process in ``procs``."""
         args = ["worker", "--id", wid, "--data", str(data or self.worker_dir(wid)), "--broker", self.backend,
                 "--replication", self.replication, *self._flag("--heartbeat", self.heartbeat),
-                *self._flag("--map-size", self.map_size), *(extra or [])]
+                *self._flag("--map-size", self.map_size), *self.reads_flag(wid, self.host), *(extra or [])]
         if self.keys and "--credentials" not in args:
             args += ["--credentials", str(self.worker_credentials(wid))]
         name = name or wid
@@ -243,6 +248,15 @@ class Cluster:
         self.procs[name] = p
         p.start()
         return p
+
+    def reads_flag(self, wid: str, host: str) -> list[str]:
+        """``--reads`` with the worker's own endpoint on ``host`` (with read leases only)."""
+        if not self.read_lease:
+            return []
+        # (The port is probed on loopback: a worker in a network namespace of its own binds its
+        # own address, where nothing else listens.)
+        url = self.reads.setdefault(wid, f"tcp://{host}:{free_port()}")
+        return ["--reads", url, *([] if host.startswith("127.") else ["--insecure"])]
 
     @staticmethod
     def _flag(name: str, value: float | None) -> list[str]:

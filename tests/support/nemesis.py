@@ -118,7 +118,7 @@ class FaultCluster(Cluster):
             return super().start_worker(wid, extra, data)
         args = ["worker", "--id", wid, "--data", str(data or self.worker_dir(wid)), "--broker", self.backend,
                 "--replication", self.replication, "--heartbeat", str(self.heartbeat),
-                "--map-size", str(1 << 30), *extra]
+                "--map-size", str(1 << 30), *self.reads_flag(wid, self.lab.hosts[wid].addr), *extra]
         if self.keys and "--credentials" not in args:
             args += ["--credentials", str(self.worker_credentials(wid))]
         p = NetnsProc(wid, args, self.root / "logs" / f"{wid}.log", self.env, netns=self.lab.hosts[wid].name)
