@@ -13,6 +13,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import structlog
 import zmq
 import zmq.asyncio
 
@@ -20,7 +21,8 @@ from client import programs
 from client.api import Build, Commands
 from client.brokers import LINK_CHECK, BrokerList, Link
 from client.commands import Call, OnPartial, Reply, StreamInfo, needs_size_check, oversize
-from client.dealers import broker_url, client_credentials, close_linked, linked_dealer
+from client.dealers import broker_url, client_credentials, close_linked, dealer, linked_dealer
+from client.leases import DIRECT_WAIT, MAP_WAIT, MMI_LEASES, NOT_LEASED, LeaseMap
 from client.retry import DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_TIMEOUT, Attempts
 from client.routing import Router, merge_admin
 from client.watch import WatchSession
@@ -28,6 +30,8 @@ from client.watch_streams import AsyncWatchStream
 from protocol.curve import Credentials
 from protocol.errors import ClientClosed
 from protocol.frames import C_FINAL, C_PARTIAL, C_REQUEST, MDPC, MMI_ADMIN, MMI_SLOTS, SERVICE, unpack
+
+log = structlog.get_logger("zkv.client")
 
 
 class AsyncClient(Commands):
@@ -41,6 +45,7 @@ class AsyncClient(Commands):
         attempt_timeout: float = DEFAULT_ATTEMPT_TIMEOUT,
         context: zmq.asyncio.Context | None = None,
         credentials: str | os.PathLike[str] | Credentials | None = None,
+        direct_reads: bool = True,
     ) -> None:
         """``url``: the broker's frontend, or several brokers' (etcd mode) comma-separated: the
         client talks to one at a time and follows the leader (client/brokers.py); by default
@@ -48,7 +53,9 @@ class AsyncClient(Commands):
         ``timeout``: the most one call may take, retries included (seconds).
         ``attempt_timeout``: how long one attempt waits for a reply before it is sent again.
         ``credentials``: a client credentials file (``zkv keys add-client``) for a broker with
-        keys; by default ``$ZKV_CREDENTIALS``, else none."""
+        keys; by default ``$ZKV_CREDENTIALS``, else none.
+        ``direct_reads``: send a GET to the worker holding its slot's read lease when the broker
+        grants leases (client/leases.py; the broker's path when it cannot answer); False: never."""
         self.url = broker_url(url)
         self.brokers = BrokerList(self.url)
         self.credentials = client_credentials(credentials)
@@ -66,6 +73,15 @@ class AsyncClient(Commands):
         self._partials: dict[Any, OnPartial] = {}
         self._closed = False
         self._map_fetch: asyncio.Future[list[bytes] | None] | None = None
+        # Lease reads (client/leases.py): the map, one DEALER per worker reads endpoint, and the
+        # direct reads awaiting an answer by id (apart from the broker's: a late answer of a
+        # worker must not be taken for the broker's answer to the same id).
+        self.direct_reads = direct_reads
+        self.leases = LeaseMap()
+        self.direct_reads_served = 0
+        self._readers: dict[str, _Conn] = {}
+        self._direct_waiting: dict[Any, asyncio.Future[Reply]] = {}
+        self._lease_fetch: asyncio.Future[None] | None = None
         self._open()
 
     def _open(self) -> None:
@@ -108,6 +124,9 @@ class AsyncClient(Commands):
         self._closed = True
         for url in list(self._conns):
             self._drop(url, wake=False)
+        for conn in self._readers.values():
+            conn.close()
+        self._readers.clear()
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -188,6 +207,10 @@ class AsyncClient(Commands):
                                                       for part in split.parts)))
         attempts = Attempts(self.url, op, next(self._ids), self.client_id, header, values or [],
                             self.timeout, self.attempt_timeout)
+        if op == "get" and self.direct_reads:
+            direct = await self._direct(attempts, header)
+            if direct is not None:
+                return direct
         hops = 0  # group leaders followed in a row
         while True:
             body, wait = attempts.next()
@@ -218,6 +241,79 @@ class AsyncClient(Commands):
             if followed is None and url == self.brokers.current:  # (from a broker left: nothing changes)
                 answer = self.brokers.refused(attempts.last_error, answer)
             await asyncio.sleep(answer)
+
+    # -- lease reads (client/leases.py): as Client's -------------------------------------------
+
+    async def _direct(self, attempts: Attempts, header: dict[str, Any]) -> Reply | None:
+        """As ``Client._direct``: the worker's answer to a GET sent to its lease holder, None:
+        read through the broker."""
+        key = header.get("key")
+        if not isinstance(key, bytes):
+            return None
+        if self.leases.stale(time.monotonic()):
+            await self._fetch_leases(attempts.deadline)
+        url = self.leases.url_for(key)
+        if url is None or self._closed:
+            return None
+        wait = min(DIRECT_WAIT, self.attempt_timeout, attempts.deadline - time.monotonic())
+        if wait <= 0:
+            return None
+        conn = self._readers.get(url)
+        if conn is None:
+            conn = self._readers[url] = _Conn(url, dealer(self._ctx, url, self.credentials), None)
+            conn.reader = asyncio.ensure_future(self._read_direct(conn))
+        fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._direct_waiting[attempts.rid] = fut
+        try:
+            await conn.sock.send_multipart([MDPC, C_REQUEST, SERVICE, *attempts.body])
+            hdr, values = await asyncio.wait_for(fut, wait)
+        except (TimeoutError, zmq.Again):
+            self._direct_silent(url, conn)
+            return None
+        finally:
+            self._direct_waiting.pop(attempts.rid, None)
+        if hdr.get("ok"):
+            self.direct_reads_served += 1
+            return hdr, values
+        if hdr.get("code") != NOT_LEASED:
+            log.debug("direct_read_refused", url=url, code=hdr.get("code"), message=hdr.get("message"))
+        self.leases.forget()
+        return None
+
+    async def _read_direct(self, conn: _Conn) -> None:
+        """A reads endpoint's answers, to the direct reads waiting by id (the rest: late, dropped)."""
+        while True:
+            frames = await conn.sock.recv_multipart()
+            if len(frames) < 4 or frames[0] != MDPC or frames[1] != C_FINAL or frames[2] != SERVICE:
+                continue
+            try:
+                hdr = unpack(frames[3])
+            except ValueError:
+                continue
+            fut = self._direct_waiting.get(hdr.get("id")) if isinstance(hdr, dict) else None
+            if fut is not None and not fut.done():
+                fut.set_result((hdr, frames[4:]))
+
+    def _direct_silent(self, url: str, conn: _Conn) -> None:
+        """As ``Client._direct_silent``: skip the endpoint a while, drop its socket (once: the
+        other reads in flight on it fall back too, each on its own time)."""
+        if self._readers.get(url) is conn:
+            log.info("direct_read_unanswered", url=url, detail="reading through the broker")
+            self.leases.silent(url, time.monotonic())
+            del self._readers[url]
+            conn.close()
+
+    async def _fetch_leases(self, deadline: float) -> None:
+        """One fetch at a time: the reads that find the map stale together wait for one answer."""
+        if self._lease_fetch is None or self._lease_fetch.done():
+            wait = min(MAP_WAIT, self.attempt_timeout, deadline - time.monotonic())
+
+            async def fetch() -> None:
+                reply = await self._mmi(MMI_LEASES, [b""], wait) if wait > 0 else None
+                self.leases.install(reply, time.monotonic())
+
+            self._lease_fetch = asyncio.ensure_future(fetch())
+        await asyncio.shield(self._lease_fetch)
 
     async def _admin(self, step: programs.Mmi) -> list[bytes] | None:
         """As ``Client._admin``: with active brokers, to every group's leader, answers merged."""

@@ -16,13 +16,15 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import structlog
 import zmq
 
 from client import programs
 from client.api import Build, Commands
 from client.brokers import LINK_CHECK, BrokerList, Link
 from client.commands import Call, OnPartial, Reply, StreamInfo, needs_size_check, oversize
-from client.dealers import broker_url, client_credentials, close_linked, linked_dealer
+from client.dealers import broker_url, client_credentials, close_linked, dealer, linked_dealer
+from client.leases import DIRECT_WAIT, MAP_WAIT, MMI_LEASES, NOT_LEASED, LeaseMap
 from client.retry import DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_TIMEOUT, Attempts
 from client.routing import Router, merge_admin
 from client.streams import ValueStream
@@ -31,6 +33,8 @@ from client.watch_streams import WatchStream
 from protocol.curve import Credentials
 from protocol.errors import ClientClosed
 from protocol.frames import C_FINAL, C_PARTIAL, C_REQUEST, MDPC, MMI_ADMIN, MMI_SLOTS, SERVICE, unpack
+
+log = structlog.get_logger("zkv.client")
 
 
 class Client(Commands):
@@ -41,6 +45,7 @@ class Client(Commands):
         attempt_timeout: float = DEFAULT_ATTEMPT_TIMEOUT,
         context: zmq.Context | None = None,
         credentials: str | os.PathLike[str] | Credentials | None = None,
+        direct_reads: bool = True,
     ) -> None:
         """``url``: the broker's frontend, or several brokers' (etcd mode) comma-separated: the
         client talks to one at a time and follows the leader (client/brokers.py); by default
@@ -48,7 +53,9 @@ class Client(Commands):
         ``timeout``: the most one call may take, retries included (seconds).
         ``attempt_timeout``: how long one attempt waits for a reply before it is sent again.
         ``credentials``: a client credentials file (``zkv keys add-client``) for a broker with
-        keys; by default ``$ZKV_CREDENTIALS``, else none."""
+        keys; by default ``$ZKV_CREDENTIALS``, else none.
+        ``direct_reads``: send a GET to the worker holding its slot's read lease when the broker
+        grants leases (client/leases.py; the broker's path when it cannot answer); False: never."""
         self.url = broker_url(url)
         self.brokers = BrokerList(self.url)
         self.credentials = client_credentials(credentials)
@@ -64,6 +71,11 @@ class Client(Commands):
         # sockets to the other group leaders (one per URL, kept while the client routes).
         self.router = Router()
         self._idle: dict[str, tuple[zmq.Socket, Link | None]] = {}
+        # Lease reads: the broker's lease map and one DEALER per worker reads endpoint, kept.
+        self.direct_reads = direct_reads
+        self.leases = LeaseMap()
+        self.direct_reads_served = 0  # GETs a worker answered (tests and benchmarks look)
+        self._readers: dict[str, zmq.Socket] = {}
         self._open()
 
     def _open(self) -> None:
@@ -105,6 +117,9 @@ class Client(Commands):
         for sock, link in self._idle.values():
             close_linked(sock, link)
         self._idle.clear()
+        for reader in self._readers.values():
+            reader.close(linger=0)
+        self._readers.clear()
 
     def __enter__(self) -> Client:
         return self
@@ -173,6 +188,10 @@ class Client(Commands):
             return split.merge([self.request(op, part.header, part.values) for part in split.parts])
         attempts = Attempts(self.url, op, next(self._ids), self.client_id, header, values or [],
                             self.timeout, self.attempt_timeout)
+        if op == "get" and self.direct_reads:
+            direct = self._direct(attempts, header)
+            if direct is not None:
+                return direct
         hops = 0  # group leaders followed in a row
         while True:
             body, wait = attempts.next()
@@ -202,6 +221,72 @@ class Client(Commands):
             if followed is None:  # (False: a group's leader named, but too many hops in a row: back off)
                 answer = self.brokers.refused(attempts.last_error, answer)  # NOT_LEADER: go to the leader
             time.sleep(answer)
+
+    # -- lease reads: a GET answered by the worker holding its slot's lease (client/leases.py) ----
+
+    def _direct(self, attempts: Attempts, header: dict[str, Any]) -> Reply | None:
+        """A GET sent to its slot's lease holder, the frames the broker would get (same id: reads
+        are not de-duplicated); its answer if the worker gave one, None: read through the broker
+        (no lease known, a refusal, no reply within DIRECT_WAIT)."""
+        key = header.get("key")
+        if not isinstance(key, bytes) or self._sock is None:  # (closed: the broker path raises)
+            return None
+        leases = self.leases
+        if leases.stale(time.monotonic()):
+            self._fetch_leases(attempts.deadline)
+        url = leases.url_for(key)
+        if url is None:
+            return None
+        wait = min(DIRECT_WAIT, self.attempt_timeout, attempts.deadline - time.monotonic())
+        if wait <= 0:
+            return None
+        sock = self._readers.get(url)
+        if sock is None:
+            sock = self._readers[url] = dealer(self._ctx, url, self.credentials)
+        try:
+            sock.send_multipart([MDPC, C_REQUEST, SERVICE, *attempts.body])
+        except zmq.Again:
+            return self._direct_silent(url)
+        deadline = time.monotonic() + wait
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not sock.poll(int(left * 1000) + 1):
+                if time.monotonic() >= deadline:
+                    return self._direct_silent(url)
+                continue
+            frames = sock.recv_multipart()
+            if len(frames) < 4 or frames[0] != MDPC or frames[1] != C_FINAL or frames[2] != SERVICE:
+                continue
+            try:
+                hdr = unpack(frames[3])
+            except ValueError:
+                continue
+            if not isinstance(hdr, dict) or hdr.get("id") != attempts.rid:
+                continue  # a late answer to an earlier direct read: that read went to the broker
+            if hdr.get("ok"):
+                self.direct_reads_served += 1
+                return hdr, frames[4:]
+            # NOT_LEASED (the lease moved, lapsed, or the key has a TTL), or anything else: the
+            # broker answers; the map may be out of date.
+            if hdr.get("code") != NOT_LEASED:
+                log.debug("direct_read_refused", url=url, code=hdr.get("code"), message=hdr.get("message"))
+            leases.forget()
+            return None
+
+    def _direct_silent(self, url: str) -> None:
+        """A reads endpoint did not answer: skip it a while, and drop its socket (what it queues
+        for a dead worker would be sent on reconnection, and answered to nobody)."""
+        log.info("direct_read_unanswered", url=url, detail="reading through the broker")
+        self.leases.silent(url, time.monotonic())
+        sock = self._readers.pop(url, None)
+        if sock is not None:
+            sock.close(linger=0)
+        return None
+
+    def _fetch_leases(self, deadline: float) -> None:
+        """The broker's lease map, asked within the read's time (its own silence keeps the map)."""
+        wait = min(MAP_WAIT, self.attempt_timeout, deadline - time.monotonic())
+        self.leases.install(self._mmi(MMI_LEASES, [b""], wait) if wait > 0 else None, time.monotonic())
 
     # -- active brokers: routing by slot group (client/routing.py) -------------------------------
 

@@ -27,7 +27,7 @@ from protocol.replication import slot_for_key
 from worker.store import SlotStore
 
 LEASE_SHARE = 0.8  # of the broker's lease time that the worker counts
-HOLD_MAX = 1.0  # s a direct read may wait for its version to be known committed
+HOLD_MAX = 0.4  # s a direct read may wait for its version to be known committed (clients wait 0.5 s)
 REQUEST_TTL = 10.0  # s after which an unanswered lease request is forgotten
 
 Reply = tuple[bytes, list[bytes]]  # (client identity, frames after it)

@@ -70,9 +70,11 @@ PREFILL_WINDOW = 16  # MSET requests in flight per process while prefilling
 @click.option("--keep", is_flag=True, help="Leave the run's keys behind (they are deleted otherwise).")
 @click.option("--unpacked", is_flag=True,
               help="MSET and MGET values one frame each, as clients before packed (protocol.md 1.2).")
+@click.option("--no-direct", is_flag=True,
+              help="GETs always through the broker, even when it grants read leases to workers.")
 def bench(url: str, clients: int, requests: int, data_size: int, key_size: int, keyspace: int, tests: str,
           batch: int, procs: int, timeout: float, as_json: bool, prefix: str | None, keep: bool,
-          unpacked: bool) -> None:
+          unpacked: bool, no_direct: bool) -> None:
     """Benchmark a cluster in the manner of redis-benchmark. Its keys start with a prefix of
     its own and are deleted when it ends, unless --keep."""
     creds = credentials()
@@ -80,7 +82,7 @@ def bench(url: str, clients: int, requests: int, data_size: int, key_size: int, 
                         clients=clients, requests=requests, data_size=data_size, key_size=key_size,
                         keyspace=keyspace, tests=tuple(t.strip() for t in tests.split(",") if t.strip()),
                         procs=procs, batch=batch, timeout=timeout, prefix=prefix or new_prefix(), keep=keep,
-                        packed=not unpacked),
+                        packed=not unpacked, direct=not no_direct),
             as_json)
 
 
@@ -92,7 +94,8 @@ class Sync(Protocol):
 def run_process(cfg: BenchConfig, proc: int, sync: Sync, emit: Callable[[tuple[Any, ...]], None]) -> None:
     """Everything one client process does: each phase's prefill, the barrier, the timed run."""
     ctx = zmq.Context()
-    pipe = Pipeline(ctx, cfg.url, split(cfg.clients, cfg.procs, proc), cfg.timeout, cfg.credentials)
+    pipe = Pipeline(ctx, cfg.url, split(cfg.clients, cfg.procs, proc), cfg.timeout, cfg.credentials,
+                    direct=cfg.direct)
     try:
         pipe.wait_ready(cfg.url)
         work = Workload(cfg, proc)
@@ -108,10 +111,12 @@ def run_process(cfg: BenchConfig, proc: int, sync: Sync, emit: Callable[[tuple[A
             count = split(cfg.requests, cfg.procs, proc)
             result = ProcResult(phase.op, proc, time.monotonic(), 0.0)
             work.ok = work.misses = 0
+            served = pipe.direct_served
             pipe.run(work.requests(phase.op), count, work.judge(phase.op), result.latencies_us,
-                     result.errors)
+                     result.errors, direct=phase.op == "get")
             result.end = time.monotonic()
             result.ok, result.misses = work.ok, work.misses
+            result.direct = pipe.direct_served - served
             emit(("result", result))
         if not cfg.keep:
             failed: dict[str, int] = {}

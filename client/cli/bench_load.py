@@ -1,7 +1,9 @@
 """``zkv bench``: one client process's load, pipelined requests on one DEALER socket.
 
 Nothing is retried: error replies and requests without a reply in ``timeout`` seconds are counted
-as errors, by kind (see client/cli/bench.py for the whole run).
+as errors, by kind (see client/cli/bench.py for the whole run). The exception is a GET read
+directly from a worker (lease reads, client/leases.py): refused, or unanswered within
+``DIRECT_WAIT``, it is sent to the broker once, as a client would.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 import zmq
 
 from client.cli.bench_plan import BATCH_OPS, BenchConfig, BenchError, make_key
+from client.leases import DIRECT_WAIT, FRESH_ON, MMI_LEASES, LeaseMap
 from protocol.curve import Credentials
 from protocol.frames import C_FINAL, C_REQUEST, MDPC, MMI_SERVICE, SERVICE, pack, pack_request_values, unpack
 
@@ -37,21 +40,49 @@ class Pipeline:
     """One DEALER socket with up to ``window`` requests in flight, matched to replies by ``id``."""
 
     def __init__(self, ctx: zmq.Context, url: str, window: int, timeout: float,
-                 credentials: Credentials | None = None) -> None:
+                 credentials: Credentials | None = None, direct: bool = True) -> None:
+        """``direct``: GETs go to the worker holding their slot's read lease when the broker
+        grants leases (``zkv bench --no-direct``: never)."""
+        self.ctx = ctx
         self.window = window
         self.timeout = timeout
+        self.credentials = credentials
         self.cid = uuid.uuid4().bytes
         self.next_id = 1
-        self.sock = ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.SNDHWM, max(1000, 2 * window))
-        self.sock.setsockopt(zmq.RCVHWM, max(1000, 2 * window))
-        if credentials is not None:
-            credentials.apply(self.sock)
-        self.sock.connect(url)
+        self.sock = self._dealer(url)
+        self.direct = direct
+        self.leases = LeaseMap()
+        self.readers: dict[str, zmq.Socket] = {}  # worker reads endpoint -> its DEALER, kept
+        self.direct_served = 0  # GETs answered by a worker, all runs
+
+    def _dealer(self, url: str) -> zmq.Socket:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        # Before connect: the queue of a connection takes the high-water marks set when it is made.
+        sock.setsockopt(zmq.SNDHWM, max(1000, 2 * self.window))
+        sock.setsockopt(zmq.RCVHWM, max(1000, 2 * self.window))
+        if self.credentials is not None:
+            self.credentials.apply(sock)
+        sock.connect(url)
+        return sock
 
     def close(self) -> None:
         self.sock.close(linger=0)
+        for reader in self.readers.values():
+            reader.close(linger=0)
+        self.readers.clear()
+
+    def fetch_leases(self, wait: float = 1.0) -> None:
+        """The broker's lease map, asked now (nothing of this pipeline is in flight; a late kv
+        answer meanwhile belongs to a request already counted as timed out)."""
+        self.sock.send_multipart([MDPC, C_REQUEST, MMI_LEASES, b""])
+        deadline = time.monotonic() + wait
+        while (left := deadline - time.monotonic()) > 0 and self.sock.poll(int(left * 1000) + 1):
+            frames = self.sock.recv_multipart()
+            if len(frames) >= 3 and frames[1] == C_FINAL and frames[2] == MMI_LEASES:
+                self.leases.install(frames[3:], time.monotonic())
+                return
+        self.leases.install(None, time.monotonic())
 
     def wait_ready(self, url: str) -> None:
         """Ask the broker (MMI) whether service ``kv`` is up; also proves the connection works."""
@@ -73,10 +104,17 @@ class Pipeline:
         latencies: array | None,
         errors: dict[str, int],
         window: int | None = None,
+        direct: bool = False,
     ) -> None:
         """Send ``count`` requests keeping ``window`` (default: the pipeline's) in flight; append
-        each latency (us) to ``latencies`` and count failures by kind in ``errors``."""
+        each latency (us) to ``latencies`` and count failures by kind in ``errors``. ``direct``:
+        the requests are GETs, read from the lease holders when the broker grants leases."""
         window = window or self.window
+        if direct and self.direct:
+            self.fetch_leases()
+            if self.leases.on:
+                return self._run_direct(requests, count, on_reply, latencies, errors, window)
+        # Without leases: this loop alone, as fast as before lease reads were.
         sock = self.sock
         inflight: dict[int, int] = {}  # request id -> send time, ns
         deadlines: deque[tuple[float, int]] = deque()  # (monotonic deadline, id), in send order
@@ -128,6 +166,129 @@ class Pipeline:
                     _, rid = deadlines.popleft()
                     if inflight.pop(rid, None) is not None:
                         errors[CLIENT_TIMEOUT_KIND] = errors.get(CLIENT_TIMEOUT_KIND, 0) + 1
+
+    def _reader(self, url: str, poller: zmq.Poller) -> zmq.Socket:
+        sock = self.readers.get(url)
+        if sock is None:
+            sock = self.readers[url] = self._dealer(url)
+            poller.register(sock, zmq.POLLIN)  # (those of earlier runs: when the run starts)
+        return sock
+
+    def _run_direct(
+        self,
+        requests: Iterator[Request],
+        count: int,
+        on_reply: Callable[[dict[str, Any]], None],
+        latencies: array | None,
+        errors: dict[str, int],
+        window: int,
+    ) -> None:
+        """``run`` for GETs with leases on: each GET whose slot has a lease holder goes to its
+        reads endpoint; a refusal (or no answer within DIRECT_WAIT) is sent to the broker once,
+        and the broker's answer counts. Replies come on any socket (a Poller); the map is
+        fetched again (on the broker socket, not waited for) when client/leases.py says so."""
+        sock, leases = self.sock, self.leases
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        for reader in self.readers.values():
+            poller.register(reader, zmq.POLLIN)
+        inflight: dict[int, int] = {}  # request id -> send time, ns
+        deadlines: deque[tuple[float, int]] = deque()  # (monotonic deadline, id), in send order
+        direct: dict[int, tuple[bytes, str]] = {}  # id -> (header, reads endpoint) of a read at a worker
+        direct_deadlines: deque[tuple[float, int]] = deque()  # (when to ask the broker instead, id)
+        timeout_ns = int(self.timeout * 1e9)
+        sent = 0
+        next_check = time.monotonic() + CHECK_INTERVAL
+        map_asked: float | None = None  # when an mmi.leases went out unanswered
+        now_ns = time.perf_counter_ns
+
+        def to_broker(header: bytes) -> None:
+            sock.send_multipart([MDPC, C_REQUEST, SERVICE, header])
+
+        def done(header: dict[str, Any], t1: int) -> None:
+            t0 = inflight.pop(header.get("id"), None)
+            if t0 is None:
+                if header.get("id") is None and not header.get("ok"):
+                    raise BenchError(f"the broker refused a request: {header}")
+                return  # a reply after its request timed out: already counted
+            if t1 - t0 > timeout_ns:
+                errors[CLIENT_TIMEOUT_KIND] = errors.get(CLIENT_TIMEOUT_KIND, 0) + 1
+                return
+            if latencies is not None:
+                latencies.append((t1 - t0) // 1000)
+            if header.get("ok"):
+                on_reply(header)
+            else:
+                kind = str(header.get("code", "UNKNOWN"))
+                errors[kind] = errors.get(kind, 0) + 1
+
+        while sent < count or inflight:
+            while sent < count and len(inflight) < window:
+                req = next(requests)
+                rid = self.next_id
+                self.next_id += 1
+                req.header["id"] = rid
+                req.header["cid"] = self.cid
+                req.header["retry"] = False
+                header = pack(req.header)
+                key = req.header.get("key")
+                url = leases.url_for(key) if req.header.get("op") == "get" and isinstance(key, bytes) else None
+                if url is None:
+                    sock.send_multipart([MDPC, C_REQUEST, SERVICE, header, *req.values])
+                else:
+                    self._reader(url, poller).send_multipart([MDPC, C_REQUEST, SERVICE, header])
+                    direct[rid] = (header, url)
+                    direct_deadlines.append((time.monotonic() + DIRECT_WAIT, rid))
+                inflight[rid] = now_ns()
+                deadlines.append((time.monotonic() + self.timeout, rid))
+                sent += 1
+            for ready, _ in poller.poll(int(CHECK_INTERVAL * 1000)):
+                while True:
+                    try:
+                        frames = ready.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    t1 = now_ns()
+                    if len(frames) < 4 or frames[1] != C_FINAL:
+                        continue
+                    if frames[2] == MMI_LEASES and ready is sock:
+                        leases.install(frames[3:], time.monotonic())
+                        map_asked = None
+                        continue
+                    if frames[2] != SERVICE:
+                        continue
+                    header = unpack(frames[3])
+                    if ready is sock:
+                        done(header, t1)
+                        continue
+                    # A worker's answer: only for a read still waiting there (else it went to the broker).
+                    at = direct.pop(header.get("id"), None)
+                    if at is None:
+                        continue
+                    if header.get("ok"):
+                        self.direct_served += 1
+                        done(header, t1)
+                    else:  # NOT_LEASED (or an error): once to the broker, whose answer counts
+                        leases.forget()
+                        to_broker(at[0])
+            now = time.monotonic()
+            if now >= next_check:
+                next_check = now + CHECK_INTERVAL
+                while direct_deadlines and direct_deadlines[0][0] <= now:
+                    _, rid = direct_deadlines.popleft()
+                    at = direct.pop(rid, None)
+                    if at is not None and rid in inflight:
+                        leases.silent(at[1], now)
+                        to_broker(at[0])
+                while deadlines and deadlines[0][0] <= now:
+                    _, rid = deadlines.popleft()
+                    direct.pop(rid, None)
+                    if inflight.pop(rid, None) is not None:
+                        errors[CLIENT_TIMEOUT_KIND] = errors.get(CLIENT_TIMEOUT_KIND, 0) + 1
+                if leases.stale(now) and (map_asked is None or now - map_asked >= FRESH_ON):
+                    sock.send_multipart([MDPC, C_REQUEST, MMI_LEASES, b""])
+                    map_asked = now
+        return None
 
 
 class Workload:

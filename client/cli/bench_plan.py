@@ -51,6 +51,7 @@ class BenchConfig:
     keep: bool = False  # leave the run's keys behind (else they are deleted when it ends)
     credentials: Credentials | None = None  # CURVE keys, for a broker with --keys
     packed: bool = True  # MSET values and MGET answers packed in one frame (docs/protocol.md §1.2)
+    direct: bool = True  # GETs read from the workers holding read leases, when the broker grants them
 
     def validate(self) -> None:
         if self.clients < 1 or self.requests < 1 or self.procs < 1 or self.batch < 1:
@@ -125,6 +126,7 @@ class ProcResult:
     ok: int = 0
     misses: int = 0  # get/mget/exists: keys not found; delete: keys that did not exist
     errors: dict[str, int] = field(default_factory=dict)
+    direct: int = 0  # get: answered by a worker's reads endpoint (lease reads), not the broker
 
 
 @dataclass
@@ -145,6 +147,7 @@ class OpSummary:
     p95_ms: float
     p99_ms: float
     max_ms: float
+    direct: int = 0  # get: requests a worker answered directly (lease reads)
 
 
 def percentile(sorted_values: list[int], q: float) -> int:
@@ -183,6 +186,7 @@ def summarize(op: str, parts: list[ProcResult], keys_per_request: int) -> OpSumm
         p95_ms=round(percentile(lat, 95) / ms, 3),
         p99_ms=round(percentile(lat, 99) / ms, 3),
         max_ms=round(lat[-1] / ms, 3) if lat else 0.0,
+        direct=sum(p.direct for p in parts),
     )
 
 
@@ -210,6 +214,8 @@ def format_summary(s: OpSummary, cfg: BenchConfig) -> str:
     ]
     if s.misses:
         lines.append(f"  not found: {s.misses}")
+    if s.direct:
+        lines.append(f"  read directly from workers (lease reads): {s.direct} of {s.ok}")
     if s.errors:
         kinds = ", ".join(f"{k}={v}" for k, v in s.errors_by_kind.items())
         lines.append(f"  ERRORS: {s.errors} of {s.requests} requests failed ({kinds})")
