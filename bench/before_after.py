@@ -2,6 +2,7 @@
 
     python bench/before_after.py --before REV [--rounds 3] [--loads put,get,mset] [--scale 1]
                                  [--before-args "--read-cache 0"] [--after-args ...]
+                                 [--before-lease S] [--after-lease S]
 
 Checks REV out into a temporary git worktree, then, round after round (the order of the two trees
 alternates), starts a fresh cluster from each tree (bench/core.py's ``bench_cluster`` with
@@ -13,6 +14,8 @@ machine CPU per request is far steadier than requests/s; still, compare within o
 
 ``--before-args`` / ``--after-args`` add broker options to one side: with ``--before HEAD`` they
 compare two settings of the same code (``--before-args "--read-cache 0"``: the read cache off).
+``--before-lease`` / ``--after-lease`` run one side with read leases of S seconds (the broker's
+``--read-lease``, every worker with ``--reads``): its GETs are then answered by the lease holders.
 """
 
 from __future__ import annotations
@@ -39,10 +42,10 @@ PROCESSES = ("broker", "worker", "client", "all")
 
 
 def measure(tree: Path, loads: list[str], scale: int = 1,
-            broker_args: list[str] | None = None) -> dict[str, dict[str, float]]:
+            broker_args: list[str] | None = None, read_lease: float = 0.0) -> dict[str, dict[str, float]]:
     """CPU us per request of each process (workers: their mean) and the rate, per load."""
     root = Path(tempfile.mkdtemp(prefix="zkv-before-after-"))
-    cluster = core.bench_cluster(root, cwd=tree, broker_args=broker_args or [])
+    cluster = core.bench_cluster(root, cwd=tree, broker_args=broker_args or [], read_lease=read_lease)
     try:
         cluster.start(timeout=60.0)
         out: dict[str, dict[str, float]] = {}
@@ -67,8 +70,11 @@ def main() -> int:
                         help="multiply both run lengths (MSET's default 10/60 requests is coarse for the client)")
     parser.add_argument("--before-args", default="", help="broker options of the before side, e.g. \"--read-cache 0\"")
     parser.add_argument("--after-args", default="", help="broker options of the after side")
+    parser.add_argument("--before-lease", type=float, default=0.0, help="read leases of S seconds on the before side")
+    parser.add_argument("--after-lease", type=float, default=0.0, help="read leases of S seconds on the after side")
     opts = parser.parse_args()
     args = {"before": shlex.split(opts.before_args), "after": shlex.split(opts.after_args)}
+    lease = {"before": opts.before_lease, "after": opts.after_lease}
     loads = opts.loads.split(",")
     before = Path(tempfile.mkdtemp(prefix="zkv-before-tree-")) / "tree"
     subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(before), opts.before], check=True,
@@ -78,7 +84,7 @@ def main() -> int:
     try:
         for r in range(opts.rounds):
             for name in (("before", "after") if r % 2 == 0 else ("after", "before")):
-                res = measure(trees[name], loads, opts.scale, args[name])
+                res = measure(trees[name], loads, opts.scale, args[name], lease[name])
                 results[name].append(res)
                 print(f"round {r + 1} {name:<6} " + "  ".join(
                     f"{load} {res[load]['rate']:,.0f}/s broker {res[load]['broker']:.1f} worker "
@@ -91,8 +97,10 @@ def main() -> int:
         return statistics.median(x[load][key] for x in results[name])
 
     sides = f"before = {opts.before} {opts.before_args}".rstrip()
-    if opts.after_args:
-        sides += f", after: {opts.after_args}"
+    if opts.before_lease:
+        sides += f" --read-lease {opts.before_lease:g}"
+    if opts.after_args or opts.after_lease:
+        sides += f", after: {opts.after_args} {f'--read-lease {opts.after_lease:g}' if opts.after_lease else ''}"
     print(f"CPU us per request, median of {opts.rounds} rounds ({sides}); workers: each\n")
     print("| load | process | before | after | after / before |")
     print("|---|---|---:|---:|---:|")

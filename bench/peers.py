@@ -69,6 +69,7 @@ GET_FACTOR = 0.6  # zkv GET req/s >= 0.6 x the bare relay's
 # (py-lmdb's putmulti of 1,000 at 330,000 puts/s); an MGET reads one copy.
 BATCH_KEYS = {"mset.zkv": 110_000, "mget.zkv": 300_000}
 HOT_KEYS = 20_000  # the keyspace of the hot-key GET row
+READ_LEASE = 2.0  # s: the read leases of the "get.zkv.lease" row's cluster (zkv broker --read-lease)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,7 +130,8 @@ def evaluate_targets(rows: list[Measurement]) -> list[TargetResult]:
         else:
             out.append(TargetResult(f"PUT vs etcd ({label})", f">= {PUT_FACTOR:g}x etcd writes/s",
                                     "etcd not measured" if z.rate else "zkv not measured", None, None))
-    for zid, label in (("get.zkv", "GET vs bare relay"), ("get.zkv.hot", "GET vs bare relay (hot keys)")):
+    for zid, label in (("get.zkv", "GET vs bare relay"), ("get.zkv.hot", "GET vs bare relay (hot keys)"),
+                       ("get.zkv.lease", "GET vs bare relay (read leases)")):
         z, r = _rate(m, zid), _rate(m, "get.relay")
         if z and r:
             out.append(TargetResult(label, f">= {GET_FACTOR:g}x relay req/s",
@@ -161,7 +163,7 @@ def vs_target(r: Measurement, rows: dict[str, Measurement]) -> str:
     if r.id.startswith("put.zkv"):
         e = _rate(rows, "put.etcd")
         return f"{r.rate / e:.2f}x etcd (target {PUT_FACTOR:g}x)" if e else "etcd not measured"
-    if r.id in ("get.zkv", "get.zkv.hot"):
+    if r.id in ("get.zkv", "get.zkv.hot", "get.zkv.lease"):
         b = _rate(rows, "get.relay")
         return f"{r.rate / b:.2f}x relay (target {GET_FACTOR:g}x)" if b else "relay not measured"
     if r.id in ("mset.zkv", "mget.zkv"):
@@ -456,6 +458,23 @@ def run_all(plan: Plan, root: Path, log: Callable[[str], None]) -> list[Measurem
                              cpu["background"],
                              f"zkv bench -t get -c {plan.get_c} -n {n} -d 100 --key-size 256 -r {HOT_KEYS}"))
         log(f"zkv get (hot keys): {ops['get']['ops_per_sec']:,.0f} req/s")
+        # The same reads on a cluster with read leases: the lease holders answer them, not the broker.
+        leased = core.bench_cluster(root / "zkv-leases", read_lease=READ_LEASE)
+        pids_of = watch.pids
+        watch.pids = lambda: list(leased.pids().values())
+        try:
+            leased.start(timeout=60.0)
+            with watch.measure() as cpu:
+                ops = zkv_bench(leased, "get", plan.get_c, n, 100)
+        finally:
+            leased.stop()
+            watch.pids = pids_of
+        rows.append(_zkv_row("get.zkv.lease", GET_W, f"zkv c={plan.get_c}, read leases {READ_LEASE:g} s", ops["get"],
+                             False, cpu["background"],
+                             f"zkv bench -t get -c {plan.get_c} -n {n} -d 100 --key-size 256 (broker --read-lease "
+                             f"{READ_LEASE:g}, workers --reads)"))
+        log(f"zkv get (read leases): {ops['get']['ops_per_sec']:,.0f} req/s, "
+            f"{ops['get'].get('direct', 0):,} read from lease holders")
 
         redis_rows: list[Measurement] = []
         if have_redis and plan.redis:
@@ -575,7 +594,7 @@ def run_all(plan: Plan, root: Path, log: Callable[[str], None]) -> list[Measurem
                             best["p99_ms"], best["max_ms"], f"`python bench/relay.py --window {plan.get_c}`; best of "
                             f"runs before and after: {others}", best["background"])
     order = ["put.zkv.c1000", "put.zkv.best", "put.etcd", "put.redis.durable", "put.redis",
-             "get.zkv", "get.zkv.hot", "get.relay", "get.redis", "mset.zkv", "mset.redis", "mget.zkv",
+             "get.zkv", "get.zkv.hot", "get.zkv.lease", "get.relay", "get.redis", "mset.zkv", "mset.redis", "mget.zkv",
              "batch.redis.pget"]
     allrows = rows + redis_rows + [relay_row]
     allrows.sort(key=lambda r: order.index(r.id) if r.id in order else len(order))

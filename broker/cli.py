@@ -124,6 +124,9 @@ def broker(data: str, frontend: str, backend: str, replication: str, keys: str, 
         raise click.BadParameter(f"need 1 <= groups <= slots ({slots})", param_hint="--groups")
     if read_lease < 0:
         raise click.BadParameter("must be >= 0", param_hint="--read-lease")
+    if read_lease and read_lease >= (request_timeout or D.request_timeout):
+        # A starting broker commits nothing for a lease time: every write would time out meanwhile.
+        raise click.BadParameter("must be below --request-timeout", param_hint="--read-lease")
     if read_lease and (keys or groups != 1):
         # Reads endpoints have no CURVE, and each group's leader would need its own lease map.
         raise click.BadParameter("read leases work with one leader and without --keys (for now)",

@@ -107,6 +107,7 @@ class BrokerCore:
         self.ha_status = ha_status
         state = self.state = BrokerState(cfg, epoch, clock, wall_ms, new_id)
         state.restore(restored)
+        state.hold_commits_for_leases()
         self.limits = Limits(cfg.max_key, cfg.max_value, cfg.max_stream)
         self.requests = RequestTable(state)
         self.membership = Membership(state)

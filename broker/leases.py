@@ -16,7 +16,14 @@ monotonic clock, so it stops answering before this broker stops counting it. A b
 Only one replica per slot holds a lease (so a write waits for at most one particular replica),
 the first of the slot's replicas, rotated by slot, that may hold one. A lease ends when it runs
 out: this broker never takes one back, it only stops renewing it (a worker that lost the slot, a
-move under way, a copy being replaced), and a dead worker's lease still counts until its end.
+move under way, a copy being replaced, a holder that has held the slot's writes back for
+``LAG_GRACE``), and a dead worker's lease still counts until its end. A lease belongs to the worker
+*process* it was granted to: a new process under the same id (a restart, a new data directory)
+holds nothing of it, and the old one's lease still holds commits back until it runs out.
+
+The longest lease the cluster may grant is in its metadata record (``read_lease``), made durable
+before the first grant: a successor holds commits for that long even if it was given a shorter
+``--read-lease`` (or none); once it has, it writes its own.
 The safety argument is in docs/architecture.md ("Read leases").
 """
 
@@ -30,11 +37,13 @@ import structlog
 from broker.events import Committed
 from broker.history import in_history
 from broker.quorum import advance
-from broker.state import BrokerState, Slot, Worker
+from broker.state import BrokerState, Lease, Slot, Worker
 from broker.worker_messages import LeaseRequest
 from protocol.frames import W_COMMITTED, W_LEASE_GRANT, pack
 
 log = structlog.get_logger("zkv.broker")
+
+LAG_GRACE = 1.0  # s a holder may hold its slot's writes back before its lease is not renewed
 
 
 class Leases:
@@ -60,12 +69,19 @@ class Leases:
                 and not slot.recovering and not slot.learners and wid not in slot.snapshot_pending
                 and state.qualifies(slot, wid) and in_history(slot, p))
 
+    def lagging(self, slot: Slot, now: float) -> bool:
+        """Has the slot's holder held its writes back for LAG_GRACE (a disk it cannot write, a
+        slow or stuck process)? Then it is not renewed: the writes commit once its lease is out."""
+        return bool(slot.lease_lag_since) and now - slot.lease_lag_since >= LAG_GRACE
+
     def holder_for(self, slot: Slot, now: float) -> str | None:
         """Who may have the slot's lease: its current holder while it holds and may, else the first
         replica (in an order rotated by slot, to spread the reads) that may."""
-        for wid, until in slot.leases.items():
-            if until > now:
-                return wid if self.may_hold(slot, wid) else None  # one holder at a time
+        for wid, lease in slot.leases.items():
+            if lease.until > now:  # one holder at a time: renewed only for the same process
+                w = self.state.workers.get(wid)
+                ok = w is not None and w.process == lease.process and self.may_hold(slot, wid)
+                return wid if ok and not self.lagging(slot, now) else None
         n = len(slot.replicas)
         for i in range(n):
             wid = slot.replicas[(slot.id + i) % n]
@@ -84,13 +100,21 @@ class Leases:
             for s in sorted(w.slots):
                 slot = state.slots.get(s)
                 if slot is not None and self.holder_for(slot, now) == w.id:
-                    slot.leases[w.id] = until
+                    slot.leases[w.id] = Lease(until, w.process)
                     granted.append(s)
                     committed.append(slot.committed)
             self.granted += len(granted)
+            if granted and state.cfg.read_lease > state.lease_recorded:
+                self._record(state.cfg.read_lease)  # durable before the grant is sent (ready.execute)
         state.to_worker(w, [W_LEASE_GRANT, pack({"id": msg.id, "epoch": state.epoch, "lease": state.cfg.read_lease,
                                                  "slot_count": state.cfg.slots, "slots": granted,
                                                  "committed": committed})])
+
+    def _record(self, lease: float) -> None:
+        state = self.state
+        state.lease_recorded = lease
+        state.ready.metadata.cluster = state.cluster_record(read_lease=lease)
+        state.ready.must_sync = True
 
     # -- what holders are told ---------------------------------------------------------------------
 
@@ -121,15 +145,18 @@ class Leases:
             if now < state.commit_hold_until:
                 return
             state.commit_hold_until = 0.0
-            log.info("commit_hold_ended", lease_s=state.cfg.read_lease)
+            log.info("commit_hold_ended", lease_s=max(state.cfg.read_lease, state.lease_recorded))
+            if state.lease_recorded > state.cfg.read_lease and state.slots:
+                # Every lease of the longer kind has run out: from now on the cluster grants ours.
+                self._record(state.cfg.read_lease)
             for slot in state.slots.values():
                 advance(state, slot)
             return
         for slot in state.slots.values():
-            if slot.leases and any(until <= now for until in slot.leases.values()):
+            if slot.leases and any(lease.until <= now for lease in slot.leases.values()):
                 advance(state, slot)  # (drops the leases that ran out)
-                for wid, until in list(slot.leases.items()):
-                    if until <= now:
+                for wid, lease in list(slot.leases.items()):
+                    if lease.until <= now:
                         del slot.leases[wid]
 
     # -- the map clients read by -------------------------------------------------------------------
@@ -144,7 +171,9 @@ class Leases:
         if self.enabled:
             for s in range(state.cfg.slots):
                 slot = state.slots.get(s)
-                holder = next((wid for wid, until in slot.leases.items() if until > now), None) if slot else None
+                holder = next((wid for wid, lease in slot.leases.items() if lease.until > now
+                               and (h := state.workers.get(wid)) is not None and h.process == lease.process),
+                              None) if slot else None
                 w = state.workers.get(holder) if holder else None
                 if w is None or not w.reads or not w.alive:
                     holders.append(-1)

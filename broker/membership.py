@@ -93,7 +93,7 @@ class Membership:
         for wid in alive:
             state.worker_changed(state.workers[wid])
         state.cluster_id = state.new_id()
-        state.ready.metadata.cluster = {"formed": True, "slots": cfg.slots, "rf": cfg.rf, "id": state.cluster_id}
+        state.ready.metadata.cluster = state.cluster_record()
         state.ready.must_sync = True  # the slot map is durable before any worker acts on it
         log.info("cluster_formed", workers=alive, slots=cfg.slots, rf=cfg.rf,
                  **({"group": cfg.group, "groups": cfg.groups} if cfg.groups > 1 else {}))

@@ -24,15 +24,18 @@ def committed_seq(applied: Iterable[int], w: int, last: int) -> int | None:
 
 def leased_seq(state: BrokerState, slot: Slot, now: float) -> int | None:
     """The highest seq every live read lease holder of the slot has applied (None: no lease
-    holds): a write above it must not commit, or a holder could answer a read without it.
-    Leases that have run out are dropped here."""
+    holds): a write above it must not commit, or a holder could answer a read without it. A
+    holder's position counts only while the process it was granted to is the one registered (a
+    new one under the same id has not got its data). Leases that have run out are dropped here."""
     cap = None
-    for wid, until in list(slot.leases.items()):
-        if until <= now:
+    for wid, lease in list(slot.leases.items()):
+        if lease.until <= now:
             del slot.leases[wid]
             continue
+        w = state.workers.get(wid)
         p = slot.applied.get(wid)
-        seq = p.seq if p is not None and wid not in slot.snapshot_pending else 0
+        ok = p is not None and wid not in slot.snapshot_pending and w is not None and w.process == lease.process
+        seq = p.seq if ok and p is not None else 0
         cap = seq if cap is None else min(cap, seq)
     return cap
 
@@ -40,6 +43,7 @@ def leased_seq(state: BrokerState, slot: Slot, now: float) -> int | None:
 def advance(state: BrokerState, slot: Slot) -> None:
     """Apply the commit rule to the slot's replicas; emit ``Committed`` if its committed seq rose."""
     if slot.committed >= slot.last.seq:
+        slot.lease_lag_since = 0.0
         return  # nothing is left to commit (committed_seq is capped by the last seq)
     new = committed_seq((p.seq for w, p in slot.applied.items() if p is not None and w in slot.replicas),
                         state.cfg.w, slot.last.seq)
@@ -50,10 +54,14 @@ def advance(state: BrokerState, slot: Slot) -> None:
         if now < state.commit_hold_until:
             return  # a predecessor's leases may still hold (broker/leases.py runs this again)
         cap = leased_seq(state, slot, now)
-        if cap is not None:
-            new = min(new, cap)
+        if cap is not None and cap < new:
+            if not slot.lease_lag_since:
+                slot.lease_lag_since = now  # the holder holds these writes back (broker/leases.py)
+            new = cap
             if new <= slot.committed:
                 return
+        else:
+            slot.lease_lag_since = 0.0
     prev, slot.committed = slot.committed, new
     state.slot_changed(slot)
     state.emit(Committed(slot, prev, new))

@@ -121,6 +121,15 @@ class Worker:
                 "draining": self.draining}
 
 
+@dataclass(slots=True)
+class Lease:
+    """A read lease as the broker counts it: until when (its clock), and the worker process it was
+    granted to (a new process under the same id holds nothing of it, and has not got its data)."""
+
+    until: float
+    process: bytes
+
+
 @dataclass
 class TailEntry:
     seq: int
@@ -156,9 +165,12 @@ class Slot:
     snapshot_pending: dict[str, bytes] = field(default_factory=dict)
     last_write: float = 0.0
     repairs: dict[str, float] = field(default_factory=dict)  # worker -> when started
-    # Read leases: worker -> when its lease ends by this broker's clock (broker/leases.py). Until
-    # then no write of the slot counts as committed without that worker (broker/quorum.py).
-    leases: dict[str, float] = field(default_factory=dict)
+    # Read leases: worker -> its lease (broker/leases.py). Until it ends no write of the slot counts
+    # as committed without that worker process (broker/quorum.py).
+    leases: dict[str, Lease] = field(default_factory=dict)
+    # Since when a lease holder has held commits back (0: it does not): a holder that cannot keep
+    # up for long is not renewed, so that the slot's writes commit without it again.
+    lease_lag_since: float = 0.0
 
     def record(self) -> dict[str, Any]:
         """What the broker's metadata keeps of the slot."""
@@ -229,9 +241,9 @@ class BrokerState:
         self.lost: dict[int, dict[str, Any]] = {}
         self.positions_known = True  # False in etcd mode (Restored.positions_known)
         self.started = clock()  # when this incarnation started (status: workers not heard from since)
-        # A predecessor may have granted read leases this one does not know: nothing commits
-        # until every lease it could have granted has run out (broker/leases.py).
-        self.commit_hold_until = self.started + cfg.read_lease if cfg.read_lease > 0 else 0.0
+        # The longest read lease this cluster may have granted, as its record says (broker/leases.py).
+        self.lease_recorded = 0.0
+        self.commit_hold_until = 0.0
         # Set by the entry (broker/core.py): hands an event to every part that handles it.
         self.emit: Callable[[Any], None] = lambda event: None
         self.latency = RequestTimes(clock)  # request durations by op and outcome (metrics)
@@ -259,6 +271,8 @@ class BrokerState:
                                        draining=bool(info.get("draining", False)),
                                        disk_bytes=info.get("disk_bytes", 0), last_seen_wall=info.get("last_seen", 0.0))
         self.positions_known = restored.positions_known
+        recorded = cluster.get("read_lease", 0.0)
+        self.lease_recorded = float(recorded) if isinstance(recorded, (int, float)) and recorded > 0 else 0.0
         for sid, info in restored.slots.items():
             last = info.get("last", [0, 0])
             slot = Slot(sid, list(info["replicas"]), last=Pos(last[1], last[0]), committed=info.get("committed", 0),
@@ -267,6 +281,19 @@ class BrokerState:
             for wid in slot.replicas:
                 if wid in self.workers:
                     self.workers[wid].slots.add(sid)
+
+    def hold_commits_for_leases(self) -> None:
+        """A predecessor may have granted read leases this incarnation does not know, as long as the
+        longest its cluster record names (or this broker's own): nothing commits until they have
+        run out (broker/leases.py)."""
+        hold = max(self.cfg.read_lease, self.lease_recorded)
+        self.commit_hold_until = self.started + hold if hold > 0 else 0.0
+
+    def cluster_record(self, **extra: Any) -> dict[str, Any]:
+        """What the metadata keeps of the cluster (written when it forms, and when the longest
+        read lease it may grant changes)."""
+        return {"formed": True, "slots": self.cfg.slots, "rf": self.cfg.rf, "id": self.cluster_id,
+                **({"read_lease": self.lease_recorded} if self.lease_recorded else {}), **extra}
 
     def token(self) -> bytes:
         """The one source of request tokens (reads, chunk reads, scans, snapshot transfers)."""

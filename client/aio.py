@@ -290,7 +290,8 @@ class AsyncClient(Commands):
                 hdr = unpack(frames[3])
             except ValueError:
                 continue
-            fut = self._direct_waiting.get(hdr.get("id")) if isinstance(hdr, dict) else None
+            rid = hdr.get("id") if isinstance(hdr, dict) else None
+            fut = self._direct_waiting.get(rid) if type(rid) is int else None
             if fut is not None and not fut.done():
                 fut.set_result((hdr, frames[4:]))
 

@@ -132,7 +132,8 @@ class WorkerCore:
         elif cmd == W_COMMITTED:
             self.leases.on_committed(unpack(body[0]))
         elif cmd == W_LEASE_GRANT:
-            self.leases.on_grant(unpack(body[0]), self.broker_epoch)
+            self.leases.on_grant(unpack(body[0]), self.broker_epoch,
+                                 lambda s: s in self.assigned and s not in self.snapshots)
         elif cmd == W_ASSIGN:
             self.on_assign_message(unpack(body[0]))
         elif cmd == W_SNAPSHOT_REQUEST:

@@ -72,14 +72,20 @@ class ReadLeases:
         self.sent[rid] = now
         return [W_LEASE_REQUEST, pack({"id": rid})]
 
-    def on_grant(self, info: dict[str, Any], epoch: int | None) -> None:
-        sent = self.sent.pop(info.get("id"), None)  # type: ignore[arg-type]
+    def on_grant(self, info: dict[str, Any], epoch: int | None, servable: Callable[[int], bool]) -> None:
+        """``servable``: whether the worker has the slot's data now (assigned, no snapshot being
+        installed); a grant for another slot gives nothing (the broker would not have sent it, but
+        this does not lean on message order)."""
+        rid = info.get("id")
+        sent = self.sent.pop(rid, None) if type(rid) is int else None
         if sent is None or epoch is None or info.get("epoch") != epoch:
             return  # not ours, or from another broker incarnation than the one registered with
         self.lease = float(info["lease"])
         self.slots = int(info["slot_count"])
         end = sent + LEASE_SHARE * self.lease
         for s, c in zip(info["slots"], info["committed"], strict=True):
+            if not servable(s):
+                continue
             if end > self.until.get(s, 0.0):
                 self.until[s] = end
             self.learn(s, c)

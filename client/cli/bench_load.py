@@ -257,12 +257,17 @@ class Pipeline:
                         continue
                     if frames[2] != SERVICE:
                         continue
-                    header = unpack(frames[3])
                     if ready is sock:
-                        done(header, t1)
+                        done(unpack(frames[3]), t1)
                         continue
                     # A worker's answer: only for a read still waiting there (else it went to the broker).
-                    at = direct.pop(header.get("id"), None)
+                    # The bench trusts the broker's frames, not a worker's: a malformed one is dropped.
+                    try:
+                        header = unpack(frames[3])
+                        rid = header.get("id")
+                        at = direct.pop(rid, None) if type(rid) is int else None
+                    except (ValueError, AttributeError):
+                        continue
                     if at is None:
                         continue
                     if header.get("ok"):

@@ -137,6 +137,8 @@ def test_read_leases_refuse_what_they_cannot_do_safely(tmp_path: Any) -> None:
 
     r = run("broker", "--data", str(tmp_path / "b"), "--read-lease", "2", "--keys", str(tmp_path / "keys"))
     assert r.returncode != 0 and "read leases work with one leader and without --keys" in r.stderr
+    r = run("broker", "--data", str(tmp_path / "b"), "--read-lease", "5", "--request-timeout", "5")
+    assert r.returncode != 0 and "below --request-timeout" in r.stderr
     r = run("broker", "--data", str(tmp_path / "b"), "--read-lease", "-1")
     assert r.returncode != 0 and "--read-lease" in r.stderr
     r = run("worker", "--id", "w1", "--data", str(tmp_path / "w"), "--reads", "tcp://0.0.0.0:7777")

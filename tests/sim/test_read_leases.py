@@ -14,10 +14,10 @@ import pytest
 
 from client.cli.history import Op
 from client.cli.linearizability import check_history
-from protocol.frames import W_ACK, W_LEASE_GRANT
+from protocol.frames import C_REQUEST, MDPC, SERVICE, W_ACK, W_LEASE_GRANT, pack, unpack
 from protocol.replication import slot_for_key
 from tests.support.helpers import keys_in_slot
-from tests.support.sim import SimCluster
+from tests.support.sim import SimCluster, SimWorker
 from worker import leases as worker_leases
 
 pytestmark = pytest.mark.timeout(180)
@@ -173,6 +173,85 @@ def test_the_invariant_check_catches_a_worker_that_counts_its_lease_too_long(
         sim.close()
 
 
+def test_a_new_process_under_the_holders_id_holds_nothing_of_its_lease(tmp_path: Path) -> None:
+    """The holder is cut off, declared dead, and a new process with a new data directory registers
+    under its id before the old one's lease is out (found by review): the new process's position
+    must not count for the old one's lease, so no write commits while the old one may answer."""
+    sim = SimCluster(tmp_path, slots=4, read_lease=10.0)
+    sim.advance(10.5)
+    try:
+        assert sim.put(b"k", b"old")["ok"]
+        h = holder(sim, b"k")
+        assert h is not None
+        old = sim.workers[h]
+        sim.partitioned.add(h)
+        sim.advance(3.5)
+        assert not sim.broker.workers[h].alive
+        sim.workers[h] = SimWorker(h, tmp_path / "new", reads=old.reads)
+        sim.partitioned.discard(h)
+        sim.start_worker(h)
+        sim.advance(1.0)
+        rid = sim.send(b"w", "put", [b"new"], key=b"k")
+        sim.advance(0.5)
+        assert old.core is not None
+        old.core.leases.on_read(b"x", [MDPC, C_REQUEST, SERVICE, pack({"op": "get", "id": 1, "key": b"k"})],
+                                old.clock(sim.t), lambda: old.clock(sim.t))
+        (_, frames), = old.core.leases.replies
+        answered_old = unpack(frames[3]).get("ok") and frames[4:] == [b"old"]
+        committed = (sim.reply(b"w", rid) or ({}, []))[0].get("ok")
+        assert answered_old, "the old process's lease should still hold by its own count"
+        assert not committed, "the new value committed while the old holder still answers the old one"
+    finally:
+        sim.close()
+
+
+@pytest.mark.parametrize("new_lease", [0.5, 0.0])
+def test_a_broker_restarted_with_a_shorter_lease_waits_out_the_longer_one(tmp_path: Path, new_lease: float) -> None:
+    """The longest lease the cluster granted is in its metadata: a broker given a shorter one, or
+    none, still holds commits for that long (found by review)."""
+    sim = SimCluster(tmp_path, slots=4, read_lease=10.0)
+    sim.advance(10.5)
+    try:
+        assert sim.put(b"k", b"old")["ok"]
+        h = holder(sim, b"k")
+        assert h is not None
+        sim.partitioned.add(h)
+        sim.read_lease = new_lease
+        sim.restart_broker()
+        slot = slot_for_key(b"k", 4)
+        before = sim.broker.slots[slot].committed
+        sim.advance(2.0)
+        sim.send(b"w", "put", [b"new"], key=b"k")
+        sim.advance(6.0)  # (the old holder's lease is 8 s by its count; the put times out meanwhile)
+        assert sim.broker.slots[slot].committed == before, "committed while the old 10 s lease may hold"
+        sim.advance(3.0)
+        assert sim.broker.slots[slot].committed > before
+        assert sim.get(b"k") == b"new"
+        assert sim.broker.state.lease_recorded == new_lease  # once waited out, the record is its own
+        sim.partitioned.clear()
+        sim.restart_broker()
+        assert sim.broker.state.commit_hold_until == (sim.t + new_lease if new_lease else 0.0)
+    finally:
+        sim.partitioned.clear()
+        sim.close()
+
+
+def test_a_holder_that_cannot_keep_up_is_not_renewed(tmp_path: Path) -> None:
+    """A holder that receives writes but never acknowledges them (its disk refuses them, found by
+    review) must not hold its slot's writes back for ever."""
+    sim = leased(tmp_path)
+    try:
+        h = holder(sim, b"k")
+        assert h is not None
+        sim.intercept = lambda wid, frames: wid == h and frames[0] == W_ACK
+        rid = sim.send(b"w", "put", [b"v"], key=b"k")
+        sim.advance(LEASE * 2 + 1.0)
+        assert sim.reply(b"w", rid) is not None and sim.reply(b"w", rid)[0]["ok"]  # type: ignore[index]
+    finally:
+        sim.intercept = None
+        sim.close()
+
+
 @pytest.mark.parametrize("etcd_mode", [False, True], ids=["embedded", "failover"])
 def test_a_new_broker_commits_nothing_while_an_old_lease_may_hold(tmp_path: Path, etcd_mode: bool) -> None:
     sim = leased(tmp_path, etcd_mode=etcd_mode)
@@ -222,7 +301,7 @@ def test_grants_from_another_broker_incarnation_are_ignored(tmp_path: Path) -> N
         w.core.leases.until.clear()
         w.core.request_leases(sim.t)
         rid = max(w.core.leases.sent)
-        w.core.on_broker(W_LEASE_GRANT, [__import__("protocol.frames").frames.pack(
+        w.core.on_broker(W_LEASE_GRANT, [pack(
             {"id": rid, "epoch": sim.broker.epoch + 7, "lease": 60.0, "slot_count": 4, "slots": [0, 1, 2, 3],
              "committed": [0, 0, 0, 0]})], sim.t)
         assert not w.core.leases.until
@@ -241,7 +320,8 @@ class LeaseClients:
     def __init__(self, sim: SimCluster, n: int, rng: random.Random) -> None:
         self.sim, self.rng = sim, rng
         self.names = [b"c%d" % i for i in range(n)]
-        self.inflight: dict[bytes, tuple[list[int], Op, int]] = {}  # rids asked, the op, rounds waited
+        # rids asked (the first one to a worker when ``direct``), the op, rounds waited
+        self.inflight: dict[bytes, tuple[list[int], Op, int, bool]] = {}
         self.history: list[Op] = []
         self.now = 0.0
         self.map: dict[str, Any] = {}
@@ -263,11 +343,11 @@ class LeaseClients:
             rid = self.sim.direct_get(client, wid, key)
         else:
             rid = self.sim.send(client, kind, [value] if value is not None else None, key=key)
-        self.inflight[client] = ([rid], op, 0)
+        self.inflight[client] = ([rid], op, 0, wid is not None)
 
     def collect(self) -> None:
         self.now += 1.0
-        for client, (rids, op, waited) in list(self.inflight.items()):
+        for client, (rids, op, waited, direct) in list(self.inflight.items()):
             got = next((g for r in rids if (g := self.sim.reply(client, r)) is not None
                         and not (g[0].get("code") == "NOT_LEASED")), None)
             refused = any((g := self.sim.reply(client, r)) is not None and g[0].get("code") == "NOT_LEASED"
@@ -275,12 +355,12 @@ class LeaseClients:
             if got is None:
                 if op.kind == "get" and len(rids) == 1 and (refused or waited > 5):
                     rids.append(self.sim.send(client, "get", key=op.key))  # through the broker
-                self.inflight[client] = (rids, op, waited + 1)
+                self.inflight[client] = (rids, op, waited + 1, direct)
                 continue
             del self.inflight[client]
             hdr, vals = got
             if hdr["ok"]:
-                if op.kind == "get" and hdr.get("id") == rids[0] and self.target(op.key) is not None:
+                if direct and hdr.get("id") == rids[0]:
                     self.direct_ok += 1
                 value = (vals[0] if hdr["found"] else None) if op.kind == "get" else op.value
                 op = replace(op, outcome="ok", complete=self.now, value=value,
@@ -291,7 +371,7 @@ class LeaseClients:
 
     def abandon_writes(self) -> None:
         """A restarted broker answers none of its writes in flight: their outcome stays unknown."""
-        for client, (rids, op, _) in list(self.inflight.items()):
+        for client, (rids, op, _, _) in list(self.inflight.items()):
             if op.kind != "get" or len(rids) > 1:
                 self.history.append(op)
                 del self.inflight[client]
@@ -358,7 +438,7 @@ def test_random_concurrent_histories_with_lease_reads_are_linearizable(tmp_path:
             sim.advance(0.5)
             clients.collect()
         clients.abandon_writes()
-        for _, op, _ in clients.inflight.values():
+        for _, op, _, _ in clients.inflight.values():
             clients.history.append(op)
         result = check_history(clients.history, time_limit=30.0)
         assert result.ok, (seed, result.failures[:3])

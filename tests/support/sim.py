@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from broker.core import BrokerCore
+from broker.history import in_history
 from broker.meta import MetaStore
 from broker.ready import execute
-from broker.state import BrokerConfig, Restored
+from broker.state import BrokerConfig, Pos, Restored
 from protocol.frames import C_REQUEST, MDPC, MDPW, SERVICE, W_HEARTBEAT, pack, unpack
 from protocol.replication import Replicate, decode_replication, worker_topic
 from worker.core import WorkerCore
@@ -263,6 +264,9 @@ class SimCluster:
                     disk = w.core.store.position(s)
                     assert disk.seq >= slot.committed, \
                         f"slot {s}: {w.wid} holds a read lease at {disk}, the broker committed {slot.committed}"
+                    if not slot.recovering and w.core.broker_epoch == self.broker.epoch:
+                        assert in_history(slot, Pos(disk.seq, disk.epoch)), \
+                            f"slot {s}: {w.wid} holds a read lease at {disk}, off the broker's history"
 
     def advance(self, seconds: float, tick: float = 0.1) -> None:
         """Let time pass: ticks, heartbeats from the live workers, deliveries."""
