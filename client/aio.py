@@ -265,7 +265,7 @@ class AsyncClient(Commands):
         fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._direct_waiting[attempts.rid] = fut
         try:
-            await conn.sock.send_multipart([MDPC, C_REQUEST, SERVICE, *attempts.body])
+            await conn.sock.send_multipart(attempts.body)  # the header alone: a reads endpoint has no envelope
             hdr, values = await asyncio.wait_for(fut, wait)
         except (TimeoutError, zmq.Again):
             self._direct_silent(url, conn)
@@ -283,17 +283,15 @@ class AsyncClient(Commands):
     async def _read_direct(self, conn: _Conn) -> None:
         """A reads endpoint's answers, to the direct reads waiting by id (the rest: late, dropped)."""
         while True:
-            frames = await conn.sock.recv_multipart()
-            if len(frames) < 4 or frames[0] != MDPC or frames[1] != C_FINAL or frames[2] != SERVICE:
-                continue
+            frames = await conn.sock.recv_multipart()  # [header, *values]
             try:
-                hdr = unpack(frames[3])
+                hdr = unpack(frames[0])
             except ValueError:
                 continue
             rid = hdr.get("id") if isinstance(hdr, dict) else None
             fut = self._direct_waiting.get(rid) if type(rid) is int else None
             if fut is not None and not fut.done():
-                fut.set_result((hdr, frames[4:]))
+                fut.set_result((hdr, frames[1:]))
 
     def _direct_silent(self, url: str, conn: _Conn) -> None:
         """As ``Client._direct_silent``: skip the endpoint a while, drop its socket (once: the

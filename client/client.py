@@ -244,7 +244,7 @@ class Client(Commands):
         if sock is None:
             sock = self._readers[url] = dealer(self._ctx, url, self.credentials)
         try:
-            sock.send_multipart([MDPC, C_REQUEST, SERVICE, *attempts.body])
+            sock.send_multipart(attempts.body)  # the header alone: a reads endpoint has no envelope
         except zmq.Again:
             return self._direct_silent(url)
         deadline = time.monotonic() + wait
@@ -254,18 +254,16 @@ class Client(Commands):
                 if time.monotonic() >= deadline:
                     return self._direct_silent(url)
                 continue
-            frames = sock.recv_multipart()
-            if len(frames) < 4 or frames[0] != MDPC or frames[1] != C_FINAL or frames[2] != SERVICE:
-                continue
+            frames = sock.recv_multipart()  # [header, *values]
             try:
-                hdr = unpack(frames[3])
+                hdr = unpack(frames[0])
             except ValueError:
                 continue
             if not isinstance(hdr, dict) or hdr.get("id") != attempts.rid:
                 continue  # a late answer to an earlier direct read: that read went to the broker
             if hdr.get("ok"):
                 self.direct_reads_served += 1
-                return hdr, frames[4:]
+                return hdr, frames[1:]
             # NOT_LEASED (the lease moved, lapsed, or the key has a TTL), or anything else: the
             # broker answers; the map may be out of date.
             if hdr.get("code") != NOT_LEASED:

@@ -7,7 +7,10 @@ leases.py). The worker counts it from *before* it sent the request, by its monot
 before the broker stops waiting for it, whatever the delays, as long as the two clocks run at
 rates within 1 - LEASE_SHARE of each other.
 
-A direct read is answered from the worker's store, then the lease is checked (so the read's
+A direct read is one frame, its msgpack header ``{op: "get", id, key}``; its answer is the
+header and the value (docs/protocol.md §1.15: no MDP envelope, which would triple the frames each
+side sends and receives, the largest cost of a read here). It is answered from the worker's
+store, then the lease is checked (so the read's
 state is one the lease covered), and the answer is sent only once the version it shows (for a
 miss: the slot's applied seq) is known to be committed; until then it is held, at most
 ``HOLD_MAX`` seconds, then refused (NOT_LEASED: the client asks the broker).
@@ -21,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from protocol.errors import ErrorCode
-from protocol.frames import C_FINAL, C_REQUEST, MDPC, SERVICE, W_LEASE_REQUEST, pack, unpack
+from protocol.frames import W_LEASE_REQUEST, pack, unpack
 from protocol.limits import MAX_KEY_BYTES
 from protocol.replication import slot_for_key
 from worker.store import SlotStore
@@ -43,8 +46,8 @@ class HeldRead:
 
 
 def not_leased(rid: Any, why: str) -> list[bytes]:
-    return [MDPC, C_FINAL, SERVICE, pack({"id": rid, "ok": False, "code": ErrorCode.NOT_LEASED.value,
-                                          "message": f"read this key through the broker: {why}"})]
+    return [pack({"id": rid, "ok": False, "code": ErrorCode.NOT_LEASED.value,
+                  "message": f"read this key through the broker: {why}"})]
 
 
 class ReadLeases:
@@ -154,9 +157,9 @@ class ReadLeases:
         """One client request from the reads endpoint (``frames`` after the identity)."""
         rid = None
         try:
-            if len(frames) != 4 or frames[0] != MDPC or frames[1] != C_REQUEST or frames[2] != SERVICE:
-                raise ValueError("expected [MDPC02, REQUEST, 'kv', header]")
-            hdr = unpack(frames[3])
+            if len(frames) != 1:
+                raise ValueError("expected one frame: the request's header")
+            hdr = unpack(frames[0])
             if not isinstance(hdr, dict):
                 raise ValueError("the header must be a map")
             rid = hdr.get("id")
@@ -167,7 +170,7 @@ class ReadLeases:
             if hdr.get("op") != "get" or not isinstance(key, bytes) or not 0 < len(key) <= MAX_KEY_BYTES:
                 raise ValueError(f"only get of a key of 1 to {MAX_KEY_BYTES} bytes is served here")
         except Exception as e:  # a malformed request gets an error answer, nothing else
-            self.replies.append((identity, [MDPC, C_FINAL, SERVICE, pack(
+            self.replies.append((identity, [pack(
                 {"id": rid, "ok": False, "code": ErrorCode.BAD_REQUEST.value, "message": str(e)})]))
             return
         if not self.slots:
@@ -189,7 +192,7 @@ class ReadLeases:
         hdr_out: dict[str, Any] = {"id": rid, "ok": True, "found": r.found}
         if r.found:
             hdr_out["version"] = r.version
-        answer = [MDPC, C_FINAL, SERVICE, pack(hdr_out), *([r.value] if r.found else [])]
+        answer = [pack(hdr_out), *([r.value] if r.found else [])]
         if r.version <= self.committed.get(slot, 0):
             self.replies.append((identity, answer))
             self.served += 1

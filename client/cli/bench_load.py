@@ -236,7 +236,7 @@ class Pipeline:
                 if url is None:
                     sock.send_multipart([MDPC, C_REQUEST, SERVICE, header, *req.values])
                 else:
-                    self._reader(url, poller).send_multipart([MDPC, C_REQUEST, SERVICE, header])
+                    self._reader(url, poller).send(header)  # a reads endpoint takes the header alone
                     direct[rid] = (header, url)
                     direct_deadlines.append((time.monotonic() + DIRECT_WAIT, rid))
                 inflight[rid] = now_ns()
@@ -249,21 +249,20 @@ class Pipeline:
                     except zmq.Again:
                         break
                     t1 = now_ns()
-                    if len(frames) < 4 or frames[1] != C_FINAL:
-                        continue
-                    if frames[2] == MMI_LEASES and ready is sock:
-                        leases.install(frames[3:], time.monotonic())
-                        map_asked = None
-                        continue
-                    if frames[2] != SERVICE:
-                        continue
                     if ready is sock:
-                        done(unpack(frames[3]), t1)
+                        if len(frames) < 4 or frames[1] != C_FINAL:
+                            continue
+                        if frames[2] == MMI_LEASES:
+                            leases.install(frames[3:], time.monotonic())
+                            map_asked = None
+                        elif frames[2] == SERVICE:
+                            done(unpack(frames[3]), t1)
                         continue
-                    # A worker's answer: only for a read still waiting there (else it went to the broker).
-                    # The bench trusts the broker's frames, not a worker's: a malformed one is dropped.
+                    # A worker's answer, [header, *values]: only for a read still waiting there (else
+                    # it went to the broker). The bench trusts the broker's frames, not a worker's: a
+                    # malformed one is dropped.
                     try:
-                        header = unpack(frames[3])
+                        header = unpack(frames[0])
                         rid = header.get("id")
                         at = direct.pop(rid, None) if type(rid) is int else None
                     except (ValueError, AttributeError):

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import zmq
 
-from protocol.frames import C_FINAL, C_REQUEST, MDPC, MMI_LEASES, SERVICE, pack, unpack
+from protocol.frames import C_FINAL, C_REQUEST, MDPC, MMI_LEASES, pack, unpack
 from protocol.replication import slot_for_key
 from tests.support.cluster import ZKV, Cluster, wait_for
 
@@ -49,13 +49,11 @@ def direct_get(url: str, key: bytes, wait: float = 5.0) -> tuple[dict[str, Any],
     s.setsockopt(zmq.LINGER, 0)
     try:
         s.connect(url)
-        s.send_multipart([MDPC, C_REQUEST, SERVICE, pack({"op": "get", "id": 7, "cid": uuid.uuid4().bytes,
-                                                          "key": key})])
+        s.send(pack({"op": "get", "id": 7, "cid": uuid.uuid4().bytes, "key": key}))
         if not s.poll(int(wait * 1000)):
             return None
         frames = s.recv_multipart()
-        assert frames[:3] == [MDPC, C_FINAL, SERVICE]
-        return unpack(frames[3]), frames[4:]
+        return unpack(frames[0]), frames[1:]
     finally:
         s.close()
 
@@ -109,7 +107,7 @@ def test_a_paused_holder_holds_writes_back_for_at_most_a_lease_and_answers_nothi
     sock.connect(url)
     leased.procs[wid].signal(signal.SIGSTOP)
     try:
-        sock.send_multipart([MDPC, C_REQUEST, SERVICE, pack({"op": "get", "id": 1, "cid": b"c", "key": key})])
+        sock.send(pack({"op": "get", "id": 1, "cid": b"c", "key": key}))
         began = time.monotonic()
         assert c.put(key, b"new")  # commits once the paused holder's lease has run out
         took = time.monotonic() - began
@@ -120,7 +118,7 @@ def test_a_paused_holder_holds_writes_back_for_at_most_a_lease_and_answers_nothi
         leased.procs[wid].signal(signal.SIGCONT)
     try:
         assert sock.poll(5000), "the resumed worker never answered the read it received while paused"
-        hdr = unpack(sock.recv_multipart()[3])
+        hdr = unpack(sock.recv_multipart()[0])
         # It read after it resumed (lease gone: refused), or its answer shows the new value.
         assert hdr["ok"] is False and hdr["code"] == "NOT_LEASED", hdr
     finally:

@@ -14,7 +14,7 @@ import pytest
 
 from client.cli.history import Op
 from client.cli.linearizability import check_history
-from protocol.frames import C_REQUEST, MDPC, SERVICE, W_ACK, W_LEASE_GRANT, pack, unpack
+from protocol.frames import W_ACK, W_LEASE_GRANT, pack, unpack
 from protocol.replication import slot_for_key
 from tests.support.helpers import keys_in_slot
 from tests.support.sim import SimCluster, SimWorker
@@ -79,11 +79,13 @@ def test_a_key_with_a_ttl_or_a_malformed_request_is_refused_and_nothing_changes(
         assert hdr["code"] == "NOT_LEASED" and "clock" in hdr["message"]
         core = sim.workers[h].core
         assert core is not None
-        for frames in ([b"junk"], [b"MDPC02", b"\x01", b"kv", b"\xc1"], [b"MDPC02", b"\x01", b"kv", b"\x90"]):
+        for frames in ([b"junk"], [b"\xc1"], [b"\x90"], [pack({"op": "get", "id": 1, "key": b"k"}), b"x"],
+                       [pack({"op": "put", "id": 2, "key": b"k"})], [pack({"op": "get", "id": True, "key": b"k"})]):
             core.leases.on_read(b"x", frames, sim.t, lambda: sim.t)
         sim.settle()
         bad = sim.replies[b"x"]
-        assert [r["code"] for r in bad] == ["BAD_REQUEST"] * 3
+        assert [r["code"] for r in bad] == ["BAD_REQUEST"] * 6
+        assert [r["id"] for r in bad] == [None, None, None, None, 2, None]
         assert sim.get(b"t") == b"v"
     finally:
         sim.close()
@@ -194,10 +196,10 @@ def test_a_new_process_under_the_holders_id_holds_nothing_of_its_lease(tmp_path:
         rid = sim.send(b"w", "put", [b"new"], key=b"k")
         sim.advance(0.5)
         assert old.core is not None
-        old.core.leases.on_read(b"x", [MDPC, C_REQUEST, SERVICE, pack({"op": "get", "id": 1, "key": b"k"})],
+        old.core.leases.on_read(b"x", [pack({"op": "get", "id": 1, "key": b"k"})],
                                 old.clock(sim.t), lambda: old.clock(sim.t))
         (_, frames), = old.core.leases.replies
-        answered_old = unpack(frames[3]).get("ok") and frames[4:] == [b"old"]
+        answered_old = unpack(frames[0]).get("ok") and frames[1:] == [b"old"]
         committed = (sim.reply(b"w", rid) or ({}, []))[0].get("ok")
         assert answered_old, "the old process's lease should still hold by its own count"
         assert not committed, "the new value committed while the old holder still answers the old one"

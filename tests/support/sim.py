@@ -169,7 +169,8 @@ class SimCluster:
             if w.up and w.core is not None and w.wid not in self.paused:
                 w.core.flush()
                 for identity, frames in w.core.leases.replies:
-                    self._to_client(identity, frames)
+                    self.replies.setdefault(identity, []).append(unpack(frames[0]))
+                    self.reply_values.setdefault(identity, []).append(frames[1:])
                     moved = True
                 w.core.leases.replies = []
                 outbox, w.core.outbox = w.core.outbox, []
@@ -213,7 +214,7 @@ class SimCluster:
         ``sim.replies[client]`` as the broker's do."""
         rid = next(self._rid) if rid is None else rid
         w = self.workers[wid]
-        frames = [MDPC, C_REQUEST, SERVICE, pack({"op": "get", "id": rid, "cid": client, "key": key})]
+        frames = [pack({"op": "get", "id": rid, "key": key})]
         if w.up and w.core is not None:
             self._at_worker(w, lambda core: core.leases.on_read(client, frames, w.clock(self.t),
                                                                 lambda: w.clock(self.t)))

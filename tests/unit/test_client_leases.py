@@ -30,7 +30,7 @@ from client.leases import (
 )
 from protocol.curve import CREDENTIALS_ENV
 from protocol.errors import ClientClosed
-from protocol.frames import C_FINAL, C_REQUEST, MDPC, SERVICE, pack, unpack
+from protocol.frames import C_FINAL, MDPC, SERVICE, pack, unpack
 from protocol.limits import URL_ENV
 from protocol.replication import slot_for_key
 
@@ -217,8 +217,8 @@ class Fakes:
         self.broker.send_multipart([ident, MDPC, C_FINAL, SERVICE, *out])
 
     def _on_worker(self, ident: bytes, frames: list[bytes]) -> None:
-        assert len(frames) == 4 and frames[:3] == [MDPC, C_REQUEST, SERVICE]  # a broker's GET framing
-        hdr = unpack(frames[3])
+        assert len(frames) == 1  # a reads endpoint's framing: the header alone
+        hdr = unpack(frames[0])
         with self.lock:
             self.at_worker.append(hdr)
             mode = self.mode
@@ -228,7 +228,7 @@ class Fakes:
             out = [pack({"id": hdr["id"], "ok": False, "code": NOT_LEASED, "message": "no lease"})]
         else:
             out = [pack({"id": hdr["id"], "ok": True, "found": True, "version": 1}), b"from-worker"]
-        self.worker.send_multipart([ident, MDPC, C_FINAL, SERVICE, *out])
+        self.worker.send_multipart([ident, *out])
 
     def close(self) -> None:
         self._stop.set()
