@@ -184,6 +184,8 @@ def test_quickstart_under_honcho_survives_a_crash_and_a_stopped_worker(tmp_path:
         # Metrics on free ports too (the last --metrics given wins), one per process.
         metrics[name] = f"127.0.0.1:{free_port()}"
         own = f" --metrics {metrics[name]}" if "--metrics" in command else ""
+        if "--reads" in command:  # (read leases: each worker's reads endpoint on a free port too)
+            own += f" --reads tcp://127.0.0.1:{free_port()}"
         lines.append(f"{name}: {command.replace('exec zkv', python, 1)} {extra[role]}{own}")
     (tmp_path / "Procfile").write_text("\n".join(lines) + "\n")
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}

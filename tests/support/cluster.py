@@ -51,7 +51,8 @@ def _ephemeral_low() -> int:
 # Below it, only another listener can take it; each port is handed out once per process.
 _PORTS = list(range(max(1024, _ephemeral_low() - 12_000), _ephemeral_low()))
 random.SystemRandom().shuffle(_PORTS)
-_RESERVED = {5555, 5556, 5557, 5565, 5566, 5567, 2379, 2380, 6379, 8080}  # the defaults: never in tests
+# The defaults (brokers, the Procfile's reads endpoints, etcd, Redis, the gateway): never in tests.
+_RESERVED = {5555, 5556, 5557, 5565, 5566, 5567, 5571, 5572, 5573, 2379, 2380, 6379, 8080}
 
 
 def free_port(host: str = "127.0.0.1") -> int:
