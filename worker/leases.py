@@ -10,10 +10,10 @@ rates within 1 - LEASE_SHARE of each other.
 A direct read is one frame, its msgpack header ``{op: "get", id, key}``; its answer is the
 header and the value (docs/protocol.md §1.15: no MDP envelope, which would triple the frames each
 side sends and receives, the largest cost of a read here). It is answered from the worker's
-store, then the lease is checked (so the read's
-state is one the lease covered), and the answer is sent only once the version it shows (for a
-miss: the slot's applied seq) is known to be committed; until then it is held, at most
-``HOLD_MAX`` seconds, then refused (NOT_LEASED: the client asks the broker).
+store, then the lease is checked (so the read's state is one the lease covered), and the answer
+is sent only once the version it shows (for a miss: the slot's applied seq) is known to be
+committed; until then it is held, at most ``HOLD_MAX`` seconds, then refused (NOT_LEASED: the
+client asks the broker).
 """
 
 from __future__ import annotations

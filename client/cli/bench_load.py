@@ -143,22 +143,7 @@ class Pipeline:
                     t1 = now_ns()
                     if len(frames) < 4 or frames[1] != C_FINAL or frames[2] != SERVICE:
                         continue
-                    header = unpack(frames[3])
-                    t0 = inflight.pop(header.get("id"), None)
-                    if t0 is None:
-                        if header.get("id") is None and not header.get("ok"):
-                            raise BenchError(f"the broker refused a request: {header}")
-                        continue  # a reply after its request timed out: already counted
-                    if t1 - t0 > timeout_ns:  # answered, but later than the timeout: as if unanswered
-                        errors[CLIENT_TIMEOUT_KIND] = errors.get(CLIENT_TIMEOUT_KIND, 0) + 1
-                        continue
-                    if latencies is not None:
-                        latencies.append((t1 - t0) // 1000)
-                    if header.get("ok"):
-                        on_reply(header)
-                    else:
-                        kind = str(header.get("code", "UNKNOWN"))
-                        errors[kind] = errors.get(kind, 0) + 1
+                    tally(unpack(frames[3]), t1, inflight, timeout_ns, latencies, on_reply, errors)
             now = time.monotonic()
             if now >= next_check:
                 next_check = now + CHECK_INTERVAL
@@ -206,21 +191,7 @@ class Pipeline:
             sock.send_multipart([MDPC, C_REQUEST, SERVICE, header])
 
         def done(header: dict[str, Any], t1: int) -> None:
-            t0 = inflight.pop(header.get("id"), None)
-            if t0 is None:
-                if header.get("id") is None and not header.get("ok"):
-                    raise BenchError(f"the broker refused a request: {header}")
-                return  # a reply after its request timed out: already counted
-            if t1 - t0 > timeout_ns:
-                errors[CLIENT_TIMEOUT_KIND] = errors.get(CLIENT_TIMEOUT_KIND, 0) + 1
-                return
-            if latencies is not None:
-                latencies.append((t1 - t0) // 1000)
-            if header.get("ok"):
-                on_reply(header)
-            else:
-                kind = str(header.get("code", "UNKNOWN"))
-                errors[kind] = errors.get(kind, 0) + 1
+            tally(header, t1, inflight, timeout_ns, latencies, on_reply, errors)
 
         while sent < count or inflight:
             while sent < count and len(inflight) < window:
@@ -293,6 +264,26 @@ class Pipeline:
                     sock.send_multipart([MDPC, C_REQUEST, MMI_LEASES, b""])
                     map_asked = now
         return None
+
+
+def tally(header: dict[str, Any], t1: int, inflight: dict[int, int], timeout_ns: int, latencies: array | None,
+          on_reply: Callable[[dict[str, Any]], None], errors: dict[str, int]) -> None:
+    """Count one reply (``t1``: when it arrived, ns) against the request it answers in ``inflight``."""
+    t0 = inflight.pop(header.get("id"), None)  # type: ignore[arg-type]
+    if t0 is None:
+        if header.get("id") is None and not header.get("ok"):
+            raise BenchError(f"the broker refused a request: {header}")
+        return  # a reply after its request timed out: already counted
+    if t1 - t0 > timeout_ns:  # answered, but later than the timeout: as if unanswered
+        errors[CLIENT_TIMEOUT_KIND] = errors.get(CLIENT_TIMEOUT_KIND, 0) + 1
+        return
+    if latencies is not None:
+        latencies.append((t1 - t0) // 1000)
+    if header.get("ok"):
+        on_reply(header)
+    else:
+        kind = str(header.get("code", "UNKNOWN"))
+        errors[kind] = errors.get(kind, 0) + 1
 
 
 class Workload:
