@@ -198,6 +198,8 @@ class BrokerCore:
         st = report(self.state, self.moves.report(), len(self.moves.misplaced(self.state.clock())),
                     len(self.streams.open))
         st["watches"] = len(self.watches.watches)
+        st["read_lease"] = self.cfg.read_lease
+        st["leased_slots"] = self.leases.leased_slots()
         # Client connections (ROUTER identities) with a request or a watch in flight.
         st["clients"] = len({r.identity for r in self.requests.waiting.values()} | {k[0] for k in self.watches.watches})
         if self.ha_status is not None:

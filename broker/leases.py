@@ -159,6 +159,11 @@ class Leases:
                     if lease.until <= now:
                         del slot.leases[wid]
 
+    def leased_slots(self) -> int:
+        """Slots with a lease that holds now (status, metrics)."""
+        now = self.state.clock()
+        return sum(1 for slot in self.state.slots.values() if any(x.until > now for x in slot.leases.values()))
+
     # -- the map clients read by -------------------------------------------------------------------
 
     def lease_map(self) -> dict[str, Any]:

@@ -51,6 +51,8 @@ def families(st: dict[str, Any]) -> Iterator[Metric]:
         "zkv_broker_worker_slots": ("slots the worker holds", "slots"),
         "zkv_broker_worker_keys": ("keys the worker holds, as it last reported", "keys"),
         "zkv_broker_worker_disk_bytes": ("the worker's data file on disk, as it last reported", "disk_bytes"),
+        "zkv_broker_worker_direct_reads": ("reads the worker answered under read leases since it started, as it "
+                                           "last reported", "direct_reads"),
     }
     for name, (doc, field) in per.items():
         g = GaugeMetricFamily(name, doc, labels=["worker"])
@@ -71,6 +73,8 @@ def families(st: dict[str, Any]) -> Iterator[Metric]:
     yield gauge("zkv_broker_open_streams", "streamed puts open", st.get("open_streams", 0))
     yield gauge("zkv_broker_read_cache_bytes", "bytes of committed values cached to answer reads without a replica",
                 st.get("read_cache_bytes", 0))
+    yield gauge("zkv_broker_leased_slots", "slots whose reads a worker answers under a read lease now",
+                st.get("leased_slots", 0))
     yield gauge("zkv_broker_watches", "watches open", st.get("watches", 0))
     yield gauge("zkv_broker_connected_clients", "client connections with a request or watch in flight",
                 st.get("clients", 0))

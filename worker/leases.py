@@ -96,6 +96,10 @@ class ReadLeases:
     def holds(self, slot: int, now: float) -> bool:
         return self.until.get(slot, 0.0) > now
 
+    def held_now(self, now: float) -> int:
+        """How many slots this worker may answer reads of now (metrics)."""
+        return sum(1 for until in self.until.values() if until > now)
+
     def drop(self, slot: int) -> None:
         """The slot's data is going (unassigned, or replaced by a snapshot): answer nothing more of it.
         Reads already held were read under the lease and may still be answered."""

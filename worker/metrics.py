@@ -25,6 +25,9 @@ def families(st: dict[str, Any]) -> Iterator[Metric]:
     yield counter("zkv_worker_commits_total", "LMDB write transactions (each one fsync)", st.get("commits", 0))
     yield counter("zkv_worker_retries_absorbed_total", "write batches found to be retries of earlier writes",
                   st.get("retries_absorbed", 0))
+    yield counter("zkv_worker_direct_reads_total", "reads answered at the reads endpoint under a read lease",
+                  st.get("direct_reads", 0))
+    yield gauge("zkv_worker_leased_slots", "slots this worker holds a read lease on now", st.get("leased_slots", 0))
 
 
 class WorkerMetrics:

@@ -376,6 +376,8 @@ class WorkerServer:
                     metrics.snapshot.publish({**self.store.stats(), "applied": sum(c.applied_total for c in cores),
                                               "commits": sum(c.commits for c in cores),
                                               "retries_absorbed": sum(c.retries_absorbed for c in cores),
+                                              "direct_reads": self.core.leases.served,
+                                              "leased_slots": self.core.leases.held_now(now),
                                               "slots": sum(len(c.assigned) for c in cores),
                                               "registered": any(c.broker_epoch is not None for c in cores)})
                 if now - self.last_heartbeat >= self.cfg.heartbeat:

@@ -143,3 +143,36 @@ def test_read_leases_refuse_what_they_cannot_do_safely(tmp_path: Any) -> None:
     assert r.returncode != 0 and "beyond loopback" in r.stderr
     r = run("worker", "--id", "w1", "--data", str(tmp_path / "w"), "--reads", "http://127.0.0.1:7777")
     assert r.returncode != 0 and "tcp:// or ipc://" in r.stderr
+
+
+def test_status_and_metrics_show_the_leases_and_the_reads_they_answered(
+        cluster_factory: Callable[..., Cluster]) -> None:
+    import urllib.request
+
+    from tests.support.cluster import free_port
+
+    listen = {name: f"127.0.0.1:{free_port()}" for name in ("broker", "w1", "w2", "w3")}
+    c = cluster_factory(read_lease=LEASE, keys=False, broker_args=["--metrics", listen["broker"]])
+    c.start(worker_extra={w: ["--metrics", listen[w]] for w in ("w1", "w2", "w3")})
+    wait_for(lambda: c.status()["leased_slots"] == c.slots, 20, 0.1, "a lease on every slot in status")
+    kv = c.client()
+    assert kv.put(b"m", b"v")
+    for _ in range(30):
+        assert kv.get(b"m") == b"v"
+    assert kv.direct_reads_served == 30
+
+    def scrape(name: str) -> dict[str, float]:
+        with urllib.request.urlopen(f"http://{listen[name]}/metrics", timeout=10) as r:
+            lines = r.read().decode().splitlines()
+        return {ln.rsplit(" ", 1)[0]: float(ln.rsplit(" ", 1)[1]) for ln in lines if ln and not ln.startswith("#")}
+
+    def settled() -> bool:
+        b = scrape("broker")
+        workers = [scrape(w) for w in ("w1", "w2", "w3")]
+        return (b.get("zkv_broker_leased_slots") == c.slots
+                and sum(w.get("zkv_worker_leased_slots", 0) for w in workers) == c.slots
+                and sum(w.get("zkv_worker_direct_reads_total", 0) for w in workers) == 30
+                and sum(v for k, v in b.items() if k.startswith("zkv_broker_worker_direct_reads{")) == 30)
+
+    wait_for(settled, 15, 0.3, "the lease and direct read metrics")
+    assert c.status()["read_lease"] == LEASE
