@@ -65,7 +65,8 @@ class Leases:
         state = self.state
         w = state.workers.get(wid)
         p = slot.applied.get(wid)
-        return (w is not None and w.alive and bool(w.reads) and p is not None and wid in slot.replicas
+        return (w is not None and w.alive and bool(w.reads) and bool(w.process) and p is not None
+                and wid in slot.replicas
                 and not slot.recovering and not slot.learners and wid not in slot.snapshot_pending
                 and state.qualifies(slot, wid) and in_history(slot, p))
 
@@ -73,6 +74,15 @@ class Leases:
         """Has the slot's holder held its writes back for LAG_GRACE (a disk it cannot write, a
         slow or stuck process)? Then it is not renewed: the writes commit once its lease is out."""
         return bool(slot.lease_lag_since) and now - slot.lease_lag_since >= LAG_GRACE
+
+    def expire(self, slot: Slot, now: float) -> None:
+        """Drop the slot's leases that have run out, and commit what they held back: before a new
+        holder is chosen, so that a holder that held writes back is not qualified again by them."""
+        if any(lease.until <= now for lease in slot.leases.values()):
+            advance(self.state, slot)  # (leased_seq drops them, when there is anything to commit)
+            for wid, lease in list(slot.leases.items()):
+                if lease.until <= now:
+                    del slot.leases[wid]
 
     def holder_for(self, slot: Slot, now: float) -> str | None:
         """Who may have the slot's lease: its current holder while it holds and may, else the first
@@ -99,7 +109,12 @@ class Leases:
             until = now + state.cfg.read_lease
             for s in sorted(w.slots):
                 slot = state.slots.get(s)
-                if slot is not None and self.holder_for(slot, now) == w.id:
+                if slot is None:
+                    continue
+                self.expire(slot, now)
+                if self.holder_for(slot, now) == w.id:
+                    if w.id not in slot.leases:
+                        slot.lease_lag_since = 0.0  # a new holder: nothing held back by it yet
                     slot.leases[w.id] = Lease(until, w.process)
                     granted.append(s)
                     committed.append(slot.committed)
@@ -153,11 +168,8 @@ class Leases:
                 advance(state, slot)
             return
         for slot in state.slots.values():
-            if slot.leases and any(lease.until <= now for lease in slot.leases.values()):
-                advance(state, slot)  # (drops the leases that ran out)
-                for wid, lease in list(slot.leases.items()):
-                    if lease.until <= now:
-                        del slot.leases[wid]
+            if slot.leases:
+                self.expire(slot, now)
 
     def leased_slots(self) -> int:
         """Slots with a lease that holds now (status, metrics)."""

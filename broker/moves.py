@@ -104,6 +104,11 @@ class Moves:
             if move.remove not in slot.replicas:
                 self._abandon(move, "replica set changed")
             return
+        lease = slot.leases.get(move.remove)
+        if lease is not None and lease.until > state.clock():
+            # The leaving replica holds the slot's read lease (not renewed while the move runs):
+            # it keeps applying until the lease is out, or the slot's writes would wait for it.
+            return
         slot.replicas[slot.replicas.index(move.remove)] = move.add
         slot.learners.remove(move.add)
         slot.applied.pop(move.remove, None)

@@ -55,11 +55,12 @@ def advance(state: BrokerState, slot: Slot) -> None:
             return  # a predecessor's leases may still hold (broker/leases.py runs this again)
         cap = leased_seq(state, slot, now)
         if cap is not None and cap < new:
-            if not slot.lease_lag_since:
-                slot.lease_lag_since = now  # the holder holds these writes back (broker/leases.py)
             new = cap
             if new <= slot.committed:
+                if not slot.lease_lag_since:
+                    slot.lease_lag_since = now  # the holder holds writes back and makes no progress
                 return
+            slot.lease_lag_since = now  # it holds some back, but progresses: the timer starts again
         else:
             slot.lease_lag_since = 0.0
     prev, slot.committed = slot.committed, new

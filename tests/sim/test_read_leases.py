@@ -14,7 +14,7 @@ import pytest
 
 from client.cli.history import Op
 from client.cli.linearizability import check_history
-from protocol.frames import W_ACK, W_LEASE_GRANT, pack, unpack
+from protocol.frames import MDPW, W_ACK, W_LEASE_GRANT, pack, unpack
 from protocol.replication import slot_for_key
 from tests.support.helpers import keys_in_slot
 from tests.support.sim import SimCluster, SimWorker
@@ -251,6 +251,73 @@ def test_a_holder_that_cannot_keep_up_is_not_renewed(tmp_path: Path) -> None:
         assert sim.reply(b"w", rid) is not None and sim.reply(b"w", rid)[0]["ok"]  # type: ignore[index]
     finally:
         sim.intercept = None
+        sim.close()
+
+
+def test_a_stuck_holder_is_not_granted_its_lease_again_when_it_runs_out(tmp_path: Path) -> None:
+    """The broker handles the stuck holder's lease request before the tick that would drop its
+    run-out lease (found by the second review): it must not qualify again by the writes it held."""
+    sim = SimCluster(tmp_path, slots=4, read_lease=1.95)
+    try:
+        sim.advance(2.5)
+        h = holder(sim, b"k")
+        assert h is not None
+        sim.intercept = lambda wid, frames: wid == h and frames[0] == W_ACK
+        tick = sim.broker.tick
+
+        def settle_then_tick() -> None:
+            sim.settle()  # what arrived since the last tick is handled first, as a real broker may
+            tick()
+        sim.broker.tick = settle_then_tick  # type: ignore[method-assign]
+        rid = sim.send(b"w", "put", [b"v"], key=b"k")
+        sim.advance(3 * 1.95 + 1.0)
+        assert sim.reply(b"w", rid) is not None and sim.reply(b"w", rid)[0]["ok"]  # type: ignore[index]
+        assert h not in sim.broker.slots[slot_for_key(b"k", 4)].leases
+    finally:
+        sim.intercept = None
+        sim.close()
+
+
+def test_a_holder_a_step_behind_keeps_its_lease(tmp_path: Path) -> None:
+    """A holder whose ACKs come one step after the others' holds each write back a little, but
+    progresses: it must stay the holder (found by the second review: it lost its lease)."""
+    sim = leased(tmp_path)
+    try:
+        slot = sim.broker.slots[slot_for_key(b"k", 4)]
+        h = holder(sim, b"k")
+        assert h is not None
+        sim.intercept = lambda wid, frames: wid == h and frames[0] == W_ACK
+        for i in range(80):  # 8 s, a write every 0.1 s
+            late, sim.held_messages = sim.held_messages, []
+            sim.send(b"w", "put", [b"v%d" % i], key=b"k")
+            sim.settle()
+            for wid, frames in late:  # the holder's ACKs of the step before
+                sim.broker.on_worker(sim.workers[wid].identity, [MDPW, *frames])
+            sim.advance(0.1)
+            assert any(w == h and x.until > sim.t for w, x in slot.leases.items()), f"lost its lease at {sim.t:.1f}"
+    finally:
+        sim.intercept = None
+        sim.close()
+
+
+def test_a_move_away_from_the_holder_waits_for_its_lease_not_the_writes(tmp_path: Path) -> None:
+    sim = SimCluster(tmp_path, n_workers=4, slots=4, read_lease=5.0, auto_rebalance=False)
+    try:
+        sim.advance(5.5)
+        s = slot_for_key(b"k", 4)
+        slot = sim.broker.slots[s]
+        h = holder(sim, b"k")
+        assert h is not None
+        other = next(w for w in sim.workers if w not in slot.replicas)
+        assert sim.broker.admin({"cmd": "move", "slot": s, "from": h, "to": other})["ok"]
+        sim.advance(0.3)
+        rid = sim.send(b"w", "put", [b"v"], key=b"k")
+        sim.advance(0.3)
+        assert sim.reply(b"w", rid) is not None and sim.reply(b"w", rid)[0]["ok"]  # type: ignore[index]
+        assert h in slot.replicas  # the move waits for the lease, which is not renewed meanwhile
+        sim.advance(5.5)
+        assert other in slot.replicas and h not in slot.replicas and s not in sim.broker.moves.moves
+    finally:
         sim.close()
 
 
