@@ -51,7 +51,6 @@ class Leases:
         self.state = state
         # Holder -> {slot: committed seq} to tell it at the end of this turn.
         self.notices: dict[str, dict[int, int]] = defaultdict(dict)
-        self.granted = 0  # leases granted or renewed (status)
 
     @property
     def enabled(self) -> bool:
@@ -78,11 +77,11 @@ class Leases:
     def expire(self, slot: Slot, now: float) -> None:
         """Drop the slot's leases that have run out, and commit what they held back: before a new
         holder is chosen, so that a holder that held writes back is not qualified again by them."""
-        if any(lease.until <= now for lease in slot.leases.values()):
-            advance(self.state, slot)  # (leased_seq drops them, when there is anything to commit)
-            for wid, lease in list(slot.leases.items()):
-                if lease.until <= now:
-                    del slot.leases[wid]
+        ran_out = [wid for wid, lease in slot.leases.items() if lease.until <= now]
+        if ran_out:
+            for wid in ran_out:
+                del slot.leases[wid]
+            advance(self.state, slot)
 
     def holder_for(self, slot: Slot, now: float) -> str | None:
         """Who may have the slot's lease: its current holder while it holds and may, else the first
@@ -118,7 +117,6 @@ class Leases:
                     slot.leases[w.id] = Lease(until, w.process)
                     granted.append(s)
                     committed.append(slot.committed)
-            self.granted += len(granted)
             if granted and state.cfg.read_lease > state.lease_recorded:
                 self._record(state.cfg.read_lease)  # durable before the grant is sent (ready.execute)
         state.to_worker(w, [W_LEASE_GRANT, pack({"id": msg.id, "epoch": state.epoch, "lease": state.cfg.read_lease,

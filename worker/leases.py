@@ -62,7 +62,6 @@ class ReadLeases:
         self.lease = 0.0  # the broker's lease seconds, as its last grant said
         self.replies: list[Reply] = []  # direct read answers to send
         self.served = 0
-        self.refused = 0
 
     # -- leases ------------------------------------------------------------------------------------
 
@@ -153,7 +152,6 @@ class ReadLeases:
     def _refuse_all(self, reads: list[HeldRead], why: str) -> None:
         for h in reads:
             self.replies.append((h.identity, not_leased(h.rid, why)))
-            self.refused += 1
 
     # -- direct reads --------------------------------------------------------------------------------
 
@@ -205,4 +203,3 @@ class ReadLeases:
 
     def _refuse(self, identity: bytes, rid: Any, why: str) -> None:
         self.replies.append((identity, not_leased(rid, why)))
-        self.refused += 1

@@ -125,11 +125,7 @@ class Pipeline:
         while sent < count or inflight:
             while sent < count and len(inflight) < window:
                 req = next(requests)
-                rid = self.next_id
-                self.next_id += 1
-                req.header["id"] = rid
-                req.header["cid"] = self.cid
-                req.header["retry"] = False  # never resent: spare the broker the look-up of earlier attempts
+                rid = self._stamp(req)
                 sock.send_multipart([MDPC, C_REQUEST, SERVICE, pack(req.header), *req.values])
                 inflight[rid] = now_ns()
                 deadlines.append((time.monotonic() + self.timeout, rid))
@@ -147,10 +143,16 @@ class Pipeline:
             now = time.monotonic()
             if now >= next_check:
                 next_check = now + CHECK_INTERVAL
-                while deadlines and deadlines[0][0] <= now:
-                    _, rid = deadlines.popleft()
-                    if inflight.pop(rid, None) is not None:
-                        errors[CLIENT_TIMEOUT_KIND] = errors.get(CLIENT_TIMEOUT_KIND, 0) + 1
+                time_out(deadlines, now, inflight, errors)
+
+    def _stamp(self, req: Request) -> int:
+        """Give a request its id and the client id; returns the id."""
+        rid = self.next_id
+        self.next_id += 1
+        req.header["id"] = rid
+        req.header["cid"] = self.cid
+        req.header["retry"] = False  # never resent: spare the broker the look-up of earlier attempts
+        return rid
 
     def _reader(self, url: str, poller: zmq.Poller) -> zmq.Socket:
         sock = self.readers.get(url)
@@ -196,11 +198,7 @@ class Pipeline:
         while sent < count or inflight:
             while sent < count and len(inflight) < window:
                 req = next(requests)
-                rid = self.next_id
-                self.next_id += 1
-                req.header["id"] = rid
-                req.header["cid"] = self.cid
-                req.header["retry"] = False
+                rid = self._stamp(req)
                 header = pack(req.header)
                 key = req.header.get("key")
                 url = leases.url_for(key) if req.header.get("op") == "get" and isinstance(key, bytes) else None
@@ -255,15 +253,22 @@ class Pipeline:
                     if at is not None and rid in inflight:
                         leases.silent(at[1], now)
                         to_broker(at[0])
-                while deadlines and deadlines[0][0] <= now:
-                    _, rid = deadlines.popleft()
-                    direct.pop(rid, None)
-                    if inflight.pop(rid, None) is not None:
-                        errors[CLIENT_TIMEOUT_KIND] = errors.get(CLIENT_TIMEOUT_KIND, 0) + 1
+                time_out(deadlines, now, inflight, errors, direct)
                 if leases.stale(now) and (map_asked is None or now - map_asked >= FRESH_ON):
                     sock.send_multipart([MDPC, C_REQUEST, MMI_LEASES, b""])
                     map_asked = now
         return None
+
+
+def time_out(deadlines: deque[tuple[float, int]], now: float, inflight: dict[int, int], errors: dict[str, int],
+             direct: dict[int, Any] | None = None) -> None:
+    """Count the requests whose deadline has passed without a reply (and forget their direct reads)."""
+    while deadlines and deadlines[0][0] <= now:
+        _, rid = deadlines.popleft()
+        if direct is not None:
+            direct.pop(rid, None)
+        if inflight.pop(rid, None) is not None:
+            errors[CLIENT_TIMEOUT_KIND] = errors.get(CLIENT_TIMEOUT_KIND, 0) + 1
 
 
 def tally(header: dict[str, Any], t1: int, inflight: dict[int, int], timeout_ns: int, latencies: array | None,
